@@ -1,0 +1,153 @@
+"""Run configuration: a YAML file with three sections, overridable from the command line.
+
+    lmlab train configs/shakespeare-char.yaml --set train.lr=3e-4 --set model.n_layer=4
+
+`data` says what to train on (prepared by `lmlab prepare`, or prepared on first use), `model` holds
+`TransformerConfig` fields (vocab_size comes from the data), `train` holds `TrainConfig` fields.
+A config may also be named by its file stem (`shakespeare-char`) to use one shipped with lmlab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from lmlab.errors import LmlabError
+from lmlab.model import TransformerConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    source: str = "shakespeare"  # "shakespeare", a .txt file or folder, .jsonl, .parquet (see lmlab.data)
+    dir: str = "data/shakespeare-char"  # prepared train.bin / val.bin / tokenizer.json / meta.json
+    tokenizer: str = "char"  # "char" | "bpe" | path to a tokenizer.json
+    vocab_size: int = 4096  # bpe only
+    text_field: str = "text"
+    val_fraction: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    batch_size: int = 64  # sequences per optimizer step, summed over all processes and micro-batches
+    micro_batch_size: int = 16  # sequences per forward pass on one process
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 250
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16
+    compile: bool = False
+    time_limit: float | None = None  # seconds; stop early (and checkpoint) when exceeded
+    threads: int | None = None  # CPU threads for torch; None keeps torch's default
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict = field(default_factory=dict)  # TransformerConfig fields, vocab_size excluded
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def model_config(self, vocab_size: int) -> TransformerConfig:
+        return TransformerConfig.from_dict({**self.model, "vocab_size": vocab_size})
+
+    def to_dict(self) -> dict:
+        return {"data": asdict(self.data), "model": dict(self.model), "train": asdict(self.train)}
+
+
+def _coerce(cls, section: str, values: dict) -> dict:
+    """Check keys against the dataclass and fix YAML's number quirks: YAML 1.1 reads `3e-4` as a string,
+    and `1e3` for an integer field should be 1000."""
+    known = {f.name: str(f.type) for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise LmlabError(f"unknown key(s) in '{section}': {', '.join(unknown)} (known: {', '.join(known)})")
+    out = {}
+    for key, value in values.items():
+        kind = known[key]
+        if kind.startswith("float") and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except ValueError:
+                raise LmlabError(f"{section}.{key}={value!r} is not a number") from None
+        elif kind.startswith("int") and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        out[key] = value
+    return out
+
+
+def _build(cls, section: str, values: dict):
+    return cls(**_coerce(cls, section, values))
+
+
+def _parse_value(text: str):
+    # Numbers first (so `3e-4` is a float), then YAML scalars (`true`, `null`, strings).
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        if "=" not in item:
+            raise LmlabError(f"--set {item!r}: expected key=value, e.g. --set train.lr=3e-4")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in ("data", "model", "train"):
+            raise LmlabError(f"--set {item!r}: keys look like data.X, model.X or train.X")
+        raw.setdefault(parts[0], {})
+        raw[parts[0]][parts[1]] = _parse_value(value)
+    return raw
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = CONFIG_DIR / f"{name}.yaml"
+    if shipped.exists():
+        return shipped
+    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise LmlabError(f"no such config file: {name} (shipped configs: {available})")
+
+
+def load_config(name: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict = {}
+    if name is not None:
+        path = resolve_config_path(name)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise LmlabError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise LmlabError(f"{path} must be a mapping with sections data, model, train")
+    unknown = sorted(set(raw) - {"data", "model", "train"})
+    if unknown:
+        raise LmlabError(f"unknown section(s) {', '.join(unknown)} in config (known: data, model, train)")
+    raw = apply_overrides(raw, overrides)
+    model = dict(raw.get("model") or {})
+    model.pop("vocab_size", None)
+    model = _coerce(TransformerConfig, "model", model)
+    TransformerConfig.from_dict({**model, "vocab_size": 1})  # validate now, not after data preparation
+    return RunConfig(
+        data=_build(DataConfig, "data", raw.get("data") or {}),
+        model=model,
+        train=_build(TrainConfig, "train", raw.get("train") or {}),
+    )

@@ -1,0 +1,302 @@
+"""The Transformer: one block, many model families.
+
+A single `Block` serves every model in lmlab; `TransformerConfig` switches pick the family:
+
+    GPT-2        layernorm, learned positions, GELU (tanh) MLP, biases, tied embeddings, causal
+    Llama-style  rmsnorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases
+    BERT-style   post-norm, bidirectional attention (causal=False)
+
+`Transformer` is the decoder-only language model trained by next-token prediction,
+P(w_0..n) = prod_i P(w_i | w_<i): `forward(idx, targets)` returns the logits and the mean cross-entropy of
+each token given the ones before it.
+
+Attention goes through `torch.nn.functional.scaled_dot_product_attention`, which picks the fused kernel for the
+device (flash attention on CUDA, a fused CPU kernel here), so no T x T matrix is materialised in Python.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmlab.errors import LmlabError
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 65
+    block_size: int = 256  # longest sequence the model sees (learned position table size / rotary cache)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    n_kv_head: int | None = None  # grouped-query attention: fewer key/value heads than query heads
+    intermediate_size: int | None = None  # MLP hidden width; None means 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = True  # biases in linear layers and norms
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_placement: str = "pre"  # "pre" (GPT-2, Llama) | "post" (BERT, the original Transformer)
+    position: str = "learned"  # "learned" | "rope"
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"  # "gelu" (two matrices) | "swiglu" (gated, three matrices)
+    activation: str = "gelu_tanh"  # GPT-2 uses the tanh approximation of GELU; "gelu" | "silu" | "relu"
+    causal: bool = True
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        n_kv = self.n_kv_head or self.n_head
+        problems = []
+        if self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % n_kv:
+            problems.append(f"n_head={self.n_head} is not divisible by n_kv_head={n_kv}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            problems.append(f"norm={self.norm!r} (choose layernorm or rmsnorm)")
+        if self.norm_placement not in ("pre", "post"):
+            problems.append(f"norm_placement={self.norm_placement!r} (choose pre or post)")
+        if self.position not in ("learned", "rope"):
+            problems.append(f"position={self.position!r} (choose learned or rope)")
+        if self.mlp not in ("gelu", "swiglu"):
+            problems.append(f"mlp={self.mlp!r} (choose gelu or swiglu)")
+        if self.activation not in _ACTIVATIONS:
+            problems.append(f"activation={self.activation!r} (choose one of {', '.join(_ACTIVATIONS)})")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            problems.append("rotary positions need an even head dimension")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout} (must be in [0, 1))")
+        if problems:
+            raise LmlabError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LmlabError(f"unknown model config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+
+_ACTIVATIONS = {
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(config: TransformerConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rotary_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (length, head_dim), in the half-split layout (Hugging Face's rotate_half)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys by position; cos/sin are (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.head_dim = config.head_dim
+        self.causal = config.causal
+        self.dropout = config.dropout
+        # One fused projection for queries, keys and values: one matmul instead of three.
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary=None, attn_mask=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal and attn_mask is None,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        hidden = config.intermediate_size or 4 * config.n_embd
+        self.gated = config.mlp == "swiglu"
+        self.act = _ACTIVATIONS["silu" if self.gated else config.activation]
+        # SwiGLU: act(x W_gate) * (x W_up), fused into one matrix of twice the width.
+        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    """Attention then MLP, each with a residual connection; norms before (pre) or after (post) each."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.pre_norm = config.norm_placement == "pre"
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rotary=None, attn_mask=None):
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x), rotary, attn_mask)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, rotary, attn_mask))
+        return self.norm2(x + self.mlp(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: token (+ position) embeddings, a stack of Blocks, a final norm, an LM head."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        # Post-norm blocks end in a norm already; pre-norm stacks need one before the head.
+        self.norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if config.position == "rope":
+            cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_theta)
+            # Not saved in checkpoints: they are a function of the config.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer), so the
+        # residual's variance does not grow with depth (each block adds two such terms).
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The state dict as saved to safetensors: a tied head is stored once, as the token embedding."""
+        state = self.state_dict()
+        if self.config.tie_embeddings:
+            del state["lm_head.weight"]
+        return state
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        if self.config.tie_embeddings:
+            state = {**state, "lm_head.weight": state["tok_emb.weight"]}
+        self.load_state_dict(state, strict=True)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise LmlabError(f"sequence of {T} tokens is longer than the model's block_size {self.config.block_size}")
+        x = self.tok_emb(idx)
+        rotary = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[:T]
+        else:
+            rotary = (self.rope_cos[:T], self.rope_sin[:T])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rotary)
+        logits = self.lm_head(self.norm_f(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B: 6N + 12 L T C."""
+        c = self.config
+        n = self.num_params(non_embedding=True)
+        return 6 * n + 12 * c.n_layer * c.block_size * c.n_embd
+
+    @torch.inference_mode()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations of idx (B, T). Recomputes the whole window each step, which is simple and fast
+        enough for the small models trained here; large models want a KV cache."""
+        for _ in range(max_new_tokens):
+            window = idx[:, -self.config.block_size:]
+            logits, _ = self(window)
+            logits = logits[:, -1, :].float()
+            if temperature <= 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.size(-1):
+                    kth = torch.topk(logits, top_k).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

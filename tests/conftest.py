@@ -1,0 +1,44 @@
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Tests run on 2 cores next to each other's subprocesses; one thread each avoids oversubscription stalls.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def synthetic_corpus(n_lines: int = 3000, seed: int = 0) -> str:
+    """A small, learnable text: templated sentences over a fixed vocabulary (no external data)."""
+    rng = random.Random(seed)
+    names = ["alice", "bob", "carol", "dave", "erin", "frank"]
+    verbs = ["sees", "helps", "calls", "meets", "likes", "thanks"]
+    places = ["at home", "in the park", "by the sea", "at school", "in town"]
+    return "".join(f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(names)} {rng.choice(places)}.\n"
+                   for _ in range(n_lines))
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory):
+    """A prepared character-level dataset from the synthetic corpus."""
+    from lmlab.data import prepare
+
+    root = tmp_path_factory.mktemp("chardata")
+    (root / "corpus.txt").write_text(synthetic_corpus())
+    prepare(str(root / "corpus.txt"), root / "prepared", tokenizer="char", progress=False)
+    return root / "prepared"
+
+
+def tiny_overrides(data_dir, run_dir, **train):
+    """--set style overrides for a tiny, fast model on the given prepared data."""
+    values = {
+        "data.dir": str(data_dir), "model.block_size": 32, "model.n_layer": 2, "model.n_head": 2,
+        "model.n_embd": 32, "model.dropout": 0.0, "train.run_dir": str(run_dir), "train.batch_size": 8,
+        "train.micro_batch_size": 4, "train.max_steps": 20, "train.warmup_steps": 2, "train.lr": 3e-3,
+        "train.min_lr": 3e-4, "train.eval_interval": 10, "train.eval_batches": 2, "train.log_interval": 1,
+        "train.ckpt_interval": 10, "train.threads": 1,
+    }
+    values.update({f"train.{k}": v for k, v in train.items()})
+    return [f"{k}={v}" for k, v in values.items()]

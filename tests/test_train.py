@@ -1,0 +1,148 @@
+"""The training loop: learning, resuming a killed run, DDP equivalence, checkpoints, config overrides."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.config import load_config
+from lmlab.errors import LmlabError
+from lmlab.train import latest_checkpoint, load_model, lr_at, read_metrics, train
+from tests.conftest import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_loss_falls_and_run_folder_is_complete(char_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(char_data, run, max_steps=120, eval_interval=60, micro_batch_size=8))
+    summary = train(cfg, progress=False)
+    losses = _losses(run)
+    # Uniform guessing over the vocabulary costs ln(V) nats; a model that learned anything beats it by far.
+    vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]
+    assert losses[1] > 0.9 * torch.log(torch.tensor(float(vocab))).item()
+    assert summary["val_loss"] < 0.6 * losses[1]
+    assert sorted(losses) == list(range(1, 121))
+    for name in ("config.yaml", "tokenizer.json", "meta.json", "metrics.jsonl", "loss.png", "summary.json"):
+        assert (run / name).exists(), name
+    assert latest_checkpoint(run).name == "step_0000120"
+    assert len(list((run / "ckpt").glob("step_*"))) == 2  # keep_checkpoints=2
+
+
+def test_killed_run_resumes_on_the_same_curve(char_data, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_13(step, loss):
+        if step == 13:  # after the step-10 checkpoint: steps 11-13 are lost and must be redone identically
+            raise Killed
+
+    cfg = load_config(None, tiny_overrides(char_data, killed, max_steps=30) + ["model.dropout=0.1"])
+    cfg_full = load_config(None, tiny_overrides(char_data, full, max_steps=30) + ["model.dropout=0.1"])
+    train(cfg_full, progress=False)
+    with pytest.raises(Killed):
+        train(cfg, on_step=kill_at_13, progress=False)
+    assert latest_checkpoint(killed).name == "step_0000010"
+    assert max(_losses(killed)) == 13
+    train(cfg, resume=True, progress=False)
+    # Dropout makes the curve depend on the saved RNG state too, not just on weights and data position.
+    expected, got = _losses(full), _losses(killed)
+    assert sorted(got) == list(range(1, 31))
+    for step in range(1, 31):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    # The resumed run's metrics hold each step once.
+    steps = [r["step"] for r in read_metrics(killed) if "loss" in r]
+    assert len(steps) == len(set(steps))
+
+
+def test_existing_run_needs_resume(char_data, tmp_path):
+    cfg = load_config(None, tiny_overrides(char_data, tmp_path / "r", max_steps=10))
+    train(cfg, progress=False)
+    with pytest.raises(LmlabError, match="pass --resume"):
+        train(cfg, progress=False)
+
+
+def test_gradient_accumulation_equals_one_big_batch(char_data, tmp_path):
+    a = train(load_config(None, tiny_overrides(char_data, tmp_path / "a", max_steps=5, micro_batch_size=8)),
+              progress=False)
+    b = train(load_config(None, tiny_overrides(char_data, tmp_path / "b", max_steps=5, micro_batch_size=2)),
+              progress=False)
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], abs=1e-5)
+    assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+
+
+def _write_config(path: Path, overrides: list[str]) -> Path:
+    sections: dict = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    import yaml
+
+    path.write_text(yaml.safe_dump({s: {k: yaml.safe_load(v) for k, v in d.items()} for s, d in sections.items()}))
+    return path
+
+
+def test_ddp_two_processes_match_one(char_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo) gives the same per-step loss as 1 process, same global batch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    single = _write_config(tmp_path / "single.yaml", tiny_overrides(char_data, tmp_path / "single", max_steps=8))
+    double = _write_config(tmp_path / "double.yaml", tiny_overrides(char_data, tmp_path / "double", max_steps=8))
+    subprocess.run([sys.executable, "-m", "lmlab", "train", str(single), "--no-progress"], check=True, env=env,
+                   capture_output=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(torchrun + ["-m", "lmlab", "train", str(double), "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _losses(tmp_path / "single"), _losses(tmp_path / "double")
+    assert sorted(two) == list(range(1, 9))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    # Same weights at the end, too.
+    w1, w2 = load_model(tmp_path / "single"), load_model(tmp_path / "double")
+    for (name, p1), (_, p2) in zip(w1.state_dict().items(), w2.state_dict().items()):
+        assert torch.allclose(p1, p2, atol=1e-5), name
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = load_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=10", "train.max_steps=110"])
+    t = cfg.train
+    assert lr_at(0, t) == pytest.approx(0.1)
+    assert lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55)  # half-way through the cosine
+    assert lr_at(110, t) == pytest.approx(0.1)
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config("shakespeare-char", ["train.lr=3e-4", "model.n_layer=2", "train.compile=true"])
+    assert cfg.train.lr == 3e-4 and cfg.model["n_layer"] == 2 and cfg.train.compile is True
+    with pytest.raises(LmlabError, match="unknown key"):
+        load_config(None, ["train.learning_rate=1"])
+    with pytest.raises(LmlabError, match="expected key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(LmlabError, match="unknown model config keys|unknown key"):
+        load_config(None, ["model.n_layers=3"])
+    with pytest.raises(LmlabError, match="no such config file"):
+        load_config("nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(LmlabError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_batch_size_must_split_evenly(char_data, tmp_path):
+    cfg = load_config(None, tiny_overrides(char_data, tmp_path / "r", batch_size=10, micro_batch_size=4))
+    with pytest.raises(LmlabError, match="multiple of micro_batch_size"):
+        train(cfg, progress=False)
