@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of torch, installed before lmlab so that pip never pulls a multi-GB CUDA build.
+# On a GPU machine: make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test install install-test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.torch: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH)
+	touch $@
+
+$(VENV)/.lmlab: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.lmlab-test: pyproject.toml $(VENV)/.lmlab
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.lmlab
+
+install-test: $(VENV)/.lmlab-test
+
+demo: install
+	$(VENV)/bin/lmlab demo
+
+test: install-test
+	$(PY) -m pytest -q
+
+bench: install-test
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache
