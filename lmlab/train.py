@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np

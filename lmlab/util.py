@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import tempfile
 from pathlib import Path
 
