@@ -52,7 +52,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16
     compile: bool = False
-    time_limit: float | None = None  # seconds; stop early (and checkpoint) when exceeded
+    time_limit: float | None = None  # seconds: the LR decay follows the clock too, and the run stops (checkpointed) then
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
 
 

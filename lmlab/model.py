@@ -139,7 +139,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary=None, attn_mask=None):
+    def forward(self, x, rotary=None, attn_mask=None, cache: "KVCache | None" = None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -150,15 +150,43 @@ class Attention(nn.Module):
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=self.causal and attn_mask is None,
+            # The causal shortcut is only right when queries and keys start together (no cached prefix).
+            is_causal=self.causal and attn_mask is None and T > 1 and k.shape[2] == T,
             enable_gqa=self.n_kv_head != self.n_head,
         )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, so decoding one token writes into place instead of growing
+    tensors: (n_layer, batch, n_kv_head, max_len, head_dim) each. `length` is how many positions are filled."""
+
+    def __init__(self, config: TransformerConfig, batch_size: int, max_len: int, device=None, dtype=None):
+        n_kv = config.n_kv_head or config.n_head
+        shape = (config.n_layer, batch_size, n_kv, max_len, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype or torch.float32)
+        self.v = torch.empty(shape, device=device, dtype=dtype or torch.float32)
+        self.length = 0  # positions filled in every layer (advanced by the model after its last layer)
+        self.max_len = max_len
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's keys/values for `layer`; return all keys/values so far (views, no copy)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder) batch rows, e.g. the surviving beams of beam search."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
 
 
 class MLP(nn.Module):
@@ -193,11 +221,11 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rotary=None, attn_mask=None):
+    def forward(self, x, rotary=None, attn_mask=None, cache=None, layer: int = 0):
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rotary, attn_mask)
+            x = x + self.attn(self.norm1(x), rotary, attn_mask, cache, layer)
             return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rotary, attn_mask))
+        x = self.norm1(x + self.attn(x, rotary, attn_mask, cache, layer))
         return self.norm2(x + self.mlp(x))
 
 
@@ -255,48 +283,65 @@ class Transformer(nn.Module):
             state = {**state, "lm_head.weight": state["tok_emb.weight"]}
         self.load_state_dict(state, strict=True)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                last_only: bool = False):
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy (targets of -100 are ignored).
+
+        For generation: `cache` holds the keys/values of earlier positions and is extended by this call;
+        `positions` (B, T) gives each token's position (default: cache.length + 0..T-1), which lets left-padded
+        rows start at position 0; `key_mask` (B, cache.length + T) is False at padding, which no token attends to;
+        `last_only` computes logits for the last position alone (all that sampling needs after a prefill).
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise LmlabError(f"sequence of {T} tokens is longer than the model's block_size {self.config.block_size}")
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise LmlabError(f"sequence of {past + T} tokens is longer than the model's context "
+                             f"(block_size {self.config.block_size})")
+        if cache is not None and past + T > cache.max_len:
+            raise LmlabError(f"the KV cache holds {cache.max_len} positions; {past + T} are needed")
         x = self.tok_emb(idx)
+        if positions is None:
+            positions = torch.arange(past, past + T, device=idx.device)
         rotary = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[:T]
+            x = x + self.pos_emb(positions)
         else:
-            rotary = (self.rope_cos[:T], self.rope_sin[:T])
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            # (T, D) broadcasts over batch and heads; (B, T, D) needs a head axis.
+            rotary = (cos, sin) if cos.dim() == 2 else (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rotary)
+        attn_mask = self._attention_mask(B, T, past, key_mask, idx.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, attn_mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.norm_f(x))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
+    def _attention_mask(self, B: int, T: int, past: int, key_mask, device):
+        """A boolean (B, 1, T, past+T) mask (True = may attend), or None when SDPA's own causal flag (or no mask
+        at all, for one new token) says the same thing faster."""
+        if key_mask is None and (past == 0 or T == 1 or not self.config.causal):
+            return None
+        S = past + T
+        allowed = torch.ones(1, 1, T, S, dtype=torch.bool, device=device)
+        if self.config.causal:
+            q_at = torch.arange(past, S, device=device)[:, None]
+            allowed = (torch.arange(S, device=device)[None, :] <= q_at)[None, None]
+        if key_mask is not None:
+            # A padding query still attends to itself, so that no row of the softmax is empty (NaN).
+            own = torch.arange(S, device=device)[None, :] == torch.arange(past, S, device=device)[:, None]
+            allowed = allowed & (key_mask[:, None, None, :S].bool() | own[None, None])
+        return allowed
+
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B: 6N + 12 L T C."""
         c = self.config
         n = self.num_params(non_embedding=True)
         return 6 * n + 12 * c.n_layer * c.block_size * c.n_embd
-
-    @torch.inference_mode()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample continuations of idx (B, T). Recomputes the whole window each step, which is simple and fast
-        enough for the small models trained here; large models want a KV cache."""
-        for _ in range(max_new_tokens):
-            window = idx[:, -self.config.block_size:]
-            logits, _ = self(window)
-            logits = logits[:, -1, :].float()
-            if temperature <= 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.size(-1):
-                    kth = torch.topk(logits, top_k).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx

@@ -101,11 +101,18 @@ class Batches:
         return torch.from_numpy(windows)
 
 
-def lr_at(step: int, t) -> float:
-    """Linear warmup to t.lr, then cosine decay to t.min_lr at t.max_steps."""
+def lr_at(step: int, t, elapsed: float | None = None) -> float:
+    """Linear warmup to t.lr, then cosine decay to t.min_lr at t.max_steps.
+
+    With a time_limit, the decay also follows the clock (progress is the larger of steps and seconds used, as in
+    Geiping & Goldstein's "Cramming"), so a run that is slower than planned still anneals before it is stopped.
+    Such a schedule depends on the machine's speed; leave time_limit unset for bit-exact reproducibility."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    if t.time_limit and elapsed is not None:
+        progress = max(progress, elapsed / t.time_limit)
+    progress = min(1.0, progress)
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
 
@@ -330,7 +337,7 @@ def _train(cfg, t, world, device, run_dir, resume, on_step, progress):
     model.train()
     try:
         while step < t.max_steps:
-            lr = lr_at(step, t)
+            lr = lr_at(step, t, elapsed_before + time.perf_counter() - start)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             windows = batches.draw(t.batch_size)[world.rank * per_process:(world.rank + 1) * per_process]

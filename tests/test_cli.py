@@ -86,7 +86,7 @@ def test_bad_sample_arguments(trained_run, tmp_path):
     from lmlab.errors import LmlabError
     from lmlab.sample import sample
 
-    with pytest.raises(LmlabError, match="max-new-tokens must be >= 0"):
+    with pytest.raises(LmlabError, match=r"max_new_tokens=-1 \(must be >= 0\)"):
         sample(trained_run, "a", max_new_tokens=-1)
     with pytest.raises(LmlabError, match="vocabulary lacks"):
         sample(trained_run, "ZZZ\u2603", max_new_tokens=1)
