@@ -18,7 +18,8 @@ import time
 import torch
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+def matmul_peak_flops(n: int = 2048, repeats: int = 20) -> float:
+    """Best time of torch.mm on n x n fp32 matrices, as FLOP/s (the most the machine showed us)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
         torch.mm(a, b)
@@ -30,24 +31,33 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def time_training(model, forward_loss, batch, steps: int, warmup: int) -> float:
-    """Median seconds per optimizer step."""
+def make_step(model, forward_loss, batch):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-4, fused=True)
     model.train()
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
+
+    def step():
         loss = forward_loss(model, *batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
+
+    return step
+
+
+def median_step_times(steps: dict, n: int, warmup: int) -> dict:
+    """Median seconds per training step of each contender, measured in alternation so that a change in the
+    machine's load or clock during the run hits all of them alike."""
+    times = {name: [] for name in steps}
+    for i in range(warmup + n):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def main():
@@ -77,10 +87,7 @@ def main():
 
     peak = matmul_peak_flops()
     ours = Transformer(cfg)
-    t_ours = time_training(ours, lambda m, a, b: m(a, b)[1], (x, y), args.steps, args.warmup)
     flops_per_token = ours.flops_per_token()
-    del ours
-
     hf_cfg = GPT2Config(vocab_size=args.vocab_size, n_positions=args.block_size, n_embd=args.n_embd,
                         n_layer=args.n_layer, n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         bos_token_id=None, eos_token_id=None)
@@ -91,7 +98,10 @@ def main():
         logits = m(a).logits
         return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), b.view(-1))
 
-    t_hf = time_training(theirs, hf_loss, (x, y), args.steps, args.warmup)
+    medians = median_step_times({"lmlab": make_step(ours, lambda m, a, b: m(a, b)[1], (x, y)),
+                                 "transformers": make_step(theirs, hf_loss, (x, y))}, args.steps, args.warmup)
+    t_ours, t_hf = medians["lmlab"], medians["transformers"]
+    peak = max(peak, matmul_peak_flops())  # again at the end: the clock may have changed during the run
 
     ours_tps, hf_tps = tokens / t_ours, tokens / t_hf
     print(json.dumps({
