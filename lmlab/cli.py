@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from lmlab.errors import LmlabError
 
@@ -35,17 +34,86 @@ def cmd_sample(args):
 
 
 def cmd_export(args):
-    from lmlab.data import load_tokenizer
     from lmlab.hf import export_hf
-    from lmlab.train import load_model
+    from lmlab.hub import load_pretrained
 
     if args.format != "hf":
         raise LmlabError(f"unknown export format {args.format!r} (supported: hf)")
-    model = load_model(args.run)
-    tok = Path(args.run) / "tokenizer.json"
-    load_tokenizer(tok)  # fail early with a clear message if it is missing or broken
-    out = export_hf(model, args.out, tokenizer_json=tok)
-    print(f"wrote {out} (load with transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+    pre = load_pretrained(args.run)
+    out = export_hf(pre.model, args.out, pre.tokenizer, **({"chat_template": pre.chat_template,
+                    "bos_token": pre.bos_token, "eos_token": pre.eos_token} if pre.chat_template else {}))
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"wrote {out} (load with transformers.{arch}.from_pretrained({str(out)!r}))")
+
+
+def _sampling(args):
+    from lmlab.generate import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            stop=tuple(args.stop), seed=args.seed)
+    params.validate()
+    return params
+
+
+def cmd_generate(args):
+    from lmlab.chat import answer, eos_ids
+    from lmlab.generate import beam_search, stream
+    from lmlab.hub import load_pretrained
+
+    params = _sampling(args)
+    pretrained = load_pretrained(args.model)
+    if args.chat:
+        deltas = answer(pretrained, [{"role": "user", "content": args.prompt}], params)
+    elif args.num_beams > 1:
+        ids = pretrained.tokenizer.encode(args.prompt).ids
+        best, score = beam_search(pretrained.model, ids, args.num_beams, args.max_new_tokens,
+                                  eos_ids=eos_ids(pretrained))[0]
+        deltas = [args.prompt, pretrained.tokenizer.decode(best)]
+    else:
+        sys.stdout.write(args.prompt)
+        deltas = stream(pretrained.model, pretrained.tokenizer, args.prompt, params, eos_ids=eos_ids(pretrained))
+    for delta in deltas:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args):
+    from lmlab.chat import chat_loop
+    from lmlab.hub import load_pretrained
+
+    chat_loop(load_pretrained(args.model), _sampling(args), system=args.system)
+
+
+def cmd_models(args):
+    from lmlab.hub import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'name':24} {'architecture':14} {'format':12} {'size':>9}  downloaded")
+    for r in rows:
+        print(f"{r['name']:24} {r['architecture']:14} {r['format']:12} {r['size']:>9}  "
+              f"{r['path'] if r['downloaded'] else 'no (lmlab pull ' + r['name'] + ')'}")
+
+
+def cmd_pull(args):
+    from lmlab.hub import pull
+
+    print(pull(args.name, force=args.force))
+
+
+def _add_sampling_args(s, max_new_tokens=256, temperature=0.7):
+    s.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    s.add_argument("--temperature", type=float, default=temperature, help="0 means greedy")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--min-p", type=float, default=None)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--seed", type=int, default=None)
 
 
 def cmd_demo(args):
@@ -87,12 +155,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_sample)
 
-    s = sub.add_parser("export", help="export a trained run to another format")
-    s.add_argument("--run", required=True, help="run folder (or a checkpoint folder)")
+    s = sub.add_parser("export", help="export a model (a trained run, a .gguf, a registry name) to another format")
+    s.add_argument("--run", "--model", dest="run", required=True,
+                   help="run folder, checkpoint folder, registry name, .gguf file or Hugging Face folder")
     s.add_argument("--format", default="hf", help="hf: a Hugging Face folder (config.json, model.safetensors, "
-                                                   "tokenizer.json) that transformers loads as GPT2LMHeadModel")
+                                                   "tokenizer.json) that transformers loads (GPT-2 or Llama)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("generate", help="continue a prompt with a pretrained model (streams the text)")
+    s.add_argument("--model", required=True, help="registry name (lmlab models), a .gguf file, a Hugging Face "
+                                                  "folder, an lmlab run folder, or a hub id org/name")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--chat", action="store_true", help="send the prompt as a user turn through the chat template")
+    s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (no sampling)")
+    _add_sampling_args(s)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="talk with a chat model (streaming; /reset, /exit)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--system", default=None, help="a system message opening the conversation")
+    _add_sampling_args(s)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("models", help="list registered models and what is downloaded")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("pull", help="download a registered model into $LMLAB_HOME/models")
+    s.add_argument("name")
+    s.add_argument("--force", action="store_true", help="download again even if present")
+    s.set_defaults(func=cmd_pull)
 
     s = sub.add_parser("demo", help="the main job: prepare Shakespeare, train a small GPT for a few minutes, sample")
     s.add_argument("--run-dir", default="runs/demo")

@@ -1,8 +1,13 @@
-"""Hugging Face interoperability: read and write `config.json` + `model.safetensors` folders.
+"""Hugging Face interoperability: read and write `config.json` + `*.safetensors` folders.
 
-GPT-2 checkpoints map one to one onto lmlab's Transformer. Hugging Face's GPT-2 keeps its linear layers as
-`Conv1D`, whose weight is stored transposed (in_features, out_features); the fused `c_attn` is already our fused
-QKV projection.
+Two families map onto lmlab's Transformer:
+
+GPT-2   one to one. Hugging Face's GPT-2 keeps its linear layers as `Conv1D`, whose weight is stored transposed
+        (in_features, out_features); the fused `c_attn` is already our fused QKV projection.
+Llama   (also SmolLM2, and other `LlamaForCausalLM` checkpoints) separate q/k/v and gate/up projections, which
+        lmlab fuses by stacking their rows: `attn.qkv` = [q; k; v], `mlp.fc` = [gate; up]. Both use the same
+        half-split rotary convention (`rotate_half`), so no weight is permuted. The GGUF loader (gguf_model.py)
+        renames GGUF tensors to these Hugging Face names and comes through here too.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer, TransformerConfig
@@ -39,16 +45,47 @@ _GPT2_BLOCK = {
 _GPT2_TOP = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight",
              "norm_f.weight": "ln_f.weight", "norm_f.bias": "ln_f.bias"}
 
+# lmlab name -> Hugging Face Llama name, outside the blocks. A tied head has no lm_head.weight of its own.
+_LLAMA_TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight",
+              "lm_head.weight": "lm_head.weight"}
+_LLAMA_SHAPE = dict(norm="rmsnorm", norm_placement="pre", position="rope", mlp="swiglu", bias=False, causal=True)
 
-def _check_gpt2_compatible(c: TransformerConfig) -> None:
-    wanted = dict(norm="layernorm", norm_placement="pre", position="learned", mlp="gelu", bias=True, causal=True,
-                  tie_embeddings=True)
+
+def _llama_block(c: TransformerConfig) -> dict[str, list[tuple[str, int]]]:
+    """lmlab name -> the Hugging Face Llama tensors (name under `model.layers.{i}.`, rows) stacked into it.
+
+    One table read both ways: loading concatenates the rows, exporting splits them back."""
+    hd, n_kv = c.head_dim, c.n_kv_head or c.n_head
+    hidden = c.intermediate_size or 4 * c.n_embd
+    return {
+        "norm1.weight": [("input_layernorm.weight", c.n_embd)],
+        "attn.qkv.weight": [("self_attn.q_proj.weight", c.n_head * hd), ("self_attn.k_proj.weight", n_kv * hd),
+                            ("self_attn.v_proj.weight", n_kv * hd)],
+        "attn.proj.weight": [("self_attn.o_proj.weight", c.n_embd)],
+        "norm2.weight": [("post_attention_layernorm.weight", c.n_embd)],
+        # Gate first: MLP.forward takes `gate, up = h.chunk(2)`.
+        "mlp.fc.weight": [("mlp.gate_proj.weight", hidden), ("mlp.up_proj.weight", hidden)],
+        "mlp.proj.weight": [("mlp.down_proj.weight", c.n_embd)],
+    }
+
+
+def _check_shape(c: TransformerConfig, family: str, wanted: dict) -> None:
     off = [f"{k}={getattr(c, k)!r}" for k, v in wanted.items() if getattr(c, k) != v]
-    if c.n_kv_head not in (None, c.n_head):
+    if family == "GPT-2" and c.n_kv_head not in (None, c.n_head):
         off.append(f"n_kv_head={c.n_kv_head}")
     if off:
-        raise LmlabError(f"this model is not GPT-2 shaped ({', '.join(off)}); the Hugging Face export writes "
-                         "GPT-2 checkpoints")
+        hint = " (or Llama checkpoints, for rmsnorm/rope/swiglu models without biases)" if family == "GPT-2" else ""
+        raise LmlabError(f"this model is not {family} shaped ({', '.join(off)}); the Hugging Face export writes "
+                         f"{family} checkpoints{hint}")
+
+
+def _check_gpt2_compatible(c: TransformerConfig) -> None:
+    _check_shape(c, "GPT-2", dict(norm="layernorm", norm_placement="pre", position="learned", mlp="gelu", bias=True,
+                                  causal=True, tie_embeddings=True))
+
+
+def is_llama_shaped(c: TransformerConfig) -> bool:
+    return all(getattr(c, k) == v for k, v in _LLAMA_SHAPE.items())
 
 
 def gpt2_config_dict(c: TransformerConfig) -> dict:
@@ -75,9 +112,156 @@ def gpt2_config_dict(c: TransformerConfig) -> dict:
     }
 
 
-def export_hf(model: Transformer, out_dir: str | Path, tokenizer_json: str | Path | None = None) -> Path:
-    """Write a folder that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
+def llama_config_dict(c: TransformerConfig, dtype: torch.dtype = torch.float32,
+                      bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
+    """A `LlamaForCausalLM` config.json. The rotary base is written both the transformers 4 way (rope_theta)
+    and the transformers 5 way (rope_parameters), so either version reads it."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd,
+        "intermediate_size": c.intermediate_size or 4 * c.n_embd,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.n_kv_head or c.n_head,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.block_size,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": c.dropout,
+        "tie_word_embeddings": c.tie_embeddings,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+    }
+
+
+def llama_config(hf: dict, where: str = "config.json") -> TransformerConfig:
+    """lmlab config for a Hugging Face Llama config dict; anything lmlab's block cannot express is refused."""
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5
+    scaling = hf.get("rope_scaling") or {}  # transformers 4
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    problems = []
+    if rope_type != "default":
+        problems.append(f"rope scaling {rope_type!r} (lmlab implements plain rotary positions only)")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {hf['hidden_act']!r} (lmlab's SwiGLU uses silu)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        problems.append("attention_bias/mlp_bias (lmlab's Llama blocks have no biases)")
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, n_embd // n_head):
+        problems.append(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    if problems:
+        raise LmlabError(f"{where}: unsupported Llama setting: {'; '.join(problems)}; use a checkpoint without it")
+    return TransformerConfig(
+        vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+        n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_embd=n_embd, intermediate_size=hf["intermediate_size"], dropout=0.0, bias=False,
+        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope",
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), mlp="swiglu", activation="silu",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def llama_from_hf(hf: dict, tensors: dict[str, torch.Tensor], where: str = "model") -> Transformer:
+    """An lmlab Transformer from a Hugging Face Llama config dict and its tensors (Hugging Face names)."""
+    config = llama_config(hf, where)
+    state = {}
+    try:
+        for name, hf_name in _LLAMA_TOP.items():
+            if not (name == "lm_head.weight" and config.tie_embeddings):
+                state[name] = tensors[hf_name]
+        for i in range(config.n_layer):
+            for name, parts in _llama_block(config).items():
+                state[f"blocks.{i}.{name}"] = torch.cat([tensors[f"model.layers.{i}.{n}"] for n, _ in parts])
+    except KeyError as e:
+        raise LmlabError(f"{where} lacks tensor {e.args[0]!r}; is it a complete Llama checkpoint?") from None
+    return _built(config, state, where)
+
+
+def _built(config: TransformerConfig, state: dict[str, torch.Tensor], where: str) -> Transformer:
+    try:
+        model = Transformer.from_weights(config, state)
+    except RuntimeError as e:  # shape mismatches: the config and the tensors disagree
+        raise LmlabError(f"{where}: tensors do not match the config ({str(e).splitlines()[-1].strip()})") from None
+    return model.eval()
+
+
+def _gpt2_from_hf(hf: dict, tensors: dict[str, torch.Tensor], where: str) -> Transformer:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _FROM_GPT2_ACTIVATIONS:
+        raise LmlabError(f"{where}: activation_function {act!r} is not supported")
+    config = TransformerConfig(
+        vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
+        n_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner"),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=_FROM_GPT2_ACTIVATIONS[act], dropout=0.0,
+    )
+    # Checkpoints differ on whether names carry the "transformer." prefix.
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    state = {}
+    try:
+        for name, hf_name in _GPT2_TOP.items():
+            state[name] = tensors[hf_name]
+        for i in range(config.n_layer):
+            for name, (hf_name, transposed) in _GPT2_BLOCK.items():
+                t = tensors[f"h.{i}.{hf_name}"]
+                state[f"blocks.{i}.{name}"] = t.t().contiguous() if transposed else t
+    except KeyError as e:
+        raise LmlabError(f"{where} lacks tensor {e.args[0]!r}; is it a GPT-2 checkpoint?") from None
+    return _built(config, state, where)
+
+
+_LOADERS = {"gpt2": _gpt2_from_hf, "llama": llama_from_hf}
+
+
+def load_hf(folder: str | Path) -> Transformer:
+    """Load a Hugging Face folder (config.json + model.safetensors, or sharded *.safetensors) of a GPT-2 or
+    Llama model as an lmlab Transformer, in eval mode."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    weight_files = sorted(folder.glob("*.safetensors"))
+    if not cfg_path.exists():
+        raise LmlabError(f"{folder} is not a Hugging Face model folder: config.json is missing")
+    if not weight_files:
+        raise LmlabError(f"{folder} is not a Hugging Face model folder: model.safetensors is missing "
+                         "(only safetensors weights are read, not pytorch_model.bin)")
+    hf = json.loads(cfg_path.read_text(encoding="utf-8"))
+    loader = _LOADERS.get(hf.get("model_type"))
+    if loader is None:
+        raise LmlabError(f"{folder}: model_type {hf.get('model_type')!r} is not supported yet "
+                         f"(supported: {', '.join(_LOADERS)})")
+    tensors = {}
+    for path in weight_files:
+        tensors.update(load_file(str(path)))
+    return loader(hf, tensors, str(folder))
+
+
+def _tokenizer_text(tokenizer: str | Path | Tokenizer) -> str:
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer.to_str()
+    return Path(tokenizer).read_text(encoding="utf-8")
+
+
+def _write_tokenizer(out: Path, tokenizer: str | Path | Tokenizer, block_size: int, **special) -> None:
+    """tokenizer.json plus the tokenizer_config.json that makes AutoTokenizer use it as is."""
+    atomic_write_text(out / "tokenizer.json", _tokenizer_text(tokenizer))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size}
+    config.update({k: v for k, v in special.items() if v is not None})
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def export_hf(model: Transformer, out_dir: str | Path, tokenizer_json: str | Path | Tokenizer | None = None,
+              **chat) -> Path:
+    """Write a folder that `transformers` loads: GPT2LMHeadModel for GPT-2-shaped models, LlamaForCausalLM for
+    Llama-shaped ones (`chat` passes chat_template / bos_token / eos_token on to export_hf_llama)."""
     c = model.config
+    if is_llama_shaped(c):
+        return export_hf_llama(model, out_dir, tokenizer_json, **chat)
     _check_gpt2_compatible(c)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,44 +276,33 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer_json: str | Pat
     save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
     atomic_write_text(out / "config.json", json.dumps(gpt2_config_dict(c), indent=2))
     if tokenizer_json is not None:
-        tok = Path(tokenizer_json)
-        atomic_write_text(out / "tokenizer.json", tok.read_text(encoding="utf-8"))
-        atomic_write_text(out / "tokenizer_config.json", json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": c.block_size}, indent=2))
+        _write_tokenizer(out, tokenizer_json, c.block_size)
     return out
 
 
-def load_hf(folder: str | Path) -> Transformer:
-    """Load a Hugging Face GPT-2 folder (config.json + model.safetensors) as an lmlab Transformer."""
-    folder = Path(folder)
-    cfg_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    for p in (cfg_path, weights_path):
-        if not p.exists():
-            raise LmlabError(f"{folder} is not a Hugging Face model folder: {p.name} is missing")
-    hf = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if hf.get("model_type") != "gpt2":
-        raise LmlabError(f"{folder}: model_type {hf.get('model_type')!r} is not supported yet (supported: gpt2)")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in _FROM_GPT2_ACTIVATIONS:
-        raise LmlabError(f"{folder}: activation_function {act!r} is not supported")
-    config = TransformerConfig(
-        vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
-        n_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner"),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=_FROM_GPT2_ACTIVATIONS[act], dropout=0.0,
-    )
-    theirs = load_file(str(weights_path))
-    # Checkpoints differ on whether names carry the "transformer." prefix.
-    theirs = {k.removeprefix("transformer."): v for k, v in theirs.items()}
-    state = {}
-    try:
-        for name, hf_name in _GPT2_TOP.items():
-            state[name] = theirs[hf_name]
-        for i in range(config.n_layer):
-            for name, (hf_name, transposed) in _GPT2_BLOCK.items():
-                t = theirs[f"h.{i}.{hf_name}"]
-                state[f"blocks.{i}.{name}"] = t.t().contiguous() if transposed else t
-    except KeyError as e:
-        raise LmlabError(f"{weights_path} lacks tensor {e.args[0]!r}; is it a GPT-2 checkpoint?") from None
-    model = Transformer(config)
-    model.load_weights(state)
-    return model.eval()
+def export_hf_llama(model: Transformer, out_dir: str | Path, tokenizer: str | Path | Tokenizer | None = None,
+                    chat_template: str | None = None, bos_token: str | None = None,
+                    eos_token: str | None = None) -> Path:
+    """Write a folder that `transformers.LlamaForCausalLM.from_pretrained` (and AutoTokenizer, when a tokenizer
+    is given: tokenizer.json, a path or a `tokenizers.Tokenizer`) loads."""
+    c = model.config
+    _check_shape(c, "Llama", _LLAMA_SHAPE)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ours = model.state_dict()
+    tensors = {hf_name: ours[name] for name, hf_name in _LLAMA_TOP.items()
+               if not (name == "lm_head.weight" and c.tie_embeddings)}
+    for i in range(c.n_layer):
+        for name, parts in _llama_block(c).items():
+            pieces = ours[f"blocks.{i}.{name}"].split([rows for _, rows in parts])
+            tensors.update({f"model.layers.{i}.{n}": t for (n, _), t in zip(parts, pieces)})
+    save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    tok = Tokenizer.from_str(_tokenizer_text(tokenizer)) if tokenizer is not None else None
+    ids = {f"{k}_id": tok.token_to_id(v) if tok is not None and v is not None else None
+           for k, v in (("bos_token", bos_token), ("eos_token", eos_token))}
+    dtype = model.tok_emb.weight.dtype
+    atomic_write_text(out / "config.json", json.dumps(llama_config_dict(c, dtype, **ids), indent=2))
+    if tok is not None:
+        _write_tokenizer(out, tok, c.block_size, chat_template=chat_template, bos_token=bos_token,
+                         eos_token=eos_token)
+    return out

