@@ -71,6 +71,8 @@ def main():
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--vocab-size", type=int, default=65)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--compile", action="store_true", help="also time lmlab's model under torch.compile "
+                                                           "(train.compile: true); compiling takes about a minute")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -98,12 +100,23 @@ def main():
         logits = m(a).logits
         return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), b.view(-1))
 
-    medians = median_step_times({"lmlab": make_step(ours, lambda m, a, b: m(a, b)[1], (x, y)),
-                                 "transformers": make_step(theirs, hf_loss, (x, y))}, args.steps, args.warmup)
+    steps = {"lmlab": make_step(ours, lambda m, a, b: m(a, b)[1], (x, y)),
+             "transformers": make_step(theirs, hf_loss, (x, y))}
+    if args.compile:
+        compiled = Transformer(cfg)
+        steps["lmlab_compiled"] = make_step(torch.compile(compiled), lambda m, a, b: m(a, b)[1], (x, y))
+        steps["lmlab_compiled"]()  # compile outside the timed steps
+    medians = median_step_times(steps, args.steps, args.warmup)
     t_ours, t_hf = medians["lmlab"], medians["transformers"]
     peak = max(peak, matmul_peak_flops())  # again at the end: the clock may have changed during the run
 
     ours_tps, hf_tps = tokens / t_ours, tokens / t_hf
+    extra = {}
+    if args.compile:
+        compiled_tps = tokens / medians["lmlab_compiled"]
+        extra = {"lmlab_compiled_tokens_per_s": round(compiled_tps, 1),
+                 "compiled_speedup": round(compiled_tps / hf_tps, 3),
+                 "lmlab_compiled_model_flops_utilization": round(compiled_tps * flops_per_token / peak, 3)}
     print(json.dumps({
         "benchmark": "train_throughput",
         "shape": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
@@ -116,6 +129,7 @@ def main():
         "matmul_peak_flops": round(peak),
         "lmlab_model_flops_utilization": round(ours_tps * flops_per_token / peak, 3),
         "transformers_model_flops_utilization": round(hf_tps * flops_per_token / peak, 3),
+        **extra,
     }, indent=2))
 
 

@@ -58,6 +58,30 @@ def test_greedy_matches_transformers_generate_with_and_without_cache(tmp_path):
     assert cached.finish_reason == "length"
 
 
+def test_greedy_matches_transformers_generate_for_llama(tmp_path):
+    """A random Llama with grouped-query attention, made and saved by transformers, loaded by lmlab."""
+    from lmlab.hf import load_hf
+
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      rope_theta=500.0, tie_word_embeddings=False, bos_token_id=None,
+                                      eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.mul_(15.0)  # sharper distributions: no near-ties for float noise to flip
+    theirs.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
+    prompt = [11, 22, 33, 44, 55]
+    with torch.no_grad():
+        expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
+                                   pad_token_id=0)[0].tolist()
+    cached = generate(ours, IdTokenizer(), [prompt], SamplingParams(max_new_tokens=64, temperature=0))[0]
+    assert prompt + cached.token_ids == expected
+    assert _greedy_no_cache(ours, prompt, 64) == expected
+
+
 @pytest.mark.parametrize("switches", [{}, LLAMA_LIKE], ids=["gpt2", "llama"])
 def test_left_padded_batch_equals_one_prompt_at_a_time(switches):
     model = _model(seed=1, **switches)
