@@ -37,6 +37,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def measure(run, prefill, prompt_len: int, new_tokens: int, repeats: int) -> tuple[dict, dict]:
+    """Rates of one side: run(batch, n) generates n greedy tokens per row and returns them row by row."""
+    run(1, 2)  # warm up
+    rates = {"prefill_tokens_per_s": prompt_len / best_of(prefill, repeats)}
+    tokens = {}
+    for batch in (1, 8):
+        t1 = best_of(lambda: run(batch, 1), repeats)
+        tn = best_of(lambda: run(batch, new_tokens), repeats)
+        rates[f"decode_tokens_per_s_batch{batch}"] = batch * (new_tokens - 1) / (tn - t1)
+        tokens[batch] = run(batch, new_tokens)
+    rates["peak_rss_mb"] = peak_rss_mb()
+    return rates, tokens
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -62,22 +76,13 @@ def main():
 
     def ours(batch, n):
         params = SamplingParams(max_new_tokens=n, temperature=0, stop_at_eos=False)
-        return [step for step in decode_steps(pre.model, rows[batch], params)]
+        return [list(row) for row in zip(*decode_steps(pre.model, rows[batch], params))]
 
     def ours_prefill():
         with torch.inference_mode():
             pre.model(torch.tensor([prompt]), last_only=True)
 
-    results = {"ours": {}, "transformers": {}}
-    ours(1, 2)  # warm up
-    results["ours"]["prefill_tokens_per_s"] = len(prompt) / best_of(ours_prefill, args.repeats)
-    ours_tokens = {}
-    for batch in (1, 8):
-        t1 = best_of(lambda: ours(batch, 1), args.repeats)
-        tn = best_of(lambda: ours(batch, args.new_tokens), args.repeats)
-        results["ours"][f"decode_tokens_per_s_batch{batch}"] = batch * (args.new_tokens - 1) / (tn - t1)
-        ours_tokens[batch] = [list(col) for col in zip(*ours(batch, args.new_tokens))]
-    results["ours"]["peak_rss_mb"] = peak_rss_mb()
+    o, ours_tokens = measure(ours, ours_prefill, len(prompt), args.new_tokens, args.repeats)
 
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(pre.model, tmp)
@@ -96,17 +101,9 @@ def main():
         with torch.inference_mode():
             hf(torch.tensor([prompt]), logits_to_keep=1)
 
-    theirs(1, 2)
-    results["transformers"]["prefill_tokens_per_s"] = len(prompt) / best_of(theirs_prefill, args.repeats)
-    same = {}
-    for batch in (1, 8):
-        t1 = best_of(lambda: theirs(batch, 1), args.repeats)
-        tn = best_of(lambda: theirs(batch, args.new_tokens), args.repeats)
-        results["transformers"][f"decode_tokens_per_s_batch{batch}"] = batch * (args.new_tokens - 1) / (tn - t1)
-        same[batch] = theirs(batch, args.new_tokens) == ours_tokens[batch]
-    results["transformers"]["peak_rss_mb"] = peak_rss_mb()
+    t, their_tokens = measure(theirs, theirs_prefill, len(prompt), args.new_tokens, args.repeats)
+    same = {batch: their_tokens[batch] == ours_tokens[batch] for batch in ours_tokens}
 
-    o, t = results["ours"], results["transformers"]
     print(json.dumps({
         "benchmark": "decode_throughput", "model": args.model, "dtype": "float32", "threads": args.threads,
         "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "torch": torch.__version__,
