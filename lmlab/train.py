@@ -375,8 +375,9 @@ def _train(cfg, t, world, device, run_dir, resume, on_step, progress):
             if step % t.eval_interval == 0 or last:
                 val_loss = evaluate(model, val_tokens, model_cfg.block_size, t, world, autocast)
                 log({"step": step, "val_loss": val_loss, "elapsed": round(elapsed_before + time.perf_counter() - start, 3)})
-                bar.write(f"step {step}: val loss {val_loss:.4f}") if world.main and progress else None
                 if world.main:
+                    if progress:
+                        bar.write(f"step {step}: val loss {val_loss:.4f}")
                     plot_losses(run_dir)
             if step % t.ckpt_interval == 0 or last:
                 if world.main:
