@@ -71,6 +71,14 @@ class Dist:
         dist.all_reduce(t)
         return t.item() / self.world
 
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is true on one (so that all stop at the same step)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def barrier(self):
         if self.enabled:
             dist.barrier()
@@ -368,7 +376,9 @@ def _train(cfg, t, world, device, run_dir, resume, on_step, progress):
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update(1)
 
-            over_time = t.time_limit is not None and elapsed_before + time.perf_counter() - start > t.time_limit
+            # Each process reads its own clock; they must agree on the step they stop at.
+            over_time = t.time_limit is not None and world.any(
+                elapsed_before + time.perf_counter() - start > t.time_limit)
             if over_time:
                 stopped = "time_limit"
             last = step == t.max_steps or over_time

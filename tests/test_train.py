@@ -98,8 +98,11 @@ def _write_config(path: Path, overrides: list[str]) -> Path:
 def test_ddp_two_processes_match_one(char_data, tmp_path):
     """torchrun with 2 CPU processes (gloo) gives the same per-step loss as 1 process, same global batch."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    single = _write_config(tmp_path / "single.yaml", tiny_overrides(char_data, tmp_path / "single", max_steps=8))
-    double = _write_config(tmp_path / "double.yaml", tiny_overrides(char_data, tmp_path / "double", max_steps=8))
+    # A (never reached) time limit makes the processes agree on stopping through an all-reduce every step.
+    single = _write_config(tmp_path / "single.yaml", tiny_overrides(char_data, tmp_path / "single", max_steps=8,
+                                                                     time_limit=1e9))
+    double = _write_config(tmp_path / "double.yaml", tiny_overrides(char_data, tmp_path / "double", max_steps=8,
+                                                                     time_limit=1e9))
     subprocess.run([sys.executable, "-m", "lmlab", "train", str(single), "--no-progress"], check=True, env=env,
                    capture_output=True, timeout=300)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
