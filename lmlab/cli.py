@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from lmlab.errors import LmlabError
@@ -116,6 +117,47 @@ def _add_sampling_args(s, max_new_tokens=256, temperature=0.7):
     s.add_argument("--seed", type=int, default=None)
 
 
+def cmd_eval(args):
+    from lmlab.evaluate import run_eval
+
+    run_eval(args.model, args.tasks, shots=args.shots, limit=args.limit, seed=args.seed,
+             batch_size=args.batch_size, mode=args.mode, chat=args.chat, calibrate=args.calibrate,
+             balanced=args.balanced, data_dir=args.data_dir, out=args.out, stride=args.stride,
+             max_length=args.max_length, progress=not args.no_progress,
+             command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
+
+
+def add_eval_parser(sub):
+    s = sub.add_parser("eval", help="evaluate a model: perplexity, zero/few-shot multiple choice, GLUE-style "
+                                    "classification")
+    s.add_argument("--model", required=True, help="registry name (lmlab models), a .gguf file, a Hugging Face "
+                                                  "folder, an lmlab run folder, or a hub id org/name")
+    s.add_argument("--tasks", required=True, help="comma-separated task names, e.g. sst2,piqa,lambada,wikitext "
+                                                  "(an unknown name lists the known ones)")
+    s.add_argument("--shots", default="0", help="comma-separated numbers of in-context examples, e.g. 0,1,4,8")
+    s.add_argument("--limit", type=int, default=None,
+                   help="only the first N examples of each task (of each MMLU subject / benchmark source)")
+    s.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draw")
+    s.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    s.add_argument("--mode", default="loglikelihood", choices=["loglikelihood", "generate", "both"],
+                   help="how choice tasks are scored: log-likelihood of each answer, generation + answer "
+                        "extraction, or both side by side")
+    s.add_argument("--chat", action="store_true", help="generation prompts go through the model's chat template")
+    s.add_argument("--calibrate", action="store_true",
+                   help="also report contextual calibration (Zhao et al. 2021) next to the raw numbers")
+    s.add_argument("--balanced", action="store_true", help="few-shot examples balanced across the labels")
+    s.add_argument("--data-dir", default=None, help="folder with the evaluation data (default: $LMLAB_DATA, else "
+                                                    "$LMLAB_HOME/data)")
+    s.add_argument("--out", default=None, help="write OUT.json (summary with the exact prompts), OUT.jsonl (every "
+                                               "example) and OUT.png (score vs shots)")
+    s.add_argument("--stride", type=int, default=None,
+                   help="perplexity tasks: new tokens per rolling window (default: the window, i.e. disjoint "
+                        "windows as in lm-evaluation-harness)")
+    s.add_argument("--max-length", type=int, default=None, help="window in tokens (default: the model's context)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_eval)
+
+
 def cmd_demo(args):
     from lmlab.demo import demo
 
@@ -186,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--force", action="store_true", help="download again even if present")
     s.set_defaults(func=cmd_pull)
+
+    add_eval_parser(sub)
 
     s = sub.add_parser("demo", help="the main job: prepare Shakespeare, train a small GPT for a few minutes, sample")
     s.add_argument("--run-dir", default="runs/demo")
