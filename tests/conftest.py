@@ -21,6 +21,19 @@ def synthetic_corpus(n_lines: int = 3000, seed: int = 0) -> str:
                    for _ in range(n_lines))
 
 
+def train_byte_bpe(lines, vocab_size: int, special_tokens=()):
+    """A small byte-level BPE tokenizer (GPT-2 style) trained on `lines`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=list(special_tokens), show_progress=False)
+    tok.train_from_iterator(lines, trainer)
+    return tok
+
+
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory):
     """A prepared character-level dataset from the synthetic corpus."""

@@ -17,7 +17,7 @@ from lmlab.evaluate import tasks as T
 from lmlab.evaluate.lm import rolling_windows
 from lmlab.hf import export_hf, export_hf_llama
 from lmlab.model import Transformer, TransformerConfig
-from tests.conftest import SHARED_DATA, synthetic_corpus
+from tests.conftest import SHARED_DATA, synthetic_corpus, train_byte_bpe
 
 transformers = pytest.importorskip("transformers")
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the shared data folder {SHARED_DATA} is absent "
@@ -30,15 +30,7 @@ FEWSHOT = "alice sees bob at home.\n\ncarol helps dave in town.\n\n"
 @pytest.fixture(scope="module")
 def bpe():
     """A byte-level BPE tokenizer (GPT-2 style) trained on the synthetic corpus, with an end-of-text token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"], show_progress=False)
-    tok.train_from_iterator(synthetic_corpus(400).splitlines(), trainer)
-    return tok
+    return train_byte_bpe(synthetic_corpus(400).splitlines(), 500, ["<|endoftext|>"])
 
 
 def _model(vocab_size: int, block_size: int, family: str, seed: int = 0) -> Transformer:

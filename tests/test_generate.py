@@ -9,6 +9,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import SamplingParams, TextStream, adjust_logits, beam_search, generate, stream
 from lmlab.hf import export_hf
 from lmlab.model import Transformer, TransformerConfig
+from tests.conftest import train_byte_bpe
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,13 +145,7 @@ def test_eos_stops_generation():
 
 
 def test_text_stream_never_splits_a_character():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["hello world, plain ascii text"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = train_byte_bpe(["hello world, plain ascii text"] * 20, 300)
     text = "naïve café — 東京 🎉🚀 done"
     ids = tok.encode(text).ids
     assert len(ids) > len(text)  # unseen characters fall apart into bytes, several tokens each

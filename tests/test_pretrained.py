@@ -17,7 +17,7 @@ from lmlab.chat_template import render_chat
 from lmlab.errors import LmlabError
 from lmlab.hf import export_hf_llama, load_hf
 from lmlab.model import Transformer, TransformerConfig
-from tests.conftest import SMOLLM, tiny_overrides
+from tests.conftest import SMOLLM, tiny_overrides, train_byte_bpe
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -114,15 +114,8 @@ def test_llama_rope_scaling_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def byte_bpe():
     """A small byte-level BPE tokenizer with chat control tokens, trained on a few lines."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
-    tok.train_from_iterator(TEXTS * 3 + ["the quick brown fox jumps over the lazy dog 12345 67890"] * 5, trainer)
-    return tok
+    return train_byte_bpe(TEXTS * 3 + ["the quick brown fox jumps over the lazy dog 12345 67890"] * 5, 400,
+                          ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
