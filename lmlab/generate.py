@@ -140,21 +140,21 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: SamplingP
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, True)
+        for row, p in enumerate(prompts):  # the prompt's own tokens, not the left padding
+            seen[row, p] = True
     history = [list(p) for p in prompts] if slide else None
-    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device) if params.stop_at_eos else None
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    eos = set(eos_ids) if params.stop_at_eos else set()
+    done = [False] * B
 
     logits, _ = model(ids, cache=cache, positions=positions, key_mask=key_mask, last_only=True)
     for step in range(params.max_new_tokens):
         nxt = pick_tokens(adjust_logits(logits[:, -1].float(), params, seen), params, generator)
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
-        if eos is not None and len(eos):
-            done |= torch.isin(nxt, eos)
         tokens = nxt.tolist()  # the one host sync per step
+        done = [d or t in eos for d, t in zip(done, tokens)]
         yield tokens
-        if step == params.max_new_tokens - 1 or bool(done.all()):
+        if step == params.max_new_tokens - 1 or all(done):
             return
         if cache.length >= cache.max_len:
             if not slide or cache.max_len < config.block_size:

@@ -115,6 +115,23 @@ def test_sampling_controls_match_transformers_logits_processors():
         assert torch.allclose(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)], atol=1e-6), params
 
 
+def test_repetition_penalty_ignores_left_padding():
+    """A penalized padded row equals the same prompt run alone: padding (id 0) is not a token it has seen."""
+    model = _model(seed=6, **LLAMA_LIKE)
+    short = [3, 4]
+    with torch.no_grad():
+        logits = model(torch.tensor([short]))[0][0, -1]
+        first = int(logits.argmax())
+        assert logits[first] > 0
+        # Make token 0 the greedy choice by a margin that a 1.5 penalty (wrongly applied) would undo.
+        model.lm_head.weight[0] = 1.2 * model.lm_head.weight[first]
+    params = SamplingParams(max_new_tokens=6, temperature=0, repetition_penalty=1.5)
+    alone = generate(model, IdTokenizer(), [short], params)[0].token_ids
+    assert alone[0] == 0
+    batched = generate(model, IdTokenizer(), [[5, 6, 7, 8, 9, 10], short], params)
+    assert batched[1].token_ids == alone
+
+
 def test_seeded_sampling_is_reproducible_and_varies_with_the_seed():
     model = _model(seed=2)
     run = lambda seed: generate(model, IdTokenizer(), [[1, 2, 3]],  # noqa: E731
