@@ -20,6 +20,10 @@ def atomic_replace(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp creates 0600 files; give the result the permissions of a normally created file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
