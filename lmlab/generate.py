@@ -93,7 +93,7 @@ def pick_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(ids, positions, key_mask) for a batch; positions/key_mask are None when no row needs padding."""
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
@@ -132,7 +132,7 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: SamplingP
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     B = len(prompts)
-    ids, positions, key_mask = _left_pad([p[-config.block_size:] for p in prompts], device)
+    ids, positions, key_mask = left_pad([p[-config.block_size:] for p in prompts], device)
     capacity = min(config.block_size, ids.shape[1] + params.max_new_tokens)
     cache = KVCache(config, B, capacity, device, model.tok_emb.weight.dtype)
     if key_mask is not None:

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingParams, _left_pad, generate
+from lmlab.generate import SamplingParams, left_pad, generate
 from lmlab.model import KVCache, Transformer
 
 # Memory budgets, chosen to stay near 1 GiB on a laptop.
@@ -251,7 +251,7 @@ class LM:
         if shared:
             self._prefill(torch.tensor([contexts[0][:shared]], device=device), None, None, cache)
         cache.select(torch.zeros(B, dtype=torch.long, device=device))
-        ids, positions, pad_mask = _left_pad(suffixes, device)
+        ids, positions, pad_mask = left_pad(suffixes, device)
         if positions is None:
             positions = torch.arange(t_context, device=device).expand(B, t_context)
         key_mask = torch.ones(B, shared + t_context, dtype=torch.bool, device=device)
