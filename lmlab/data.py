@@ -534,19 +534,22 @@ def _line_chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
     """
     buffer: list[str] = []
     size = 0
+    tail = ""  # the last characters already yielded: a cut's invisibility depends on the two before it
     for piece in pieces:
         buffer.append(piece)
         size += len(piece)
         if size < chunk_chars:
             continue
         text = "".join(buffer)
-        cut = _clean_line_cut(text)
+        seen = tail + text
+        cut = max(0, _clean_line_cut(seen) - len(tail))
         if cut == 0 and size >= _MAX_CHUNKS_WITHOUT_BREAK * chunk_chars:
-            cut = _clean_cut_anywhere(text) or text.rfind("\n") + 1 or len(text)
+            cut = max(0, _clean_cut_anywhere(seen) - len(tail)) or text.rfind("\n") + 1 or len(text)
         if cut == 0:
             buffer = [text]
             continue
         yield text[:cut]
+        tail = seen[:len(tail) + cut][-2:]
         buffer = [text[cut:]] if cut < len(text) else []
         size = len(text) - cut
     if size:
