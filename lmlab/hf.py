@@ -8,6 +8,10 @@ Llama   (also SmolLM2, and other `LlamaForCausalLM` checkpoints) separate q/k/v 
         lmlab fuses by stacking their rows: `attn.qkv` = [q; k; v], `mlp.fc` = [gate; up]. Both use the same
         half-split rotary convention (`rotate_half`), so no weight is permuted. The GGUF loader (gguf_model.py)
         renames GGUF tensors to these Hugging Face names and comes through here too.
+BERT    (BertModel, and the `bert.` body of BertFor* checkpoints, e.g. all-MiniLM-L6-v2) separate query/key/value,
+        fused the same way; post-norm blocks, normalised embeddings, token-type embeddings and the pooler are
+        switches of the same Transformer. Task heads (MLM, classifiers) are not read: lmlab.finetune adds its own.
+        A WordPiece tokenizer is read from tokenizer.json, or built from vocab.txt as BertTokenizerFast does.
 """
 
 from __future__ import annotations
@@ -216,7 +220,106 @@ def _gpt2_from_hf(hf: dict, tensors: dict[str, torch.Tensor], where: str) -> Tra
     return _built(config, state, where)
 
 
-_LOADERS = {"gpt2": _gpt2_from_hf, "llama": llama_from_hf}
+# lmlab name -> Hugging Face BERT name, outside the blocks (and the pooler, when the checkpoint has one).
+_BERT_TOP = {"tok_emb.weight": "embeddings.word_embeddings.weight",
+             "pos_emb.weight": "embeddings.position_embeddings.weight",
+             "type_emb.weight": "embeddings.token_type_embeddings.weight",
+             "emb_norm.weight": "embeddings.LayerNorm.weight", "emb_norm.bias": "embeddings.LayerNorm.bias"}
+_BERT_POOLER = {"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"}
+_BERT_SHAPE = dict(norm="layernorm", norm_placement="post", position="learned", mlp="gelu", bias=True, causal=False,
+                   tie_embeddings=True)
+_FROM_BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+                          "silu": "silu"}
+_BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+
+
+def _bert_block(c: TransformerConfig) -> dict[str, list[tuple[str, int]]]:
+    """lmlab name -> the Hugging Face BERT tensors (under `encoder.layer.{i}.`, rows) stacked into it; read both
+    ways like _llama_block. The block is post-norm: norm1 follows attention, norm2 the MLP, as in BERT."""
+    C, hidden = c.n_embd, c.intermediate_size or 4 * c.n_embd
+    table = {"attn.qkv": [("attention.self.query", C), ("attention.self.key", C), ("attention.self.value", C)],
+             "attn.proj": [("attention.output.dense", C)], "norm1": [("attention.output.LayerNorm", C)],
+             "mlp.fc": [("intermediate.dense", hidden)], "mlp.proj": [("output.dense", C)],
+             "norm2": [("output.LayerNorm", C)]}
+    return {f"{name}.{kind}": [(f"{n}.{kind}", rows) for n, rows in parts]
+            for name, parts in table.items() for kind in ("weight", "bias")}
+
+
+def is_bert_shaped(c: TransformerConfig) -> bool:
+    return all(getattr(c, k) == v for k, v in _BERT_SHAPE.items()) and c.n_kv_head in (None, c.n_head)
+
+
+def bert_config(hf: dict, where: str = "config.json", pooler: bool = False) -> TransformerConfig:
+    act = hf.get("hidden_act", "gelu")
+    problems = []
+    if act not in _FROM_BERT_ACTIVATIONS:
+        problems.append(f"hidden_act {act!r}")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        problems.append(f"position_embedding_type {hf['position_embedding_type']!r} (lmlab reads absolute only)")
+    if problems:
+        raise LmlabError(f"{where}: unsupported BERT setting: {'; '.join(problems)}; use a checkpoint without it")
+    return TransformerConfig(
+        vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 512),
+        n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+        intermediate_size=hf.get("intermediate_size"), dropout=0.0, bias=True, norm="layernorm",
+        norm_eps=hf.get("layer_norm_eps", 1e-12), norm_placement="post", position="learned", mlp="gelu",
+        activation=_FROM_BERT_ACTIVATIONS[act], causal=False, tie_embeddings=True,
+        type_vocab_size=hf.get("type_vocab_size", 2), pooler=pooler,
+    )
+
+
+def _bert_from_hf(hf: dict, tensors: dict[str, torch.Tensor], where: str) -> Transformer:
+    # BertFor* checkpoints keep the body under "bert."; TF-era ones name LayerNorm parameters gamma/beta.
+    tensors = {k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
+               .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in tensors.items()}
+    config = bert_config(hf, where, pooler="pooler.dense.weight" in tensors)
+    top = {**_BERT_TOP, **(_BERT_POOLER if config.pooler else {})}
+    state = {}
+    try:
+        for name, hf_name in top.items():
+            state[name] = tensors[hf_name]
+        for i in range(config.n_layer):
+            for name, parts in _bert_block(config).items():
+                state[f"blocks.{i}.{name}"] = torch.cat([tensors[f"encoder.layer.{i}.{n}"] for n, _ in parts])
+    except KeyError as e:
+        raise LmlabError(f"{where} lacks tensor {e.args[0]!r}; is it a complete BERT checkpoint?") from None
+    return _built(config, state, where)
+
+
+def bert_tokenizer(folder: str | Path) -> Tokenizer:
+    """The WordPiece tokenizer of a BERT folder, ready for lmlab: [CLS] A [SEP] (B [SEP]) with token types 0/1,
+    no padding and no truncation (callers pad and truncate per batch). From tokenizer.json when there is one,
+    else built from vocab.txt with the pieces BertTokenizerFast uses (BERT normaliser and pre-tokenizer,
+    WordPiece with ## continuations, lower-casing as tokenizer_config.json's do_lower_case says)."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "vocab.txt").is_file():
+        settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")) \
+            if (folder / "tokenizer_config.json").is_file() else {}
+        tok = Tokenizer(models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=settings.get("tokenize_chinese_chars", True),
+            strip_accents=settings.get("strip_accents"), lowercase=settings.get("do_lower_case", True))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if tok.token_to_id(t) is not None]
+        tok.add_special_tokens(specials)
+        if tok.token_to_id("[CLS]") is None or tok.token_to_id("[SEP]") is None:
+            raise LmlabError(f"{folder}/vocab.txt has no [CLS] or [SEP]; is it a BERT vocabulary?")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    else:
+        raise LmlabError(f"{folder} has neither tokenizer.json nor vocab.txt; a BERT folder needs one of them")
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+_LOADERS = {"gpt2": _gpt2_from_hf, "llama": llama_from_hf, "bert": _bert_from_hf}
 
 
 def load_hf(folder: str | Path) -> Transformer:
@@ -262,6 +365,8 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer_json: str | Pat
     c = model.config
     if is_llama_shaped(c):
         return export_hf_llama(model, out_dir, tokenizer_json, **chat)
+    if is_bert_shaped(c):
+        return export_hf_bert(model, out_dir, tokenizer_json)
     _check_gpt2_compatible(c)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -305,4 +410,51 @@ def export_hf_llama(model: Transformer, out_dir: str | Path, tokenizer: str | Pa
     if tok is not None:
         _write_tokenizer(out, tok, c.block_size, chat_template=chat_template, bos_token=bos_token,
                          eos_token=eos_token)
+    return out
+
+
+def bert_config_dict(c: TransformerConfig) -> dict:
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "intermediate_size": c.intermediate_size or 4 * c.n_embd,
+        "hidden_act": _BERT_ACTIVATIONS[c.activation],
+        "max_position_embeddings": c.block_size,
+        "type_vocab_size": max(1, c.type_vocab_size),
+        "layer_norm_eps": c.norm_eps,
+        "hidden_dropout_prob": c.dropout,
+        "attention_probs_dropout_prob": c.dropout,
+        "position_embedding_type": "absolute",
+        "pad_token_id": 0,
+        "torch_dtype": "float32",
+    }
+
+
+def export_hf_bert(model: Transformer, out_dir: str | Path, tokenizer: str | Path | Tokenizer | None = None) -> Path:
+    """Write a folder that `transformers.BertModel.from_pretrained` (and AutoTokenizer, given a tokenizer) loads.
+    A model without token types gets one all-zero type row, which adds nothing: the same hidden states."""
+    c = model.config
+    _check_shape(c, "BERT", _BERT_SHAPE)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ours = model.state_dict()
+    if c.type_vocab_size == 0:
+        ours["type_emb.weight"] = torch.zeros(1, c.n_embd, dtype=ours["tok_emb.weight"].dtype)
+    top = {**_BERT_TOP, **(_BERT_POOLER if c.pooler else {})}
+    tensors = {hf_name: ours[name] for name, hf_name in top.items()}
+    for i in range(c.n_layer):
+        for name, parts in _bert_block(c).items():
+            pieces = ours[f"blocks.{i}.{name}"].split([rows for _, rows in parts])
+            tensors.update({f"encoder.layer.{i}.{n}": t for (n, _), t in zip(parts, pieces)})
+    save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_text(out / "config.json", json.dumps(bert_config_dict(c), indent=2))
+    if tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_str(_tokenizer_text(tokenizer))
+        specials = {f"{w}_token": t for w, t in (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"),
+                                                 ("mask", "[MASK]"), ("unk", "[UNK]")) if tok.token_to_id(t) is not None}
+        _write_tokenizer(out, tok, c.block_size, **specials)
     return out

@@ -272,15 +272,18 @@ def _from_gguf(path: Path):
 
 
 def _from_hf(path: Path):
-    from lmlab.hf import load_hf
+    from lmlab.hf import bert_tokenizer, load_hf
 
     model = load_hf(path)
+    config = _json(path / "config.json")
+    if config.get("model_type") == "bert":
+        # WordPiece: [CLS] A [SEP] B [SEP] with token types; from tokenizer.json, or built from vocab.txt.
+        return model, bert_tokenizer(path), None, {"bos": (None, None), "eos": (None, None)}
     if not (path / "tokenizer.json").is_file():
         raise LmlabError(f"{path} has no tokenizer.json; lmlab reads fast (tokenizers) tokenizers only")
     # Special tokens typed in a chat prompt must become their ids, so no load_tokenizer() "text is text" here.
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     tok_config = _json(path / "tokenizer_config.json")
-    config = _json(path / "config.json")
     template = tok_config.get("chat_template")
     if (path / "chat_template.jinja").is_file():  # where newer transformers save it
         template = (path / "chat_template.jinja").read_text(encoding="utf-8")

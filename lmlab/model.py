@@ -4,7 +4,8 @@ A single `Block` serves every model in lmlab; `TransformerConfig` switches pick 
 
     GPT-2        layernorm, learned positions, GELU (tanh) MLP, biases, tied embeddings, causal
     Llama-style  rmsnorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases
-    BERT-style   post-norm, bidirectional attention (causal=False)
+    BERT-style   post-norm (which also normalises the embeddings), bidirectional attention (causal=False),
+                 token-type embeddings (type_vocab_size), a pooler (dense + tanh on the first token)
 
 `Transformer` is the decoder-only language model trained by next-token prediction,
 P(w_0..n) = prod_i P(w_i | w_<i): `forward(idx, targets)` returns the logits and the mean cross-entropy of
@@ -46,6 +47,8 @@ class TransformerConfig:
     activation: str = "gelu_tanh"  # GPT-2 uses the tanh approximation of GELU; "gelu" | "silu" | "relu"
     causal: bool = True
     tie_embeddings: bool = True
+    type_vocab_size: int = 0  # BERT: token-type (segment) embeddings, sentence A = 0 / B = 1; 0 = none
+    pooler: bool = False  # BERT: dense + tanh on the first ([CLS]) token's final hidden state
 
     def __post_init__(self):
         n_kv = self.n_kv_head or self.n_head
@@ -66,6 +69,8 @@ class TransformerConfig:
             problems.append(f"activation={self.activation!r} (choose one of {', '.join(_ACTIVATIONS)})")
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             problems.append("rotary positions need an even head dimension")
+        if self.type_vocab_size < 0:
+            problems.append(f"type_vocab_size={self.type_vocab_size} (must be >= 0)")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout} (must be in [0, 1))")
         if problems:
@@ -251,6 +256,9 @@ class Transformer(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.type_emb = nn.Embedding(config.type_vocab_size, config.n_embd) if config.type_vocab_size else None
+        # Post-norm blocks take normalised inputs (each ends in a norm), so the embeddings are normalised too (BERT).
+        self.emb_norm = make_norm(config) if config.norm_placement == "post" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         # Post-norm blocks end in a norm already; pre-norm stacks need one before the head.
@@ -258,6 +266,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.pooler = nn.Linear(config.n_embd, config.n_embd) if config.pooler else None
         if config.position == "rope":
             # Not saved in checkpoints: they are a function of the config.
             self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -315,8 +324,11 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                last_only: bool = False):
+                last_only: bool = False, token_type_ids: torch.Tensor | None = None, return_hidden: bool = False):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy (targets of -100 are ignored).
+
+        For encoders and classifiers: `token_type_ids` (B, T) are the segments of a sentence pair (default 0);
+        `return_hidden` returns the final hidden states (B, T, n_embd) alone, without the LM head.
 
         For generation: `cache` holds the keys/values of earlier positions and is extended by this call;
         `positions` (B, T) gives each token's position (default: cache.length + 0..T-1), which lets left-padded
@@ -340,12 +352,18 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             # (T, D) broadcasts over batch and heads; (B, T, D) needs a head axis.
             rotary = (cos, sin) if cos.dim() == 2 else (cos.unsqueeze(1), sin.unsqueeze(1))
+        if self.type_emb is not None:
+            x = x + self.type_emb(token_type_ids if token_type_ids is not None else torch.zeros_like(idx))
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         x = self.drop(x)
         attn_mask = self._attention_mask(B, T, past, key_mask, idx.device)
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, attn_mask, cache, i)
         if cache is not None:
             cache.length += T
+        if return_hidden:
+            return self.norm_f(x)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm_f(x))
@@ -353,6 +371,12 @@ class Transformer(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooled output: tanh(dense(h_[CLS])), the first token's hidden state, for sentence-level heads."""
+        if self.pooler is None:
+            raise LmlabError("this model has no pooler (config pooler: false); pool the hidden states another way")
+        return torch.tanh(self.pooler(hidden[:, 0]))
 
     def _attention_mask(self, B: int, T: int, past: int, key_mask, device):
         """A boolean (B, 1, T, past+T) mask (True = may attend), or None when SDPA's own causal flag (or no mask

