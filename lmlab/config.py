@@ -54,6 +54,7 @@ class TrainConfig:
     compile: bool = False
     time_limit: float | None = None  # seconds: the LR decay follows the clock too, and the run stops (checkpointed) then
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
+    patience: int = 0  # fine-tuning: stop after this many evaluations without a better dev metric (0: never)
 
 
 @dataclass

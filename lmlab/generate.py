@@ -221,6 +221,9 @@ def _special_ids(tokenizer) -> set[int]:
 def _completions(model, tokenizer, prompts: list[list[int]], params: SamplingParams, eos_ids, slide: bool,
                  on_delta=None) -> list[Completion]:
     """The one consumer of decode_steps: text, stop strings, finish reasons. on_delta(row, text) streams."""
+    if not model.config.causal:
+        raise LmlabError("this model is an encoder (bidirectional attention, masked-LM): it fills in masked tokens "
+                         "but does not generate text left to right; use a causal model (GPT, Llama)")
     streams = [TextStream(tokenizer) for _ in prompts]
     finished: list[str | None] = [None] * len(prompts)
     emitted = [0] * len(prompts)  # characters of each row's text already streamed

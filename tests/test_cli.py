@@ -70,7 +70,7 @@ def _run_cli(*args, **kw):
 
 @pytest.mark.parametrize("args, message", [
     (["sample", "--run", "/nonexistent/run"], "no such run or checkpoint folder"),
-    (["train", "no-such-config"], "no such config file: no-such-config (shipped configs: shakespeare-bpe"),
+    (["train", "no-such-config"], "no such config file: no-such-config (shipped configs: shakespeare-bert, shakespeare-bpe"),
     (["train", "shakespeare-char", "--set", "train.lr"], "expected key=value"),
     (["prepare", "/nonexistent/corpus.txt", "--out", "x"], "no such file or folder"),
 ])

@@ -149,3 +149,103 @@ def test_batch_size_must_split_evenly(char_data, tmp_path):
     cfg = load_config(None, tiny_overrides(char_data, tmp_path / "r", batch_size=10, micro_batch_size=4))
     with pytest.raises(LmlabError, match="multiple of micro_batch_size"):
         train(cfg, progress=False)
+
+
+def test_masked_lm_pretrains_an_encoder(char_data, tmp_path):
+    """`causal: false` trains BERT's masked-LM objective: [MASK] is one id past the tokenizer's vocabulary, and the
+    loss on the masked positions falls well below the corpus's unigram entropy, the best a model that ignores the
+    context (and so could not be bidirectional) can do."""
+    import numpy as np
+
+    from lmlab.data import load_tokens
+
+    run = tmp_path / "bert"
+    cfg = load_config(None, tiny_overrides(char_data, run, max_steps=300, eval_interval=150, batch_size=32,
+                                           micro_batch_size=32)
+                      + ["model.causal=false", "model.norm_placement=post", "model.n_embd=64"])
+    summary = train(cfg, progress=False)
+    counts = np.bincount(load_tokens(char_data, "val"))
+    p = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(p * np.log(p)).sum())
+    vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]
+    model = load_model(run)
+    assert model.config.vocab_size == vocab + 1 and not model.config.causal
+    assert summary["val_loss"] < unigram_entropy - 0.25
+
+
+def test_masking_follows_bert_rates():
+    from lmlab.model import Transformer, TransformerConfig
+    from lmlab.train import Dist, LanguageModeling
+
+    import numpy as np
+
+    cfg = load_config(None, ["train.seed=3"])
+    model = Transformer(TransformerConfig(vocab_size=51, block_size=64, n_layer=1, n_head=2, n_embd=8, causal=False))
+    tokens = np.random.default_rng(0).integers(0, 50, 100_000).astype(np.uint16)
+    objective = LanguageModeling(model, tokens, tokens, cfg.train, Dist("cpu"))
+    batch = objective.draw(2000)
+    inputs, targets = batch["inputs"], batch["targets"]
+    chosen = targets != -100
+    assert chosen.float().mean().item() == pytest.approx(0.15, abs=0.005)
+    original = torch.where(chosen, targets, inputs)  # unchosen positions are left as they were
+    masked = inputs[chosen] == 50
+    kept = inputs[chosen] == original[chosen]
+    assert masked.float().mean().item() == pytest.approx(0.8, abs=0.01)
+    # 10 % random tokens, 10 % unchanged; a random draw equals the original 1 time in 50.
+    assert kept.float().mean().item() == pytest.approx(0.1 + 0.1 / 50, abs=0.01)
+    assert int(inputs.max()) == 50 and int(original.max()) < 50
+
+
+def test_best_checkpoint_and_early_stopping(tmp_path):
+    """An objective that names a metric gets run_dir/best/ with the weights of its best evaluation, and the run
+    stops after `patience` evaluations without improvement."""
+    from safetensors.torch import load_file
+
+    from lmlab.model import Transformer, TransformerConfig
+    from lmlab.train import Objective, fit
+
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
+
+    class Scripted(Objective):
+        best_metric = "dev_accuracy"
+
+        def __init__(self):
+            self.model = Transformer(TransformerConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8))
+            self.generator = torch.Generator().manual_seed(0)
+            self.snapshots = {}
+
+        def draw(self, n):
+            return {"x": torch.randint(11, (n, 9), generator=self.generator)}
+
+        def loss(self, module, batch):
+            return module(batch["x"][:, :-1], batch["x"][:, 1:])[1]
+
+        def evaluate(self, model):
+            self.snapshots[len(self.snapshots) + 1] = model.tok_emb.weight.detach().clone()
+            return {"dev_accuracy": next(scores)}
+
+    objective = Scripted()
+    t = load_config(None, ["train.max_steps=50", "train.eval_interval=2", "train.patience=2", "train.batch_size=4",
+                           "train.micro_batch_size=4", "train.warmup_steps=1", "train.ckpt_interval=100"]).train
+    summary = fit(objective, t, tmp_path / "run", progress=False)
+    # Evaluations at steps 2, 4, 6, 8: 0.5, 0.7 (best), 0.6, 0.65 -> two without improvement -> stop at step 8.
+    assert summary["steps"] == 8 and summary["stopped"] == "early_stopping"
+    assert summary["best_step"] == 4 and summary["best_value"] == 0.7
+    best = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
+    assert torch.equal(best["tok_emb.weight"], objective.snapshots[2])
+    assert not torch.equal(best["tok_emb.weight"], objective.snapshots[4])
+    assert json.loads((tmp_path / "run" / "best" / "eval.json").read_text())["step"] == 4
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000008"
+
+
+def test_an_encoder_refuses_to_generate(tmp_path):
+    from lmlab.generate import generate
+    from lmlab.model import Transformer, TransformerConfig
+
+    from tests.conftest import train_byte_bpe
+
+    tok = train_byte_bpe(["some text to learn a few merges from"] * 4, 300)
+    model = Transformer(TransformerConfig(vocab_size=tok.get_vocab_size(), block_size=16, n_layer=1, n_head=1,
+                                          n_embd=8, causal=False))
+    with pytest.raises(LmlabError, match="encoder"):
+        generate(model, tok, "some")
