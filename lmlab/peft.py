@@ -1,0 +1,172 @@
+"""Parameter-efficient fine-tuning: train a few new parameters on top of a frozen model.
+
+LoRA (Hu et al., 2021) adds to a linear layer W a low-rank update, y = W x + (alpha / r) * B A x, with A (r x in)
+random and B (out x r) zero, so training starts from exactly the base model. Only A and B learn: for SmolLM2's
+attention and MLP at r = 8 that is about 1.5 % of the parameters. After training the update can be merged into W
+(`merge_lora`, no cost at inference) or saved alone as a small file (`save_peft`) and loaded on top of the base.
+
+    names = add_lora(model, targets=("qkv", "proj"), r=8, alpha=16)   # wraps the matching nn.Linear layers
+    ... train: only LoRA parameters (and any head you unfreeze) have requires_grad ...
+    save_peft(model, "lora.safetensors", "lora", settings)           # a few MB
+    load_peft(base_model, "lora.safetensors")                        # checks it fits this base model
+    merge_lora(model)                                                # W += (alpha / r) B A; same logits
+
+A method is a function that modifies a model in place given its settings; `METHODS` maps method names to them, so
+that a saved file can re-apply its own method before its weights are loaded. Other methods (the bottleneck
+adapters of lmlab's LLM fine-tuning) register themselves here the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from lmlab.errors import LmlabError
+from lmlab.util import save_safetensors_atomic
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: base(x) + dropout(x) A^T B^T * alpha / r."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if r < 1:
+            raise LmlabError(f"LoRA rank must be at least 1 (got r={r})")
+        self.base = base
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device, dtype=base.weight.dtype))
+        # A as nn.Linear initialises its weight (Kaiming uniform, a = sqrt(5)), as the LoRA paper's code does.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+    def merged(self) -> nn.Linear:
+        """The base layer with the update folded into its weight."""
+        with torch.no_grad():
+            self.base.weight += (self.lora_B @ self.lora_A) * self.scale
+        return self.base
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _matches(name: str, targets) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def add_lora(model: nn.Module, targets=("qkv", "proj", "fc"), r: int = 8, alpha: float = 16,
+             dropout: float = 0.0) -> list[str]:
+    """Wrap every nn.Linear whose name ends with one of `targets` (e.g. "qkv", "attn.proj", "lm_head") in a
+    LoRALinear, and freeze every other parameter of `model`. Returns the wrapped layers' names."""
+    targets = tuple(targets)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, targets)]
+    if not names:
+        linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise LmlabError(f"no linear layer matches the LoRA targets {', '.join(targets)}; this model's linear "
+                         f"layers are named {', '.join(linear)}")
+    freeze(model)
+    for name in names:
+        parent, child = _parent(model, name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+    return names
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA update into its base weight and unwrap it (the model computes the same function, with no
+    extra cost). Returns the number of merged layers."""
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name in names:
+        parent, child = _parent(model, name)
+        setattr(parent, child, getattr(parent, child).merged())
+    return len(names)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters being trained, by name: what a PEFT file holds."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Identifies a base model's architecture: its config and every base parameter's name and shape (not the
+    values: a LoRA trained on one copy of a model loads onto another copy of the same weights). The same before
+    and after a PEFT method is applied: the method's own parameters are left out and wrapped layers are named as
+    they were before wrapping."""
+    config = getattr(model, "config", None)
+    shapes = sorted((n.replace(".base.", "."), tuple(p.shape)) for n, p in model.named_parameters()
+                    if not any(k in n for k in ("lora_", "adapter")))
+    text = json.dumps([config.to_dict() if hasattr(config, "to_dict") else None, shapes], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# name -> function(model, **settings) that adds the method's modules to a (frozen) model
+METHODS: dict[str, Callable[..., object]] = {"lora": add_lora}
+
+
+def save_peft(model: nn.Module, path: str | Path, method: str, settings: dict) -> None:
+    """Write the trainable parameters to a safetensors file, with the method, its settings and the base model's
+    fingerprint in the metadata. Atomic."""
+    if method not in METHODS:
+        raise LmlabError(f"unknown PEFT method {method!r} (known: {', '.join(METHODS)})")
+    meta = {"method": method, "settings": json.dumps(settings), "base": fingerprint(model)}
+    save_safetensors_atomic(trainable_state(model), Path(path), metadata=meta)
+
+
+def read_peft(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"no such adapter file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise LmlabError(f"{path} is not a safetensors adapter file ({e})") from None
+    if "method" not in meta or "settings" not in meta:
+        raise LmlabError(f"{path} has no PEFT metadata (method, settings); was it written by lmlab's save_peft?")
+    return meta, tensors
+
+
+def load_peft(model: nn.Module, path: str | Path) -> dict:
+    """Apply the file's method to `model` (a base model without it) and load its weights. Returns the settings.
+    A file made for another base model is refused, naming the difference."""
+    meta, tensors = read_peft(path)
+    method, settings = meta["method"], json.loads(meta["settings"])
+    if method not in METHODS:
+        raise LmlabError(f"{path} uses the PEFT method {method!r}, which this lmlab does not know "
+                         f"(known: {', '.join(METHODS)})")
+    base = fingerprint(model)
+    if meta.get("base") and meta["base"] != base:
+        raise LmlabError(f"{path} was trained on another base model (fingerprint {meta['base']}, this model's is "
+                         f"{base}): load it onto the model it was made for")
+    METHODS[method](model, **settings)
+    own = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(own))
+    if missing:
+        raise LmlabError(f"{path} does not fit this model: it has no parameter {missing[0]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if own[name].shape != value.shape:
+                raise LmlabError(f"{path} does not fit this model: {name} is {tuple(value.shape)} in the file, "
+                                 f"{tuple(own[name].shape)} in the model")
+            own[name].copy_(value)
+    return {"method": method, **settings}
