@@ -286,6 +286,8 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device="cpu")
+        if config.tie_embeddings:  # to_empty gives every module its own new tensor, which unties a shared one
+            model.lm_head.weight = model.tok_emb.weight
         model._fill_rotary_tables()
         model.load_weights(state)
         return model

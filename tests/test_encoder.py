@@ -182,3 +182,14 @@ def test_minilm_wordpiece_from_vocab_txt_equals_tokenizer_json(minilm_path, tmp_
         assert (x.ids, x.type_ids) == (y.ids, y.type_ids)
     long = " ".join(["word"] * 600)
     assert len(shipped.encode(long).ids) == 602  # no truncation or padding left over from tokenizer.json
+
+
+def test_loaded_tied_embeddings_stay_tied(tmp_path):
+    """A model built from saved weights shares one tensor between its token embedding and its LM head, as the
+    model it was saved from did (one copy in memory; fine-tuning updates both)."""
+    _perturbed_bert_folder(tmp_path)
+    model = load_hf(tmp_path)
+    assert model.lm_head.weight is model.tok_emb.weight
+    n = model.config.n_embd
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in model.weights().values())
+    assert model.tok_emb.weight.shape == (99, n)
