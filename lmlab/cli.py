@@ -158,6 +158,13 @@ def add_eval_parser(sub):
     s.set_defaults(func=cmd_eval)
 
 
+def cmd_serve(args):
+    from lmlab.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, context=args.context, batch_invariant=args.batch_invariant, device=args.device)
+
+
 def cmd_demo(args):
     from lmlab.demo import demo
 
@@ -228,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--force", action="store_true", help="download again even if present")
     s.set_defaults(func=cmd_pull)
+
+    s = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (continuous batching) with a chat page")
+    s.add_argument("--model", required=True, help="registry name, .gguf file, Hugging Face folder or lmlab run")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together in one forward pass")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; beyond: 429")
+    s.add_argument("--context", type=int, default=None,
+                   help="tokens per sequence, prompt + completion (default: the model's, at most 2048)")
+    s.add_argument("--batch-invariant", action="store_true",
+                   help="decode at the full --max-batch shape every step, so that a request's tokens do not "
+                        "depend on what else runs (slower for a lone request)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    s.set_defaults(func=cmd_serve)
 
     add_eval_parser(sub)
 

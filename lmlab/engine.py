@@ -1,0 +1,508 @@
+"""The continuous-batching engine behind `lmlab serve`.
+
+One thread owns the model. Requests from any number of clients join the running batch between decode steps and
+leave it as soon as they finish, so that many clients share each forward pass (the weights are read once per step
+for all of them, which is what makes a batch of 16 several times faster in total than 16 requests in turn).
+
+    engine = Engine(pretrained, max_batch=16)
+    handle = engine.submit(Request(prompt_ids, SamplingParams(max_new_tokens=64, temperature=0)), loop)
+    async for event in handle: ...        # TokenEvent / PromptEvent / DoneEvent / ErrorEvent
+
+The KV cache is one preallocated block of `max_batch` rows on a shared timeline of `context` slots. Every active
+row ends at the same slot L (the timeline's end), so each decode step writes one new key/value per row at slot L,
+exactly as a left-padded batch does in lmlab.generate; a row's own tokens occupy [start, L) and `key_mask` hides
+the slots before `start`. This is the layout Transformer.forward already supports (per-row positions and masks),
+so the engine reuses the model unchanged:
+
+    slot:    0   1   2   3   4   5   6   7   L=8
+    row 0:   a   b   c   d   e   f   g   h   +     (the oldest request)
+    row 1:   .   .   .   .   p   q   r   s   +     (joined later: its prompt was copied into [4, 8))
+    row 2:   .   .   .   .   .   .   x   y   +
+
+A new request is prefilled on its own (in chunks, between decode steps, within a token budget per step), in its
+own small cache; then its keys/values are copied into a free row so that they end at L. When the timeline reaches
+`context` (or is mostly padding), the rows are shifted left together. Active rows stay in rows 0..n-1 (a leaving
+row's place is taken by the last one), so a decode step uses a view of the first rows, not a copy.
+
+Same request, same tokens, whatever else is running: a request's prefill always runs alone with the same chunking,
+its sampling uses its own torch.Generator (seeded per request, and per choice for n > 1), and every row-wise
+operation (norms, sampling) only sees its own row. What remains is the matrix multiplication: MKL picks different
+kernels for different row counts (measured: 1 row, 2-15 rows and 16+ rows round differently; for a fixed row count
+the other rows never matter), so with `batch_invariant=True` every decode step runs at the full `max_batch` shape
+(idle rows are padding). Attention over the shared timeline still sees a number of keys that depends on the
+longest row; see `lmlab serve --help` and the tests for what is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.errors import LmlabError
+from lmlab.generate import SamplingParams, TextStream, adjust_logits, pick_tokens
+from lmlab.model import KVCache
+
+
+@dataclass
+class Request:
+    """One prompt to complete. `n` choices are sampled from it (n rows, one shared prefill)."""
+
+    prompt: list[int]
+    params: SamplingParams  # max_new_tokens, temperature, top_p, stop, seed, stop_at_eos
+    n: int = 1
+    logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
+    prompt_logprobs: bool = False  # also the log-probability of every prompt token (OpenAI's echo + logprobs)
+
+
+@dataclass
+class TokenInfo:
+    """A token with its log-probability under the model (raw logits, before temperature/top-p) and, when asked,
+    the most likely alternatives as (token id, log-probability)."""
+
+    id: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class PromptEvent:
+    tokens: list[TokenInfo]  # the prompt's tokens; the first has no log-probability (nothing precedes it)
+
+
+@dataclass
+class TokenEvent:
+    choice: int
+    text: str  # new text (may be empty while a stop string could still be arriving)
+    tokens: list[TokenInfo]
+
+
+@dataclass
+class DoneEvent:
+    choice: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
+    completion_tokens: int
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+
+
+class QueueFull(Exception):
+    """The bounded queue is full; `retry_after` estimates the seconds until a slot frees."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count (thread-safe observe)."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            for i, bound in enumerate(self.buckets):
+                if value <= bound:
+                    self.counts[i] += 1
+            self.sum += value
+            self.count += 1
+
+
+class Stats:
+    """What /metrics reports about the engine (written by the engine thread, read by the server)."""
+
+    def __init__(self):
+        self.requests_finished = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.decode_steps = 0
+        self.batch_size = 0  # rows in the last decode step
+        self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.itl = Histogram((0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+
+
+class Handle:
+    """The client's side of one request: an async iterator of events, fed by the engine thread through
+    loop.call_soon_threadsafe, and cancel() (e.g. when the client disconnects)."""
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self._open = request.n  # choices not finished yet, as the client has seen them
+        self.engine_open = request.n  # choices not finished yet, as the engine thread counts them
+
+    def cancel(self) -> None:
+        self.cancelled = True  # read by the engine thread between steps; a bool store is atomic
+
+    def _emit(self, event) -> None:  # engine thread
+        if not self.cancelled:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._open == 0:
+            raise StopAsyncIteration
+        event = await self.events.get()
+        if isinstance(event, DoneEvent):
+            self._open -= 1
+        elif isinstance(event, ErrorEvent):
+            self._open = 0
+        return event
+
+
+class _Choice:
+    """One output row: sampling state, incremental text with stop strings, and bookkeeping."""
+
+    def __init__(self, handle: Handle, index: int, tokenizer, eos_ids: set[int], device):
+        self.handle = handle
+        self.index = index
+        request = handle.request
+        self.params = request.params
+        self.eos_ids = eos_ids if self.params.stop_at_eos else set()
+        self.generator = None
+        if not self.params.greedy:
+            seed = self.params.seed + index if self.params.seed is not None else secrets.randbits(62)
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.stream = TextStream(tokenizer)
+        self.holdback = max((len(s) for s in self.params.stop), default=1) - 1  # a stop string may be arriving
+        self.emitted = 0  # characters of text already sent
+        self.generated = 0
+        self.last_token = 0
+        self.last_time = 0.0
+        self.finish_reason: str | None = None
+
+    def push(self, token: int, info: TokenInfo | None) -> None:
+        """Take the sampled token; emit new text; decide whether this choice is finished."""
+        self.generated += 1
+        self.last_token = token
+        tokens = []
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+        else:
+            stream = self.stream
+            stream.push(token)
+            tokens = [info] if info is not None else []
+            if self.params.stop:
+                hits = [i for i in (stream.text.find(s, max(0, self.emitted - self.holdback))
+                                    for s in self.params.stop) if i >= 0]
+                if hits:
+                    stream.text = stream.text[:min(hits)]
+                    self.finish_reason = "stop"
+            if self.finish_reason is None and self.generated >= self.params.max_new_tokens:
+                self.finish_reason = "length"
+        text = self.stream.text
+        ready = len(text) if self.finish_reason else max(self.emitted, len(text) - self.holdback)
+        delta = text[self.emitted:ready]
+        self.emitted = max(self.emitted, ready)
+        if delta or tokens:
+            self.handle._emit(TokenEvent(self.index, delta, tokens))
+        if self.finish_reason:
+            self.handle._emit(DoneEvent(self.index, self.finish_reason, self.generated))
+
+
+@dataclass
+class _Prefill:
+    """A request being prefilled in its own cache, chunk by chunk, before its rows join the batch."""
+
+    handle: Handle
+    cache: KVCache
+    done: int = 0  # prompt tokens processed
+    prompt_infos: list[TokenInfo] = field(default_factory=list)
+
+
+def _token_infos(logits: torch.Tensor, chosen: list[int], top: int) -> list[TokenInfo]:
+    """Log-probabilities of `chosen` tokens under (n, V) logits, with the `top` most likely alternatives."""
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(1, torch.tensor(chosen, device=logits.device)[:, None])[:, 0].tolist()
+    if top <= 0:
+        return [TokenInfo(t, lp) for t, lp in zip(chosen, picked)]
+    values, ids = logprobs.topk(top, dim=-1)
+    return [TokenInfo(t, lp, list(zip(i, v))) for t, lp, i, v in zip(chosen, picked, ids.tolist(), values.tolist())]
+
+
+class Engine:
+    """Continuous batching over a fixed pool of `max_batch` rows, driven by one thread that owns the model."""
+
+    def __init__(self, model, tokenizer, eos_ids=(), *, max_batch: int = 16, max_queue: int = 64,
+                 context: int | None = None, batch_invariant: bool = False, prefill_chunk: int = 256,
+                 prefill_budget: int = 512):
+        config = model.config
+        if max_batch < 1:
+            raise LmlabError(f"--max-batch must be >= 1 (got {max_batch})")
+        if max_queue < 0:
+            raise LmlabError(f"--max-queue must be >= 0 (got {max_queue})")
+        self.context = min(context or config.block_size, config.block_size)
+        if self.context < 2:
+            raise LmlabError(f"--context must be at least 2 tokens (got {self.context})")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batch_invariant = batch_invariant
+        self.prefill_chunk = prefill_chunk
+        self.prefill_budget = prefill_budget
+        self.device = model.tok_emb.weight.device
+        dtype = model.tok_emb.weight.dtype
+        self.cache = KVCache(config, max_batch, self.context, self.device, dtype)
+        # Zeros, not torch.empty: masked slots still enter `probs @ values` (with weight 0), and 0 * NaN is NaN.
+        self.cache.k.zero_()
+        self.cache.v.zero_()
+        self.rows: list[_Choice] = []  # row i of the cache belongs to rows[i]
+        self.starts: list[int] = []  # first slot of each row's tokens on the shared timeline
+        self.waiting: deque[Handle] = deque()
+        self.prefilling: list[_Prefill] = []
+        self.stats = Stats()
+        self.step_seconds = 0.1  # running average of a decode step, for Retry-After
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="lmlab-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The clients' side (any thread)
+
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Handle:
+        """Queue a request; raise QueueFull beyond max_queue waiting requests, LmlabError for a bad request."""
+        request.params.validate()
+        if not request.prompt:
+            raise LmlabError("the prompt has no tokens; send at least one")
+        if len(request.prompt) + max(request.params.max_new_tokens, 1) > self.context:
+            raise LmlabError(f"the prompt ({len(request.prompt)} tokens) plus max_tokens "
+                             f"({request.params.max_new_tokens}) exceed the context of {self.context} tokens; "
+                             "shorten the prompt or lower max_tokens")
+        if not 1 <= request.n <= self.max_batch:
+            raise LmlabError(f"n={request.n} must be between 1 and the server's --max-batch ({self.max_batch})")
+        handle = Handle(request, loop)
+        with self._wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(self._retry_after())
+            self.waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def queue_depth(self) -> int:
+        return len(self.waiting) + len(self.prefilling)
+
+    def running(self) -> int:
+        return len(self.rows)
+
+    def close(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def _retry_after(self) -> int:
+        """Seconds until a row is likely to free: the fewest tokens any running row still has to make."""
+        remaining = [c.params.max_new_tokens - c.generated for c in self.rows] or [1]
+        return max(1, min(60, math.ceil(min(remaining) * self.step_seconds)))
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The engine thread
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stop and not (self.waiting or self.prefilling or self.rows):
+                        self._wake.wait()
+                    if self._stop:
+                        return
+                try:
+                    self._iteration()
+                except Exception as e:  # noqa: BLE001 - a bug must fail the requests, not kill the server
+                    traceback.print_exc(file=sys.stderr)
+                    self._fail_all(f"internal error in the engine: {type(e).__name__}: {e}")
+
+    def _iteration(self) -> None:
+        """Admit what fits, prefill within the budget, then one decode step for every active row."""
+        self._drop_cancelled()
+        self._admit()
+        budget = self.prefill_budget
+        for job in list(self.prefilling):
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(job)
+        if self.rows:
+            self._decode_step()
+
+    def _fail_all(self, message: str) -> None:
+        handles = {c.handle for c in self.rows} | {j.handle for j in self.prefilling}
+        with self._wake:
+            handles |= set(self.waiting)
+            self.waiting.clear()
+        for h in handles:
+            h._emit(ErrorEvent(message))
+        self.rows, self.starts, self.prefilling = [], [], []
+        self.cache.length = 0
+
+    def _free_rows(self) -> int:
+        return self.max_batch - len(self.rows) - sum(j.handle.request.n for j in self.prefilling)
+
+    def _admit(self) -> None:
+        with self._wake:
+            while self.waiting and self.waiting[0].request.n <= self._free_rows():
+                handle = self.waiting.popleft()
+                n_prompt = len(handle.request.prompt)
+                cache = KVCache(self.model.config, 1, n_prompt, self.device, self.cache.k.dtype)
+                self.prefilling.append(_Prefill(handle, cache))
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            for h in [h for h in self.waiting if h.cancelled]:
+                self.waiting.remove(h)
+        self.prefilling = [j for j in self.prefilling if not j.handle.cancelled]
+        self._remove([i for i, c in enumerate(self.rows) if c.handle.cancelled])
+
+    def _prefill_chunk(self, job: _Prefill) -> int:
+        """Run the next chunk of a prompt; after the last one, sample each choice's first token and join."""
+        request = job.handle.request
+        prompt = request.prompt
+        end = min(job.done + self.prefill_chunk, len(prompt))
+        ids = torch.tensor([prompt[job.done:end]], device=self.device)
+        logits, _ = self.model(ids, cache=job.cache, last_only=not request.prompt_logprobs)
+        if request.prompt_logprobs:
+            if job.done == 0:
+                job.prompt_infos.append(TokenInfo(prompt[0], None))
+            targets = prompt[job.done + 1:end + 1]  # the next token of each position, inside the prompt
+            job.prompt_infos += _token_infos(logits[0, :len(targets)], targets, request.logprobs or 0)
+        job.done = end
+        if end < len(prompt):
+            return ids.shape[1]
+        self.prefilling.remove(job)
+        handle = job.handle
+        self.stats.prompt_tokens += len(prompt)
+        if request.prompt_logprobs:
+            handle._emit(PromptEvent(job.prompt_infos))
+        last = logits[:, -1].float()
+        now = time.perf_counter()
+        self.stats.ttft.observe(now - handle.submitted)
+        if request.params.max_new_tokens == 0:
+            for i in range(request.n):
+                handle._emit(DoneEvent(i, "length", 0))
+            self.stats.requests_finished += 1
+            return ids.shape[1]
+        choices = [_Choice(handle, i, self.tokenizer, self.eos_ids, self.device) for i in range(request.n)]
+        for c in choices:
+            self._sample(c, last)
+            c.last_time = now
+        joining = [c for c in choices if c.finish_reason is None]
+        if joining:
+            self._join(joining, job.cache, len(prompt))
+        return ids.shape[1]
+
+    def _sample(self, choice: _Choice, logits: torch.Tensor, greedy_token: int | None = None) -> None:
+        """Pick the next token of one row from its (1, V) float logits and push it."""
+        params = choice.params
+        if params.greedy:
+            token = greedy_token if greedy_token is not None else int(logits.argmax(dim=-1))
+        else:
+            token = int(pick_tokens(adjust_logits(logits, params), params, choice.generator))
+        info = None
+        if choice.handle.request.logprobs is not None:
+            info = _token_infos(logits, [token], choice.handle.request.logprobs)[0]
+        self.stats.generation_tokens += 1
+        choice.push(token, info)
+        if choice.finish_reason is not None:
+            choice.handle.engine_open -= 1
+            if choice.handle.engine_open == 0:
+                self.stats.requests_finished += 1
+
+    def _join(self, choices: list[_Choice], prefill: KVCache, n_prompt: int) -> None:
+        """Copy a prefilled prompt into free rows so that it ends at the timeline's end L."""
+        cache = self.cache
+        if not self.rows:
+            cache.length = 0
+        if n_prompt > cache.length:
+            self._shift(n_prompt - cache.length)  # make room before every row for the longer prompt
+        end = cache.length
+        for choice in choices:
+            row = len(self.rows)
+            cache.k[:, row, :, end - n_prompt:end] = prefill.k[:, 0, :, :n_prompt]
+            cache.v[:, row, :, end - n_prompt:end] = prefill.v[:, 0, :, :n_prompt]
+            self.rows.append(choice)
+            self.starts.append(end - n_prompt)
+
+    def _shift(self, by: int) -> None:
+        """Move every row's keys/values `by` slots along the timeline (right if by > 0, left if by < 0)."""
+        cache, n, end = self.cache, len(self.rows), self.cache.length
+        lo = min(self.starts, default=end)
+        if n and end > lo:
+            for buf in (cache.k, cache.v):
+                buf[:, :n, :, lo + by:end + by] = buf[:, :n, :, lo:end].clone()
+        self.starts = [s + by for s in self.starts]
+        cache.length = end + by
+
+    def _remove(self, indices: list[int]) -> None:
+        """Free rows; the last rows move into the holes so that active rows stay 0..n-1."""
+        cache = self.cache
+        for i in sorted(indices, reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                lo = self.starts[last]
+                for buf in (cache.k, cache.v):
+                    buf[:, i, :, lo:cache.length] = buf[:, last, :, lo:cache.length]
+                self.rows[i], self.starts[i] = self.rows[last], self.starts[last]
+            self.rows.pop()
+            self.starts.pop()
+        if not self.rows:
+            cache.length = 0
+
+    def _decode_step(self) -> None:
+        cache = self.cache
+        lo = min(self.starts)
+        # Keep the timeline short: full, or more than half of it is padding before the earliest row.
+        if cache.length + 1 > self.context or lo > cache.length // 2:
+            self._shift(-lo)
+        n = len(self.rows)
+        B = self.max_batch if self.batch_invariant else n
+        end = cache.length
+        starts = torch.tensor(self.starts + [end] * (B - n), device=self.device)  # padding rows: only themselves
+        tokens = torch.tensor([c.last_token for c in self.rows] + [0] * (B - n), device=self.device)[:, None]
+        positions = (end - starts)[:, None]
+        key_mask = torch.arange(end + 1, device=self.device)[None, :] >= starts[:, None]
+        view = KVCache.__new__(KVCache)  # the first B rows of the cache: a view, so writes land in place
+        view.k, view.v, view.length, view.max_len = cache.k[:, :B], cache.v[:, :B], end, cache.max_len
+        t0 = time.perf_counter()
+        logits, _ = self.model(tokens, cache=view, positions=positions, key_mask=key_mask)
+        cache.length = view.length
+        logits = logits[:n, -1].float()
+        greedy = logits.argmax(dim=-1).tolist()  # one host sync for every greedy row
+        now = time.perf_counter()
+        finished = []
+        for i, choice in enumerate(self.rows):
+            if choice.handle.cancelled:
+                finished.append(i)
+                continue
+            self._sample(choice, logits[i:i + 1], greedy[i])
+            self.stats.itl.observe(now - choice.last_time)
+            choice.last_time = now
+            if choice.finish_reason is not None:
+                finished.append(i)
+        self._remove(finished)
+        self.stats.decode_steps += 1
+        self.stats.batch_size = n
+        self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.perf_counter() - t0)
