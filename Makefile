@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo test install install-test bench clean chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,15 @@ $(VENV)/.lmlab: pyproject.toml $(VENV)/.torch
 
 $(VENV)/.lmlab-test: pyproject.toml $(VENV)/.lmlab
 	$(PIP) install -q -e ".[test]"
+	$(MAKE) --no-print-directory chromium
 	touch $@
+
+# The chat page test drives Debian's chromium through Playwright (never a browser download of Playwright's own).
+# Without root or apt-get the test skips and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed (needs root and apt-get): the chat page test will skip"
 
 install: $(VENV)/.lmlab
 

@@ -1,0 +1,80 @@
+"""The chat page of `lmlab serve` in a real headless Chromium (Debian's `chromium`, driven by Playwright): a typed
+question gets an answer that streams in piece by piece, and the next turn sends the whole conversation.
+
+The page is found by its accessible names (label "Message", buttons "Send"), so a page that loses them fails."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the chat page test drives Chromium with Playwright: "
+                                                             "pip install -e '.[test]'")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip("no Chromium at /usr/bin/chromium: `make install-test` installs Debian's chromium package (it needs "
+                "root and apt-get)", allow_module_level=True)
+
+from lmlab.serve import build  # noqa: E402
+from tests.test_serve import RunningServer, make_tiny_model_folder  # noqa: E402
+
+# Records every change of the newest answer's text, to tell a streamed answer from one that appears at once.
+WATCH_ANSWERS = """
+window.answerLengths = [];
+new MutationObserver(() => {
+  const answers = document.querySelectorAll('#conversation li.assistant .content');
+  if (answers.length) window.answerLengths.push(answers[answers.length - 1].textContent.length);
+}).observe(document.getElementById('conversation'), {subtree: true, childList: true, characterData: true});
+"""
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    folder = make_tiny_model_folder(tmp_path_factory.mktemp("page") / "tiny-chat")
+    server = RunningServer(build(str(folder), max_batch=4, context=256))
+    yield server
+    server.close()
+
+
+def test_chat_page_streams_an_answer_and_keeps_the_conversation(running):
+    question = "Who sees bob in the park?"
+    expected = running.client().chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0)
+    assert expected.usage.completion_tokens >= 10, "the test model should give a long enough answer"
+    answer = expected.choices[0].message.content
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.goto(running.url + "/")
+            sync_api.expect(page.locator("#model-name")).to_have_text("tiny-chat")
+            page.locator("summary").click()  # settings: greedy, so that the answer is known in advance
+            page.get_by_label("Temperature (0 is greedy)").fill("0")
+            page.get_by_label("Longest answer, in tokens").fill("24")
+            page.evaluate(WATCH_ANSWERS)
+
+            page.get_by_label("Message", exact=True).fill(question)
+            page.get_by_role("button", name="Send").click()
+            reply = page.locator("#conversation li.assistant .content").first
+            sync_api.expect(reply).to_have_text(answer, timeout=20_000)
+            sync_api.expect(page.get_by_role("button", name="Send")).to_be_enabled()
+            lengths = page.evaluate("window.answerLengths")
+            assert len(set(lengths)) >= 3, f"the answer did not stream (text lengths seen: {lengths})"
+            assert page.get_by_role("log").get_attribute("aria-live") == "polite"
+
+            # Second turn, sent with the keyboard: the request carries the whole conversation.
+            with page.expect_request("**/v1/chat/completions") as sent:
+                page.get_by_label("Message", exact=True).fill("And then?")
+                page.get_by_label("Message", exact=True).press("Enter")
+            messages = sent.value.post_data_json["messages"]
+            assert messages == [{"role": "user", "content": question}, {"role": "assistant", "content": answer},
+                                {"role": "user", "content": "And then?"}]
+            sync_api.expect(page.locator("#conversation li")).to_have_count(4)
+            sync_api.expect(page.get_by_role("button", name="Send")).to_be_enabled(timeout=20_000)
+            assert page.locator("#error").is_hidden()
+        finally:
+            browser.close()
