@@ -158,11 +158,90 @@ def add_eval_parser(sub):
     s.set_defaults(func=cmd_eval)
 
 
+def cmd_finetune(args):
+    from lmlab.finetune import finetune, parse_labels
+
+    finetune(args.model, args.task, labels=parse_labels(args.labels), method=args.method, pooling=args.pooling,
+             epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+             micro_batch_size=args.micro_batch_size, max_length=args.max_length, dropout=args.dropout,
+             weight_decay=args.weight_decay, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+             lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, patience=args.patience,
+             eval_every=args.eval_every, seed=args.seed, data_dir=args.data_dir, out=args.out, threads=args.threads,
+             device=args.device, compile=args.compile, resume=args.resume, progress=not args.no_progress,
+             command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
+
+
 def cmd_serve(args):
     from lmlab.serve import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, context=args.context, batch_invariant=args.batch_invariant, device=args.device)
+
+
+def _tune_settings(args):
+    from lmlab.sft import TuneSettings, method_settings
+
+    settings = method_settings(args.method, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                               lora_dropout=args.lora_dropout, lora_targets=args.lora_targets.split(","),
+                               adapter_size=args.adapter_size, adapter_activation=args.adapter_activation)
+    return TuneSettings(model=args.model, data=args.data, formats=args.format.split(","), run_dir=args.run_dir,
+                        method=args.method, settings=settings, seq_len=args.seq_len, val_size=args.val_size,
+                        steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                        lr=args.lr, seed=args.seed, threads=args.threads, overrides=tuple(args.set),
+                        samples=args.samples, sample_tokens=args.sample_tokens,
+                        decontaminate=tuple(t for t in args.decontaminate.split(",") if t),
+                        data_dir=args.data_dir, eval_tasks=tuple(t for t in args.eval_tasks.split(",") if t),
+                        eval_limit=args.eval_limit, resume=args.resume, progress=not args.no_progress,
+                        command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
+
+
+def cmd_sft(args):
+    from lmlab.sft import run_sft
+
+    run_sft(_tune_settings(args), packing=args.packing)
+
+
+def cmd_dpo(args):
+    from lmlab.sft import run_dpo
+
+    run_dpo(_tune_settings(args), beta=args.beta, rejected_tokens=args.rejected_tokens, max_pairs=args.max_pairs)
+
+
+def _add_tuning_args(s, formats: str, run_dir: str, steps: int):
+    s.add_argument("--model", required=True, help="registry name, .gguf, Hugging Face folder, run folder (an sft "
+                                                  "run too), or hub id")
+    s.add_argument("--data", action="append", required=True, help="data file (repeatable)")
+    s.add_argument("--format", default="alpaca", help=f"{formats} (one for all files, or one per file, "
+                                                      "comma-separated)")
+    s.add_argument("--method", default="lora", choices=["full", "lora", "adapterh", "adapterp"])
+    s.add_argument("--run-dir", default=run_dir)
+    s.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    s.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step")
+    s.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward pass (gradient "
+                                                                      "accumulation)")
+    s.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5 full, 3e-4 PEFT)")
+    s.add_argument("--seq-len", type=int, default=512, help="tokens per training row; longer examples are left out")
+    s.add_argument("--val-size", type=int, default=50, help="held-out examples (a seeded draw)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    s.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
+                   help="any training setting (lmlab.config.TrainConfig), e.g. --set train.eval_interval=50")
+    s.add_argument("--lora-r", type=int, default=8)
+    s.add_argument("--lora-alpha", type=float, default=16)
+    s.add_argument("--lora-dropout", type=float, default=0.05)
+    s.add_argument("--lora-targets", default="qkv,proj,fc", help="linear layers that get LoRA (name suffixes)")
+    s.add_argument("--adapter-size", type=int, default=None, help="adapter bottleneck width (default 32 adapterh, "
+                                                                  "64 adapterp)")
+    s.add_argument("--adapter-activation", default="tanh", choices=["tanh", "relu", "gelu", "silu"])
+    s.add_argument("--samples", type=int, default=5, help="held-out prompts answered before and after training")
+    s.add_argument("--sample-tokens", type=int, default=128, help="longest answer for --samples")
+    s.add_argument("--decontaminate", default="", help="evaluation tasks (e.g. addsub,singleeq,aqua) whose "
+                                                       "questions are removed from the training data")
+    s.add_argument("--eval-tasks", default="", help="evaluate the tuned model on these tasks afterwards")
+    s.add_argument("--eval-limit", type=int, default=None, help="examples per task for --eval-tasks")
+    s.add_argument("--data-dir", default=None, help="evaluation data folder (for --decontaminate, --eval-tasks)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_demo(args):
@@ -236,6 +315,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="download again even if present")
     s.set_defaults(func=cmd_pull)
 
+    s = sub.add_parser("finetune", help="fine-tune a pretrained model (or train a from-scratch baseline) on a "
+                                        "classification or regression task (full or LoRA)")
+    s.add_argument("--model", required=True, help="a pretrained model (registry name, Hugging Face folder, .gguf, "
+                                                  "run folder, hub id), or bilstm / cnn: a from-scratch baseline")
+    s.add_argument("--task", required=True, help="sst2, rte, mrpc, cola, stsb, wnli, trec, ... (lmlab eval's tasks "
+                                                 "with a training split)")
+    s.add_argument("--labels", default="all", help="train on N labelled examples (a seeded, class-balanced subset), "
+                                                   "or all")
+    s.add_argument("--method", default="full", choices=["full", "lora"])
+    s.add_argument("--pooling", default=None, choices=["cls", "mean", "last"],
+                   help="sentence vector: cls (encoders' default), mean, last (decoders' default)")
+    s.add_argument("--epochs", type=float, default=3.0)
+    s.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    s.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5 full, 5e-4 LoRA, 1e-3 "
+                                                           "baselines)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward pass (gradient accumulation)")
+    s.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
+    s.add_argument("--dropout", type=float, default=0.1)
+    s.add_argument("--weight-decay", type=float, default=0.01)
+    s.add_argument("--lora-r", type=int, default=8)
+    s.add_argument("--lora-alpha", type=float, default=16)
+    s.add_argument("--lora-dropout", type=float, default=0.05)
+    s.add_argument("--lora-targets", default="qkv,proj,fc", help="linear layers that get LoRA (name suffixes)")
+    s.add_argument("--patience", type=int, default=0, help="stop after N evaluations without a better dev metric")
+    s.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default: 10 a run)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the label subset, the head, the batches")
+    s.add_argument("--data-dir", default=None, help="folder with the task data (default: $LMLAB_DATA, else "
+                                                    "$LMLAB_HOME/data)")
+    s.add_argument("--out", default=None, help="run folder (default runs/finetune-TASK-MODEL-METHOD-LABELS)")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_finetune)
+
     s = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (continuous batching) with a chat page")
     s.add_argument("--model", required=True, help="registry name, .gguf file, Hugging Face folder or lmlab run")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -250,6 +366,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "depend on what else runs (slower for a lone request)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("sft", help="instruction tuning: fine-tune a model on prompt/response data (loss on the "
+                                   "responses only; full, lora, adapterh or adapterp)")
+    _add_tuning_args(s, "alpaca | gsm8k | chat | jsonl", "runs/sft", 300)
+    s.add_argument("--packing", action="store_true", help="pack examples into rows of exactly --seq-len tokens "
+                                                          "(default: length-bucketed batches)")
+    s.set_defaults(func=cmd_sft)
+
+    s = sub.add_parser("dpo", help="preference tuning with DPO on (chosen, rejected) pairs, built from "
+                                   "instruction data with the model's own answers as rejected ones")
+    _add_tuning_args(s, "pairs ({prompt, chosen, rejected}) or instruction data: alpaca | gsm8k | chat | jsonl",
+                     "runs/dpo", 100)
+    s.add_argument("--beta", type=float, default=0.1, help="DPO's beta: how far from the reference the policy "
+                                                           "may move")
+    s.add_argument("--rejected-tokens", type=int, default=128, help="longest generated (rejected) answer")
+    s.add_argument("--max-pairs", type=int, default=None, help="training pairs to build (default: all examples)")
+    s.set_defaults(func=cmd_dpo)
 
     add_eval_parser(sub)
 

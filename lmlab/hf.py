@@ -454,7 +454,7 @@ def export_hf_bert(model: Transformer, out_dir: str | Path, tokenizer: str | Pat
     atomic_write_text(out / "config.json", json.dumps(bert_config_dict(c), indent=2))
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_str(_tokenizer_text(tokenizer))
-        specials = {f"{w}_token": t for w, t in (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"),
-                                                 ("mask", "[MASK]"), ("unk", "[UNK]")) if tok.token_to_id(t) is not None}
+        named = (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"), ("mask", "[MASK]"), ("unk", "[UNK]"))
+        specials = {f"{w}_token": t for w, t in named if tok.token_to_id(t) is not None}
         _write_tokenizer(out, tok, c.block_size, **specials)
     return out
