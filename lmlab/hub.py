@@ -312,6 +312,10 @@ _LOADERS = {"gguf": _from_gguf, "hf": _from_hf, "lmlab": _from_lmlab}
 def load_pretrained(spec: str | Path, dtype: torch.dtype = torch.float32) -> Pretrained:
     """Load a model by registry name, local path or hub id (see resolve) as an lmlab Transformer in eval mode."""
     path = resolve(spec)
+    if (path / "sft.json").is_file():  # a run of lmlab sft or dpo: its base model with the tuned weights
+        from lmlab.sft import load_tuned
+
+        return load_tuned(path)
     model, tok, template, specials = _LOADERS[_kind(path)](path)
     model = model.to(dtype).eval()
     (bos, bos_id), (eos, eos_id) = specials["bos"], specials["eos"]

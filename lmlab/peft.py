@@ -13,7 +13,7 @@ attention and MLP at r = 8 that is about 1.5 % of the parameters. After training
 
 A method is a function that modifies a model in place given its settings; `METHODS` maps method names to them, so
 that a saved file can re-apply its own method before its weights are loaded. Other methods (the bottleneck
-adapters of lmlab's LLM fine-tuning) register themselves here the same way.
+adapters below, "adapterh" and "adapterp") are registered the same way, so save_peft/load_peft work for all.
 """
 
 from __future__ import annotations
@@ -117,8 +117,112 @@ def fingerprint(model: nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Bottleneck adapters: a small MLP (down, nonlinearity, up) added to a block's sublayers, as LLM-Adapters
+# (Hu et al., 2023) compares them with LoRA. The up-projection starts at zero, so the model starts unchanged.
+#   adapterh  Houlsby et al. (2019): in series, on the output of attention and of the MLP, before each residual
+#             add: h = sublayer(x); h + up(act(down(h)))
+#   adapterp  in parallel to the MLP (He et al., 2022), from the MLP's own input: mlp(x) + up(act(down(x)))
+# A block's sublayer (block.attn, block.mlp) is wrapped, so lmlab/model.py is untouched. The nonlinearity between
+# down and up means an adapter cannot be folded into the base weights as LoRA is: it is saved alone (save_peft)
+# and loaded on top of the base (load_peft), and stays a module at inference.
+
+_ADAPTER_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": nn.functional.gelu,
+                        "silu": nn.functional.silu}
+
+
+class Bottleneck(nn.Module):
+    """up(act(down(dropout(x)))): dim -> size -> dim, with biases; `up` is zero-initialised."""
+
+    def __init__(self, dim: int, size: int, activation: str = "tanh", dropout: float = 0.0):
+        super().__init__()
+        if size < 1:
+            raise LmlabError(f"adapter bottleneck size must be at least 1 (got {size})")
+        if activation not in _ADAPTER_ACTIVATIONS:
+            raise LmlabError(f"unknown adapter activation {activation!r} (choose one of "
+                             f"{', '.join(_ADAPTER_ACTIVATIONS)})")
+        self.down = nn.Linear(dim, size)  # nn.Linear's default (Kaiming uniform) initialisation
+        self.up = nn.Linear(size, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.act = _ADAPTER_ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        return self.up(self.act(self.down(self.dropout(x))))
+
+
+class SeriesAdapter(nn.Module):
+    """A sublayer followed by a bottleneck on its output, with the adapter's own skip connection."""
+
+    def __init__(self, base: nn.Module, dim: int, **bottleneck):
+        super().__init__()
+        self.base = base
+        self.adapter = Bottleneck(dim, **bottleneck)
+
+    def forward(self, x, *args, **kwargs):
+        h = self.base(x, *args, **kwargs)
+        return h + self.adapter(h)
+
+
+class ParallelAdapter(nn.Module):
+    """A sublayer plus a bottleneck that reads the same input."""
+
+    def __init__(self, base: nn.Module, dim: int, **bottleneck):
+        super().__init__()
+        self.base = base
+        self.adapter = Bottleneck(dim, **bottleneck)
+
+    def forward(self, x, *args, **kwargs):
+        return self.base(x, *args, **kwargs) + self.adapter(x)
+
+
+def _add_adapters(model: nn.Module, wrapper, places: tuple[str, ...], size: int, activation: str,
+                  dropout: float) -> list[str]:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise LmlabError("bottleneck adapters go into an lmlab Transformer's blocks; this model has no .blocks")
+    unknown = sorted(set(places) - {"attn", "mlp"})
+    if unknown or not places:
+        raise LmlabError(f"adapters go after 'attn' and/or 'mlp' (got {', '.join(places) or 'nothing'})")
+    freeze(model)
+    dim = model.config.n_embd
+    names = []
+    for i, block in enumerate(blocks):
+        for place in places:
+            sublayer = getattr(block, place)
+            if isinstance(sublayer, (SeriesAdapter, ParallelAdapter)):
+                raise LmlabError(f"blocks.{i}.{place} already has an adapter")
+            setattr(block, place, wrapper(sublayer, dim, size=size, activation=activation, dropout=dropout))
+            names.append(f"blocks.{i}.{place}")
+    return names
+
+
+def add_adapterh(model: nn.Module, size: int = 32, places=("attn", "mlp"), activation: str = "tanh",
+                 dropout: float = 0.0) -> list[str]:
+    """Houlsby adapters in series after each block's attention and/or MLP; freezes the rest of `model`. Returns
+    the adapted sublayers' names."""
+    return _add_adapters(model, SeriesAdapter, tuple(places), size, activation, dropout)
+
+
+def add_adapterp(model: nn.Module, size: int = 64, activation: str = "tanh", dropout: float = 0.0) -> list[str]:
+    """Parallel adapters next to each block's MLP; freezes the rest of `model`. Returns the adapted MLPs' names."""
+    return _add_adapters(model, ParallelAdapter, ("mlp",), size, activation, dropout)
+
+
+def merge_peft(model: nn.Module, method: str) -> int:
+    """Fold a method's weights into the base model where the method allows it (LoRA). Returns the number of merged
+    layers. Bottleneck adapters cannot be merged (a nonlinearity sits between their matrices): an error says so."""
+    if method == "lora":
+        return merge_lora(model)
+    if method in ("adapterh", "adapterp"):
+        raise LmlabError(f"{method} adapters cannot be merged into the base weights (a nonlinearity sits between "
+                         "their two matrices); load them on top of the base model instead (lmlab.peft.load_peft)")
+    raise LmlabError(f"unknown PEFT method {method!r} (known: {', '.join(METHODS)})")
+
+
 # name -> function(model, **settings) that adds the method's modules to a (frozen) model
-METHODS: dict[str, Callable[..., object]] = {"lora": add_lora}
+METHODS: dict[str, Callable[..., object]] = {"lora": add_lora, "adapterh": add_adapterh, "adapterp": add_adapterp}
 
 
 def save_peft(model: nn.Module, path: str | Path, method: str, settings: dict) -> None:
@@ -145,9 +249,10 @@ def read_peft(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def load_peft(model: nn.Module, path: str | Path) -> dict:
+def load_peft(model: nn.Module, path: str | Path, apply: bool = True) -> dict:
     """Apply the file's method to `model` (a base model without it) and load its weights. Returns the settings.
-    A file made for another base model is refused, naming the difference."""
+    A file made for another base model is refused, naming the difference. apply=False: the model has the method
+    already (a run being resumed), only the weights are loaded."""
     meta, tensors = read_peft(path)
     method, settings = meta["method"], json.loads(meta["settings"])
     if method not in METHODS:
@@ -157,7 +262,8 @@ def load_peft(model: nn.Module, path: str | Path) -> dict:
     if meta.get("base") and meta["base"] != base:
         raise LmlabError(f"{path} was trained on another base model (fingerprint {meta['base']}, this model's is "
                          f"{base}): load it onto the model it was made for")
-    METHODS[method](model, **settings)
+    if apply:
+        METHODS[method](model, **settings)
     own = dict(model.named_parameters())
     missing = sorted(set(tensors) - set(own))
     if missing:

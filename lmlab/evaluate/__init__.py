@@ -187,7 +187,8 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
                                                      "0 shots"}
             _run(t, split, docs, 0, "loglikelihood", lm, settings, rows, records, info)
             continue
-        modes = ["loglikelihood"] if mode == "loglikelihood" or t.kind != "choice" else \
+        modes = ["generate"] if t.kind == "generation" else \
+            ["loglikelihood"] if mode == "loglikelihood" or t.kind != "choice" else \
             ["generate"] if mode == "generate" else ["loglikelihood", "generate"]
         for k in shot_list:
             for m in modes:
@@ -232,6 +233,8 @@ def _run(t: Task, split: Split, docs: list[Doc], k: int, mode: str, lm: LM, s: _
         scored = _perplexity(t, docs, lm, s, label, run)
     elif t.kind == "lambada":
         scored = _lambada(docs, shots[""], lm, label, run)
+    elif t.kind == "generation":  # the task scores its own completions (math word problems: math.py)
+        scored = _Scored(*t.score(docs, shots, lm, s.chat, label, run))
     elif mode == "generate":
         scored = _generate(t, docs, shots, lm, s, label, run)
     else:

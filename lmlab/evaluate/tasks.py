@@ -754,6 +754,8 @@ _TASK_LIST = [
                      "Description, Entity, or Abbreviation.\n\n", group="classification"),
 ]
 
+from lmlab.evaluate.math import MATH_TASKS  # noqa: E402 - the math word problems build on the classes above
+_TASK_LIST += MATH_TASKS
 TASKS: dict[str, Task] = {t.name: t for t in _TASK_LIST}
 for _subject in MMLU_SUBJECTS:
     TASKS[f"mmlu_{_subject}"] = Task(name=f"mmlu_{_subject}", load=_mmlu([_subject], f"mmlu_{_subject}"), **_MMLU)
