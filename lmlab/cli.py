@@ -244,6 +244,19 @@ def _add_tuning_args(s, formats: str, run_dir: str, steps: int):
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def cmd_paradigms(args):
+    from lmlab.paradigms import run_glue, run_paradigms
+
+    common = dict(work=args.work, seed=args.seed, data_dir=args.data_dir, threads=args.threads,
+                  keep_weights=args.keep_weights, progress=not args.no_progress,
+                  command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
+    if args.glue:
+        run_glue(args.glue, out=args.out or "docs/results/glue-minilm", **common)
+    else:
+        run_paradigms(args.task, args.labels, args.shots, out=args.out or "docs/results/paradigms",
+                      baselines=args.baselines, methods=args.methods, prompt_limit=args.prompt_limit, **common)
+
+
 def cmd_demo(args):
     from lmlab.demo import demo
 
@@ -383,6 +396,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rejected-tokens", type=int, default=128, help="longest generated (rejected) answer")
     s.add_argument("--max-pairs", type=int, default=None, help="training pairs to build (default: all examples)")
     s.set_defaults(func=cmd_dpo)
+
+    s = sub.add_parser("paradigms", help="three eras on one task: from scratch, fine-tuned, prompted (table, "
+                                         "learning curves); or --glue: a fine-tuned MiniLM on GLUE")
+    s.add_argument("--task", default="sst2")
+    s.add_argument("--labels", default="32,128,1024,all", help="labelled training examples per run")
+    s.add_argument("--shots", default="0,4,32", help="solved examples in the prompted LLM's prompt ('' for none)")
+    s.add_argument("--baselines", default="bilstm,cnn", help="from-scratch models ('' for none)")
+    s.add_argument("--methods", default="full,lora", help="fine-tuning methods of the encoder ('' for none)")
+    s.add_argument("--prompt-limit", type=int, default=None, help="prompt on the first N dev examples only")
+    s.add_argument("--glue", nargs="?", const="sst2,rte,mrpc,cola,stsb", default=None,
+                   help="instead: fine-tune MiniLM on these GLUE tasks with all labels and write the GLUE table")
+    s.add_argument("--out", default=None, help="results folder (default docs/results/paradigms, or "
+                                               "docs/results/glue-minilm with --glue)")
+    s.add_argument("--work", default="runs/paradigms", help="run folders (a finished run is not run again)")
+    s.add_argument("--keep-weights", action="store_true", help="keep each run's checkpoints")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_paradigms)
 
     add_eval_parser(sub)
 

@@ -305,3 +305,25 @@ def test_real_sst2_splits():
     assert (len(task.train), len(task.dev), task.num_labels, task.metrics) == (67349, 872, 2, ("acc",))
     assert load_task("stsb", SHARED_DATA).metrics == ("pearson", "spearman")
     assert load_task("mrpc", SHARED_DATA).metrics == ("acc", "f1")
+
+
+def test_paradigms_table_and_plot(tmp_path):
+    """The experiment's plumbing on synthetic data: runs per (model, labels), a finished run is not run again,
+    the table, learning-curve plot and JSON (prompting is the evaluation harness's, tested there)."""
+    from lmlab.paradigms import run_paradigms, schedule
+
+    assert schedule(32, "full") == {"batch_size": 16, "epochs": 30.0, "lr": 1e-4}
+    assert schedule(67349, "full")["epochs"] == 1.0 and schedule(67349, "baseline")["epochs"] == 3.0
+    data = _synthetic_sst2(tmp_path / "data")
+    settings = dict(task="sst2", labels="32,all", shots="", baselines="cnn", methods="", out=tmp_path / "out",
+                    work=tmp_path / "work", data_dir=data, threads=1, progress=False)
+    summary = run_paradigms(**settings)
+    assert [(r["model"], r["labels"]) for r in summary["rows"]] == [("CNN (Kim 2014)", 32), ("CNN (Kim 2014)", 384)]
+    assert summary["rows"][1]["value"] > 0.9  # all labels learn the rule
+    assert summary["majority"] == pytest.approx(0.5)
+    assert not any((tmp_path / "work").glob("*/ckpt"))  # weights removed, results kept
+    table = (tmp_path / "out" / "paradigms.md").read_text()
+    assert "| 1 specialized (from scratch) | CNN (Kim 2014) | from scratch |" in table and "384 labels:" in table
+    assert (tmp_path / "out" / "paradigms.png").stat().st_size > 10_000
+    again = run_paradigms(**settings)  # nothing left to train: the same rows from the runs' results.json
+    assert [r["value"] for r in again["rows"]] == [r["value"] for r in summary["rows"]]

@@ -1,0 +1,331 @@
+"""Three eras of NLP on the same task and data: `lmlab paradigms`.
+
+    lmlab paradigms --task sst2 --labels 32,128,1024,all --out docs/results/paradigms
+    lmlab paradigms --glue sst2,rte,mrpc,cola,stsb --out docs/results/glue-minilm
+
+1. specialized   a model trained from scratch on the task's labelled examples alone (BiLSTM, CNN: lmlab.baseline)
+2. fine-tuned    a pretrained encoder (all-MiniLM-L6-v2) plus a head, fine-tuned on them (full, and LoRA)
+3. prompted      a pretrained instruction-tuned LLM (SmolLM2-135M-Instruct) given k solved examples in its prompt,
+                 no gradient update (lmlab.evaluate, contextual calibration reported next to the raw accuracy)
+
+Every fine-tuning run sees the same seeded, class-balanced, nested label subsets (lmlab.finetune) and is scored on
+the same dev set with the task's GLUE metric. The budgets are fixed in advance by the number of labels
+(`schedule`), and the reported figure is the one at the end of training: the dev set is not used to pick a
+checkpoint here, since with 32 labels a dev set of 872 labelled examples would be most of the supervision.
+(`lmlab finetune` keeps the best evaluation too; results.json lists both.)
+
+The experiment is resumable: each run lives in WORK/<name>/ and a run with a results.json is not run again, one
+without is resumed from its checkpoint. Weights are deleted after each run unless --keep-weights (the LoRA file
+and the run's metrics stay).
+
+Outputs in --out: paradigms.json (every row, its run's settings and the exact `lmlab finetune` command),
+paradigms.md (the table in the lecture's shape and who wins where), paradigms.png (dev metric against labelled
+examples, log x-axis); prompting/ holds the evaluation harness's own files. With --glue: glue.json, glue.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.finetune import finetune, load_task, parse_labels
+from lmlab.util import atomic_replace, atomic_write_json, atomic_write_text
+
+ENCODER = "minilm-l6"
+LLM = "smollm2-135m-instruct"
+# What each model learned from before it saw the task (from the model cards).
+PRETRAINING = {
+    "bilstm": "none: word embeddings learned from the task's labelled examples",
+    "cnn": "none: word embeddings learned from the task's labelled examples",
+    ENCODER: "MiniLM distilled on English Wikipedia + BookCorpus, then 1B sentence pairs (contrastive)",
+    LLM: "2T tokens of web, code, math; then instruction tuning",
+}
+ERAS = {"baseline": "1 specialized (from scratch)", "full": "2 pretrain + fine-tune", "lora": "2 pretrain + fine-tune",
+        "prompted": "3 pretrain + prompt"}
+NAMES = {"bilstm": "BiLSTM", "cnn": "CNN (Kim 2014)", ENCODER: "all-MiniLM-L6-v2", LLM: "SmolLM2-135M-Instruct"}
+LR = {"baseline": 2e-3, "full": 1e-4, "lora": 1e-3}
+
+
+def schedule(n: int, kind: str) -> dict:
+    """Fixed training budget for n labelled examples: more epochs over fewer examples, about 100 optimizer steps
+    at least, one epoch (from-scratch models: three) when there are more than 10,000."""
+    batch_size = 16 if n < 1000 else 32
+    if n > 10_000:
+        epochs = 3.0 if kind == "baseline" else 1.0
+    else:
+        epochs = float(min(30, max(3, math.ceil(100 * batch_size / n))))
+    return {"batch_size": batch_size, "epochs": epochs, "lr": LR[kind]}
+
+
+def _command(model: str, task: str, labels, method: str, s: dict, max_length: int, seed: int) -> str:
+    parts = ["lmlab", "finetune", "--model", model, "--task", task, "--labels", str(labels or "all"), "--epochs",
+             f"{s['epochs']:g}", "--batch-size", str(s["batch_size"]), "--lr", f"{s['lr']:g}", "--max-length",
+             str(max_length), "--seed", str(seed)]
+    if method == "lora":
+        parts += ["--method", "lora"]
+    return " ".join(map(shlex.quote, parts))
+
+
+def _run(model: str, task: str, labels: int | None, method: str, n_train: int, work: Path, *, max_length: int,
+         seed: int, data_dir, threads, keep_weights: bool, progress: bool) -> dict:
+    """One fine-tuning (or from-scratch) run, or its results from an earlier invocation."""
+    kind = "baseline" if model in ("bilstm", "cnn") else method
+    s = schedule(labels or n_train, kind)
+    steps = math.ceil(s["epochs"] * (labels or n_train) / s["batch_size"])
+    name = f"{task}-{Path(model).name}-{kind}-{labels or 'all'}"
+    run_dir = work / name
+    command = _command(model, task, labels, method, s, max_length, seed)
+    if (run_dir / "results.json").is_file():
+        results = json.loads((run_dir / "results.json").read_text())
+    else:
+        print(f"\n== {command}", flush=True)
+        results = finetune(model, task, labels=labels, method=method, epochs=s["epochs"], lr=s["lr"],
+                           batch_size=s["batch_size"], max_length=max_length, seed=seed, data_dir=data_dir,
+                           out=run_dir, threads=threads, resume=(run_dir / "ckpt").is_dir(), progress=progress,
+                           command=command, eval_every=max(1, math.ceil(steps / 4)))
+        if not keep_weights:
+            shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
+            for f in (run_dir / "best").glob("*.safetensors"):
+                f.unlink()
+    return {**results, "run": name, "command": command}
+
+
+def _max_length(task: str, data_dir) -> int:
+    """64 tokens for single sentences (SST-2's longest dev sentence is 55 WordPiece tokens), 128 for pairs."""
+    return 64 if len(load_task(task, data_dir).train[0].fields) == 1 else 128
+
+
+def run_paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = "0,4,32", *,
+                  out: str | Path = "docs/results/paradigms", work: str | Path = "runs/paradigms",
+                  baselines: str = "bilstm,cnn", methods: str = "full,lora", encoder: str = ENCODER,
+                  llm: str = LLM, prompt_limit: int | None = None,
+                  seed: int = 0, data_dir=None, threads: int | None = None, keep_weights: bool = False,
+                  progress: bool = True, command: str | None = None) -> dict:
+    """The three eras on one task: every (model, labels) run, the prompted LLM at each number of shots, and the
+    table, plot and JSON in `out`."""
+    if threads:
+        torch.set_num_threads(threads)
+    data = load_task(task, data_dir)
+    sizes = [parse_labels(x) for x in labels.split(",") if x.strip()]
+    for n in sizes:
+        if n is not None and not 1 <= n <= len(data.train):
+            raise LmlabError(f"--labels {n}: the {task} training set has {len(data.train)} examples; choose 1.."
+                             f"{len(data.train)} or all")
+    try:
+        shot_list = sorted({int(k) for k in shots.split(",") if k.strip()})
+    except ValueError:
+        raise LmlabError(f"--shots takes comma-separated numbers like 0,4,32 (got {shots!r})") from None
+    out, work = Path(out), Path(work)
+    max_length = _max_length(task, data_dir)
+    metric = data.metrics[0]
+    started = time.time()
+    rows = []
+    plan = [(m, "full") for m in baselines.split(",") if m] + [(encoder, m) for m in methods.split(",") if m]
+    for model, method in plan:
+        for n in sizes:
+            r = _run(model, task, n, method, len(data.train), work, max_length=max_length, seed=seed,
+                     data_dir=data_dir, threads=threads, keep_weights=keep_weights, progress=progress)
+            rows.append(_row(r, model, metric))
+
+    if shot_list:
+        rows += _prompted(llm, task, shot_list, metric, seed, prompt_limit, data_dir, out, progress)
+
+    summary = {"task": task, "metric": metric, "train_size": len(data.train), "dev_size": len(data.dev),
+               "command": command, "seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
+               "rows": rows, "majority": _majority(data), "prompt_limit": prompt_limit}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "paradigms.json", summary)
+    atomic_write_text(out / "paradigms.md", paradigms_markdown(summary))
+    plot_paradigms(summary, out / "paradigms.png")
+    print(paradigms_markdown(summary))
+    return summary
+
+
+def _prompted(llm: str, task: str, shots: list[int], metric: str, seed: int, limit, data_dir, out: Path,
+              progress: bool) -> list[dict]:
+    """The era of prompting: the evaluation harness at each number of shots (balanced draws from the training
+    set), raw and with contextual calibration; one row each."""
+    from lmlab.evaluate import run_eval
+    from lmlab.hub import load_pretrained
+
+    command = (f"lmlab eval --model {llm} --tasks {task} --shots {','.join(map(str, shots))} --seed {seed} "
+               f"--balanced --calibrate" + (f" --limit {limit}" if limit else "")
+               + f" --out {out / 'prompting' / f'{Path(llm).name}-{task}.json'}")
+    print(f"\n== {command}", flush=True)
+    pre = load_pretrained(llm)
+    parameters = sum(p.numel() for p in pre.model.parameters())
+    summary = run_eval(pre, task, shots=shots, seed=seed, balanced=True, calibrate=True, limit=limit,
+                       data_dir=data_dir, out=out / "prompting" / f"{Path(llm).name}-{task}.json", progress=progress,
+                       command=command)
+    seconds = {r["shots"]: r["seconds"] for r in summary["tasks"][task]["runs"]}
+    name = NAMES.get(llm, llm)
+    return [{"era": ERAS["prompted"], "model": name + (" calibrated" if r["metric"].endswith("_calibrated") else ""),
+             "method": f"{r['shots']}-shot prompt", "parameters": parameters, "trained_parameters": 0,
+             "pretraining": PRETRAINING.get(llm, "?"), "labels": r["shots"], "metric": metric, "value": r["value"],
+             "stderr": r["stderr"], "n": r["n"], "seconds": seconds[r["shots"]], "command": command}
+            for r in summary["results"] if r["task"] == task and r["metric"] in (metric, f"{metric}_calibrated")]
+
+
+def _majority(data) -> float:
+    """Dev accuracy of always answering the training set's most frequent class (what a model must beat)."""
+    if data.regression:
+        return float("nan")
+    counts = {}
+    for d in data.train:
+        counts[int(d.gold)] = counts.get(int(d.gold), 0) + 1
+    top = max(counts, key=counts.get)
+    return sum(int(d.gold) == top for d in data.dev) / len(data.dev)
+
+
+def _row(r: dict, model: str, metric: str) -> dict:
+    kind = r["method"]
+    return {"era": ERAS[kind], "model": NAMES.get(model, Path(model).name), "method": {"baseline": "from scratch",
+                                                                           "full": "full fine-tuning",
+                                                                           "lora": "LoRA r=8"}[kind],
+            "parameters": r["parameters"], "trained_parameters": r["trained_parameters"],
+            "pretraining": PRETRAINING.get(model, "?"), "labels": r["labels"], "metric": metric,
+            "value": r["metrics"][metric], "best_during_training": r["best"].get(metric), "steps": r["steps"],
+            "epochs": r["epochs"], "seconds": r["train_seconds"], "command": r["command"], "run": r["run"]}
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
+
+
+def paradigms_markdown(summary: dict) -> str:
+    rows, metric = summary["rows"], summary["metric"]
+    lines = [f"# Three eras on {summary['task'].upper()}: specialized, fine-tuned, prompted", "",
+             f"Dev {metric} on {summary['dev_size']} examples; training set {summary['train_size']:,} examples. "
+             f"Always answering the majority class scores {summary['majority']:.3f}.", "",
+             "| era | model | method | parameters (trained) | pretraining data | labelled examples | dev "
+             f"{metric} | training time |", "|---|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        trained = f" ({_millions(r['trained_parameters'])})" if r["trained_parameters"] else " (0)"
+        lines.append(f"| {r['era']} | {r['model']} | {r['method']} | {_millions(r['parameters'])}{trained} | "
+                     f"{r['pretraining']} | {r['labels']:,} | {r['value']:.3f} | {_duration(r['seconds'])} |")
+    lines += ["", "Who wins where (the best of each era):", ""]
+    for n in sorted({r["labels"] for r in rows if r["era"] != ERAS["prompted"]}):
+        lines.append(f"- {n:,} labels: " + _winners([r for r in rows if r["labels"] == n or
+                                                     (r["era"] == ERAS["prompted"] and r["labels"] <= n)]))
+    lines += ["", "Prompting rows count the solved examples in the prompt as labelled examples; each era's best "
+              "prompted figure at or below a label count is compared with the runs at that count. Training time "
+              "is wall-clock time on the machine named in the README, evaluations included; prompting time is "
+              "the time to score the dev set.", "", "Commands:", ""]
+    lines += [f"    {c}" for c in dict.fromkeys(r["command"] for r in rows)]
+    if summary.get("command"):
+        lines += ["", f"All of it: `{summary['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _winners(rows: list[dict]) -> str:
+    best = {}
+    for r in rows:
+        era = r["era"][0]
+        if era not in best or r["value"] > best[era]["value"]:
+            best[era] = r
+    ordered = sorted(best.values(), key=lambda r: -r["value"])
+    return ", ".join(f"{r['model']} {r['method']} {r['value']:.3f}" for r in ordered)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def plot_paradigms(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
+    lines: dict[str, list] = {}
+    for r in summary["rows"]:
+        lines.setdefault(f"{r['model']}, {r['method'] if r['era'] != ERAS['prompted'] else 'k-shot prompt'}",
+                         []).append(r)
+    for label, rs in lines.items():
+        prompted = rs[0]["era"] == ERAS["prompted"]
+        zero = [r for r in rs if r["labels"] == 0]
+        rs = sorted((r for r in rs if r["labels"] > 0), key=lambda r: r["labels"])
+        style = dict(linestyle="--" if prompted else "-", marker="s" if prompted else "o", markersize=4)
+        drawn = ax.plot([r["labels"] for r in rs], [r["value"] for r in rs], label=label, **style) if rs else None
+        for r in zero:  # 0 shots has no place on a log axis: a dotted level across the plot
+            color = drawn[0].get_color() if drawn else None
+            ax.axhline(r["value"], linestyle=":", linewidth=1, color=color, label=f"{label}, 0-shot")
+    if not math.isnan(summary["majority"]):
+        ax.axhline(summary["majority"], color="grey", linewidth=0.8, label="majority class")
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled examples (training set, or solved examples in the prompt)")
+    ax.set_ylabel(f"dev {summary['metric']}")
+    ax.set_title(f"{summary['task'].upper()}: specialized vs fine-tuned vs prompted")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    atomic_replace(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GLUE table
+
+GLUE_TASKS = "sst2,rte,mrpc,cola,stsb"
+GLUE_HEADINGS = {"sst2": "SST-2 (acc)", "rte": "RTE (acc)", "mrpc": "MRPC (F1 / acc)", "cola": "CoLA (MCC)",
+                 "stsb": "STS-B (Pearson / Spearman)"}
+
+
+def run_glue(tasks: str = GLUE_TASKS, *, model: str = ENCODER, method: str = "full",
+             out: str | Path = "docs/results/glue-minilm", work: str | Path = "runs/paradigms", seed: int = 0,
+             data_dir=None, threads: int | None = None, keep_weights: bool = False, progress: bool = True,
+             command: str | None = None) -> dict:
+    """Fine-tune `model` on each GLUE task with all its labels (budgets from `schedule`) and write the table."""
+    if threads:
+        torch.set_num_threads(threads)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    runs = []
+    for task in names:
+        data = load_task(task, data_dir)
+        r = _run(model, task, None, method, len(data.train), Path(work), max_length=_max_length(task, data_dir),
+                 seed=seed, data_dir=data_dir, threads=threads, keep_weights=keep_weights, progress=progress)
+        runs.append(r)
+    summary = {"model": model, "method": method, "command": command, "threads": torch.get_num_threads(),
+               "runs": runs}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "glue.json", summary)
+    atomic_write_text(out / "glue.md", glue_markdown(summary))
+    print(glue_markdown(summary))
+    return summary
+
+
+def glue_markdown(summary: dict) -> str:
+    """The lecture's BERT table shape: one row per model, one column per task; the average is GLUE's (each task
+    the mean of its metrics, then the mean over tasks)."""
+    by_task = {r["task"]: r for r in summary["runs"]}
+    cells, scores = [], []
+    for task, r in by_task.items():
+        values = [r["metrics"][m] for m in r["metrics"]]
+        scores.append(sum(values) / len(values))
+        cells.append(" / ".join(f"{100 * v:.1f}" for v in values))
+    headings = [GLUE_HEADINGS.get(t, t) for t in by_task]
+    model = NAMES.get(summary["model"], summary["model"])
+    lines = [f"# {model} fine-tuned on GLUE (dev sets)", "",
+             "| model | " + " | ".join(headings) + " | average |", "|---|" + "---:|" * (len(headings) + 1),
+             f"| {model} ({summary['method']}, {_millions(summary['runs'][0]['parameters'])}) | "
+             + " | ".join(cells) + f" | {100 * sum(scores) / len(scores):.1f} |", "",
+             "| task | train examples | epochs | steps | training time | best during training |",
+             "|---|---:|---:|---:|---:|---|"]
+    for task, r in by_task.items():
+        best = ", ".join(f"{m} {v:.3f}" for m, v in r["best"].items() if m != "step" and v is not None)
+        lines.append(f"| {task} | {r['labels']:,} | {r['epochs']:g} | {r['steps']:,} | "
+                     f"{_duration(r['train_seconds'])} | {best} (step {r['best'].get('step')}) |")
+    lines += ["", "Figures at the end of training (the dev set picks no checkpoint). Commands:", ""]
+    lines += [f"    {r['command']}" for r in summary["runs"]]
+    if summary.get("command"):
+        lines += ["", f"All of it: `{summary['command']}`"]
+    return "\n".join(lines) + "\n"
