@@ -152,26 +152,25 @@ class Bottleneck(nn.Module):
         return self.up(self.act(self.down(self.dropout(x))))
 
 
-class SeriesAdapter(nn.Module):
-    """A sublayer followed by a bottleneck on its output, with the adapter's own skip connection."""
+class _Adapted(nn.Module):
+    """A sublayer (`base`, called with whatever the block passes: mask, cache, ...) and its bottleneck."""
 
     def __init__(self, base: nn.Module, dim: int, **bottleneck):
         super().__init__()
         self.base = base
         self.adapter = Bottleneck(dim, **bottleneck)
+
+
+class SeriesAdapter(_Adapted):
+    """A sublayer followed by a bottleneck on its output, with the adapter's own skip connection."""
 
     def forward(self, x, *args, **kwargs):
         h = self.base(x, *args, **kwargs)
         return h + self.adapter(h)
 
 
-class ParallelAdapter(nn.Module):
+class ParallelAdapter(_Adapted):
     """A sublayer plus a bottleneck that reads the same input."""
-
-    def __init__(self, base: nn.Module, dim: int, **bottleneck):
-        super().__init__()
-        self.base = base
-        self.adapter = Bottleneck(dim, **bottleneck)
 
     def forward(self, x, *args, **kwargs):
         return self.base(x, *args, **kwargs) + self.adapter(x)
@@ -191,7 +190,7 @@ def _add_adapters(model: nn.Module, wrapper, places: tuple[str, ...], size: int,
     for i, block in enumerate(blocks):
         for place in places:
             sublayer = getattr(block, place)
-            if isinstance(sublayer, (SeriesAdapter, ParallelAdapter)):
+            if isinstance(sublayer, _Adapted):
                 raise LmlabError(f"blocks.{i}.{place} already has an adapter")
             setattr(block, place, wrapper(sublayer, dim, size=size, activation=activation, dropout=dropout))
             names.append(f"blocks.{i}.{place}")

@@ -707,13 +707,17 @@ def _prepare(s: TuneSettings, kind: str, echo):
     """Threads, the base model, the examples (decontaminated, split) and the train config."""
     from lmlab.hub import load_pretrained
 
+    from lmlab.train import latest_checkpoint
+
     if s.threads:
         torch.set_num_threads(s.threads)
-    run_dir = Path(s.run_dir)
-    t = _train_config(run_dir, s.method, s.steps, s.batch_size, s.micro_batch_size, s.lr, s.seed, list(s.overrides))
-    settings = s.settings if s.settings is not None else method_settings(s.method)
     if s.method not in METHODS:
         raise LmlabError(f"unknown method {s.method!r}; choose one of {', '.join(METHODS)}")
+    run_dir = Path(s.run_dir)
+    if not s.resume and latest_checkpoint(run_dir) is not None:
+        raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --run-dir")
+    t = _train_config(run_dir, s.method, s.steps, s.batch_size, s.micro_batch_size, s.lr, s.seed, list(s.overrides))
+    settings = s.settings if s.settings is not None else method_settings(s.method)
     if s.seq_len < 2:
         raise LmlabError(f"--seq-len must be at least 2 (got {s.seq_len})")
     allowed = ("pairs",) if kind == "dpo" and s.formats == ["pairs"] else FORMATS
@@ -753,6 +757,10 @@ def _finish(s: TuneSettings, pretrained, objective, t, info: dict, samples: list
     trained, total = trainable_parameters(model)
     if world.main:
         atomic_write_json(run_dir / RUN_FILE, info)
+    if not s.resume:  # the held-out figures of the starting model, for before/after
+        with torch.no_grad():
+            model.eval()
+            info["before"] = objective.evaluate(model)
     with PeakMemory() as memory:
         summary = fit(objective, t, run_dir, world=world, resume=s.resume, progress=s.progress)
     results = {**info, "summary": summary, "trainable_parameters": trained, "parameters": total,
@@ -825,7 +833,9 @@ def format_results(r: dict) -> str:
              f"parameters trained ({100 * r['trainable_fraction']:.2f} %), {summary['steps']} steps in "
              f"{r['train_seconds']:.0f} s ({r['seconds_per_step']:.2f} s/step), peak memory {r['peak_memory_mb']} MB"]
     evals = {k: v for k, v in summary.items() if k.startswith("val_")}
-    lines.append("held out: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+    before = r.get("before", {})
+    lines.append("held out: " + ", ".join(f"{k} {before[k]:.4f} -> {v:.4f}" if k in before else f"{k} {v:.4f}"
+                                          for k, v in evals.items()))
     for row in r.get("eval", []):
         lines.append(f"{row['task']:10} exact_match {row['value']:.4f} ± {row['stderr']:.4f} (n={row['n']})")
     return "\n".join(lines)
