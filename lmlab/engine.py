@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingParams, TextStream, adjust_logits, pick_tokens
+from lmlab.generate import SamplingParams, TextStream, adjust_logits, left_pad, pick_tokens
 from lmlab.model import KVCache
 
 
@@ -227,7 +227,7 @@ class _Prefill:
     """A request being prefilled in its own cache, chunk by chunk, before its rows join the batch."""
 
     handle: Handle
-    cache: KVCache
+    cache: KVCache | None = None  # created by the first chunk (prefills batched together share one)
     done: int = 0  # prompt tokens processed
     prompt_infos: list[TokenInfo] = field(default_factory=list)
 
@@ -247,7 +247,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, eos_ids=(), *, max_batch: int = 16, max_queue: int = 64,
                  context: int | None = None, batch_invariant: bool = False, prefill_chunk: int = 256,
-                 prefill_budget: int = 512):
+                 prefill_budget: int = 1024):
         config = model.config
         if max_batch < 1:
             raise LmlabError(f"--max-batch must be >= 1 (got {max_batch})")
@@ -342,6 +342,8 @@ class Engine:
         self._drop_cancelled()
         self._admit()
         budget = self.prefill_budget
+        if not self.batch_invariant:
+            budget -= self._prefill_together()
         for job in list(self.prefilling):
             if budget <= 0:
                 break
@@ -365,10 +367,7 @@ class Engine:
     def _admit(self) -> None:
         with self._wake:
             while self.waiting and self.waiting[0].request.n <= self._free_rows():
-                handle = self.waiting.popleft()
-                n_prompt = len(handle.request.prompt)
-                cache = KVCache(self.model.config, 1, n_prompt, self.device, self.cache.k.dtype)
-                self.prefilling.append(_Prefill(handle, cache))
+                self.prefilling.append(_Prefill(self.waiting.popleft()))
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -377,10 +376,38 @@ class Engine:
         self.prefilling = [j for j in self.prefilling if not j.handle.cancelled]
         self._remove([i for i, c in enumerate(self.rows) if c.handle.cancelled])
 
+    def _prefill_together(self) -> int:
+        """Prefill waiting short prompts in one left-padded forward pass (as lmlab.generate batches prompts): one
+        pass over the weights instead of one per prompt, about 3x faster for 16 prompts of 40 tokens here. Not with
+        batch_invariant, where each prompt is prefilled alone so that its arithmetic never depends on others."""
+        jobs, longest = [], 0
+        for job in self.prefilling:
+            n_prompt = len(job.handle.request.prompt)
+            if job.done or job.handle.request.prompt_logprobs or n_prompt > self.prefill_chunk:
+                continue
+            if jobs and (len(jobs) + 1) * max(longest, n_prompt) > self.prefill_budget:
+                break
+            jobs.append(job)
+            longest = max(longest, n_prompt)
+        if len(jobs) < 2:
+            return 0
+        prompts = [job.handle.request.prompt for job in jobs]
+        ids, positions, key_mask = left_pad(prompts, self.device)
+        cache = KVCache(self.model.config, len(jobs), ids.shape[1], self.device, self.cache.k.dtype)
+        logits, _ = self.model(ids, cache=cache, positions=positions, key_mask=key_mask, last_only=True)
+        for row, job in enumerate(jobs):
+            self.prefilling.remove(job)
+            n_prompt = len(prompts[row])
+            self._start(job, logits[row:row + 1, -1].float(), cache.k[:, row, :, -n_prompt:],
+                        cache.v[:, row, :, -n_prompt:])
+        return ids.numel()
+
     def _prefill_chunk(self, job: _Prefill) -> int:
         """Run the next chunk of a prompt; after the last one, sample each choice's first token and join."""
         request = job.handle.request
         prompt = request.prompt
+        if job.cache is None:
+            job.cache = KVCache(self.model.config, 1, len(prompt), self.device, self.cache.k.dtype)
         end = min(job.done + self.prefill_chunk, len(prompt))
         ids = torch.tensor([prompt[job.done:end]], device=self.device)
         logits, _ = self.model(ids, cache=job.cache, last_only=not request.prompt_logprobs)
@@ -390,29 +417,32 @@ class Engine:
             targets = prompt[job.done + 1:end + 1]  # the next token of each position, inside the prompt
             job.prompt_infos += _token_infos(logits[0, :len(targets)], targets, request.logprobs or 0)
         job.done = end
-        if end < len(prompt):
-            return ids.shape[1]
-        self.prefilling.remove(job)
-        handle = job.handle
-        self.stats.prompt_tokens += len(prompt)
+        if end == len(prompt):
+            self.prefilling.remove(job)
+            self._start(job, logits[:, -1].float(), job.cache.k[:, 0], job.cache.v[:, 0])
+        return ids.shape[1]
+
+    def _start(self, job: _Prefill, last: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A prompt is prefilled: sample each choice's first token from `last` (1, V), and let the unfinished
+        choices join the batch with the prompt's keys/values (n_layer, n_kv_head, prompt, head_dim)."""
+        handle, request = job.handle, job.handle.request
+        self.stats.prompt_tokens += len(request.prompt)
         if request.prompt_logprobs:
             handle._emit(PromptEvent(job.prompt_infos))
-        last = logits[:, -1].float()
         now = time.perf_counter()
         self.stats.ttft.observe(now - handle.submitted)
         if request.params.max_new_tokens == 0:
             for i in range(request.n):
                 handle._emit(DoneEvent(i, "length", 0))
             self.stats.requests_finished += 1
-            return ids.shape[1]
+            return
         choices = [_Choice(handle, i, self.tokenizer, self.eos_ids, self.device) for i in range(request.n)]
         for c in choices:
             self._sample(c, last)
             c.last_time = now
         joining = [c for c in choices if c.finish_reason is None]
         if joining:
-            self._join(joining, job.cache, len(prompt))
-        return ids.shape[1]
+            self._join(joining, keys, values)
 
     def _sample(self, choice: _Choice, logits: torch.Tensor, greedy_token: int | None = None) -> None:
         """Pick the next token of one row from its (1, V) float logits and push it."""
@@ -431,9 +461,10 @@ class Engine:
             if choice.handle.engine_open == 0:
                 self.stats.requests_finished += 1
 
-    def _join(self, choices: list[_Choice], prefill: KVCache, n_prompt: int) -> None:
-        """Copy a prefilled prompt into free rows so that it ends at the timeline's end L."""
+    def _join(self, choices: list[_Choice], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy a prefilled prompt's keys/values into free rows so that it ends at the timeline's end L."""
         cache = self.cache
+        n_prompt = keys.shape[2]
         if not self.rows:
             cache.length = 0
         if n_prompt > cache.length:
@@ -441,8 +472,8 @@ class Engine:
         end = cache.length
         for choice in choices:
             row = len(self.rows)
-            cache.k[:, row, :, end - n_prompt:end] = prefill.k[:, 0, :, :n_prompt]
-            cache.v[:, row, :, end - n_prompt:end] = prefill.v[:, 0, :, :n_prompt]
+            cache.k[:, row, :, end - n_prompt:end] = keys
+            cache.v[:, row, :, end - n_prompt:end] = values
             self.rows.append(choice)
             self.starts.append(end - n_prompt)
 

@@ -248,14 +248,19 @@ class Server:
             await queue.put((i, None))
 
         tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+        checked = time.monotonic()
         try:
             open_handles = len(handles)
             while open_handles:
                 try:
                     i, event = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if http is not None and await http.is_disconnected():
+                    event = False
+                if http is not None and time.monotonic() - checked > 0.5:  # a plain (not streamed) request
+                    checked = time.monotonic()
+                    if await http.is_disconnected():
                         return
+                if event is False:
                     continue
                 if event is None:
                     open_handles -= 1
@@ -586,7 +591,13 @@ def build(model: str, *, max_batch: int = 16, max_queue: int = 64, context: int 
     from lmlab.hub import load_pretrained
     from lmlab.util import pick_device
 
+    if max_batch < 1 or max_queue < 0 or (context is not None and context < 2):  # before the slow model load
+        raise LmlabError(f"need --max-batch >= 1, --max-queue >= 0 and --context >= 2 (got {max_batch}, "
+                         f"{max_queue}, {context})")
     pretrained = load_pretrained(model)
+    if not pretrained.model.config.causal:
+        raise LmlabError(f"{model} is an encoder (bidirectional attention): it cannot generate text; serve a "
+                         "decoder such as smollm2-135m-instruct")
     pretrained.model.to(pick_device(device))
     if context is None:
         context = min(pretrained.context_length, 2048)  # the KV cache holds max_batch x context positions

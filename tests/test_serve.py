@@ -21,6 +21,7 @@ import torch
 openai = pytest.importorskip("openai", reason="the serve tests use the openai client: pip install -e '.[test]'")
 pytest.importorskip("fastapi", reason="lmlab serve needs fastapi and uvicorn: pip install -e .")
 
+from lmlab.chat import eos_ids  # noqa: E402
 from lmlab.generate import SamplingParams, generate  # noqa: E402
 from lmlab.serve import Server, build, create_app  # noqa: E402
 from tests.conftest import synthetic_corpus, train_byte_bpe  # noqa: E402
@@ -40,7 +41,7 @@ def make_tiny_model_folder(folder):
 
     tok = train_byte_bpe(synthetic_corpus(400).splitlines(), 320, ["<|im_start|>", "<|im_end|>"])
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=tok.get_vocab_size(), block_size=1024, n_layer=2, n_head=4, n_kv_head=2,
+    config = TransformerConfig(vocab_size=tok.get_vocab_size(), block_size=4096, n_layer=2, n_head=4, n_kv_head=2,
                                n_embd=64, intermediate_size=128, norm="rmsnorm", position="rope", mlp="swiglu",
                                activation="silu", bias=False, tie_embeddings=False)
     model = Transformer(config)
@@ -108,7 +109,6 @@ def reference_text(served, prompt_ids, max_tokens, **params):
     pre = served.server.pretrained
     p = SamplingParams(max_new_tokens=max_tokens, temperature=params.get("temperature", 0.0),
                        stop=tuple(params.get("stop", ())))
-    from lmlab.chat import eos_ids
     return generate(pre.model, pre.tokenizer, [prompt_ids], p, eos_ids=eos_ids(pre))[0]
 
 
@@ -146,7 +146,8 @@ def test_completion_matches_generate(served):
     client = served.client()
     prompt = "alice sees bob"
     ids = served.server.tokenizer.encode(prompt).ids
-    out = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=12, temperature=0)
+    out = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=12, temperature=0,
+                                    user="someone", extra_body={"an_unknown_field": [1, 2]})  # ignored, as OpenAI does
     ref = reference_text(served, ids, 12)
     assert out.choices[0].text == ref.text
     assert out.choices[0].finish_reason == ref.finish_reason
@@ -360,10 +361,10 @@ def _wait(condition, seconds=10.0):
 
 
 def test_killed_client_frees_its_row_and_others_finish(tiny_folder):
-    running = RunningServer(build(str(tiny_folder), max_batch=2, context=1024))
+    running = RunningServer(build(str(tiny_folder), max_batch=2, context=4096))
     engine = running.server.engine
     try:
-        long = {"model": "tiny-chat", "prompt": "alice", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+        long = {"model": "tiny-chat", "prompt": "alice", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
         killed = _open_stream(running, long)
         expected = running.client().completions.create(model="tiny-chat", prompt="bob", max_tokens=30,
                                                        temperature=0, extra_body={"ignore_eos": True})
@@ -373,7 +374,7 @@ def test_killed_client_frees_its_row_and_others_finish(tiny_folder):
         killed.close()
         assert stream_text(other)[0] == expected.choices[0].text
         _wait(lambda: engine.running() == 0)
-        assert engine.stats.generation_tokens < 1000  # the killed request stopped long before its 1000 tokens
+        assert engine.stats.generation_tokens < 4000  # the killed request stopped long before its 4000 tokens
         # Both rows are free again: two new requests run at once.
         for conn in [_open_stream(running, long), _open_stream(running, long)]:
             conn.close()
@@ -383,9 +384,9 @@ def test_killed_client_frees_its_row_and_others_finish(tiny_folder):
 
 
 def test_full_queue_answers_429_with_retry_after(tiny_folder):
-    running = RunningServer(build(str(tiny_folder), max_batch=1, max_queue=1, context=1024))
+    running = RunningServer(build(str(tiny_folder), max_batch=1, max_queue=1, context=4096))
     try:
-        long = {"model": "tiny-chat", "prompt": "alice", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+        long = {"model": "tiny-chat", "prompt": "alice", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
         busy = _open_stream(running, long)  # holds the only row
         conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)  # waits in the queue
         conn.request("POST", "/v1/completions", body=json.dumps({**long, "max_tokens": 1}),
@@ -419,7 +420,7 @@ def test_metrics(served):
 
 def test_smollm_chat_matches_lmlab_chat(smollm):
     """The real model and its own chat template: the server's greedy answer is lmlab chat's."""
-    from lmlab.chat import answer, eos_ids
+    from lmlab.chat import answer
     from lmlab.engine import Engine
 
     engine = Engine(smollm.model, smollm.tokenizer, eos_ids(smollm), max_batch=4, context=256)
@@ -433,3 +434,31 @@ def test_smollm_chat_matches_lmlab_chat(smollm):
         assert "Paris" in expected
     finally:
         running.close()
+
+
+def test_engine_prefills_waiting_prompts_together(served):
+    """Prompts that arrive together are prefilled in one left-padded pass, and decode as lmlab.generate does."""
+    from lmlab.engine import Engine, Handle, Request, TokenEvent
+
+    pre = served.server.pretrained
+    prompts = [pre.tokenizer.encode(p).ids for p in ["alice", "bob sees carol at", "erin meets frank"] * 2]
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_at_eos=False)
+    engine = Engine(pre.model, pre.tokenizer, max_batch=8, context=64)
+    passes = []
+    prefill_together = engine._prefill_together
+    engine._prefill_together = lambda: passes.append(prefill_together()) or passes[-1]
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        with engine._wake:  # all of them wait before the engine thread looks
+            handles = [Handle(Request(ids, params), loop) for ids in prompts]
+            engine.waiting.extend(handles)
+            engine._wake.notify()
+        return ["".join([e.text async for e in h if isinstance(e, TokenEvent)]) for h in handles]
+
+    try:
+        texts = asyncio.run(run())
+    finally:
+        engine.close()
+    assert max(passes) == len(prompts) * max(map(len, prompts))  # one padded pass for all six prompts
+    assert texts == [c.text for c in generate(pre.model, pre.tokenizer, prompts, params)]
