@@ -135,7 +135,7 @@ def run_paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: st
             rows.append(_row(r, model, metric))
 
     if shot_list:
-        rows += _prompted(llm, task, shot_list, metric, seed, prompt_limit, data_dir, out, progress)
+        rows += _prompted(llm, task, shot_list, metric, seed, prompt_limit, data_dir, out, work, progress)
 
     summary = {"task": task, "metric": metric, "train_size": len(data.train), "dev_size": len(data.dev),
                "command": command, "seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
@@ -149,21 +149,29 @@ def run_paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: st
 
 
 def _prompted(llm: str, task: str, shots: list[int], metric: str, seed: int, limit, data_dir, out: Path,
-              progress: bool) -> list[dict]:
+              work: Path, progress: bool) -> list[dict]:
     """The era of prompting: the evaluation harness at each number of shots (balanced draws from the training
-    set), raw and with contextual calibration; one row each."""
+    set), raw and with contextual calibration; one row each. Evaluated once into WORK, then copied to OUT."""
     from lmlab.evaluate import run_eval
+    from lmlab.evaluate.report import output_paths
     from lmlab.hub import load_pretrained
 
+    name = f"{Path(llm).name}-{task}.json"
     command = (f"lmlab eval --model {llm} --tasks {task} --shots {','.join(map(str, shots))} --seed {seed} "
-               f"--balanced --calibrate" + (f" --limit {limit}" if limit else "")
-               + f" --out {out / 'prompting' / f'{Path(llm).name}-{task}.json'}")
-    print(f"\n== {command}", flush=True)
-    pre = load_pretrained(llm)
-    parameters = sum(p.numel() for p in pre.model.parameters())
-    summary = run_eval(pre, task, shots=shots, seed=seed, balanced=True, calibrate=True, limit=limit,
-                       data_dir=data_dir, out=out / "prompting" / f"{Path(llm).name}-{task}.json", progress=progress,
-                       command=command)
+               f"--balanced --calibrate" + (f" --limit {limit}" if limit else "") + f" --out {out / 'prompting' / name}")
+    done = work / f"prompting-{'-'.join(map(str, shots))}-{limit or 'all'}-{seed}" / name
+    if not done.is_file():
+        print(f"\n== {command}", flush=True)
+        pre = load_pretrained(llm)
+        run_eval(pre, task, shots=shots, seed=seed, balanced=True, calibrate=True, limit=limit, data_dir=data_dir,
+                 out=done, progress=progress, command=command)
+        del pre
+    summary = json.loads(done.read_text())
+    for src, dst in zip(output_paths(done), output_paths(out / "prompting" / name)):
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+    parameters = _parameters(llm)
     seconds = {r["shots"]: r["seconds"] for r in summary["tasks"][task]["runs"]}
     name = NAMES.get(llm, llm)
     return [{"era": ERAS["prompted"], "model": name + (" calibrated" if r["metric"].endswith("_calibrated") else ""),
@@ -171,6 +179,13 @@ def _prompted(llm: str, task: str, shots: list[int], metric: str, seed: int, lim
              "pretraining": PRETRAINING.get(llm, "?"), "labels": r["shots"], "metric": metric, "value": r["value"],
              "stderr": r["stderr"], "n": r["n"], "seconds": seconds[r["shots"]], "command": command}
             for r in summary["results"] if r["task"] == task and r["metric"] in (metric, f"{metric}_calibrated")]
+
+
+def _parameters(spec: str) -> int:
+    """A pretrained model's parameter count (a tied LM head counted once)."""
+    from lmlab.hub import load_pretrained
+
+    return sum(p.numel() for p in load_pretrained(spec).model.parameters())
 
 
 def _majority(data) -> float:
