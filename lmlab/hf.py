@@ -175,17 +175,34 @@ def llama_config(hf: dict, where: str = "config.json") -> TransformerConfig:
 def llama_from_hf(hf: dict, tensors: dict[str, torch.Tensor], where: str = "model") -> Transformer:
     """An lmlab Transformer from a Hugging Face Llama config dict and its tensors (Hugging Face names)."""
     config = llama_config(hf, where)
-    state = {}
+    top = {name: hf_name for name, hf_name in _LLAMA_TOP.items()
+           if not (name == "lm_head.weight" and config.tie_embeddings)}
+    return _stacked_model(config, top, _llama_block(config), "model.layers.", tensors, where, "Llama")
+
+
+def _stacked_model(config: TransformerConfig, top: dict[str, str], block: dict[str, list[tuple[str, int]]],
+                   prefix: str, tensors: dict[str, torch.Tensor], where: str, family: str) -> Transformer:
+    """A model from Hugging Face tensors named by `top` (outside the blocks) and `block` (the tensors under
+    `{prefix}{i}.` stacked into each lmlab block tensor; see _llama_block)."""
     try:
-        for name, hf_name in _LLAMA_TOP.items():
-            if not (name == "lm_head.weight" and config.tie_embeddings):
-                state[name] = tensors[hf_name]
+        state = {name: tensors[hf_name] for name, hf_name in top.items()}
         for i in range(config.n_layer):
-            for name, parts in _llama_block(config).items():
-                state[f"blocks.{i}.{name}"] = torch.cat([tensors[f"model.layers.{i}.{n}"] for n, _ in parts])
+            for name, parts in block.items():
+                state[f"blocks.{i}.{name}"] = torch.cat([tensors[f"{prefix}{i}.{n}"] for n, _ in parts])
     except KeyError as e:
-        raise LmlabError(f"{where} lacks tensor {e.args[0]!r}; is it a complete Llama checkpoint?") from None
+        raise LmlabError(f"{where} lacks tensor {e.args[0]!r}; is it a complete {family} checkpoint?") from None
     return _built(config, state, where)
+
+
+def _split_blocks(c: TransformerConfig, ours: dict[str, torch.Tensor], block: dict[str, list[tuple[str, int]]],
+                  prefix: str) -> dict[str, torch.Tensor]:
+    """The other way: each lmlab block tensor split back into its Hugging Face tensors."""
+    tensors = {}
+    for i in range(c.n_layer):
+        for name, parts in block.items():
+            pieces = ours[f"blocks.{i}.{name}"].split([rows for _, rows in parts])
+            tensors.update({f"{prefix}{i}.{n}": t for (n, _), t in zip(parts, pieces)})
+    return tensors
 
 
 def _built(config: TransformerConfig, state: dict[str, torch.Tensor], where: str) -> Transformer:
@@ -274,16 +291,7 @@ def _bert_from_hf(hf: dict, tensors: dict[str, torch.Tensor], where: str) -> Tra
                .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in tensors.items()}
     config = bert_config(hf, where, pooler="pooler.dense.weight" in tensors)
     top = {**_BERT_TOP, **(_BERT_POOLER if config.pooler else {})}
-    state = {}
-    try:
-        for name, hf_name in top.items():
-            state[name] = tensors[hf_name]
-        for i in range(config.n_layer):
-            for name, parts in _bert_block(config).items():
-                state[f"blocks.{i}.{name}"] = torch.cat([tensors[f"encoder.layer.{i}.{n}"] for n, _ in parts])
-    except KeyError as e:
-        raise LmlabError(f"{where} lacks tensor {e.args[0]!r}; is it a complete BERT checkpoint?") from None
-    return _built(config, state, where)
+    return _stacked_model(config, top, _bert_block(config), "encoder.layer.", tensors, where, "BERT")
 
 
 def bert_tokenizer(folder: str | Path) -> Tokenizer:
@@ -397,10 +405,7 @@ def export_hf_llama(model: Transformer, out_dir: str | Path, tokenizer: str | Pa
     ours = model.state_dict()
     tensors = {hf_name: ours[name] for name, hf_name in _LLAMA_TOP.items()
                if not (name == "lm_head.weight" and c.tie_embeddings)}
-    for i in range(c.n_layer):
-        for name, parts in _llama_block(c).items():
-            pieces = ours[f"blocks.{i}.{name}"].split([rows for _, rows in parts])
-            tensors.update({f"model.layers.{i}.{n}": t for (n, _), t in zip(parts, pieces)})
+    tensors.update(_split_blocks(c, ours, _llama_block(c), "model.layers."))
     save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
     tok = Tokenizer.from_str(_tokenizer_text(tokenizer)) if tokenizer is not None else None
     ids = {f"{k}_id": tok.token_to_id(v) if tok is not None and v is not None else None
@@ -446,10 +451,7 @@ def export_hf_bert(model: Transformer, out_dir: str | Path, tokenizer: str | Pat
         ours["type_emb.weight"] = torch.zeros(1, c.n_embd, dtype=ours["tok_emb.weight"].dtype)
     top = {**_BERT_TOP, **(_BERT_POOLER if c.pooler else {})}
     tensors = {hf_name: ours[name] for name, hf_name in top.items()}
-    for i in range(c.n_layer):
-        for name, parts in _bert_block(c).items():
-            pieces = ours[f"blocks.{i}.{name}"].split([rows for _, rows in parts])
-            tensors.update({f"encoder.layer.{i}.{n}": t for (n, _), t in zip(parts, pieces)})
+    tensors.update(_split_blocks(c, ours, _bert_block(c), "encoder.layer."))
     save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
     atomic_write_text(out / "config.json", json.dumps(bert_config_dict(c), indent=2))
     if tokenizer is not None:
