@@ -210,6 +210,13 @@ def test_batches_cover_each_epoch_once_and_resume_at_the_same_place(tiny_bert):
     assert torch.cat([resumed.draw(20)["labels"] for _ in range(3)]).long().tolist() == rows[40:]
     b = obj.draw(7)
     assert b["ids"].shape[1] == int(b["lengths"].max())  # padded to the batch's longest row only
+    # Grouped by length: an epoch's batches pad less than the same batches of a plain shuffle would.
+    lengths = torch.tensor([len(x) for x in enc.ids])
+    order = obj._shuffle(0, 10)
+    grouped = sum(int(lengths[order[i:i + 10]].max()) for i in range(0, 50, 10))
+    plain = sum(int(lengths[torch.randperm(50, generator=torch.Generator().manual_seed(3))[i:i + 10]].max())
+                for i in range(0, 50, 10))
+    assert grouped < plain and sorted(order) == list(range(50))
 
 
 # ----------------------------------------------------------------------------------------------------------------
