@@ -121,6 +121,7 @@ class Server:
         self.max_body = max_body
         self.created = int(time.time())
         self.http_requests: dict[tuple[str, int], int] = {}
+        self.added_tokens = set(self.tokenizer.get_added_tokens_decoder())  # special tokens are not byte-level
 
     # ------------------------------------------------------------------------------------------------------------
     # Shared request handling: key, body, model, sampling fields
@@ -212,8 +213,8 @@ class Server:
         from tokenizers import decoders
 
         piece = self.tokenizer.id_to_token(token_id)
-        special = token_id in self.tokenizer.get_added_tokens_decoder()
-        if isinstance(self.tokenizer.decoder, decoders.ByteLevel) and not special and piece is not None:
+        byte_level = isinstance(self.tokenizer.decoder, decoders.ByteLevel)
+        if byte_level and token_id not in self.added_tokens and piece is not None:
             return bytes(_BYTE_LEVEL[ch] for ch in piece)
         return self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
 

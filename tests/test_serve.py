@@ -462,3 +462,11 @@ def test_engine_prefills_waiting_prompts_together(served):
         engine.close()
     assert max(passes) == len(prompts) * max(map(len, prompts))  # one padded pass for all six prompts
     assert texts == [c.text for c in generate(pre.model, pre.tokenizer, prompts, params)]
+
+
+def test_cli_refuses_bad_sizes_in_one_line(capsys):
+    from lmlab.cli import main
+
+    assert main(["serve", "--model", "smollm2-135m-instruct", "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab serve: error: need --max-batch >= 1") and err.count("\n") == 1
