@@ -4,7 +4,7 @@ One thread owns the model. Requests from any number of clients join the running 
 leave it as soon as they finish, so that many clients share each forward pass (the weights are read once per step
 for all of them, which is what makes a batch of 16 several times faster in total than 16 requests in turn).
 
-    engine = Engine(pretrained, max_batch=16)
+    engine = Engine(model, tokenizer, eos_ids, max_batch=16)
     handle = engine.submit(Request(prompt_ids, SamplingParams(max_new_tokens=64, temperature=0)), loop)
     async for event in handle: ...        # TokenEvent / PromptEvent / DoneEvent / ErrorEvent
 
@@ -19,18 +19,19 @@ so the engine reuses the model unchanged:
     row 1:   .   .   .   .   p   q   r   s   +     (joined later: its prompt was copied into [4, 8))
     row 2:   .   .   .   .   .   .   x   y   +
 
-A new request is prefilled on its own (in chunks, between decode steps, within a token budget per step), in its
-own small cache; then its keys/values are copied into a free row so that they end at L. When the timeline reaches
-`context` (or is mostly padding), the rows are shifted left together. Active rows stay in rows 0..n-1 (a leaving
-row's place is taken by the last one), so a decode step uses a view of the first rows, not a copy.
+New requests are prefilled between decode steps, within a token budget, in a small cache of their own: short
+prompts that arrive together in one left-padded pass, a long one in chunks. Then each prompt's keys/values are
+copied into a free row so that they end at L. When the timeline reaches `context` (or is mostly padding), the rows
+are shifted left together. Active rows stay in rows 0..n-1 (a leaving row's place is taken by the last one), so a
+decode step uses a view of the first rows, not a copy.
 
-Same request, same tokens, whatever else is running: a request's prefill always runs alone with the same chunking,
-its sampling uses its own torch.Generator (seeded per request, and per choice for n > 1), and every row-wise
-operation (norms, sampling) only sees its own row. What remains is the matrix multiplication: MKL picks different
-kernels for different row counts (measured: 1 row, 2-15 rows and 16+ rows round differently; for a fixed row count
-the other rows never matter), so with `batch_invariant=True` every decode step runs at the full `max_batch` shape
-(idle rows are padding). Attention over the shared timeline still sees a number of keys that depends on the
-longest row; see `lmlab serve --help` and the tests for what is measured.
+Same request, same tokens, whatever else is running: sampling uses the request's own torch.Generator (seeded per
+request, and per choice for n > 1), and every row-wise operation (norms, sampling) only sees its own row. What
+remains is the matrix multiplication: MKL picks different kernels for different row counts (measured: 1 row, 2-15
+rows and 16+ rows round differently; for a fixed row count the other rows never matter). So with
+`batch_invariant=True` every prompt is prefilled alone, with the same chunks, and every decode step runs at the
+full `max_batch` shape (idle rows are padding). Attention over the shared timeline still sees a number of keys
+that depends on the longest row (`python bench/serve_load.py --invariance` measures what remains).
 """
 
 from __future__ import annotations
