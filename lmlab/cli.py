@@ -251,10 +251,11 @@ def cmd_paradigms(args):
                   keep_weights=args.keep_weights, progress=not args.no_progress,
                   command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
     if args.glue:
-        run_glue(args.glue, out=args.out or "docs/results/glue-minilm", **common)
+        run_glue(args.glue, out=args.out or "docs/results/glue-minilm", epochs=args.epochs, **common)
     else:
         run_paradigms(args.task, args.labels, args.shots, out=args.out or "docs/results/paradigms",
-                      baselines=args.baselines, methods=args.methods, prompt_limit=args.prompt_limit, **common)
+                      baselines=args.baselines, methods=args.methods, prompt_limit=args.prompt_limit,
+                      collect=args.collect, **common)
 
 
 def cmd_demo(args):
@@ -407,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-limit", type=int, default=None, help="prompt on the first N dev examples only")
     s.add_argument("--glue", nargs="?", const="sst2,rte,mrpc,cola,stsb", default=None,
                    help="instead: fine-tune MiniLM on these GLUE tasks with all labels and write the GLUE table")
+    s.add_argument("--epochs", type=float, default=None, help="with --glue: epochs for the tasks under 10,000 "
+                                                              "examples (default: the fixed budgets)")
+    s.add_argument("--collect", action="store_true", help="train nothing: tabulate the finished runs")
     s.add_argument("--out", default=None, help="results folder (default docs/results/paradigms, or "
                                                "docs/results/glue-minilm with --glue)")
     s.add_argument("--work", default="runs/paradigms", help="run folders (a finished run is not run again)")

@@ -55,12 +55,9 @@ LR = {"baseline": 2e-3, "full": 1e-4, "lora": 1e-3}
 
 def schedule(n: int, kind: str) -> dict:
     """Fixed training budget for n labelled examples: more epochs over fewer examples, about 100 optimizer steps
-    at least, one epoch (from-scratch models: three) when there are more than 10,000."""
+    at least, one epoch when there are more than 10,000."""
     batch_size = 16 if n < 1000 else 32
-    if n > 10_000:
-        epochs = 3.0 if kind == "baseline" else 1.0
-    else:
-        epochs = float(min(30, max(3, math.ceil(100 * batch_size / n))))
+    epochs = 1.0 if n > 10_000 else float(min(30, max(3, math.ceil(100 * batch_size / n))))
     return {"batch_size": batch_size, "epochs": epochs, "lr": LR[kind]}
 
 
@@ -74,16 +71,25 @@ def _command(model: str, task: str, labels, method: str, s: dict, max_length: in
 
 
 def _run(model: str, task: str, labels: int | None, method: str, n_train: int, work: Path, *, max_length: int,
-         seed: int, data_dir, threads, keep_weights: bool, progress: bool) -> dict:
-    """One fine-tuning (or from-scratch) run, or its results from an earlier invocation."""
+         seed: int, data_dir, threads, keep_weights: bool, progress: bool, epochs: float | None = None,
+         collect: bool = False) -> dict | None:
+    """One fine-tuning (or from-scratch) run, or its results from an earlier invocation (collect: only those;
+    None when it has not run)."""
     kind = "baseline" if model in ("bilstm", "cnn") else method
     s = schedule(labels or n_train, kind)
+    if epochs is not None:
+        s["epochs"] = epochs
     steps = math.ceil(s["epochs"] * (labels or n_train) / s["batch_size"])
     name = f"{task}-{Path(model).name}-{kind}-{labels or 'all'}"
     run_dir = work / name
     command = _command(model, task, labels, method, s, max_length, seed)
     if (run_dir / "results.json").is_file():
         results = json.loads((run_dir / "results.json").read_text())
+        if results.get("command") != command:
+            raise LmlabError(f"{run_dir} holds a run made with other settings ({results.get('command')}); use "
+                             "another --work folder, or delete it")
+    elif collect:
+        return None
     else:
         print(f"\n== {command}", flush=True)
         results = finetune(model, task, labels=labels, method=method, epochs=s["epochs"], lr=s["lr"],
@@ -107,9 +113,10 @@ def run_paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: st
                   baselines: str = "bilstm,cnn", methods: str = "full,lora", encoder: str = ENCODER,
                   llm: str = LLM, prompt_limit: int | None = None,
                   seed: int = 0, data_dir=None, threads: int | None = None, keep_weights: bool = False,
-                  progress: bool = True, command: str | None = None) -> dict:
+                  progress: bool = True, collect: bool = False, command: str | None = None) -> dict:
     """The three eras on one task: every (model, labels) run, the prompted LLM at each number of shots, and the
-    table, plot and JSON in `out`."""
+    table, plot and JSON in `out`. collect: train nothing, tabulate the runs that are finished (and say which
+    are missing)."""
     if threads:
         torch.set_num_threads(threads)
     data = load_task(task, data_dir)
@@ -126,20 +133,24 @@ def run_paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: st
     max_length = _max_length(task, data_dir)
     metric = data.metrics[0]
     started = time.time()
-    rows = []
+    rows, missing = [], []
     plan = [(m, "full") for m in baselines.split(",") if m] + [(encoder, m) for m in methods.split(",") if m]
     for model, method in plan:
         for n in sizes:
             r = _run(model, task, n, method, len(data.train), work, max_length=max_length, seed=seed,
-                     data_dir=data_dir, threads=threads, keep_weights=keep_weights, progress=progress)
-            rows.append(_row(r, model, metric))
+                     data_dir=data_dir, threads=threads, keep_weights=keep_weights, progress=progress,
+                     collect=collect)
+            if r is None:
+                missing.append(f"{NAMES.get(model, model)} {method} with {n or 'all'} labels")
+            else:
+                rows.append(_row(r, model, metric))
 
     if shot_list:
         rows += _prompted(llm, task, shot_list, metric, seed, prompt_limit, data_dir, out, work, progress)
 
     summary = {"task": task, "metric": metric, "train_size": len(data.train), "dev_size": len(data.dev),
                "command": command, "seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
-               "rows": rows, "majority": _majority(data), "prompt_limit": prompt_limit}
+               "rows": rows, "missing": missing, "majority": _majority(data), "prompt_limit": prompt_limit}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "paradigms.json", summary)
     atomic_write_text(out / "paradigms.md", paradigms_markdown(summary))
@@ -229,6 +240,10 @@ def paradigms_markdown(summary: dict) -> str:
     for n in sorted({r["labels"] for r in rows if r["era"] != ERAS["prompted"]}):
         lines.append(f"- {n:,} labels: " + _winners([r for r in rows if r["labels"] == n or
                                                      (r["era"] == ERAS["prompted"] and r["labels"] <= n)]))
+    if summary.get("missing"):
+        lines += ["", "Not run (time): " + "; ".join(summary["missing"]) + "."]
+    if summary.get("prompt_limit"):
+        lines += ["", f"The prompted rows are scored on the first {summary['prompt_limit']} dev examples only."]
     lines += ["", "Prompting rows count the solved examples in the prompt as labelled examples; each era's best "
               "prompted figure at or below a label count is compared with the runs at that count. Training time "
               "is wall-clock time on the machine named in the README, evaluations included; prompting time is "
@@ -296,9 +311,10 @@ GLUE_HEADINGS = {"sst2": "SST-2 (acc)", "rte": "RTE (acc)", "mrpc": "MRPC (F1 / 
 
 def run_glue(tasks: str = GLUE_TASKS, *, model: str = ENCODER, method: str = "full",
              out: str | Path = "docs/results/glue-minilm", work: str | Path = "runs/paradigms", seed: int = 0,
-             data_dir=None, threads: int | None = None, keep_weights: bool = False, progress: bool = True,
-             command: str | None = None) -> dict:
-    """Fine-tune `model` on each GLUE task with all its labels (budgets from `schedule`) and write the table."""
+             epochs: float | None = None, data_dir=None, threads: int | None = None, keep_weights: bool = False,
+             progress: bool = True, command: str | None = None) -> dict:
+    """Fine-tune `model` on each GLUE task with all its labels (budgets from `schedule`, or `epochs` for the
+    tasks under 10,000 examples) and write the table."""
     if threads:
         torch.set_num_threads(threads)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -306,7 +322,8 @@ def run_glue(tasks: str = GLUE_TASKS, *, model: str = ENCODER, method: str = "fu
     for task in names:
         data = load_task(task, data_dir)
         r = _run(model, task, None, method, len(data.train), Path(work), max_length=_max_length(task, data_dir),
-                 seed=seed, data_dir=data_dir, threads=threads, keep_weights=keep_weights, progress=progress)
+                 seed=seed, data_dir=data_dir, threads=threads, keep_weights=keep_weights, progress=progress,
+                 epochs=epochs if len(data.train) <= 10_000 else None)
         runs.append(r)
     summary = {"model": model, "method": method, "command": command, "threads": torch.get_num_threads(),
                "runs": runs}

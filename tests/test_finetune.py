@@ -320,7 +320,7 @@ def test_paradigms_table_and_plot(tmp_path):
     from lmlab.paradigms import run_paradigms, schedule
 
     assert schedule(32, "full") == {"batch_size": 16, "epochs": 30.0, "lr": 1e-4}
-    assert schedule(67349, "full")["epochs"] == 1.0 and schedule(67349, "baseline")["epochs"] == 3.0
+    assert schedule(67349, "full")["epochs"] == 1.0 and schedule(67349, "baseline")["epochs"] == 1.0
     data = _synthetic_sst2(tmp_path / "data")
     settings = dict(task="sst2", labels="32,all", shots="", baselines="cnn", methods="", out=tmp_path / "out",
                     work=tmp_path / "work", data_dir=data, threads=1, progress=False)
@@ -334,3 +334,6 @@ def test_paradigms_table_and_plot(tmp_path):
     assert (tmp_path / "out" / "paradigms.png").stat().st_size > 10_000
     again = run_paradigms(**settings)  # nothing left to train: the same rows from the runs' results.json
     assert [r["value"] for r in again["rows"]] == [r["value"] for r in summary["rows"]]
+    collected = run_paradigms(**{**settings, "labels": "32,64,all"}, collect=True)  # 64 never ran
+    assert len(collected["rows"]) == 2 and collected["missing"] == ["CNN (Kim 2014) full with 64 labels"]
+    assert "Not run (time): CNN (Kim 2014) full with 64 labels." in (tmp_path / "out" / "paradigms.md").read_text()
