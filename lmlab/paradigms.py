@@ -42,11 +42,13 @@ ENCODER = "minilm-l6"
 LLM = "smollm2-135m-instruct"
 # What each model learned from before it saw the task (from the model cards).
 PRETRAINING = {
-    "bilstm": "none: word embeddings learned from the task's labelled examples",
-    "cnn": "none: word embeddings learned from the task's labelled examples",
-    ENCODER: "MiniLM distilled on English Wikipedia + BookCorpus, then 1B sentence pairs (contrastive)",
-    LLM: "2T tokens of web, code, math; then instruction tuning",
+    "bilstm": "none (the task's examples only)",
+    "cnn": "none (the task's examples only)",
+    ENCODER: "Wikipedia + BookCorpus (MiniLM), 1B sentence pairs",
+    LLM: "2T tokens (web, code, math), instructions",
 }
+TASK_NAMES = {"sst2": "SST-2", "rte": "RTE", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B", "wnli": "WNLI",
+              "trec": "TREC"}
 ERAS = {"baseline": "1 specialized (from scratch)", "full": "2 pretrain + fine-tune", "lora": "2 pretrain + fine-tune",
         "prompted": "3 pretrain + prompt"}
 NAMES = {"bilstm": "BiLSTM", "cnn": "CNN (Kim 2014)", ENCODER: "all-MiniLM-L6-v2", LLM: "SmolLM2-135M-Instruct"}
@@ -227,7 +229,8 @@ def _millions(n: int) -> str:
 
 def paradigms_markdown(summary: dict) -> str:
     rows, metric = summary["rows"], summary["metric"]
-    lines = [f"# Three eras on {summary['task'].upper()}: specialized, fine-tuned, prompted", "",
+    lines = [f"# Three eras on {TASK_NAMES.get(summary['task'], summary['task'])}: specialized, fine-tuned, "
+             "prompted", "",
              f"Dev {metric} on {summary['dev_size']} examples; training set {summary['train_size']:,} examples. "
              f"Always answering the majority class scores {summary['majority']:.3f}.", "",
              "| era | model | method | parameters (trained) | pretraining data | labelled examples | dev "
@@ -293,7 +296,7 @@ def plot_paradigms(summary: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("labelled examples (training set, or solved examples in the prompt)")
     ax.set_ylabel(f"dev {summary['metric']}")
-    ax.set_title(f"{summary['task'].upper()}: specialized vs fine-tuned vs prompted")
+    ax.set_title(f"{TASK_NAMES.get(summary['task'], summary['task'])}: specialized vs fine-tuned vs prompted")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
