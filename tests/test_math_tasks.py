@@ -47,6 +47,8 @@ def test_numeric_tolerance_is_llm_adapters_0_001():
     ("Answer: D", "D"),
     ("I computed 2.65, which is (D) in the list", "D"),
     ("B", "B"),
+    ("A: The train is 10 m long, so its speed is 2 m/s", None),  # the rationale's "A: " names no option
+    ("A: 23.65", "A"),
     ("The answer is (B). No wait, the answer is (A).", "A"),  # the last statement counts
     ("no idea", None),
 ])

@@ -19,8 +19,9 @@ Answer extraction (extract_number, extract_letter):
              (LLM-Adapters' 0.001, so 0.67 for 2/3 is wrong: a model must write the digits)
     letters  the option after the last "answer is" / "answer:" (case-insensitive, "(C)" or "C"); else the last
              option in parentheses "(C)"; else the harness's parse_answer (a leading "C." or "C)", a letter
-             standing alone). LLM-Adapters takes the first capital A-E anywhere, which the "A: " that its own
-             rationales start with would fool.
+             standing alone) on the text without a leading "A: " before a word, the "Answer:" prefix that
+             LLM-Adapters' rationales (and so a model trained on them) start with. LLM-Adapters takes the first
+             capital A-E anywhere, which that prefix fools.
 A completion with no number (or no letter) is wrong. The metric is exact_match: the fraction correct.
 """
 
@@ -39,6 +40,7 @@ AQUA_OPTIONS = 5
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 _LETTER_AFTER_ANSWER = re.compile(r"(?i:answer)(?:\s+is)?\s*:?\s*\(?([A-E])\b")
 _LETTER_IN_PARENS = re.compile(r"\(([A-E])\)")
+_RATIONALE_PREFIX = re.compile(r"^\s*A:\s+(?=[A-Za-z])")  # "A: The train..." is an answer, not option A
 
 
 def extract_number(text: str) -> float | None:
@@ -55,7 +57,7 @@ def extract_letter(text: str) -> int | None:
             return LETTERS.index(found[-1])
     from lmlab.evaluate import parse_answer  # imported here: lmlab.evaluate imports this module's tasks
 
-    return parse_answer(text, AQUA_OPTIONS)
+    return parse_answer(_RATIONALE_PREFIX.sub("", text), AQUA_OPTIONS)
 
 
 def is_correct(prediction: float | None, gold: float) -> bool:
