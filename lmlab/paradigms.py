@@ -308,8 +308,10 @@ def plot_paradigms(summary: dict, path: Path) -> None:
 # The GLUE table
 
 GLUE_TASKS = "sst2,rte,mrpc,cola,stsb"
-GLUE_HEADINGS = {"sst2": "SST-2 (acc)", "rte": "RTE (acc)", "mrpc": "MRPC (F1 / acc)", "cola": "CoLA (MCC)",
-                 "stsb": "STS-B (Pearson / Spearman)"}
+# The figures GLUE's score takes from each task (its leaderboard's columns); other tasks: their first metric.
+GLUE_METRICS = {"sst2": ("acc",), "rte": ("acc",), "mrpc": ("f1", "acc"), "cola": ("mcc",),
+                "stsb": ("pearson", "spearman"), "wnli": ("acc",)}
+METRIC_NAMES = {"acc": "acc", "f1": "F1", "mcc": "MCC", "pearson": "Pearson", "spearman": "Spearman"}
 
 
 def run_glue(tasks: str = GLUE_TASKS, *, model: str = ENCODER, method: str = "full",
@@ -342,12 +344,13 @@ def glue_markdown(summary: dict) -> str:
     """The lecture's BERT table shape: one row per model, one column per task; the average is GLUE's (each task
     the mean of its metrics, then the mean over tasks)."""
     by_task = {r["task"]: r for r in summary["runs"]}
-    cells, scores = [], []
+    cells, scores, headings = [], [], []
     for task, r in by_task.items():
-        values = [r["metrics"][m] for m in r["metrics"]]
+        names = GLUE_METRICS.get(task, (r["main_metric"],))
+        values = [r["metrics"][m] for m in names]
         scores.append(sum(values) / len(values))
         cells.append(" / ".join(f"{100 * v:.1f}" for v in values))
-    headings = [GLUE_HEADINGS.get(t, t) for t in by_task]
+        headings.append(f"{TASK_NAMES.get(task, task)} ({' / '.join(METRIC_NAMES.get(m, m) for m in names)})")
     model = NAMES.get(summary["model"], summary["model"])
     lines = [f"# {model} fine-tuned on GLUE (dev sets)", "",
              "| model | " + " | ".join(headings) + " | average |", "|---|" + "---:|" * (len(headings) + 1),

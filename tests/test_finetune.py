@@ -337,3 +337,20 @@ def test_paradigms_table_and_plot(tmp_path):
     collected = run_paradigms(**{**settings, "labels": "32,64,all"}, collect=True)  # 64 never ran
     assert len(collected["rows"]) == 2 and collected["missing"] == ["CNN (Kim 2014) full with 64 labels"]
     assert "Not run (time): CNN (Kim 2014) full with 64 labels." in (tmp_path / "out" / "paradigms.md").read_text()
+
+
+def test_glue_table_uses_glues_figures_per_task():
+    """MRPC shows F1 then accuracy, CoLA its MCC alone; the average is GLUE's: each task's figures averaged,
+    then the tasks."""
+    from lmlab.paradigms import glue_markdown
+
+    def run(task, metrics):
+        return {"task": task, "metrics": metrics, "main_metric": next(iter(metrics)), "parameters": 22_713_986,
+                "best": {"step": 10}, "labels": 100, "epochs": 1, "steps": 10, "train_seconds": 5.0,
+                "command": f"lmlab finetune --task {task}"}
+
+    table = glue_markdown({"model": "minilm-l6", "method": "full", "runs": [
+        run("mrpc", {"acc": 0.75, "f1": 0.83}), run("cola", {"mcc": 0.30, "acc": 0.70}),
+        run("stsb", {"pearson": 0.80, "spearman": 0.78})]})
+    assert "| MRPC (F1 / acc) | CoLA (MCC) | STS-B (Pearson / Spearman) | average |" in table
+    assert "| 83.0 / 75.0 | 30.0 | 80.0 / 78.0 | 62.7 |" in table  # (79 + 30 + 79) / 3
