@@ -12,7 +12,8 @@ in lm-evaluation-harness's format (context "Question: {goal}\\nAnswer:", continu
                 the harness's rules
 Both take the log-softmax of the float32 logits in float64.
 
-Prints one JSON object: examples (questions) per second of each, the speed-up, acc and acc_norm of each, whether
+The two are timed in alternation, --slice questions at a time, so that other load on the machine slows both
+alike. Prints one JSON object: examples (questions) per second of each, the speed-up, acc and acc_norm of each, whether
 every prediction is identical, and the largest difference of a log-likelihood.
 
     python bench/eval_throughput.py [--limit 100] [--shots 0] [--threads 2] [--batch-size 16] [--data-dir DIR]
@@ -67,6 +68,8 @@ def main():
     ap.add_argument("--shots", type=int, default=0, help="solved examples before each question")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--slice", type=int, default=50,
+                    help="questions per timing slice; the two sides alternate slice by slice")
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,22 +95,27 @@ def main():
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         hf_tok = transformers.AutoTokenizer.from_pretrained(tmp)
 
-    # Warm up both (first-call allocations, kernel selection), then time.
+    # Warm up both (first-call allocations, kernel selection), then time them in alternation, a slice of questions
+    # at a time, so that other load on the machine slows both alike.
     lm.loglikelihood(requests[:4])
     transformers_loop(hf_model, hf_tok, requests[:4])
-    start = time.perf_counter()
-    ours = [ll for ll, _ in lm.loglikelihood(requests)]
-    ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    theirs = transformers_loop(hf_model, hf_tok, requests)
-    theirs_s = time.perf_counter() - start
+    ours, theirs, ours_s, theirs_s = [], [], 0.0, 0.0
+    per_slice = 2 * args.slice  # two solutions per question
+    for start in range(0, len(requests), per_slice):
+        part = requests[start:start + per_slice]
+        t0 = time.perf_counter()
+        ours += [ll for ll, _ in lm.loglikelihood(part)]
+        t1 = time.perf_counter()
+        theirs += transformers_loop(hf_model, hf_tok, part)
+        t2 = time.perf_counter()
+        ours_s, theirs_s = ours_s + t1 - t0, theirs_s + t2 - t1
 
     ours_acc, ours_norm = predictions(ours, docs)
     theirs_acc, theirs_norm = predictions(theirs, docs)
     accuracy = lambda preds: float(np.mean(np.array(preds) == np.array(golds)))  # noqa: E731
     print(json.dumps({
         "model": args.model, "task": f"piqa ({args.shots}-shot, log-likelihood)", "examples": len(docs),
-        "requests": len(requests), "threads": args.threads, "batch_size": args.batch_size,
+        "requests": len(requests), "threads": args.threads, "batch_size": args.batch_size, "slice": args.slice,
         "device": "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
         "lmlab_examples_per_s": round(len(docs) / ours_s, 2),
         "transformers_examples_per_s": round(len(docs) / theirs_s, 2),
