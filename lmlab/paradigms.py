@@ -277,7 +277,7 @@ def plot_paradigms(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(10.5, 4.6), dpi=110)
     lines: dict[str, list] = {}
     for r in summary["rows"]:
         lines.setdefault(f"{r['model']}, {r['method'] if r['era'] != ERAS['prompted'] else 'k-shot prompt'}",
@@ -298,7 +298,7 @@ def plot_paradigms(summary: dict, path: Path) -> None:
     ax.set_ylabel(f"dev {summary['metric']}")
     ax.set_title(f"{TASK_NAMES.get(summary['task'], summary['task'])}: specialized vs fine-tuned vs prompted")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the curves fill the plot
     fig.tight_layout()
     atomic_replace(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
