@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sentence vector: cls (encoders' default), mean, last (decoders' default)")
     s.add_argument("--epochs", type=float, default=3.0)
     s.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    s.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5 full, 5e-4 LoRA, 1e-3 "
+    s.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 full, 1e-3 LoRA, 2e-3 "
                                                            "baselines)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward pass (gradient accumulation)")

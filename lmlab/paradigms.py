@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.finetune import finetune, load_task, parse_labels
+from lmlab.finetune import DEFAULT_LR, finetune, load_task, parse_labels
 from lmlab.util import atomic_replace, atomic_write_json, atomic_write_text
 
 ENCODER = "minilm-l6"
@@ -52,7 +52,6 @@ TASK_NAMES = {"sst2": "SST-2", "rte": "RTE", "mrpc": "MRPC", "cola": "CoLA", "st
 ERAS = {"baseline": "1 specialized (from scratch)", "full": "2 pretrain + fine-tune", "lora": "2 pretrain + fine-tune",
         "prompted": "3 pretrain + prompt"}
 NAMES = {"bilstm": "BiLSTM", "cnn": "CNN (Kim 2014)", ENCODER: "all-MiniLM-L6-v2", LLM: "SmolLM2-135M-Instruct"}
-LR = {"baseline": 2e-3, "full": 1e-4, "lora": 1e-3}
 
 
 def schedule(n: int, kind: str) -> dict:
@@ -60,7 +59,7 @@ def schedule(n: int, kind: str) -> dict:
     at least, one epoch when there are more than 10,000."""
     batch_size = 16 if n < 1000 else 32
     epochs = 1.0 if n > 10_000 else float(min(30, max(3, math.ceil(100 * batch_size / n))))
-    return {"batch_size": batch_size, "epochs": epochs, "lr": LR[kind]}
+    return {"batch_size": batch_size, "epochs": epochs, "lr": DEFAULT_LR[kind]}
 
 
 def _command(model: str, task: str, labels, method: str, s: dict, max_length: int, seed: int) -> str:
