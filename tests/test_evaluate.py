@@ -472,3 +472,12 @@ def test_smollm_generation_through_the_chat_template(smollm_pretrained):
     prompt = run["prompts"][0]
     assert prompt.count("<|im_start|>user\n") == 2 and prompt.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
     assert summary["results"][0]["metric"] == "exact_match" and summary["results"][0]["n"] == 2
+
+
+def test_an_encoder_is_refused_by_the_harness(minilm_path):
+    from lmlab.evaluate import LM
+    from lmlab.errors import LmlabError
+    from lmlab.hub import load_pretrained
+
+    with pytest.raises(LmlabError, match="is an encoder"):
+        LM.from_pretrained(load_pretrained(minilm_path))
