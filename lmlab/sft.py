@@ -528,7 +528,7 @@ RUN_FILE = "sft.json"  # in a run folder: the base model, the method and its set
 DEFAULT_LR = {"full": 2e-5, "lora": 3e-4, "adapterh": 3e-4, "adapterp": 3e-4}  # LLM-Adapters' 3e-4 for PEFT
 
 
-def method_settings(method: str, *, lora_r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.05,
+def method_settings(method: str, *, lora_r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                     lora_targets=("qkv", "proj", "fc"), adapter_size: int | None = None,
                     adapter_activation: str = "tanh", adapter_dropout: float = 0.0) -> dict:
     """The settings a method is applied (and saved) with."""
