@@ -136,3 +136,47 @@ def test_bad_config_messages():
     model = Transformer(TransformerConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(LmlabError, match=r"longer than the model's context \(block_size 8\)"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_loss_only_is_the_same_loss_and_gradients():
+    """loss_only runs the head at the target positions alone: the loss and every gradient are those of the whole
+    head's cross-entropy with the other positions ignored."""
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32))
+    idx = torch.randint(97, (3, 16))
+    targets = torch.where(torch.rand(3, 16) < 0.4, torch.randint(97, (3, 16)), -100)
+    results = []
+    for loss_only in (False, True):
+        model.zero_grad()
+        logits, loss = model(idx, targets, loss_only=loss_only)
+        assert (logits is None) == loss_only
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_training_attention_kernel_choice_does_not_change_gradients(monkeypatch):
+    """On the CPU, training on short sequences uses SDPA's math kernel (its backward is faster there); with the
+    limit at 0 the default (flash) kernel runs. Both give the same loss and gradients."""
+    from lmlab.model import Attention
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(**LLAMA_LIKE, n_kv_head=2, vocab_size=97, block_size=32, n_layer=2,
+                                          n_head=4, n_embd=32)).train()
+    idx = torch.randint(97, (2, 24))
+    results = []
+    for limit in (Attention.MATH_KERNEL_SCORES, 0):
+        monkeypatch.setattr(Attention, "MATH_KERNEL_SCORES", limit)
+        model.zero_grad()
+        with torch.profiler.profile() as prof:
+            loss = model(idx, idx)[1]
+            loss.backward()
+        ops = {e.key for e in prof.key_averages()}
+        flash = any("flash_attention" in op for op in ops)
+        assert flash == (limit == 0), sorted(op for op in ops if "attention" in op)
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, atol=1e-5)
