@@ -106,6 +106,22 @@ def merge_lora(model: nn.Module) -> int:
     return len(names)
 
 
+def cast_frozen_matmuls(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Store the frozen nn.Linear weights in `dtype` (for training under autocast to that dtype). Autocast casts
+    every linear weight to bf16 at every forward; a frozen weight never changes, so casting it once gives the
+    same products without a cast per step or the fp32 copy's memory. Embeddings (and a head tied to them), norms
+    and every trainable parameter stay as they are, so the residual stream keeps its precision. Returns the
+    number of weights cast. The base model's file is untouched: a PEFT run saves only its own weights."""
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    cast = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in tied and not any(
+                p.requires_grad for p in module.parameters()):
+            module.to(dtype)
+            cast += 1
+    return cast
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters being trained, by name: what a PEFT file holds."""
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}

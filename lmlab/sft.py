@@ -416,7 +416,7 @@ class InstructionTuning(Tuning):
         return collate(rows, self.pad_id)
 
     def loss(self, module, batch):
-        return module(batch["inputs"], batch["targets"])[1]
+        return module(batch["inputs"], batch["targets"], loss_only=True)[1]
 
     def evaluate(self, model) -> dict[str, float]:
         """val_loss: the mean cross-entropy per response token over the held-out examples (all their tokens
@@ -428,7 +428,7 @@ class InstructionTuning(Tuning):
             batch = collate(rows[start:start + self.eval_batch_size], self.pad_id)
             targets = batch["targets"].to(device)
             n = int((targets != IGNORE).sum())
-            total += float(model(batch["inputs"].to(device), targets)[1]) * n
+            total += float(model(batch["inputs"].to(device), targets, loss_only=True)[1]) * n
             count += n
         return {"val_loss": total / max(count, 1)}
 
@@ -646,6 +646,33 @@ def _train_config(run_dir: Path, method: str, steps: int, batch_size: int, micro
     return t
 
 
+def training_precision(t) -> str:
+    """train.dtype for lmlab sft and dpo: "auto" is bf16 autocast where the hardware multiplies bf16 natively
+    (CUDA; a CPU with AMX or AVX512-BF16, where bf16 matmuls run several times faster than fp32), fp32 elsewhere.
+    The trained weights keep fp32 master copies either way, so small updates are not lost to bf16 rounding."""
+    if t.dtype != "auto":
+        return t.dtype
+    from lmlab.util import pick_device
+
+    device = pick_device(t.device)
+    native = device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available()
+                                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return "bfloat16" if native else "float32"
+
+
+def _method_on(model, s: "TuneSettings", settings: dict, world) -> None:
+    """The method on the model, on the training device. Under bf16 autocast a PEFT method's frozen matmul weights
+    are stored in bf16 once (lmlab.peft.cast_frozen_matmuls: the products autocast computes, without a cast per
+    step); the run saves only the method's weights, and its results and load_tuned use the fp32 base."""
+    from lmlab.peft import cast_frozen_matmuls
+
+    torch.manual_seed(s.seed)  # the method's random initialisation (LoRA's A, the adapters' down)
+    apply_method(model, s.method, settings)
+    if world.bf16 and s.method != "full":
+        cast_frozen_matmuls(model, torch.bfloat16)
+    model.to(world.device)
+
+
 def _prompt_and_reference(example: Example) -> tuple[str, str]:
     """The text before the first response (what a model is asked) and that response."""
     first = next(i for i, (_, trained) in enumerate(example.segments) if trained)
@@ -755,10 +782,11 @@ def _finish(s: TuneSettings, pretrained, objective, t, info: dict, samples: list
     model = objective.model
     run_dir = Path(s.run_dir)
     trained, total = trainable_parameters(model)
+    info["precision"] = "bf16 autocast" if world.bf16 else "fp32"
     if world.main:
         atomic_write_json(run_dir / RUN_FILE, info)
     if not s.resume:  # the held-out figures of the starting model, for before/after
-        with torch.no_grad():
+        with torch.no_grad(), world.autocast():
             model.eval()
             info["before"] = objective.evaluate(model)
     with PeakMemory() as memory:
@@ -773,8 +801,13 @@ def _finish(s: TuneSettings, pretrained, objective, t, info: dict, samples: list
     if not world.main:
         return results
     if (run_dir / "best").is_dir():
-        objective.load(model, run_dir / "best")
         results["best"] = json.loads((run_dir / "best" / "eval.json").read_text())
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        # Answer with the run as saved (the fp32 base, the trained weights of best/ or the last checkpoint),
+        # which is what load_tuned gives later, not with the bf16 training copy.
+        model = load_tuned(run_dir, merge=False).model.to(world.device)
+    elif (run_dir / "best").is_dir():
+        objective.load(model, run_dir / "best")
     if samples:
         after = answer_prompts(pretrained, model, [x["prompt"] for x in samples], s.sample_tokens, s.progress,
                                "answers after")
@@ -856,12 +889,11 @@ def run_sft(s: TuneSettings, packing: bool = False, echo=print) -> dict:
                 skipped_longer_than_seq_len=skipped_train + skipped_val)
     if echo and skipped_train + skipped_val:
         echo(f"left out {skipped_train + skipped_val} examples longer than --seq-len {s.seq_len} tokens")
-    world = Dist(t.device, t.dtype)
+    world = Dist(t.device, training_precision(t))
     try:
         samples = _samples_before(pretrained, val, s, world)
         model = pretrained.model
-        apply_method(model, s.method, settings)
-        model.to(world.device)
+        _method_on(model, s, settings, world)
         objective = InstructionTuning(model, encoded_train, encoded_val, method=s.method, settings=settings,
                                       seq_len=s.seq_len, packing=packing, pad_id=pretrained.eos_token_id or 0,
                                       seed=s.seed)
@@ -907,7 +939,7 @@ def run_dpo(s: TuneSettings, beta: float = 0.1, rejected_tokens: int = 128, max_
     if max_pairs:
         train = train[:max_pairs]
     run_dir = Path(s.run_dir)
-    world = Dist(t.device, t.dtype)
+    world = Dist(t.device, training_precision(t))
     try:
         if not isinstance(train[0], Pair):
             cached = run_dir / "pairs.jsonl"
@@ -936,10 +968,11 @@ def run_dpo(s: TuneSettings, beta: float = 0.1, rejected_tokens: int = 128, max_
                     skipped_longer_than_seq_len=skipped_train + skipped_val)
         samples = _samples_before(pretrained, val, s, world)
         model = pretrained.model
-        apply_method(model, s.method, settings)
-        model.to(world.device)
-        objective = Preference(model, encoded_train, encoded_val, beta=beta, method=s.method, settings=settings,
-                               pad_id=pretrained.eos_token_id or 0, seed=s.seed, progress=s.progress)
+        _method_on(model, s, settings, world)
+        with world.autocast():  # the reference log-probabilities in the precision the policy's are computed in
+            objective = Preference(model, encoded_train, encoded_val, beta=beta, method=s.method,
+                                   settings=settings, pad_id=pretrained.eos_token_id or 0, seed=s.seed,
+                                   progress=s.progress)
         return _finish(s, pretrained, objective, t, info, samples, world, echo)
     finally:
         world.close()

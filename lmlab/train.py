@@ -496,7 +496,7 @@ def _fit(objective, t, run_dir, world, resume, on_step, progress):
             improved = False
             if step % t.eval_interval == 0 or last:
                 model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), world.autocast():
                     last_eval = objective.evaluate(model)
                 model.train()
                 log({"step": step, **last_eval, "elapsed": round(elapsed_before + time.perf_counter() - start, 3)})

@@ -153,3 +153,40 @@ def test_bad_adapter_settings_are_clear_errors():
         add_adapterp(_model(LLAMA), activation="sigmoid")
     with pytest.raises(LmlabError, match="after 'attn' and/or 'mlp'"):
         add_adapterh(_model(LLAMA), places=("norm1",))
+
+
+@pytest.mark.parametrize("method", ["lora", "adapterh", "adapterp"])
+def test_frozen_matmuls_in_bf16_give_autocast_s_products(method):
+    """cast_frozen_matmuls stores what autocast would cast at every step: under bf16 autocast the logits and the
+    trainable parameters' gradients are those of the fp32 model, bit for bit, while the embedding (and the head
+    tied to it), the norms and every trainable parameter stay fp32."""
+    from lmlab.peft import add_lora, cast_frozen_matmuls
+
+    adds = {**ADD, "lora": lambda m: add_lora(m, r=4)}
+    kind = {**LLAMA, "tie_embeddings": True}
+    idx = torch.randint(97, (2, 12), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for cast in (False, True):
+        model = _model(kind).train()
+        adds[method](model)
+        _randomize_adapters(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        if cast:
+            assert cast_frozen_matmuls(model) == 2 * 4  # qkv, attn.proj, fc, mlp.proj; not the tied head
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = model(idx, idx)
+        loss.backward()
+        runs.append((model, logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (_, plain_logits, plain_grads), (cast_model, cast_logits, cast_grads) = runs
+    assert torch.equal(plain_logits, cast_logits)
+    assert plain_grads.keys() == cast_grads.keys() and plain_grads
+    for name in plain_grads:
+        assert torch.equal(plain_grads[name], cast_grads[name]), name
+    dtypes = {n: p.dtype for n, p in cast_model.named_parameters()}
+    assert dtypes["tok_emb.weight"] == dtypes["norm_f.weight"] == torch.float32
+    assert all(dtypes[n] == torch.float32 for n in cast_grads)
+    frozen_fc = [n for n in dtypes if ".mlp." in n and n.endswith("fc.weight") or n.endswith("fc.base.weight")]
+    assert frozen_fc and all(dtypes[n] == torch.bfloat16 for n in frozen_fc), frozen_fc
