@@ -1,7 +1,9 @@
 """Fine-tuning cost per step: full fine-tuning vs LoRA (and the bottleneck adapters) on SmolLM2-135M, on the CPU.
 
 A step is what `lmlab sft` does per optimizer step (lmlab.train.fit): the response-token loss of a batch
-(InstructionTuning.loss), backward, gradient clipping and fused AdamW over the trainable parameters. The batch is
+(InstructionTuning.loss), backward, gradient clipping and fused AdamW over the trainable parameters, in each
+precision of --precisions: fp32, or bf16 autocast (with a PEFT method's frozen matmul weights stored in bf16, as
+lmlab sft does; "auto", its default, is bf16 on a CPU with native bf16 and fp32 elsewhere). The batch is
 the same for every method: `--batch` examples of the math training data (LLM-Adapters' math_data.json in the
 Alpaca template, length-bucketed, padded to the longest), or random tokens of `--seq-len` when the shared data
 folder is absent. Methods are timed in alternation in one process (a change in the machine's load hits all of
@@ -12,6 +14,10 @@ peak resident memory during three training steps and that peak minus its memory 
 training state: gradients, optimizer moments, activations).
 
     python bench/peft_throughput.py [--threads 2] [--steps 5] [--batch 8] [--methods full,lora,adapterh,adapterp]
+                                    [--precisions fp32,bf16]
+
+Results are keyed "method/precision"; speedup_vs_full compares with full fine-tuning in the same precision and
+speedup_vs_full_fp32 with full fine-tuning in fp32.
 
 Prints one JSON object.
 """
@@ -27,8 +33,11 @@ import sys
 import time
 from pathlib import Path
 
+import contextlib
+
 import torch
 
+from lmlab.peft import cast_frozen_matmuls
 from lmlab.sft import (PeakMemory, apply_method, collate, encode_all, load_examples, method_settings,
                        trainable_parameters)
 from lmlab.train import make_optimizer
@@ -49,20 +58,28 @@ def batch_for(pretrained, n: int, seq_len: int) -> tuple[dict, str]:
     return {"inputs": ids[:, :-1], "targets": ids[:, 1:]}, f"{n} rows of {seq_len} random tokens"
 
 
-def make_step(method: str, batch: dict):
-    """A model with `method` applied and a function doing one training step on `batch`, as fit does with
-    InstructionTuning (its loss is the model's cross-entropy over the response-token targets)."""
+def make_step(config: str, batch: dict):
+    """A model with config's method ("method/precision") applied and a function doing one training step on
+    `batch`, as fit does with InstructionTuning (its loss is the model's cross-entropy over the response-token
+    targets) and lmlab sft sets up the precision (lmlab.sft._method_on)."""
     from lmlab.config import TrainConfig
     from lmlab.hub import load_pretrained
 
+    method, precision = config.split("/")
     model = load_pretrained(MODEL).model
     apply_method(model, method, method_settings(method))
+    if precision == "bf16" and method != "full":
+        cast_frozen_matmuls(model, torch.bfloat16)
+    bf16 = precision == "bf16"
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     optimizer = make_optimizer(model, TrainConfig(lr=1e-5, weight_decay=0.0), torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
 
     def step():
-        model(batch["inputs"], batch["targets"])[1].backward()
+        with autocast():
+            loss = model(batch["inputs"], batch["targets"], loss_only=True)[1]
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -93,6 +110,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--methods", default="full,lora,adapterh,adapterp")
+    ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,7 +120,7 @@ def main():
 
     from lmlab.hub import load_pretrained
 
-    methods = args.methods.split(",")
+    methods = [f"{m}/{p}" for p in args.precisions.split(",") for m in args.methods.split(",")]
     pretrained = load_pretrained(MODEL)
     batch, what = batch_for(pretrained, args.batch, args.seq_len)
     steps, params = {}, {}
@@ -130,10 +148,10 @@ def main():
         results[method] = {"seconds_per_step": round(median, 3), "tokens_per_s": round(tokens / median, 1),
                            "trainable_parameters": params[method], "step_times": [round(t, 3) for t in times[method]],
                            **memory}
-    full = results.get("full")
-    if full:
-        for method, r in results.items():
-            r["speedup_vs_full"] = round(full["seconds_per_step"] / r["seconds_per_step"], 2)
+    for method, r in results.items():
+        for key, full in (("speedup_vs_full", f"full/{method.split('/')[1]}"), ("speedup_vs_full_fp32", "full/fp32")):
+            if full in results:
+                r[key] = round(results[full]["seconds_per_step"] / r["seconds_per_step"], 2)
     print(json.dumps({
         "benchmark": "peft_throughput", "model": MODEL, "batch": what, "tokens_per_step": tokens,
         "threads": args.threads, "steps": args.steps, "torch": torch.__version__, "machine": platform.machine(),

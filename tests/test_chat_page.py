@@ -6,6 +6,7 @@ The page is found by its accessible names (label "Message", buttons "Send"), so 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,18 @@ new MutationObserver(() => {
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
     folder = make_tiny_model_folder(tmp_path_factory.mktemp("page") / "tiny-chat")
-    server = RunningServer(build(str(folder), max_batch=4, context=256))
+    built = build(str(folder), max_batch=4, context=256)
+    # The tiny model writes 24 tokens in a few ms, which a busy machine can deliver to the page in one network
+    # read, so that even a streamed answer would appear at once. 20 ms per model call paces the tokens the way a
+    # real model does, so the page sees them arrive one by one.
+    model, forward = built.engine.model, built.engine.model.forward
+
+    def paced_forward(*args, **kwargs):
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    model.forward = paced_forward
+    server = RunningServer(built)
     yield server
     server.close()
 
