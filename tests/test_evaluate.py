@@ -359,6 +359,36 @@ def test_run_eval_end_to_end(small_lm, tmp_path, capsys):
 
 
 @needs_data
+def test_a_stopped_run_keeps_the_tasks_it_finished(small_lm, tmp_path, monkeypatch):
+    """OUT.json is written after each task (complete: false) and again at the end (complete: true), so a run
+    stopped in its third task keeps the first two tasks' results and records."""
+    import lmlab.evaluate as evaluate
+
+    out = tmp_path / "eval.json"
+    real_run, calls = evaluate._run, []
+
+    def stop_in_the_third(t, *args):
+        calls.append(t.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run(t, *args)
+
+    monkeypatch.setattr(evaluate, "_run", stop_in_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(small_lm, "sst2,rte,piqa", limit=3, data_dir=SHARED_DATA, out=out, echo=None, progress=False)
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False and {r["task"] for r in saved["results"]} == {"sst2", "rte"}
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(records) == 6 and {r["task"] for r in records} == {"sst2", "rte"}
+    assert not out.with_suffix(".png").exists()  # the plot is drawn once, at the end
+
+    monkeypatch.setattr(evaluate, "_run", real_run)
+    run_eval(small_lm, "sst2,rte,piqa", limit=3, data_dir=SHARED_DATA, out=out, echo=None, progress=False)
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True and {r["task"] for r in saved["results"]} == {"sst2", "rte", "piqa"}
+
+
+@needs_data
 def test_calibration_averages_the_content_free_inputs(small_lm):
     summary = run_eval(small_lm, "rte", shots=[1], limit=2, calibrate=True, data_dir=SHARED_DATA, echo=None,
                        bootstrap_iters=10)

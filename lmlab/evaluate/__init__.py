@@ -173,6 +173,28 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     records: list[dict] = []
     task_info: dict[str, dict] = {}
     started = time.time()
+
+    def summarize(complete: bool) -> dict:
+        return {
+            "model": lm.name,
+            "command": command,
+            "settings": {"tasks": [t.name for t in task_list], "shots": shot_list, "limit": limit, "seed": seed,
+                         "batch_size": batch_size, "mode": mode, "chat": chat, "calibrate": calibrate,
+                         "balanced": balanced, "stride": stride, "window": lm.max_length, "data_dir": str(root),
+                         "bootstrap_iters": bootstrap_iters, "target_delimiter": TARGET_DELIMITER,
+                         "fewshot_delimiter": FEWSHOT_DELIMITER, "device": str(lm.device),
+                         "dtype": str(lm.model.tok_emb.weight.dtype)},
+            "complete": complete,
+            "seconds": round(time.time() - started, 1),
+            "results": rows,
+            "tasks": task_info,
+        }
+
+    def run(t, split, docs, k, m, info):
+        _run(t, split, docs, k, m, lm, settings, rows, records, info)
+        if out is not None:  # what is finished survives a run stopped later (the plot waits for the end)
+            write_results(out, summarize(complete=False), records, plot=False)
+
     for t in task_list:
         split = splits[t.name]
         docs = _limited(split, limit)
@@ -185,28 +207,16 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         if t.kind == "perplexity":
             info["notes"] = {**split.notes, "shots": "perplexity tasks take no shots: evaluated once, reported as "
                                                      "0 shots"}
-            _run(t, split, docs, 0, "loglikelihood", lm, settings, rows, records, info)
+            run(t, split, docs, 0, "loglikelihood", info)
             continue
         modes = ["generate"] if t.kind == "generation" else \
             ["loglikelihood"] if mode == "loglikelihood" or t.kind != "choice" else \
             ["generate"] if mode == "generate" else ["loglikelihood", "generate"]
         for k in shot_list:
             for m in modes:
-                _run(t, split, docs, k, m, lm, settings, rows, records, info)
+                run(t, split, docs, k, m, info)
 
-    summary = {
-        "model": lm.name,
-        "command": command,
-        "settings": {"tasks": [t.name for t in task_list], "shots": shot_list, "limit": limit, "seed": seed,
-                     "batch_size": batch_size, "mode": mode, "chat": chat, "calibrate": calibrate,
-                     "balanced": balanced, "stride": stride, "window": lm.max_length, "data_dir": str(root),
-                     "bootstrap_iters": bootstrap_iters, "target_delimiter": TARGET_DELIMITER,
-                     "fewshot_delimiter": FEWSHOT_DELIMITER, "device": str(lm.device),
-                     "dtype": str(lm.model.tok_emb.weight.dtype)},
-        "seconds": round(time.time() - started, 1),
-        "results": rows,
-        "tasks": task_info,
-    }
+    summary = summarize(complete=True)
     if echo:
         echo(format_table(rows))
     if out is not None:

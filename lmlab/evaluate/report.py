@@ -41,12 +41,12 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
     return base.with_suffix(".json"), base.with_suffix(".jsonl"), base.with_suffix(".png")
 
 
-def write_results(out: str | Path, summary: dict, records: list[dict]) -> list[Path]:
+def write_results(out: str | Path, summary: dict, records: list[dict], plot: bool = True) -> list[Path]:
     json_path, jsonl_path, png_path = output_paths(out)
     atomic_write_json(json_path, summary)
     atomic_write_text(jsonl_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     written = [json_path, jsonl_path]
-    if plot_accuracy(summary["results"], png_path, title=summary.get("model", "")):
+    if plot and plot_accuracy(summary["results"], png_path, title=summary.get("model", "")):
         written.append(png_path)
     return written
 
