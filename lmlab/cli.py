@@ -225,7 +225,8 @@ def _add_tuning_args(s, formats: str, run_dir: str, steps: int):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     s.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
-                   help="any training setting (lmlab.config.TrainConfig), e.g. --set train.eval_interval=50")
+                   help="any training setting (lmlab.config.TrainConfig), e.g. --set train.eval_interval=50; "
+                        "train.dtype=float32 turns off the default bf16 autocast of hardware with native bf16")
     s.add_argument("--lora-r", type=int, default=8)
     s.add_argument("--lora-alpha", type=float, default=16)
     s.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input (as Hugging Face "
