@@ -181,8 +181,9 @@ class Attention(nn.Module):
         """The SDPA kernel for this call: on the CPU, training on short sequences, the plain softmax(QK^T)V
         ("math"); else PyTorch's choice (the flash kernel). The CPU flash kernel's backward is slow for short
         sequences: SmolLM2 on 8 x 150 tokens spent 13 ms a layer in it in fp32 and 34 ms in bf16, a third of a
-        LoRA step, where the math kernel's forward and backward take a few ms. Its memory grows with T^2, hence
-        the size limit."""
+        LoRA step, where the math kernel's forward and backward take a few ms. The price is memory: it keeps each
+        layer's attention probabilities for backward (SmolLM2, LoRA, 4 x 256 tokens: 0.54 GB more over 30
+        layers), and that grows with T^2, hence the size limit."""
         B, H, T, _ = q.shape
         training = self.training and torch.is_grad_enabled()
         if q.device.type == "cpu" and training and B * H * T * k.shape[2] <= self.MATH_KERNEL_SCORES:
