@@ -12,7 +12,9 @@ P(w_0..n) = prod_i P(w_i | w_<i): `forward(idx, targets)` returns the logits and
 each token given the ones before it.
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`, which picks the fused kernel for the
-device (flash attention on CUDA, a fused CPU kernel here), so no T x T matrix is materialised in Python.
+device (flash attention on CUDA, a fused CPU kernel here), so no T x T matrix is materialised in Python; CPU
+training on short sequences asks for its plain (math) kernel instead, whose backward is faster there
+(`Attention._kernel`).
 """
 
 from __future__ import annotations
