@@ -348,13 +348,14 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                 last_only: bool = False, token_type_ids: torch.Tensor | None = None, return_hidden: bool = False,
-                loss_only: bool = False):
+                loss_only: bool = False, reduction: str = "mean"):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy (targets of -100 are ignored).
 
         `loss_only` (with targets) returns (None, loss) and runs the LM head only at the positions that have a
         target: a response-only loss skips the prompt, so the vocabulary-sized matmul and softmax shrink (in
         instruction tuning about half of a batch's positions). It needs a data-dependent shape, so it is off
-        by default (torch.compile prefers fixed shapes).
+        by default (torch.compile prefers fixed shapes). With reduction="none" the loss is each position's
+        cross-entropy, (B, T), 0 where there is no target (DPO sums it per sequence).
 
         For encoders and classifiers: `token_type_ids` (B, T) are the segments of a sentence pair (default 0);
         `return_hidden` returns the final hidden states (B, T, n_embd) alone, without the LM head.
@@ -398,7 +399,12 @@ class Transformer(nn.Module):
         if loss_only and targets is not None:
             keep = targets != -100
             logits = self.lm_head(self.norm_f(x[keep]))
-            return None, F.cross_entropy(logits.float(), targets[keep])
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+            if reduction == "none":
+                per_position = torch.zeros(targets.shape, dtype=loss.dtype, device=loss.device)
+                per_position[keep] = loss
+                return None, per_position
+            return None, loss
         logits = self.lm_head(self.norm_f(x))
         if targets is None:
             return logits, None

@@ -437,11 +437,9 @@ class InstructionTuning(Tuning):
 
 
 def sequence_logprobs(module, inputs, targets):
-    """The summed log-probability of each row's target tokens (IGNORE positions count 0)."""
-    logits = module(inputs)[0]
-    token_nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                                reduction="none")
-    return -token_nll.view(targets.shape).sum(-1)
+    """The summed log-probability of each row's target tokens (IGNORE positions count 0). The LM head runs only
+    at the target positions (the model's loss_only)."""
+    return -module(inputs, targets, loss_only=True, reduction="none")[1].sum(-1)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):

@@ -155,6 +155,13 @@ def test_loss_only_is_the_same_loss_and_gradients():
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, b, atol=1e-6)
+    # reduction="none": each position's cross-entropy, 0 without a target.
+    with torch.no_grad():
+        logits = model(idx)[0]
+        per_position = model(idx, targets, loss_only=True, reduction="none")[1]
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    assert per_position.shape == targets.shape and torch.allclose(per_position, expected, atol=1e-5)
+    assert (per_position[targets == -100] == 0).all()
 
 
 def test_training_attention_kernel_choice_does_not_change_gradients(monkeypatch):
