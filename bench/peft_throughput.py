@@ -37,8 +37,7 @@ import contextlib
 
 import torch
 
-from lmlab.peft import cast_frozen_matmuls
-from lmlab.sft import (PeakMemory, apply_method, collate, encode_all, load_examples, method_settings,
+from lmlab.sft import (PeakMemory, collate, encode_all, load_examples, method_settings, prepare_model,
                        trainable_parameters)
 from lmlab.train import make_optimizer
 
@@ -61,16 +60,14 @@ def batch_for(pretrained, n: int, seq_len: int) -> tuple[dict, str]:
 def make_step(config: str, batch: dict):
     """A model with config's method ("method/precision") applied and a function doing one training step on
     `batch`, as fit does with InstructionTuning (its loss is the model's cross-entropy over the response-token
-    targets) and lmlab sft sets up the precision (lmlab.sft._method_on)."""
+    targets) and lmlab sft sets up the model (lmlab.sft.prepare_model)."""
     from lmlab.config import TrainConfig
     from lmlab.hub import load_pretrained
 
     method, precision = config.split("/")
-    model = load_pretrained(MODEL).model
-    apply_method(model, method, method_settings(method))
-    if precision == "bf16" and method != "full":
-        cast_frozen_matmuls(model, torch.bfloat16)
     bf16 = precision == "bf16"
+    model = load_pretrained(MODEL).model
+    prepare_model(model, method, method_settings(method), bf16=bf16, device=torch.device("cpu"))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     optimizer = make_optimizer(model, TrainConfig(lr=1e-5, weight_decay=0.0), torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]

@@ -658,17 +658,18 @@ def training_precision(t) -> str:
     return "bfloat16" if native else "float32"
 
 
-def _method_on(model, s: "TuneSettings", settings: dict, world) -> None:
-    """The method on the model, on the training device. Under bf16 autocast a PEFT method's frozen matmul weights
-    are stored in bf16 once (lmlab.peft.cast_frozen_matmuls: the products autocast computes, without a cast per
-    step); the run saves only the method's weights, and its results and load_tuned use the fp32 base."""
+def prepare_model(model, method: str, settings: dict, *, bf16: bool, device, seed: int = 0) -> None:
+    """The method on the model, on the training device, as lmlab sft and dpo train it. Under bf16 autocast a PEFT
+    method's frozen matmul weights are stored in bf16 once (lmlab.peft.cast_frozen_matmuls: the products autocast
+    computes, without a cast per step); the run saves only the method's weights, and its results and load_tuned
+    use the fp32 base."""
     from lmlab.peft import cast_frozen_matmuls
 
-    torch.manual_seed(s.seed)  # the method's random initialisation (LoRA's A, the adapters' down)
-    apply_method(model, s.method, settings)
-    if world.bf16 and s.method != "full":
+    torch.manual_seed(seed)  # the method's random initialisation (LoRA's A, the adapters' down)
+    apply_method(model, method, settings)
+    if bf16 and method != "full":
         cast_frozen_matmuls(model, torch.bfloat16)
-    model.to(world.device)
+    model.to(device)
 
 
 def _prompt_and_reference(example: Example) -> tuple[str, str]:
@@ -891,7 +892,7 @@ def run_sft(s: TuneSettings, packing: bool = False, echo=print) -> dict:
     try:
         samples = _samples_before(pretrained, val, s, world)
         model = pretrained.model
-        _method_on(model, s, settings, world)
+        prepare_model(model, s.method, settings, bf16=world.bf16, device=world.device, seed=s.seed)
         objective = InstructionTuning(model, encoded_train, encoded_val, method=s.method, settings=settings,
                                       seq_len=s.seq_len, packing=packing, pad_id=pretrained.eos_token_id or 0,
                                       seed=s.seed)
@@ -966,7 +967,7 @@ def run_dpo(s: TuneSettings, beta: float = 0.1, rejected_tokens: int = 128, max_
                     skipped_longer_than_seq_len=skipped_train + skipped_val)
         samples = _samples_before(pretrained, val, s, world)
         model = pretrained.model
-        _method_on(model, s, settings, world)
+        prepare_model(model, s.method, settings, bf16=world.bf16, device=world.device, seed=s.seed)
         with world.autocast():  # the reference log-probabilities in the precision the policy's are computed in
             objective = Preference(model, encoded_train, encoded_val, beta=beta, method=s.method,
                                    settings=settings, pad_id=pretrained.eos_token_id or 0, seed=s.seed,

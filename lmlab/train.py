@@ -247,7 +247,8 @@ class Objective:
     them into micro-batches. `loss(module, batch)` is the mean loss of one micro-batch, computed by calling
     `module` (the model, possibly wrapped by DDP or torch.compile). Only parameters with requires_grad are trained,
     so a frozen base with LoRA or adapters needs nothing special here. `evaluate(model)` returns named figures on
-    held-out data (val_loss, dev_accuracy, ...; not "loss" or "lr", the names of the training log)."""
+    held-out data (val_loss, dev_accuracy, ...; not "loss" or "lr", the names of the training log); `fit` calls
+    it in eval mode, without gradients and under the run's autocast, as it calls `loss` in training."""
 
     model: torch.nn.Module
     tokens_per_row: int = 0  # tokens a row holds, for the tokens/s figure (0: not a token count)
@@ -340,8 +341,7 @@ class LanguageModeling(Objective):
                     for k, v in batch.items()}
             for start in range(0, per_process, t.micro_batch_size):
                 micro = {k: v[start:start + t.micro_batch_size] for k, v in mine.items()}
-                with world.autocast():
-                    losses.append(self.loss(model, micro).item())
+                losses.append(self.loss(model, micro).item())
         return {"val_loss": world.mean(sum(losses) / len(losses))}
 
     def data_state(self) -> dict:
