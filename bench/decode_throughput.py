@@ -63,9 +63,9 @@ def main():
 
     import transformers
 
-    from lmlab.generate import SamplingParams, decode_steps
-    from lmlab.hf import export_hf
-    from lmlab.hub import load_pretrained
+    from lmlab.inference.generate import SamplingParams, decode_steps
+    from lmlab.models.hf import export_hf
+    from lmlab.models.hub import load_pretrained
 
     pre = load_pretrained(args.model)
     tok = pre.tokenizer

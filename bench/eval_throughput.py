@@ -78,8 +78,8 @@ def main():
 
     from lmlab.evaluate import LM
     from lmlab.evaluate.tasks import FEWSHOT_DELIMITER, get_task, load_split, pick_shots
-    from lmlab.hf import export_hf_llama
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hf import export_hf_llama
+    from lmlab.models.hub import load_pretrained
 
     task = get_task("piqa")
     split = load_split(task, Path(args.data_dir))

@@ -3,9 +3,9 @@
 Both start from the same all-MiniLM-L6-v2 weights and train on the same SST-2 batch (the first training sentences,
 padded or cut to the same length, with the same attention mask), dropout 0.1 on both, fused AdamW over the
 trainable parameters, fp32 on the CPU. One training step = forward, cross-entropy, backward, optimizer step.
-    lmlab         lmlab.finetune.SequenceClassifier ([CLS] pooler head) + Classification.loss + make_optimizer
+    lmlab         lmlab.training.classification.SequenceClassifier ([CLS] pooler head) + Classification.loss + make_optimizer
     transformers  BertForSequenceClassification in a plain PyTorch loop (SDPA attention, the default)
-    LoRA          r=8, alpha=16, dropout 0.05 on the attention and MLP linear layers, head trained: lmlab.peft on
+    LoRA          r=8, alpha=16, dropout 0.05 on the attention and MLP linear layers, head trained: lmlab.models.peft on
                   lmlab's side; Hugging Face `peft` (when installed) on transformers' side. lmlab's q/k/v
                   projection is one fused matrix, so its LoRA has one A for the three (a little fewer parameters).
 Steps of the contenders alternate, so a change in the machine's load hits them alike; the median step counts.
@@ -58,17 +58,17 @@ def make_batch(tokenizer, sentences: list[str], seq_len: int) -> dict[str, torch
 def lmlab_step(folder: Path, batch: dict, lora: bool):
     from dataclasses import replace
 
-    from lmlab.config import TrainConfig
-    from lmlab.finetune import Classification, Encoded, SequenceClassifier
-    from lmlab.hub import load_pretrained
-    from lmlab.model import Transformer
-    from lmlab.train import make_optimizer
+    from lmlab.training.config import TrainConfig
+    from lmlab.training.classification import Classification, Encoded, SequenceClassifier
+    from lmlab.models.hub import load_pretrained
+    from lmlab.models.transformer import Transformer
+    from lmlab.training.loop import make_optimizer
 
     body = load_pretrained(folder).model
     body = Transformer.from_weights(replace(body.config, dropout=0.1), body.weights())
     model = SequenceClassifier(body, 2, "cls", dropout=0.1)
     if lora:
-        from lmlab.peft import add_lora
+        from lmlab.models.peft import add_lora
 
         add_lora(model, targets=("qkv", "proj", "fc"), **LORA)
         model.score.requires_grad_(True)
@@ -131,7 +131,7 @@ def main():
 
     import transformers
 
-    from lmlab.hub import load_pretrained, resolve
+    from lmlab.models.hub import load_pretrained, resolve
 
     folder = resolve(args.model)
     tokenizer = load_pretrained(folder).tokenizer

@@ -1,6 +1,6 @@
 """Fine-tuning cost per step: full fine-tuning vs LoRA (and the bottleneck adapters) on SmolLM2-135M, on the CPU.
 
-A step is what `lmlab sft` does per optimizer step (lmlab.train.fit): the response-token loss of a batch
+A step is what `lmlab sft` does per optimizer step (lmlab.training.loop.fit): the response-token loss of a batch
 (InstructionTuning.loss), backward, gradient clipping and fused AdamW over the trainable parameters, in each
 precision of --precisions: fp32, or bf16 autocast (with a PEFT method's frozen matmul weights stored in bf16, as
 lmlab sft does; "auto", its default, is bf16 on a CPU with native bf16 and fp32 elsewhere). The batch is
@@ -37,9 +37,9 @@ import contextlib
 
 import torch
 
-from lmlab.sft import (PeakMemory, collate, encode_all, load_examples, method_settings, prepare_model,
+from lmlab.training.sft import (PeakMemory, collate, encode_all, load_examples, method_settings, prepare_model,
                        trainable_parameters)
-from lmlab.train import make_optimizer
+from lmlab.training.loop import make_optimizer
 
 MODEL = "smollm2-135m-instruct"
 MATH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm_adapters_math" / "math_data.json"
@@ -60,9 +60,9 @@ def batch_for(pretrained, n: int, seq_len: int) -> tuple[dict, str]:
 def make_step(config: str, batch: dict):
     """A model with config's method ("method/precision") applied and a function doing one training step on
     `batch`, as fit does with InstructionTuning (its loss is the model's cross-entropy over the response-token
-    targets) and lmlab sft sets up the model (lmlab.sft.prepare_model)."""
-    from lmlab.config import TrainConfig
-    from lmlab.hub import load_pretrained
+    targets) and lmlab sft sets up the model (lmlab.training.sft.prepare_model)."""
+    from lmlab.training.config import TrainConfig
+    from lmlab.models.hub import load_pretrained
 
     method, precision = config.split("/")
     bf16 = precision == "bf16"
@@ -86,7 +86,7 @@ def make_step(config: str, batch: dict):
 
 def measure_memory(method: str, n: int, seq_len: int) -> dict:
     """In this (child) process: peak resident memory during three steps, and its growth over the start."""
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hub import load_pretrained
 
     pretrained = load_pretrained(MODEL)
     batch, _ = batch_for(pretrained, n, seq_len)
@@ -115,7 +115,7 @@ def main():
         print(json.dumps(measure_memory(args.memory_of, args.batch, args.seq_len)))
         return
 
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hub import load_pretrained
 
     methods = [f"{m}/{p}" for p in args.precisions.split(",") for m in args.methods.split(",")]
     pretrained = load_pretrained(MODEL)

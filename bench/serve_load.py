@@ -119,10 +119,10 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def check_invariance(model: str, clients: int, new_tokens: int, threads: int) -> dict:
     import torch
 
-    from lmlab.chat import eos_ids
-    from lmlab.engine import Engine, Request, TokenEvent
-    from lmlab.generate import SamplingParams
-    from lmlab.hub import load_pretrained
+    from lmlab.inference.chat import eos_ids
+    from lmlab.inference.engine import Engine, Request, TokenEvent
+    from lmlab.inference.generate import SamplingParams
+    from lmlab.models.hub import load_pretrained
 
     torch.set_num_threads(threads)
     pre = load_pretrained(model)
@@ -168,7 +168,7 @@ def main():
         clients = max(int(c) for c in args.clients.split(","))
         print(json.dumps(check_invariance(args.model, clients, args.new_tokens, args.threads), indent=2))
         return
-    from lmlab.serve import model_id_for
+    from lmlab.inference.server import model_id_for
     from tqdm import tqdm
 
     model_id = model_id_for(args.model)

@@ -79,7 +79,7 @@ def main():
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmlab.model import Transformer, TransformerConfig
+    from lmlab.models.transformer import Transformer, TransformerConfig
 
     cfg = TransformerConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                             n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)

@@ -11,7 +11,7 @@ from lmlab.errors import LmlabError
 
 
 def cmd_prepare(args):
-    from lmlab.data import prepare
+    from lmlab.data.corpus import prepare
 
     meta = prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    text_field=args.text_field, val_fraction=args.val_fraction, dtype=args.dtype)
@@ -19,8 +19,8 @@ def cmd_prepare(args):
 
 
 def cmd_train(args):
-    from lmlab.config import load_config
-    from lmlab.train import train
+    from lmlab.training.config import load_config
+    from lmlab.training.loop import train
 
     cfg = load_config(args.config, args.set)
     summary = train(cfg, resume=args.resume, progress=not args.no_progress)
@@ -28,15 +28,15 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
-    from lmlab.sample import sample
+    from lmlab.inference.sample import sample
 
     print(sample(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, seed=args.seed, device=args.device))
 
 
 def cmd_export(args):
-    from lmlab.hf import export_hf
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hf import export_hf
+    from lmlab.models.hub import load_pretrained
 
     if args.format != "hf":
         raise LmlabError(f"unknown export format {args.format!r} (supported: hf)")
@@ -48,7 +48,7 @@ def cmd_export(args):
 
 
 def _sampling(args):
-    from lmlab.generate import SamplingParams
+    from lmlab.inference.generate import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -58,9 +58,9 @@ def _sampling(args):
 
 
 def cmd_generate(args):
-    from lmlab.chat import answer, eos_ids
-    from lmlab.generate import beam_search, stream
-    from lmlab.hub import load_pretrained
+    from lmlab.inference.chat import answer, eos_ids
+    from lmlab.inference.generate import beam_search, stream
+    from lmlab.models.hub import load_pretrained
 
     params = _sampling(args)
     pretrained = load_pretrained(args.model)
@@ -81,14 +81,14 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
-    from lmlab.chat import chat_loop
-    from lmlab.hub import load_pretrained
+    from lmlab.inference.chat import chat_loop
+    from lmlab.models.hub import load_pretrained
 
     chat_loop(load_pretrained(args.model), _sampling(args), system=args.system)
 
 
 def cmd_models(args):
-    from lmlab.hub import list_models
+    from lmlab.models.hub import list_models
 
     rows = list_models()
     if args.json:
@@ -101,7 +101,7 @@ def cmd_models(args):
 
 
 def cmd_pull(args):
-    from lmlab.hub import pull
+    from lmlab.models.hub import pull
 
     print(pull(args.name, force=args.force))
 
@@ -159,7 +159,7 @@ def add_eval_parser(sub):
 
 
 def cmd_finetune(args):
-    from lmlab.finetune import finetune, parse_labels
+    from lmlab.training.classification import finetune, parse_labels
 
     finetune(args.model, args.task, labels=parse_labels(args.labels), method=args.method, pooling=args.pooling,
              epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
@@ -172,14 +172,14 @@ def cmd_finetune(args):
 
 
 def cmd_serve(args):
-    from lmlab.serve import serve
+    from lmlab.inference.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, context=args.context, batch_invariant=args.batch_invariant, device=args.device)
 
 
 def _tune_settings(args):
-    from lmlab.sft import TuneSettings, method_settings
+    from lmlab.training.sft import TuneSettings, method_settings
 
     settings = method_settings(args.method, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                                lora_dropout=args.lora_dropout, lora_targets=args.lora_targets.split(","),
@@ -196,13 +196,13 @@ def _tune_settings(args):
 
 
 def cmd_sft(args):
-    from lmlab.sft import run_sft
+    from lmlab.training.sft import run_sft
 
     run_sft(_tune_settings(args), packing=args.packing)
 
 
 def cmd_dpo(args):
-    from lmlab.sft import run_dpo
+    from lmlab.training.sft import run_dpo
 
     run_dpo(_tune_settings(args), beta=args.beta, rejected_tokens=args.rejected_tokens, max_pairs=args.max_pairs)
 
@@ -225,7 +225,7 @@ def _add_tuning_args(s, formats: str, run_dir: str, steps: int):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     s.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
-                   help="any training setting (lmlab.config.TrainConfig), e.g. --set train.eval_interval=50; "
+                   help="any training setting (lmlab.training.config.TrainConfig), e.g. --set train.eval_interval=50; "
                         "train.dtype=float32 turns off the default bf16 autocast of hardware with native bf16")
     s.add_argument("--lora-r", type=int, default=8)
     s.add_argument("--lora-alpha", type=float, default=16)
@@ -248,7 +248,7 @@ def _add_tuning_args(s, formats: str, run_dir: str, steps: int):
 
 
 def cmd_paradigms(args):
-    from lmlab.paradigms import run_glue, run_paradigms
+    from lmlab.experiments.paradigms import run_glue, run_paradigms
 
     common = dict(work=args.work, seed=args.seed, data_dir=args.data_dir, threads=args.threads,
                   keep_weights=args.keep_weights, progress=not args.no_progress,
@@ -262,7 +262,7 @@ def cmd_paradigms(args):
 
 
 def cmd_demo(args):
-    from lmlab.demo import demo
+    from lmlab.experiments.demo import demo
 
     demo(run_dir=args.run_dir, overrides=args.set)
 

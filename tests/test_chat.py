@@ -4,9 +4,9 @@ import io
 
 import pytest
 
-from lmlab.chat import answer, chat_loop, eos_ids
+from lmlab.inference.chat import answer, chat_loop, eos_ids
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingParams, generate
+from lmlab.inference.generate import SamplingParams, generate
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0)
 

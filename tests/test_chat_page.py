@@ -18,7 +18,7 @@ if not Path(CHROMIUM).exists():
     pytest.skip("no Chromium at /usr/bin/chromium: `make install-test` installs Debian's chromium package (it needs "
                 "root and apt-get)", allow_module_level=True)
 
-from lmlab.serve import build  # noqa: E402
+from lmlab.inference.server import build  # noqa: E402
 from tests.test_serve import RunningServer, make_tiny_model_folder  # noqa: E402
 
 # Records every change of the newest answer's text, to tell a streamed answer from one that appears at once.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmlab.cli import main
-from lmlab.train import load_model
+from lmlab.training.loop import load_model
 from tests.conftest import synthetic_corpus, tiny_overrides
 
 
@@ -39,7 +39,7 @@ def test_greedy_sample_matches_argmax_decoding(trained_run, capsys):
     assert main(["sample", "--run", str(trained_run), "--prompt", "bob", "--max-new-tokens", "5",
                  "--temperature", "0"]) == 0
     out = capsys.readouterr().out.rstrip("\n")
-    from lmlab.data import load_tokenizer
+    from lmlab.data.corpus import load_tokenizer
 
     tok = load_tokenizer(trained_run / "tokenizer.json")
     model = load_model(trained_run)
@@ -84,7 +84,7 @@ def test_bad_input_gives_one_line_error(args, message):
 
 def test_bad_sample_arguments(trained_run, tmp_path):
     from lmlab.errors import LmlabError
-    from lmlab.sample import sample
+    from lmlab.inference.sample import sample
 
     with pytest.raises(LmlabError, match=r"max_new_tokens=-1 \(must be >= 0\)"):
         sample(trained_run, "a", max_new_tokens=-1)

@@ -1,4 +1,4 @@
-"""Tests for lmlab.data (corpus preparation). Small corpora written in code; the whole file runs in seconds."""
+"""Tests for lmlab.data.corpus (corpus preparation). Small corpora written in code; the whole file runs in seconds."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmlab import data
-from lmlab.data import load_tokenizer, load_tokens, prepare, strip_gutenberg
+from lmlab.data import corpus as data
+from lmlab.data.corpus import load_tokenizer, load_tokens, prepare, strip_gutenberg
 from lmlab.errors import LmlabError
 
 

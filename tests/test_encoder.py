@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.hf import bert_tokenizer, export_hf, load_hf
-from lmlab.model import Transformer, TransformerConfig
+from lmlab.models.hf import bert_tokenizer, export_hf, load_hf
+from lmlab.models.transformer import Transformer, TransformerConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -156,7 +156,7 @@ def test_minilm_registry_model_matches_transformers(minilm_path):
     """all-MiniLM-L6-v2 through load_pretrained: WordPiece ids and token types as transformers' tokenizer gives
     them, hidden states and pooler output within 1e-4 of BertModel on a padded batch of sentence pairs; the
     tokenizer built from vocab.txt agrees with the shipped tokenizer.json."""
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hub import load_pretrained
 
     pre = load_pretrained(minilm_path)
     assert pre.model.config.block_size == 512 and pre.eos_token_id is None

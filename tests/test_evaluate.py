@@ -15,8 +15,8 @@ from lmlab.errors import LmlabError
 from lmlab.evaluate import LM, parse_answer, run_eval
 from lmlab.evaluate import tasks as T
 from lmlab.evaluate.lm import rolling_windows
-from lmlab.hf import export_hf, export_hf_llama
-from lmlab.model import Transformer, TransformerConfig
+from lmlab.models.hf import export_hf, export_hf_llama
+from lmlab.models.transformer import Transformer, TransformerConfig
 from tests.conftest import SHARED_DATA, synthetic_corpus, train_byte_bpe
 
 transformers = pytest.importorskip("transformers")
@@ -174,7 +174,7 @@ def test_rolling_windows_score_every_token_once(n, window, data):
 
 
 def test_rolling_without_prefix_token_skips_only_the_first_token(char_data):
-    from lmlab.data import load_tokenizer
+    from lmlab.data.corpus import load_tokenizer
 
     tok = load_tokenizer(char_data)
     model = _model(tok.get_vocab_size(), 32, "gpt2")
@@ -195,7 +195,7 @@ def test_rolling_without_prefix_token_skips_only_the_first_token(char_data):
 
 
 def test_generate_until_batches_like_single_prompts(bpe):
-    from lmlab.generate import SamplingParams, generate
+    from lmlab.inference.generate import SamplingParams, generate
 
     model = _model(bpe.get_vocab_size(), 128, "llama", seed=3)
     lm = LM(model, bpe, batch_size=4, prefix_token_id=0, progress=False)
@@ -423,7 +423,7 @@ def test_perplexity_task_counts(small_lm, tmp_path, bpe):
 
 
 def test_prepared_val_text_is_the_val_split(char_data):
-    from lmlab.data import load_meta, load_tokenizer, load_tokens
+    from lmlab.data.corpus import load_meta, load_tokenizer, load_tokens
 
     meta = load_meta(char_data)
     text = T.prepared_val_text(str(char_data.parent / "corpus.txt"), meta["split"]["val_fraction"])
@@ -469,7 +469,7 @@ def smollm_pretrained(request):
     try:
         return request.getfixturevalue("smollm")
     except pytest.FixtureLookupError:
-        from lmlab.hub import load_pretrained
+        from lmlab.models.hub import load_pretrained
 
         try:
             return load_pretrained("smollm2-135m-instruct")
@@ -507,7 +507,7 @@ def test_smollm_generation_through_the_chat_template(smollm_pretrained):
 def test_an_encoder_is_refused_by_the_harness(minilm_path):
     from lmlab.evaluate import LM
     from lmlab.errors import LmlabError
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hub import load_pretrained
 
     with pytest.raises(LmlabError, match="is an encoder"):
         LM.from_pretrained(load_pretrained(minilm_path))

@@ -1,4 +1,4 @@
-"""Fine-tuning (lmlab.finetune) and the from-scratch baselines (lmlab.baseline): heads against transformers'
+"""Fine-tuning (lmlab.training.classification) and the from-scratch baselines (lmlab.models.baseline): heads against transformers'
 BertForSequenceClassification, LoRA on a classifier, class-balanced label subsets, data order and resume, and short
 end-to-end runs on a synthetic task that a working model learns and a broken one does not."""
 
@@ -12,10 +12,10 @@ import torch
 from tests.conftest import SHARED_DATA
 from lmlab.errors import LmlabError
 from lmlab.evaluate.tasks import Doc
-from lmlab.finetune import (Classification, SequenceClassifier, balanced_subset, encode, finetune, load_task,
+from lmlab.training.classification import (Classification, SequenceClassifier, balanced_subset, encode, finetune, load_task,
                             parse_labels)
-from lmlab.hf import load_hf
-from lmlab.model import Transformer, TransformerConfig
+from lmlab.models.hf import load_hf
+from lmlab.models.transformer import Transformer, TransformerConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -111,7 +111,7 @@ def _pair_batch(tok, pairs):
 def test_cls_head_matches_transformers_sequence_classification(tiny_bert, tmp_path):
     """BERT's classifier: pooler (dense + tanh on [CLS]), dropout, linear; same logits as
     BertForSequenceClassification on the same weights, on a padded batch of sentence pairs."""
-    from lmlab.hf import bert_tokenizer
+    from lmlab.models.hf import bert_tokenizer
 
     torch.manual_seed(1)
     ref = transformers.BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=3).eval()
@@ -155,8 +155,8 @@ def test_a_head_that_does_not_fit_is_refused(tiny_bert, tmp_path):
 def test_lora_classifier_trains_only_lora_and_head(tiny_bert):
     """LoRA on a classifier: with B = 0 the logits are the base model's; only LoRA matrices and the new head get
     gradients; merging the update gives the same logits as the unmerged layers."""
-    from lmlab.hf import bert_tokenizer
-    from lmlab.peft import add_lora, merge_lora
+    from lmlab.models.hf import bert_tokenizer
+    from lmlab.models.peft import add_lora, merge_lora
 
     torch.manual_seed(0)
     model = SequenceClassifier(load_hf(tiny_bert), 2, "cls", dropout=0.0).eval()
@@ -187,7 +187,7 @@ def test_lora_classifier_trains_only_lora_and_head(tiny_bert):
 
 def test_batches_cover_each_epoch_once_and_resume_at_the_same_place(tiny_bert):
     """Each epoch is a seeded permutation of the examples; the data state (epoch, offset) resumes mid-epoch."""
-    from lmlab.hf import bert_tokenizer
+    from lmlab.models.hf import bert_tokenizer
 
     rng = random.Random(0)
     # Regression labels 0..49 name the examples, so the batches say which rows they hold.
@@ -244,8 +244,8 @@ def test_finetune_learns_and_keeps_the_best_checkpoint(tiny_bert, tmp_path):
 
 
 def test_lora_run_saves_a_small_file_that_reproduces_the_best_model(tiny_bert, tmp_path):
-    from lmlab.hf import bert_tokenizer
-    from lmlab.peft import load_peft
+    from lmlab.models.hf import bert_tokenizer
+    from lmlab.models.peft import load_peft
 
     data = _synthetic_sst2(tmp_path / "data")
     # Mean pooling: the random body's frozen pooler (cls) is a poor start for so small a model.
@@ -317,7 +317,7 @@ def test_real_sst2_splits():
 def test_paradigms_table_and_plot(tmp_path):
     """The experiment's plumbing on synthetic data: runs per (model, labels), a finished run is not run again,
     the table, learning-curve plot and JSON (prompting is the evaluation harness's, tested there)."""
-    from lmlab.paradigms import run_paradigms, schedule
+    from lmlab.experiments.paradigms import run_paradigms, schedule
 
     assert schedule(32, "full") == {"batch_size": 16, "epochs": 30.0, "lr": 1e-4}
     assert schedule(67349, "full")["epochs"] == 1.0 and schedule(67349, "baseline")["epochs"] == 1.0
@@ -342,7 +342,7 @@ def test_paradigms_table_and_plot(tmp_path):
 def test_glue_table_uses_glues_figures_per_task():
     """MRPC shows F1 then accuracy, CoLA its MCC alone; the average is GLUE's: each task's figures averaged,
     then the tasks."""
-    from lmlab.paradigms import glue_markdown
+    from lmlab.experiments.paradigms import glue_markdown
 
     def run(task, metrics):
         return {"task": task, "metrics": metrics, "main_metric": next(iter(metrics)), "parameters": 22_713_986,

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingParams, TextStream, adjust_logits, beam_search, generate, stream
-from lmlab.hf import export_hf
-from lmlab.model import Transformer, TransformerConfig
+from lmlab.inference.generate import SamplingParams, TextStream, adjust_logits, beam_search, generate, stream
+from lmlab.models.hf import export_hf
+from lmlab.models.transformer import Transformer, TransformerConfig
 from tests.conftest import train_byte_bpe
 
 transformers = pytest.importorskip("transformers")
@@ -61,7 +61,7 @@ def test_greedy_matches_transformers_generate_with_and_without_cache(tmp_path):
 
 def test_greedy_matches_transformers_generate_for_llama(tmp_path):
     """A random Llama with grouped-query attention, made and saved by transformers, loaded by lmlab."""
-    from lmlab.hf import load_hf
+    from lmlab.models.hf import load_hf
 
     config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.model import Transformer, TransformerConfig
-from lmlab.peft import LoRALinear, add_lora, load_peft, merge_lora, save_peft, trainable_state
+from lmlab.models.transformer import Transformer, TransformerConfig
+from lmlab.models.peft import LoRALinear, add_lora, load_peft, merge_lora, save_peft, trainable_state
 
 LLAMA = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, norm="rmsnorm",
              position="rope", mlp="swiglu", bias=False, tie_embeddings=False)

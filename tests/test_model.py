@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.hf import export_hf, load_hf
-from lmlab.model import Transformer, TransformerConfig
+from lmlab.models.hf import export_hf, load_hf
+from lmlab.models.transformer import Transformer, TransformerConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,7 +106,7 @@ def test_grouped_query_attention_equals_repeated_heads():
 
 def test_rotary_relative_positions():
     """RoPE makes q.k depend on the offset between positions only."""
-    from lmlab.model import apply_rotary, rotary_tables
+    from lmlab.models.transformer import apply_rotary, rotary_tables
 
     cos, sin = rotary_tables(8, 32, 10000.0)
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
@@ -167,7 +167,7 @@ def test_loss_only_is_the_same_loss_and_gradients():
 def test_training_attention_kernel_choice_does_not_change_gradients(monkeypatch):
     """On the CPU, training on short sequences uses SDPA's math kernel (its backward is faster there); with the
     limit at 0 the default (flash) kernel runs. Both give the same loss and gradients."""
-    from lmlab.model import Attention
+    from lmlab.models.transformer import Attention
 
     torch.manual_seed(0)
     model = Transformer(TransformerConfig(**LLAMA_LIKE, n_kv_head=2, vocab_size=97, block_size=32, n_layer=2,

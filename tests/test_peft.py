@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.model import KVCache, Transformer, TransformerConfig
-from lmlab.peft import (METHODS, ParallelAdapter, SeriesAdapter, add_adapterh, add_adapterp, load_peft, merge_peft,
+from lmlab.models.transformer import KVCache, Transformer, TransformerConfig
+from lmlab.models.peft import (METHODS, ParallelAdapter, SeriesAdapter, add_adapterh, add_adapterp, load_peft, merge_peft,
                         save_peft)
 
 LLAMA = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, norm="rmsnorm",
@@ -160,7 +160,7 @@ def test_frozen_matmuls_in_bf16_give_autocast_s_products(method):
     """cast_frozen_matmuls stores what autocast would cast at every step: under bf16 autocast the logits and the
     trainable parameters' gradients are those of the fp32 model, bit for bit, while the embedding (and the head
     tied to it), the norms and every trainable parameter stay fp32."""
-    from lmlab.peft import add_lora, cast_frozen_matmuls
+    from lmlab.models.peft import add_lora, cast_frozen_matmuls
 
     adds = {**ADD, "lora": lambda m: add_lora(m, r=4)}
     kind = {**LLAMA, "tie_embeddings": True}

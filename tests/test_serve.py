@@ -2,7 +2,7 @@
 loopback port, and the continuous-batching engine behind it.
 
 Most tests serve a tiny random Llama-shaped model with a real byte-level BPE tokenizer and a ChatML template,
-exported as a Hugging Face folder: the server loads it through lmlab.hub.load_pretrained, and transformers loads
+exported as a Hugging Face folder: the server loads it through lmlab.models.hub.load_pretrained, and transformers loads
 the same folder as the independent reference for log-probabilities. One test serves SmolLM2 with its own template.
 """
 
@@ -21,9 +21,9 @@ import torch
 openai = pytest.importorskip("openai", reason="the serve tests use the openai client: pip install -e '.[test]'")
 pytest.importorskip("fastapi", reason="lmlab serve needs fastapi and uvicorn: pip install -e .")
 
-from lmlab.chat import eos_ids  # noqa: E402
-from lmlab.generate import SamplingParams, generate  # noqa: E402
-from lmlab.serve import Server, build, create_app  # noqa: E402
+from lmlab.inference.chat import eos_ids  # noqa: E402
+from lmlab.inference.generate import SamplingParams, generate  # noqa: E402
+from lmlab.inference.server import Server, build, create_app  # noqa: E402
 from tests.conftest import synthetic_corpus, train_byte_bpe  # noqa: E402
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -36,8 +36,8 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
 
 def make_tiny_model_folder(folder):
     """A random Llama-shaped model, a BPE tokenizer and a ChatML template as a Hugging Face folder."""
-    from lmlab.hf import export_hf
-    from lmlab.model import Transformer, TransformerConfig
+    from lmlab.models.hf import export_hf
+    from lmlab.models.transformer import Transformer, TransformerConfig
 
     tok = train_byte_bpe(synthetic_corpus(400).splitlines(), 320, ["<|im_start|>", "<|im_end|>"])
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def served(tiny_folder):
 
 
 def reference_text(served, prompt_ids, max_tokens, **params):
-    """The same request through lmlab.generate (one prompt alone, no server)."""
+    """The same request through lmlab.inference.generate (one prompt alone, no server)."""
     pre = served.server.pretrained
     p = SamplingParams(max_new_tokens=max_tokens, temperature=params.get("temperature", 0.0),
                        stop=tuple(params.get("stop", ())))
@@ -420,8 +420,8 @@ def test_metrics(served):
 
 def test_smollm_chat_matches_lmlab_chat(smollm):
     """The real model and its own chat template: the server's greedy answer is lmlab chat's."""
-    from lmlab.chat import answer
-    from lmlab.engine import Engine
+    from lmlab.inference.chat import answer
+    from lmlab.inference.engine import Engine
 
     engine = Engine(smollm.model, smollm.tokenizer, eos_ids(smollm), max_batch=4, context=256)
     running = RunningServer(Server(smollm, engine, "smollm2-135m-instruct"))
@@ -437,8 +437,8 @@ def test_smollm_chat_matches_lmlab_chat(smollm):
 
 
 def test_engine_prefills_waiting_prompts_together(served):
-    """Prompts that arrive together are prefilled in one left-padded pass, and decode as lmlab.generate does."""
-    from lmlab.engine import Engine, Handle, Request, TokenEvent
+    """Prompts that arrive together are prefilled in one left-padded pass, and decode as lmlab.inference.generate does."""
+    from lmlab.inference.engine import Engine, Handle, Request, TokenEvent
 
     pre = served.server.pretrained
     prompts = [pre.tokenizer.encode(p).ids for p in ["alice", "bob sees carol at", "erin meets frank"] * 2]

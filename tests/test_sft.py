@@ -1,6 +1,6 @@
 """Instruction and preference tuning (lmlab/sft.py): data formats with line-numbered errors, loss on response
 tokens only (checked against transformers' LlamaForCausalLM with the same labels), batching, the DPO loss on
-closed-form cases, whole runs through lmlab.train.fit with resume, tuned runs loaded back, and the commands."""
+closed-form cases, whole runs through lmlab.training.loop.fit with resume, tuned runs loaded back, and the commands."""
 
 import json
 import math
@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.chat_template import render_chat
+from lmlab.models.chat_template import render_chat
 from lmlab.cli import main
 from lmlab.errors import LmlabError
-from lmlab.hf import export_hf_llama
-from lmlab.hub import load_pretrained
-from lmlab.model import Transformer, TransformerConfig
-from lmlab.sft import (IGNORE, ALPACA_PROMPT, InstructionTuning, Preference, TuneSettings, collate, decontaminate,
+from lmlab.models.hf import export_hf_llama
+from lmlab.models.hub import load_pretrained
+from lmlab.models.transformer import Transformer, TransformerConfig
+from lmlab.training.sft import (IGNORE, ALPACA_PROMPT, InstructionTuning, Preference, TuneSettings, collate, decontaminate,
                        dpo_loss, encode_all, encode_example, epoch_batches, gsm8k_solution, load_examples,
                        read_records, run_dpo, run_sft, sequence_logprobs, to_example)
 from tests.conftest import synthetic_corpus, train_byte_bpe
@@ -369,7 +369,7 @@ def test_a_run_in_either_precision_loads_back_with_its_held_out_loss(base, alpac
     matmul weights stored in bf16. Either way the run saves fp32 LoRA weights, and load_pretrained(run) (the fp32
     base with them) gives the held-out loss the run reported for best/: exactly in fp32, within bf16's rounding
     in bf16, and far from the base model's."""
-    from lmlab.sft import _split
+    from lmlab.training.sft import _split
 
     overrides = ("train.eval_interval=3", "train.ckpt_interval=3", f"train.dtype={dtype}")
     results = run_sft(_settings(base, alpaca_file, tmp_path, lr=1e-2, samples=0, overrides=overrides), echo=None)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.config import load_config
+from lmlab.training.config import load_config
 from lmlab.errors import LmlabError
-from lmlab.train import latest_checkpoint, load_model, lr_at, read_metrics, train
+from lmlab.training.loop import latest_checkpoint, load_model, lr_at, read_metrics, train
 from tests.conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_masked_lm_pretrains_an_encoder(char_data, tmp_path):
     context (and so could not be bidirectional) can do."""
     import numpy as np
 
-    from lmlab.data import load_tokens
+    from lmlab.data.corpus import load_tokens
 
     run = tmp_path / "bert"
     cfg = load_config(None, tiny_overrides(char_data, run, max_steps=300, eval_interval=150, batch_size=32,
@@ -174,8 +174,8 @@ def test_masked_lm_pretrains_an_encoder(char_data, tmp_path):
 
 
 def test_masking_follows_bert_rates():
-    from lmlab.model import Transformer, TransformerConfig
-    from lmlab.train import Dist, LanguageModeling
+    from lmlab.models.transformer import Transformer, TransformerConfig
+    from lmlab.training.loop import Dist, LanguageModeling
 
     import numpy as np
 
@@ -201,8 +201,8 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
     stops after `patience` evaluations without improvement."""
     from safetensors.torch import load_file
 
-    from lmlab.model import Transformer, TransformerConfig
-    from lmlab.train import Objective, fit
+    from lmlab.models.transformer import Transformer, TransformerConfig
+    from lmlab.training.loop import Objective, fit
 
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
 
@@ -239,8 +239,8 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
 
 
 def test_an_encoder_refuses_to_generate(tmp_path):
-    from lmlab.generate import generate
-    from lmlab.model import Transformer, TransformerConfig
+    from lmlab.inference.generate import generate
+    from lmlab.models.transformer import Transformer, TransformerConfig
 
     from tests.conftest import train_byte_bpe
 

@@ -88,18 +88,18 @@ class _Settings:
 
 
 def as_lm(model, tokenizer=None, **kwargs) -> LM:
-    """An LM from a model spec (registry name, path, hub id), a lmlab.hub.Pretrained, a Transformer plus its
+    """An LM from a model spec (registry name, path, hub id), a lmlab.models.hub.Pretrained, a Transformer plus its
     tokenizer, or an LM (used as is)."""
     if isinstance(model, LM):
         return model
     if isinstance(model, (str, Path)):
-        from lmlab.hub import load_pretrained
+        from lmlab.models.hub import load_pretrained
 
         model = load_pretrained(model)
     if hasattr(model, "chat_prompt") and hasattr(model, "tokenizer"):  # a Pretrained
         return LM.from_pretrained(model, **kwargs)
     if tokenizer is None:
-        raise LmlabError("a bare model needs its tokenizer: pass tokenizer=, or a Pretrained from lmlab.hub")
+        raise LmlabError("a bare model needs its tokenizer: pass tokenizer=, or a Pretrained from lmlab.models.hub")
     return LM(model, tokenizer, **kwargs)
 
 

@@ -36,8 +36,8 @@ from typing import Callable, Sequence
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingParams, left_pad, generate
-from lmlab.model import KVCache, Transformer
+from lmlab.inference.generate import SamplingParams, left_pad, generate
+from lmlab.models.transformer import KVCache, Transformer
 
 # Memory budgets, chosen to stay near 1 GiB on a laptop.
 KV_BUDGET_BYTES = 1 << 30  # keys + values of one batch
@@ -75,8 +75,8 @@ class LM:
 
     @classmethod
     def from_pretrained(cls, pretrained, **kwargs) -> "LM":
-        """From lmlab.hub's Pretrained: its tokenizer, BOS (else EOS) as prefix, end-of-turn tokens, chat template."""
-        from lmlab.chat import eos_ids
+        """From lmlab.models.hub's Pretrained: its tokenizer, BOS (else EOS) as prefix, end-of-turn tokens, chat template."""
+        from lmlab.inference.chat import eos_ids
 
         if not pretrained.model.config.causal:
             raise LmlabError(f"{pretrained.name} is an encoder (BERT), not a language model: it cannot score or "

@@ -138,7 +138,7 @@ def data_root(data_dir: str | Path | None = None) -> Path:
         return Path(data_dir).expanduser()
     if os.environ.get("LMLAB_DATA"):
         return Path(os.environ["LMLAB_DATA"]).expanduser()
-    from lmlab.data import lmlab_home
+    from lmlab.data.corpus import lmlab_home
 
     return lmlab_home() / "data"
 
@@ -466,8 +466,8 @@ def _load_wikitext(root: Path) -> Split:
 
 def prepared_val_text(source: str = "shakespeare", val_fraction: float = 0.1) -> str:
     """The validation text of `lmlab prepare SOURCE` (the characters after the line break at or after the
-    (1 - val_fraction) mark of the joined documents), read through lmlab.data's own document stream."""
-    from lmlab.data import _open_source, _stream, _StreamStats
+    (1 - val_fraction) mark of the joined documents), read through lmlab.data.corpus's own document stream."""
+    from lmlab.data.corpus import _open_source, _stream, _StreamStats
 
     chunk = 1 << 20
     text = "".join(_stream(_open_source(source, "text", chunk), chunk, _StreamStats()))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.model import KVCache, Transformer
+from lmlab.models.transformer import KVCache, Transformer
 
 
 @dataclass

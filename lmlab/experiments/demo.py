@@ -13,9 +13,9 @@ import shutil
 import time
 from pathlib import Path
 
-from lmlab.config import load_config
-from lmlab.sample import sample
-from lmlab.train import train
+from lmlab.training.config import load_config
+from lmlab.inference.sample import sample
+from lmlab.training.loop import train
 from lmlab.util import atomic_write_text
 
 SAMPLE_CHARS = 300

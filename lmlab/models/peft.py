@@ -238,7 +238,7 @@ def merge_peft(model: nn.Module, method: str) -> int:
         return merge_lora(model)
     if method in ("adapterh", "adapterp"):
         raise LmlabError(f"{method} adapters cannot be merged into the base weights (a nonlinearity sits between "
-                         "their two matrices); load them on top of the base model instead (lmlab.peft.load_peft)")
+                         "their two matrices); load them on top of the base model instead (lmlab.models.peft.load_peft)")
     raise LmlabError(f"unknown PEFT method {method!r} (known: {', '.join(METHODS)})")
 
 

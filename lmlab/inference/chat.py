@@ -10,7 +10,7 @@ import sys
 from typing import Callable, TextIO
 
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingParams, stream
+from lmlab.inference.generate import SamplingParams, stream
 
 
 def eos_ids(pretrained) -> list[int]:

@@ -6,7 +6,7 @@ STS-B, WNLI, TREC, ...): their training split is fine-tuned on, their dev split 
 lmlab.evaluate.metrics.
 
     lmlab finetune --model minilm-l6 --task sst2 --labels 1024 --method lora --epochs 3
-    lmlab finetune --model bilstm --task sst2            # the era before: a from-scratch model (lmlab.baseline)
+    lmlab finetune --model bilstm --task sst2            # the era before: a from-scratch model (lmlab.models.baseline)
 
 Heads (`SequenceClassifier`): the body's final hidden states pooled into one vector per example, dropout, one linear
 layer (`score`):
@@ -19,12 +19,12 @@ output. Sentence pairs are encoded as the tokenizer's pair template says (BERT: 
 0/1); a decoder reads them as one text joined by a line break.
 
 Methods: `full` trains every parameter; `lora` freezes the body and trains low-rank updates of its linear layers
-(lmlab.peft) and the head.
+(lmlab.models.peft) and the head.
 
 `--labels N` trains on a seeded, class-balanced subset of the training set (STS-B: balanced over the rounded scores).
 The subsets are nested (the 32 examples are among the 128, ...), so a learning curve adds data, not luck.
 
-Training goes through lmlab.train.fit (AdamW, warmup + cosine, clipping, DDP, checkpoints, --resume). Batches are
+Training goes through lmlab.training.loop.fit (AdamW, warmup + cosine, clipping, DDP, checkpoints, --resume). Batches are
 drawn from a seeded per-epoch shuffle and padded to their longest row (dynamic padding: SST-2 sentences are ~25
 tokens, so padding every row to 128 would do 5x the work). The dev set is evaluated every `eval_every` steps; the
 best evaluation is kept in run_dir/best/ and `patience` evaluations without improvement stop the run.
@@ -32,7 +32,7 @@ best evaluation is kept in run_dir/best/ and `patience` evaluations without impr
 Outputs in the run folder, next to fit's metrics.jsonl, loss.png, ckpt/ and best/:
     results.json    the task's metrics at the end and at the best evaluation, sizes, time, settings, command
     tokenizer.json  the tokenizer the examples were encoded with
-    lora.safetensors (LoRA) the trained LoRA and head parameters alone (lmlab.peft.load_peft puts them back)
+    lora.safetensors (LoRA) the trained LoRA and head parameters alone (lmlab.models.peft.load_peft puts them back)
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from lmlab.config import TrainConfig
+from lmlab.training.config import TrainConfig
 from lmlab.errors import LmlabError
 from lmlab.evaluate import metrics as M
 from lmlab.evaluate.tasks import Doc, Task, data_root, get_task, load_split
-from lmlab.model import Transformer
-from lmlab.train import Dist, Objective, fit
+from lmlab.models.transformer import Transformer
+from lmlab.training.loop import Dist, Objective, fit
 from lmlab.util import atomic_write_json, atomic_write_text, save_safetensors_atomic
 
 # GLUE's metric for each name a task lists (lmlab.evaluate.tasks Task.metrics); the first one picks the best step.
@@ -234,12 +234,12 @@ class Classification(Objective):
     """Sequence classification (cross-entropy) or regression (mean squared error) for `fit`.
 
     `model` is any module called as model(ids, type_ids, mask, lengths) -> (B, num_labels) scores: a
-    SequenceClassifier, or a from-scratch baseline (lmlab.baseline). Batches come from a seeded shuffle per epoch,
+    SequenceClassifier, or a from-scratch baseline (lmlab.models.baseline). Batches come from a seeded shuffle per epoch,
     grouped by length: within each stretch of GROUP batches of the shuffle, rows are sorted by length and cut into
     batches, and the batches are shuffled (as transformers' group_by_length does). SST-2 sentences run from 3 to 60
     tokens, so a random batch is mostly padding; grouped, a training epoch costs about a third. The data position
     is (epoch, offset). Checkpoints hold the whole model (full) or the trainable parameters alone (LoRA, with
-    lmlab.peft's metadata)."""
+    lmlab.models.peft's metadata)."""
 
     GROUP = 50
 
@@ -247,7 +247,7 @@ class Classification(Objective):
                  seed: int = 0, eval_batch_size: int = 64, lora: dict | None = None, describe: str = ""):
         self.model, self.train, self.dev = model, train, dev
         self.metrics, self.regression, self.seed = metrics, regression, seed
-        # LoRA: add_lora's settings, which lmlab.peft's file keeps so that load_peft can apply them again.
+        # LoRA: add_lora's settings, which lmlab.models.peft's file keeps so that load_peft can apply them again.
         self.eval_batch_size, self.lora, self._describe = eval_batch_size, lora, describe
         self.best_metric = f"dev_{metrics[0]}"
         self.epoch, self.offset = 0, 0
@@ -321,7 +321,7 @@ class Classification(Objective):
     # Checkpoints: a tied LM head is the token embedding again and no head of a classifier: it is not saved.
     def save(self, model, folder: Path) -> None:
         if self.lora is not None:
-            from lmlab.peft import save_peft
+            from lmlab.models.peft import save_peft
 
             save_peft(model, folder / "lora.safetensors", "lora", self.lora)
             return
@@ -330,7 +330,7 @@ class Classification(Objective):
 
     def load(self, model, folder: Path) -> None:
         if self.lora is not None:
-            from lmlab.peft import load_peft
+            from lmlab.models.peft import load_peft
 
             load_peft(model, folder / "lora.safetensors", apply=False)  # the model has its LoRA layers already
             return
@@ -361,14 +361,14 @@ def build(model_spec: str, data: LabelledTask, train_docs: list[Doc], *, method:
     """The model to train, its tokenizer, whether pairs are joined into one text, and what it is (for results)."""
     torch.manual_seed(seed)
     if model_spec in BASELINES:
-        from lmlab.baseline import build_baseline
+        from lmlab.models.baseline import build_baseline
 
         if method != "full" or pooling is not None:
             raise LmlabError(f"--model {model_spec} is trained from scratch: --method lora and --pooling apply to "
                              "pretrained models only")
         model, tokenizer = build_baseline(model_spec, train_docs, data.num_labels, dropout=max(dropout, 0.5))
         return model, tokenizer, False, {"model": model_spec, "pretrained": False}
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hub import load_pretrained
 
     pre = load_pretrained(model_spec)
     body = pre.model
@@ -378,7 +378,7 @@ def build(model_spec: str, data: LabelledTask, train_docs: list[Doc], *, method:
     model = SequenceClassifier(body, data.num_labels, pooling, dropout)
     info = {"model": model_spec, "pretrained": True, "pooling": pooling, "body_parameters": _count(body)}
     if method == "lora":
-        from lmlab.peft import add_lora
+        from lmlab.models.peft import add_lora
 
         # On the whole classifier, so that a saved file re-applies itself (load_peft); the new head stays trained.
         info["lora_layers"] = len(add_lora(model, **lora))
@@ -454,7 +454,7 @@ def finetune(model_spec: str, task: str, *, labels: int | None = None, method: s
         }
         if world.main:
             if kind == "lora":
-                from lmlab.peft import save_peft
+                from lmlab.models.peft import save_peft
 
                 # The best evaluation's LoRA and head, alone: a small file next to the base model.
                 objective.load(model, run_dir / "best")

@@ -7,7 +7,7 @@ scale per block. Loading one into lmlab takes four steps:
 1. read the file with the `gguf` package (llama.cpp's own Python reader);
 2. dequantize every tensor to float32 with `gguf.quants.dequantize`: lmlab computes in ordinary floats, so a Q4_1
    file costs 4 bytes per weight in memory, not 0.6, but gives the same numbers llama.cpp multiplies with;
-3. rename the tensors to Hugging Face Llama names and hand them to `lmlab.hf.llama_from_hf`, the same code that
+3. rename the tensors to Hugging Face Llama names and hand them to `lmlab.models.hf.llama_from_hf`, the same code that
    loads Hugging Face folders (so the fusing of q/k/v and gate/up lives in one place);
 4. rebuild the tokenizer from the metadata as a Hugging Face `tokenizers.Tokenizer`.
 
@@ -28,8 +28,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from lmlab.errors import LmlabError
-from lmlab.hf import llama_from_hf
-from lmlab.model import Transformer
+from lmlab.models.hf import llama_from_hf
+from lmlab.models.transformer import Transformer
 
 # GGUF tensor name -> Hugging Face Llama name. Block tensors are "blk.{i}.<key>.weight".
 _GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -123,7 +123,7 @@ def _hf_name(gguf_name: str) -> str | None:
 
 
 def gguf_hf_config(meta: dict, vocab_size: int, tied: bool, where: str) -> dict:
-    """The Hugging Face Llama config.json that the file's metadata describes (lmlab.hf.llama_config reads it)."""
+    """The Hugging Face Llama config.json that the file's metadata describes (lmlab.models.hf.llama_config reads it)."""
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise LmlabError(f"{where}: GGUF architecture {arch!r} is not supported (supported: llama, as in "

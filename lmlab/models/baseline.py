@@ -8,8 +8,8 @@ Words are lower-cased and split on whitespace and punctuation (BERT's pre-tokeni
 of the training examples in use (so with 32 labels, the words of those 32 sentences), and a word first met at
 evaluation is [UNK]. A sentence pair is one sequence "A [SEP] B".
 
-Both are trained by the same objective and loop as the fine-tuned models (lmlab.finetune.Classification through
-lmlab.train.fit): same splits, same batches, same metric. `lmlab finetune --model bilstm --task sst2` runs one.
+Both are trained by the same objective and loop as the fine-tuned models (lmlab.training.classification.Classification through
+lmlab.training.loop.fit): same splits, same batches, same metric. `lmlab finetune --model bilstm --task sst2` runs one.
 """
 
 from __future__ import annotations

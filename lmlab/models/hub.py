@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from lmlab.data import lmlab_home
+from lmlab.data.corpus import lmlab_home
 from lmlab.errors import LmlabError
-from lmlab.model import Transformer
+from lmlab.models.transformer import Transformer
 from lmlab.util import atomic_replace
 
 
@@ -240,9 +240,9 @@ class Pretrained:
     context_length: int
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the text the model was fine-tuned on (see lmlab.chat_template). The template
+        """The conversation as the text the model was fine-tuned on (see lmlab.models.chat_template). The template
         writes any BOS itself: encode the result with `tokenizer.encode(text, add_special_tokens=False)`."""
-        from lmlab.chat_template import render_chat
+        from lmlab.models.chat_template import render_chat
 
         if self.chat_template is None:
             raise LmlabError(f"{self.name} has no chat template (it is a base model, not a chat model); give it "
@@ -264,7 +264,7 @@ def _token(tok: Tokenizer, value) -> tuple[str | None, int | None]:
 
 
 def _from_gguf(path: Path):
-    from lmlab.gguf_model import load_gguf, special_token
+    from lmlab.models.gguf import load_gguf, special_token
 
     model, tok, meta = load_gguf(path)
     specials = {which: special_token(meta, which) for which in ("bos", "eos")}
@@ -272,7 +272,7 @@ def _from_gguf(path: Path):
 
 
 def _from_hf(path: Path):
-    from lmlab.hf import bert_tokenizer, load_hf
+    from lmlab.models.hf import bert_tokenizer, load_hf
 
     model = load_hf(path)
     config = _json(path / "config.json")
@@ -292,8 +292,8 @@ def _from_hf(path: Path):
 
 
 def _from_lmlab(path: Path):
-    from lmlab.data import ENDOFTEXT, load_tokenizer
-    from lmlab.train import load_model
+    from lmlab.data.corpus import ENDOFTEXT, load_tokenizer
+    from lmlab.training.loop import load_model
 
     model = load_model(path)
     run = path if (path / "ckpt").is_dir() or (path / "tokenizer.json").is_file() else path.parent.parent
@@ -313,7 +313,7 @@ def load_pretrained(spec: str | Path, dtype: torch.dtype = torch.float32) -> Pre
     """Load a model by registry name, local path or hub id (see resolve) as an lmlab Transformer in eval mode."""
     path = resolve(spec)
     if (path / "sft.json").is_file():  # a run of lmlab sft or dpo: its base model with the tuned weights
-        from lmlab.sft import load_tuned
+        from lmlab.training.sft import load_tuned
 
         return load_tuned(path)
     model, tok, template, specials = _LOADERS[_kind(path)](path)

@@ -10,7 +10,7 @@ Llama   (also SmolLM2, and other `LlamaForCausalLM` checkpoints) separate q/k/v 
         renames GGUF tensors to these Hugging Face names and comes through here too.
 BERT    (BertModel, and the `bert.` body of BertFor* checkpoints, e.g. all-MiniLM-L6-v2) separate query/key/value,
         fused the same way; post-norm blocks, normalised embeddings, token-type embeddings and the pooler are
-        switches of the same Transformer. Task heads (MLM, classifiers) are not read: lmlab.finetune adds its own.
+        switches of the same Transformer. Task heads (MLM, classifiers) are not read: lmlab.training.classification adds its own.
         A WordPiece tokenizer is read from tokenizer.json, or built from vocab.txt as BertTokenizerFast does.
 """
 
@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from lmlab.errors import LmlabError
-from lmlab.model import Transformer, TransformerConfig
+from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.util import atomic_write_text, save_safetensors_atomic
 
 _GPT2_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}

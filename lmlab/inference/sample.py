@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmlab.data import load_tokenizer
+from lmlab.data.corpus import load_tokenizer
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingParams, generate
-from lmlab.train import load_model
+from lmlab.inference.generate import SamplingParams, generate
+from lmlab.training.loop import load_model
 
 
 def sample(run: str | Path, prompt: str, max_new_tokens: int = 300, temperature: float = 0.8,

@@ -3,12 +3,12 @@
     lmlab paradigms --task sst2 --labels 32,128,1024,all --out docs/results/paradigms
     lmlab paradigms --glue sst2,rte,mrpc,cola,stsb --out docs/results/glue-minilm
 
-1. specialized   a model trained from scratch on the task's labelled examples alone (BiLSTM, CNN: lmlab.baseline)
+1. specialized   a model trained from scratch on the task's labelled examples alone (BiLSTM, CNN: lmlab.models.baseline)
 2. fine-tuned    a pretrained encoder (all-MiniLM-L6-v2) plus a head, fine-tuned on them (full, and LoRA)
 3. prompted      a pretrained instruction-tuned LLM (SmolLM2-135M-Instruct) given k solved examples in its prompt,
                  no gradient update (lmlab.evaluate, contextual calibration reported next to the raw accuracy)
 
-Every fine-tuning run sees the same seeded, class-balanced, nested label subsets (lmlab.finetune) and is scored on
+Every fine-tuning run sees the same seeded, class-balanced, nested label subsets (lmlab.training.classification) and is scored on
 the same dev set with the task's GLUE metric. The budgets are fixed in advance by the number of labels
 (`schedule`), and the reported figure is the one at the end of training: the dev set is not used to pick a
 checkpoint here, since with 32 labels a dev set of 872 labelled examples would be most of the supervision.
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.finetune import DEFAULT_LR, finetune, load_task, parse_labels
+from lmlab.training.classification import DEFAULT_LR, finetune, load_task, parse_labels
 from lmlab.util import atomic_replace, atomic_write_json, atomic_write_text
 
 ENCODER = "minilm-l6"
@@ -166,7 +166,7 @@ def _prompted(llm: str, task: str, shots: list[int], metric: str, seed: int, lim
     set), raw and with contextual calibration; one row each. Evaluated once into WORK, then copied to OUT."""
     from lmlab.evaluate import run_eval
     from lmlab.evaluate.report import output_paths
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hub import load_pretrained
 
     name = f"{Path(llm).name}-{task}.json"
     command = (f"lmlab eval --model {llm} --tasks {task} --shots {','.join(map(str, shots))} --seed {seed} "
@@ -195,7 +195,7 @@ def _prompted(llm: str, task: str, shots: list[int], metric: str, seed: int, lim
 
 def _parameters(spec: str) -> int:
     """A pretrained model's parameter count (a tied LM head counted once)."""
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hub import load_pretrained
 
     return sum(p.numel() for p in load_pretrained(spec).model.parameters())
 

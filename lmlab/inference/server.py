@@ -11,7 +11,7 @@ scoring) and other OpenAI-speaking tools work unchanged.
 
 Requests are validated here, by hand rather than through FastAPI's models, so that every bad request gets
 OpenAI's error body {"error": {"message", "type", "param", "code"}} with OpenAI's status (400, 401, 404, 413, 429)
-instead of FastAPI's 422 format. Generation itself happens in lmlab.engine (one thread owns the model).
+instead of FastAPI's 422 format. Generation itself happens in lmlab.inference.engine (one thread owns the model).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from lmlab.engine import DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent
+from lmlab.inference.engine import DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingParams
+from lmlab.inference.generate import SamplingParams
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a context of 100k tokens is about 400 kB of text: 4 MiB leaves room
@@ -580,16 +580,16 @@ def create_app(server: Server) -> FastAPI:
 
 def model_id_for(spec: str) -> str:
     """The name clients use: a registry name as it is, a path by its file or folder name."""
-    from lmlab.hub import REGISTRY
+    from lmlab.models.hub import REGISTRY
 
     return spec if spec in REGISTRY else Path(spec).name.removesuffix(".gguf") or spec
 
 
 def build(model: str, *, max_batch: int = 16, max_queue: int = 64, context: int | None = None,
           batch_invariant: bool = False, api_key: str | None = None, device: str = "auto") -> Server:
-    """Load a model (anything lmlab.hub.load_pretrained accepts) and start its engine."""
-    from lmlab.chat import eos_ids
-    from lmlab.hub import load_pretrained
+    """Load a model (anything lmlab.models.hub.load_pretrained accepts) and start its engine."""
+    from lmlab.inference.chat import eos_ids
+    from lmlab.models.hub import load_pretrained
     from lmlab.util import pick_device
 
     if max_batch < 1 or max_queue < 0 or (context is not None and context < 2):  # before the slow model load

@@ -2,7 +2,7 @@
 
 `fit(objective, train_config, run_dir)` trains whatever an `Objective` describes (its model, batches, loss and
 evaluation): next-token pretraining and BERT's masked-LM pretraining (`LanguageModeling`, here), classification
-fine-tuning (lmlab.finetune), instruction and preference tuning (lmlab.sft). Under
+fine-tuning (lmlab.training.classification), instruction and preference tuning (lmlab.training.sft). Under
 `torchrun --nproc_per_node N` it wraps the model in DDP (gloo on CPU, nccl on CUDA). Every process draws the same
 global batch from the same seeded generator and takes its own rows, so N processes compute exactly what one
 process computes with the same global batch (and gradient accumulation).
@@ -41,10 +41,10 @@ import yaml
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from lmlab.config import RunConfig, TrainConfig
-from lmlab.data import load_tokens, prepare
+from lmlab.training.config import RunConfig, TrainConfig
+from lmlab.data.corpus import load_tokens, prepare
 from lmlab.errors import LmlabError
-from lmlab.model import Transformer, TransformerConfig
+from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.util import (atomic_write_json, atomic_write_text, load_torch_safe, pick_device, save_safetensors_atomic,
                         save_torch_atomic)
 

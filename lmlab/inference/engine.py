@@ -10,7 +10,7 @@ for all of them, which is what makes a batch of 16 several times faster in total
 
 The KV cache is one preallocated block of `max_batch` rows on a shared timeline of `context` slots. Every active
 row ends at the same slot L (the timeline's end), so each decode step writes one new key/value per row at slot L,
-exactly as a left-padded batch does in lmlab.generate; a row's own tokens occupy [start, L) and `key_mask` hides
+exactly as a left-padded batch does in lmlab.inference.generate; a row's own tokens occupy [start, L) and `key_mask` hides
 the slots before `start`. This is the layout Transformer.forward already supports (per-row positions and masks),
 so the engine reuses the model unchanged:
 
@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingParams, TextStream, adjust_logits, left_pad, pick_tokens
-from lmlab.model import KVCache
+from lmlab.inference.generate import SamplingParams, TextStream, adjust_logits, left_pad, pick_tokens
+from lmlab.models.transformer import KVCache
 
 
 @dataclass
@@ -378,7 +378,7 @@ class Engine:
         self._remove([i for i, c in enumerate(self.rows) if c.handle.cancelled])
 
     def _prefill_together(self) -> int:
-        """Prefill waiting short prompts in one left-padded forward pass (as lmlab.generate batches prompts): one
+        """Prefill waiting short prompts in one left-padded forward pass (as lmlab.inference.generate batches prompts): one
         pass over the weights instead of one per prompt, about 3x faster for 16 prompts of 40 tokens here. Not with
         batch_invariant, where each prompt is prefilled alone so that its arithmetic never depends on others."""
         jobs, longest = [], 0

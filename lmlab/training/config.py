@@ -15,14 +15,14 @@ from pathlib import Path
 import yaml
 
 from lmlab.errors import LmlabError
-from lmlab.model import TransformerConfig
+from lmlab.models.transformer import TransformerConfig
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
 
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"  # "shakespeare", a .txt file or folder, .jsonl, .parquet (see lmlab.data)
+    source: str = "shakespeare"  # "shakespeare", a .txt file or folder, .jsonl, .parquet (see lmlab.data.corpus)
     dir: str = "data/shakespeare-char"  # prepared train.bin / val.bin / tokenizer.json / meta.json
     tokenizer: str = "char"  # "char" | "bpe" | path to a tokenizer.json
     vocab_size: int = 4096  # bpe only

@@ -3,9 +3,9 @@
     lmlab sft --model smollm2-135m-instruct --data alpaca.json --format alpaca --method lora --run-dir runs/sft
     lmlab dpo --model runs/sft --data ../shared/data/instruction_sft/alpaca_en_demo.json --format alpaca
 
-Both are Objectives for lmlab.train.fit, the loop that pretraining uses (checkpoints, --resume, progress, metrics,
+Both are Objectives for lmlab.training.loop.fit, the loop that pretraining uses (checkpoints, --resume, progress, metrics,
 torchrun), not a second loop. The model is trained whole (--method full) or through a parameter-efficient method
-of lmlab.peft (lora, adapterh, adapterp), whose run then holds only the method's own weights.
+of lmlab.models.peft (lora, adapterh, adapterp), whose run then holds only the method's own weights.
 
 Data formats (--format), each read as a JSON array or as JSON lines; a bad row is reported with its line number:
     alpaca  {"instruction", "input" (optional), "output"}: the Alpaca prompt template (Taori et al. 2023) around
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lmlab.errors import LmlabError
-from lmlab.train import Objective
+from lmlab.training.loop import Objective
 
 FORMATS = ("alpaca", "gsm8k", "chat", "jsonl")
 
@@ -348,7 +348,7 @@ def epoch_batches(rows: list[tuple[list[int], list[int]]], n: int, seed: int, ep
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Objectives for lmlab.train.fit
+# Objectives for lmlab.training.loop.fit
 
 PEFT_FILE = "peft.safetensors"
 METHODS = ("full", "lora", "adapterh", "adapterp")
@@ -387,14 +387,14 @@ class Tuning(Objective):
     def save(self, model, folder: Path) -> None:
         if self.method == "full":
             return super().save(model, folder)
-        from lmlab.peft import save_peft
+        from lmlab.models.peft import save_peft
 
         save_peft(model, folder / PEFT_FILE, self.method, self.settings)
 
     def load(self, model, folder: Path) -> None:
         if self.method == "full":
             return super().load(model, folder)
-        from lmlab.peft import load_peft
+        from lmlab.models.peft import load_peft
 
         load_peft(model, folder / PEFT_FILE, apply=False)
 
@@ -548,22 +548,22 @@ def apply_method(model, method: str, settings: dict) -> None:
         for p in model.parameters():
             p.requires_grad_(True)
         return
-    from lmlab.peft import METHODS as PEFT_METHODS
+    from lmlab.models.peft import METHODS as PEFT_METHODS
 
     PEFT_METHODS[method](model, **settings)
 
 
 def load_tuned(path: str | Path, merge: bool = True):
-    """A run of `lmlab sft` or `lmlab dpo` as an lmlab.hub.Pretrained: its base model (loaded as lmlab.hub loads
+    """A run of `lmlab sft` or `lmlab dpo` as an lmlab.models.hub.Pretrained: its base model (loaded as lmlab.models.hub loads
     any model), the method re-applied and its weights taken from best/ (else the newest checkpoint). A LoRA is
     merged into the weights (merge=True); bottleneck adapters stay modules on top of the base."""
     from dataclasses import replace
 
     from safetensors.torch import load_file
 
-    from lmlab.hub import load_pretrained
-    from lmlab.peft import load_peft, merge_peft
-    from lmlab.train import latest_checkpoint
+    from lmlab.models.hub import load_pretrained
+    from lmlab.models.peft import load_peft, merge_peft
+    from lmlab.training.loop import latest_checkpoint
 
     path = Path(path)
     info = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
@@ -627,7 +627,7 @@ class PeakMemory:
 
 def _train_config(run_dir: Path, method: str, steps: int, batch_size: int, micro_batch_size: int | None,
                   lr: float | None, seed: int, overrides: list[str]):
-    from lmlab.config import TrainConfig, _coerce, apply_overrides
+    from lmlab.training.config import TrainConfig, _coerce, apply_overrides
 
     lr = lr or DEFAULT_LR[method]
     values = dict(run_dir=str(run_dir), max_steps=steps, batch_size=batch_size,
@@ -660,10 +660,10 @@ def training_precision(t) -> str:
 
 def prepare_model(model, method: str, settings: dict, *, bf16: bool, device, seed: int = 0) -> None:
     """The method on the model, on the training device, as lmlab sft and dpo train it. Under bf16 autocast a PEFT
-    method's frozen matmul weights are stored in bf16 once (lmlab.peft.cast_frozen_matmuls: the products autocast
+    method's frozen matmul weights are stored in bf16 once (lmlab.models.peft.cast_frozen_matmuls: the products autocast
     computes, without a cast per step); the run saves only the method's weights, and its results and load_tuned
     use the fp32 base."""
-    from lmlab.peft import cast_frozen_matmuls
+    from lmlab.models.peft import cast_frozen_matmuls
 
     torch.manual_seed(seed)  # the method's random initialisation (LoRA's A, the adapters' down)
     apply_method(model, method, settings)
@@ -731,9 +731,9 @@ class TuneSettings:
 
 def _prepare(s: TuneSettings, kind: str, echo):
     """Threads, the base model, the examples (decontaminated, split) and the train config."""
-    from lmlab.hub import load_pretrained
+    from lmlab.models.hub import load_pretrained
 
-    from lmlab.train import latest_checkpoint
+    from lmlab.training.loop import latest_checkpoint
 
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -775,7 +775,7 @@ def _prepare(s: TuneSettings, kind: str, echo):
 
 def _finish(s: TuneSettings, pretrained, objective, t, info: dict, samples: list[dict], world, echo) -> dict:
     """Train, then the results: figures, before/after answers, and the optional evaluation."""
-    from lmlab.train import fit
+    from lmlab.training.loop import fit
     from lmlab.util import atomic_write_json, atomic_write_text
 
     model = objective.model
@@ -875,7 +875,7 @@ def format_results(r: dict) -> str:
 
 def run_sft(s: TuneSettings, packing: bool = False, echo=print) -> dict:
     """`lmlab sft`: instruction tuning of s.model on s.data with s.method. Returns results.json's content."""
-    from lmlab.train import Dist
+    from lmlab.training.loop import Dist
 
     pretrained, train, val, t, settings, info = _prepare(s, "sft", echo)
     context = pretrained.model.config.block_size
@@ -929,7 +929,7 @@ def run_dpo(s: TuneSettings, beta: float = 0.1, rejected_tokens: int = 128, max_
             echo=print) -> dict:
     """`lmlab dpo`: preference tuning of s.model. With --format pairs the pairs are read; with instruction data
     they are built (build_pairs) and kept in the run folder's pairs.jsonl. Returns results.json's content."""
-    from lmlab.train import Dist
+    from lmlab.training.loop import Dist
     from lmlab.util import atomic_write_text
 
     if beta <= 0:
