@@ -118,8 +118,6 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 def check_invariance(model: str, clients: int, new_tokens: int, threads: int) -> dict:
     import torch
-
-    from lmlab.inference.chat import eos_ids
     from lmlab.inference.engine import Engine, Request, TokenEvent
     from lmlab.inference.generate import SamplingParams
     from lmlab.models.hub import load_pretrained
@@ -132,7 +130,7 @@ def check_invariance(model: str, clients: int, new_tokens: int, threads: int) ->
               for i in range(clients)]
     report = {}
     for invariant in (False, True):
-        engine = Engine(pre.model, pre.tokenizer, eos_ids(pre), max_batch=clients, context=512,
+        engine = Engine(pre.model, pre.tokenizer, pre.eos_ids, max_batch=clients, context=512,
                         batch_invariant=invariant)
 
         async def run(indices):

@@ -58,7 +58,7 @@ def _sampling(args):
 
 
 def cmd_generate(args):
-    from lmlab.inference.chat import answer, eos_ids
+    from lmlab.inference.chat import answer
     from lmlab.inference.generate import beam_search, stream
     from lmlab.models.hub import load_pretrained
 
@@ -69,11 +69,11 @@ def cmd_generate(args):
     elif args.num_beams > 1:
         ids = pretrained.tokenizer.encode(args.prompt).ids
         best, score = beam_search(pretrained.model, ids, args.num_beams, args.max_new_tokens,
-                                  eos_ids=eos_ids(pretrained))[0]
+                                  eos_ids=pretrained.eos_ids)[0]
         deltas = [args.prompt, pretrained.tokenizer.decode(best)]
     else:
         sys.stdout.write(args.prompt)
-        deltas = stream(pretrained.model, pretrained.tokenizer, args.prompt, params, eos_ids=eos_ids(pretrained))
+        deltas = stream(pretrained.model, pretrained.tokenizer, args.prompt, params, eos_ids=pretrained.eos_ids)
     for delta in deltas:
         sys.stdout.write(delta)
         sys.stdout.flush()

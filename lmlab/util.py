@@ -1,14 +1,29 @@
-"""Small helpers shared across lmlab: atomic file writes, devices, seeding.
-
-torch is imported inside the functions that need it, so that light commands (`lmlab prepare`) start fast.
-"""
+"""Small helpers shared across lmlab: atomic file writes, safe torch files, devices, the lmlab home folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def lmlab_home() -> Path:
+    """Where lmlab caches downloads and prepared data: $LMLAB_HOME, or ~/.cache/lmlab."""
+    return Path(os.environ.get("LMLAB_HOME") or "~/.cache/lmlab").expanduser()
+
+
+def option(default=dataclasses.MISSING, help: str = "", **argparse_kwargs):
+    """A settings-dataclass field that is also a command-line flag: lmlab.cli makes `--name` of it, with this help
+    text (and any argparse keywords, e.g. choices or metavar). A field without a default is a required flag."""
+    kwargs = {"default_factory": default} if callable(default) and not isinstance(default, type) else {"default": default}
+    if default is dataclasses.MISSING:
+        kwargs = {}
+    return dataclasses.field(**kwargs, metadata={"help": help, **argparse_kwargs})
 
 
 def atomic_replace(path: str | Path, write) -> None:
@@ -39,28 +54,20 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 
 def save_safetensors_atomic(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}  # safetensors wants dense tensors
     atomic_replace(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_torch_atomic(obj, path: str | Path) -> None:
-    import torch
-
     atomic_replace(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_torch_safe(path: str | Path):
-    import torch
-
     # weights_only=True: a checkpoint can hold tensors and plain containers, never arbitrary pickled code.
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def pick_device(name: str = "auto"):
-    import torch
-
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

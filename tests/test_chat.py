@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from lmlab.inference.chat import answer, chat_loop, eos_ids
+from lmlab.inference.chat import answer, chat_loop
 from lmlab.errors import LmlabError
 from lmlab.inference.generate import SamplingParams, generate
 
@@ -36,7 +36,7 @@ def test_streamed_answer_equals_batch_generation(smollm):
     messages = [{"role": "user", "content": "Name three colours."}]
     streamed = "".join(answer(smollm, messages, GREEDY))
     ids = smollm.tokenizer.encode(smollm.chat_prompt(messages), add_special_tokens=False).ids
-    batch = generate(smollm.model, smollm.tokenizer, [ids], GREEDY, eos_ids=eos_ids(smollm))[0]
+    batch = generate(smollm.model, smollm.tokenizer, [ids], GREEDY, eos_ids=smollm.eos_ids)[0]
     assert streamed == batch.text and streamed.strip()
 
 

@@ -12,7 +12,7 @@ from lmlab.evaluate import LM, run_eval
 from lmlab.evaluate.math import NUMERIC_TOLERANCE, extract_letter, extract_number, is_correct
 from lmlab.evaluate.tasks import get_task, load_split
 from lmlab.models.transformer import Transformer, TransformerConfig
-from lmlab.training.sft import alpaca_prompt
+from lmlab.data.prompts import alpaca_prompt
 from tests.conftest import SHARED_DATA, synthetic_corpus, train_byte_bpe
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "llm_adapters_math").is_dir(),

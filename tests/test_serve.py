@@ -20,8 +20,6 @@ import torch
 
 openai = pytest.importorskip("openai", reason="the serve tests use the openai client: pip install -e '.[test]'")
 pytest.importorskip("fastapi", reason="lmlab serve needs fastapi and uvicorn: pip install -e .")
-
-from lmlab.inference.chat import eos_ids  # noqa: E402
 from lmlab.inference.generate import SamplingParams, generate  # noqa: E402
 from lmlab.inference.server import Server, build, create_app  # noqa: E402
 from tests.conftest import synthetic_corpus, train_byte_bpe  # noqa: E402
@@ -109,7 +107,7 @@ def reference_text(served, prompt_ids, max_tokens, **params):
     pre = served.server.pretrained
     p = SamplingParams(max_new_tokens=max_tokens, temperature=params.get("temperature", 0.0),
                        stop=tuple(params.get("stop", ())))
-    return generate(pre.model, pre.tokenizer, [prompt_ids], p, eos_ids=eos_ids(pre))[0]
+    return generate(pre.model, pre.tokenizer, [prompt_ids], p, eos_ids=pre.eos_ids)[0]
 
 
 def chat_ids(served, messages):
@@ -423,7 +421,7 @@ def test_smollm_chat_matches_lmlab_chat(smollm):
     from lmlab.inference.chat import answer
     from lmlab.inference.engine import Engine
 
-    engine = Engine(smollm.model, smollm.tokenizer, eos_ids(smollm), max_batch=4, context=256)
+    engine = Engine(smollm.model, smollm.tokenizer, smollm.eos_ids, max_batch=4, context=256)
     running = RunningServer(Server(smollm, engine, "smollm2-135m-instruct"))
     try:
         messages = [{"role": "user", "content": "What is the capital of France?"}]

@@ -66,7 +66,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmlab.errors import LmlabError
-from lmlab.util import atomic_replace, atomic_write_json
+from lmlab.util import atomic_replace, atomic_write_json, lmlab_home
 
 DOC_SEPARATOR = "\n\n"
 ENDOFTEXT = "<|endoftext|>"
@@ -84,15 +84,6 @@ _BINARY_MAX_FRACTION = 0.10
 # A line with no break in it is buffered up to this many chunks before it is cut mid-line (bounded memory).
 _MAX_CHUNKS_WITHOUT_BREAK = 4
 _PARQUET_BATCH_ROWS = 256
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Locations
-
-
-def lmlab_home() -> Path:
-    """Where lmlab caches downloads: $LMLAB_HOME, or ~/.cache/lmlab."""
-    return Path(os.environ.get("LMLAB_HOME") or "~/.cache/lmlab").expanduser()
 
 
 # ----------------------------------------------------------------------------------------------------------------

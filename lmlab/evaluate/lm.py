@@ -76,14 +76,13 @@ class LM:
     @classmethod
     def from_pretrained(cls, pretrained, **kwargs) -> "LM":
         """From lmlab.models.hub's Pretrained: its tokenizer, BOS (else EOS) as prefix, end-of-turn tokens, chat template."""
-        from lmlab.inference.chat import eos_ids
 
         if not pretrained.model.config.causal:
             raise LmlabError(f"{pretrained.name} is an encoder (BERT), not a language model: it cannot score or "
                              "continue text; fine-tune it with `lmlab finetune` instead")
         prefix = pretrained.bos_token_id if pretrained.bos_token_id is not None else pretrained.eos_token_id
         chat = pretrained.chat_prompt if pretrained.chat_template is not None else None
-        return cls(pretrained.model, pretrained.tokenizer, prefix_token_id=prefix, eos_ids=eos_ids(pretrained),
+        return cls(pretrained.model, pretrained.tokenizer, prefix_token_id=prefix, eos_ids=pretrained.eos_ids,
                    chat_prompt=chat, name=pretrained.name, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ problem; AQuA's ends with "Answer Choices: (A) ... (E) ..."), "answer"}. Its `ou
 rationale, sometimes wrong, and is never used: the gold answer is `answer` (a number, a letter for AQuA).
 `gsm8k` reads OpenAI's original `gsm8k/test.jsonl` (gold: the number after "####"), the same 1,319 problems.
 
-Prompt: as LLM-Adapters evaluates, the problem inside the Alpaca template (lmlab.training.sft.alpaca_prompt), which is also
+Prompt: as LLM-Adapters evaluates, the problem inside the Alpaca template (lmlab.data.prompts.alpaca_prompt), which is also
 what `lmlab sft --format alpaca|gsm8k` trains on; with --chat, the problem is a user turn of the model's chat
 template instead. Zero-shot is the protocol; few-shot examples (worked solutions ending "The answer is N.") come
 from GSM8K's training split for the numeric tasks, and AQuA has none. The model writes greedily until an
@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmlab.data.prompts import ALPACA_STOPS, alpaca_prompt, gsm8k_solution
 from lmlab.evaluate.tasks import FEWSHOT_DELIMITER, GET, LETTERS, Doc, Split, Task, _jsonl, _need
 
 NUMERIC_TOLERANCE = 1e-3
@@ -79,8 +80,6 @@ def _adapters_math(root: Path, folder: str, task: str) -> list[dict]:
 
 
 def _gsm8k_docs(root: Path, split: str, task: str) -> list[Doc]:
-    from lmlab.training.sft import gsm8k_solution
-
     return [Doc(f"{split}-{i}", {"question": r["question"].strip()}, gold=gsm8k_gold(r["answer"]),
                 text=gsm8k_solution(r["answer"]))
             for i, r in enumerate(_jsonl(_need(root, f"gsm8k/{split}.jsonl", task)))]
@@ -119,8 +118,6 @@ class MathTask(Task):
     letters: bool = False  # AQuA: the answer is an option letter
 
     def prompt(self, doc: Doc, shots: list[Doc], chat_prompt) -> str:
-        from lmlab.training.sft import alpaca_prompt
-
         if chat_prompt is not None:  # few-shot examples as earlier turns of the conversation
             messages = []
             for e in shots:
@@ -133,9 +130,6 @@ class MathTask(Task):
     def score(self, docs: list[Doc], shots: dict[str, list[Doc]], lm, chat: bool, label: str, run: dict):
         """(metrics, columns, records) of one run: greedy solutions, extracted answers, exact match."""
         import numpy as np
-
-        from lmlab.training.sft import ALPACA_STOPS
-
         prompts = [self.prompt(d, shots[d.subset], lm.chat_prompt if chat else None) for d in docs]
         run["prompts"] = prompts[:3]
         texts = lm.generate_until([(p, ALPACA_STOPS, MAX_NEW_TOKENS) for p in prompts], desc=label,

@@ -138,7 +138,7 @@ def data_root(data_dir: str | Path | None = None) -> Path:
         return Path(data_dir).expanduser()
     if os.environ.get("LMLAB_DATA"):
         return Path(os.environ["LMLAB_DATA"]).expanduser()
-    from lmlab.data.corpus import lmlab_home
+    from lmlab.util import lmlab_home
 
     return lmlab_home() / "data"
 

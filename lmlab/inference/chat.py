@@ -13,21 +13,11 @@ from lmlab.errors import LmlabError
 from lmlab.inference.generate import SamplingParams, stream
 
 
-def eos_ids(pretrained) -> list[int]:
-    """Token ids that end an answer: the model's EOS, plus the chat format's end-of-turn token if it has one."""
-    ids = {pretrained.eos_token_id} - {None}
-    for end_of_turn in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-        tid = pretrained.tokenizer.token_to_id(end_of_turn)
-        if tid is not None:
-            ids.add(tid)
-    return sorted(ids)
-
-
 def answer(pretrained, messages: list[dict], params: SamplingParams):
     """Stream the assistant's reply to `messages` as text deltas."""
     prompt = pretrained.chat_prompt(messages, add_generation_prompt=True)
     ids = pretrained.tokenizer.encode(prompt, add_special_tokens=False).ids
-    return stream(pretrained.model, pretrained.tokenizer, ids, params, eos_ids=eos_ids(pretrained))
+    return stream(pretrained.model, pretrained.tokenizer, ids, params, eos_ids=pretrained.eos_ids)
 
 
 def chat_loop(pretrained, params: SamplingParams, system: str | None = None,

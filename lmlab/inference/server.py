@@ -588,7 +588,6 @@ def model_id_for(spec: str) -> str:
 def build(model: str, *, max_batch: int = 16, max_queue: int = 64, context: int | None = None,
           batch_invariant: bool = False, api_key: str | None = None, device: str = "auto") -> Server:
     """Load a model (anything lmlab.models.hub.load_pretrained accepts) and start its engine."""
-    from lmlab.inference.chat import eos_ids
     from lmlab.models.hub import load_pretrained
     from lmlab.util import pick_device
 
@@ -602,7 +601,7 @@ def build(model: str, *, max_batch: int = 16, max_queue: int = 64, context: int 
     pretrained.model.to(pick_device(device))
     if context is None:
         context = min(pretrained.context_length, 2048)  # the KV cache holds max_batch x context positions
-    engine = Engine(pretrained.model, pretrained.tokenizer, eos_ids(pretrained), max_batch=max_batch,
+    engine = Engine(pretrained.model, pretrained.tokenizer, pretrained.eos_ids, max_batch=max_batch,
                     max_queue=max_queue, context=context, batch_invariant=batch_invariant)
     return Server(pretrained, engine, model_id_for(model), api_key=api_key)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from lmlab.data.corpus import lmlab_home
+from lmlab.util import lmlab_home
 from lmlab.errors import LmlabError
 from lmlab.models.transformer import Transformer
 from lmlab.util import atomic_replace
@@ -225,6 +225,9 @@ def resolve(spec: str | Path) -> Path:
 # Loading
 
 
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # ChatML, Llama 3, Gemma, Phi
+
+
 @dataclass
 class Pretrained:
     """A ready-to-use language model: an lmlab Transformer (eval mode), its tokenizer and chat format."""
@@ -248,6 +251,16 @@ class Pretrained:
             raise LmlabError(f"{self.name} has no chat template (it is a base model, not a chat model); give it "
                              "plain text to continue instead")
         return render_chat(self.chat_template, messages, add_generation_prompt, self.bos_token, self.eos_token)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Token ids that end an answer: the model's EOS, plus the chat format's end-of-turn token if it has one."""
+        ids = {self.eos_token_id} - {None}
+        for end_of_turn in END_OF_TURN_TOKENS:
+            tid = self.tokenizer.token_to_id(end_of_turn)
+            if tid is not None:
+                ids.add(tid)
+        return sorted(ids)
 
 
 def _token(tok: Tokenizer, value) -> tuple[str | None, int | None]:

@@ -40,65 +40,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lmlab.data.prompts import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, ALPACA_STOPS, alpaca_prompt, gsm8k_solution  # noqa: F401
+from lmlab.data.records import read_records
 from lmlab.errors import LmlabError
 from lmlab.training.loop import Objective
 
 FORMATS = ("alpaca", "gsm8k", "chat", "jsonl")
-
-# Stanford Alpaca's prompt (Taori et al. 2023), with a line break before the response as alpaca-lora writes it.
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                 "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                       "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-# What a model that goes on after its answer writes first: the header of a next example.
-ALPACA_STOPS = ("\n### Instruction", "\n### Response", "\n### Input")
-
-
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca template around an instruction (and its optional input)."""
-    if input.strip():
-        return ALPACA_PROMPT_INPUT.format(instruction=instruction.strip(), input=input.strip())
-    return ALPACA_PROMPT.format(instruction=instruction.strip())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading files
-
-def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each row of a JSON array file or a JSON lines file."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmlabError(f"no such data file: {path}")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        # Walk the array element by element so that every row knows its line.
-        decoder = json.JSONDecoder()
-        pos = len(text) - len(stripped) + 1
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(text):
-                raise LmlabError(f"{path}: the JSON array is not closed with ]")
-            if text[pos] == "]":
-                return
-            line = text.count("\n", 0, pos) + 1
-            try:
-                obj, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{path} line {e.lineno}: malformed JSON ({e.msg})") from None
-            yield line, obj
-    for line, row in enumerate(text.splitlines(), 1):
-        if not row.strip():
-            continue
-        try:
-            obj = json.loads(row)
-        except json.JSONDecodeError as e:
-            raise LmlabError(f"{path} line {line}: malformed JSON ({e.msg}); each line must hold one JSON "
-                             "object (JSON lines), or the file one JSON array") from None
-        yield line, obj
-
 
 @dataclass
 class Example:
@@ -122,16 +69,6 @@ def _field(row: dict, name: str, where: str, fmt: str, needed: str) -> str:
     if not isinstance(value, str):
         raise LmlabError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
     return value
-
-
-_GSM8K_CALC = re.compile(r"<<[^>]*>>")
-
-
-def gsm8k_solution(answer: str) -> str:
-    """GSM8K's worked answer in LLM-Adapters' style: no calculator annotations, "The answer is N." at the end."""
-    body, _, final = answer.rpartition("####")
-    final = final.strip().replace(",", "")
-    return _GSM8K_CALC.sub("", body).strip() + f"\nThe answer is {final}."
 
 
 def to_example(fmt: str, row: dict, where: str, chat_prompt=None) -> Example:
