@@ -1,98 +1,296 @@
-"""The `lmlab` command: one subcommand per step of the course's road (prepare, train, sample, export, demo)."""
+"""The `lmlab` command: one verb per step of the course's road, as litgpt's `litgpt <verb>`.
+
+A verb is a Python function, and its flags come from the function's own signature: each parameter is a `--flag`
+(or a positional argument where the verb says so) (`max_new_tokens` -> `--max-new-tokens`), with the
+help text of the docstring's `Args:` section. A parameter typed as a settings dataclass contributes one flag per
+field, with the help text given next to the field by `lmlab.util.option`. So every parameter is declared once,
+with its help next to it, and `lmlab VERB --help` lists exactly what the function takes.
+
+Types map to argparse as one expects: int/float/str, `X | None`, `Literal[...]` (choices), `list[str]` (a
+repeatable flag), `bool` (`--flag` when the default is False, `--no-flag` when it is True). A function with a
+`command` parameter gets the command line that ran it (it records it in its results). A verb that returns a dict
+prints it as JSON, one that returns text prints the text.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
+import collections.abc
+import dataclasses
+import inspect
+import json as _json
+import re
 import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
 
+from lmlab.data.corpus import prepare
 from lmlab.errors import LmlabError
+from lmlab.evaluate import run_eval
+from lmlab.experiments.demo import demo
+from lmlab.experiments.paradigms import GLUE_TASKS, paradigms
+from lmlab.inference.chat import answer, chat_loop
+from lmlab.inference.generate import SamplingParams, beam_search, stream
+from lmlab.inference.sample import prompt_ids
+from lmlab.inference.server import serve
+from lmlab.models.hf import export_hf
+from lmlab.models.hub import list_models, load_pretrained, pull
+from lmlab.training.classification import finetune, parse_labels
+from lmlab.training.config import load_config
+from lmlab.training.loop import train as pretrain
+from lmlab.training.sft import TuneSettings, method_settings, run_dpo, run_sft
+from lmlab.util import command_line, pick_device
 
 
-def cmd_prepare(args):
-    from lmlab.data.corpus import prepare
+@dataclass
+class Verb:
+    """A command of `lmlab`: the function it runs, and what the command line changes about its parameters."""
 
-    meta = prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   text_field=args.text_field, val_fraction=args.val_fraction, dtype=args.dtype)
-    print(json.dumps(meta, indent=2))
-
-
-def cmd_train(args):
-    from lmlab.training.config import load_config
-    from lmlab.training.loop import train
-
-    cfg = load_config(args.config, args.set)
-    summary = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps(summary, indent=2))
+    name: str
+    function: Callable
+    help: str = ""  # default: the first line of the function's docstring
+    defaults: dict[str, Any] = field(default_factory=dict)  # other defaults on the command line than in Python
+    names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # more flag names for a parameter
+    argparse: dict[str, dict] = field(default_factory=dict)  # extra argparse keywords for a parameter
+    hidden: tuple[str, ...] = ()  # parameters the command line does not set
+    positional: tuple[str, ...] = ()  # parameters given as positional arguments (the rest are --flags)
+    show: bool = False  # print the returned value (JSON for a dict)
 
 
-def cmd_sample(args):
-    from lmlab.inference.sample import sample
+# ----------------------------------------------------------------------------------------------------------------
+# From a signature to flags
 
-    print(sample(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, seed=args.seed, device=args.device))
-
-
-def cmd_export(args):
-    from lmlab.models.hf import export_hf
-    from lmlab.models.hub import load_pretrained
-
-    if args.format != "hf":
-        raise LmlabError(f"unknown export format {args.format!r} (supported: hf)")
-    pre = load_pretrained(args.run)
-    out = export_hf(pre.model, args.out, pre.tokenizer, **({"chat_template": pre.chat_template,
-                    "bos_token": pre.bos_token, "eos_token": pre.eos_token} if pre.chat_template else {}))
-    arch = json.loads((out / "config.json").read_text())["architectures"][0]
-    print(f"wrote {out} (load with transformers.{arch}.from_pretrained({str(out)!r}))")
+_ARG_LINE = re.compile(r"^(\s*)([A-Za-z_][A-Za-z0-9_]*)(?: \([^)]*\))?: (.*)$")
 
 
-def _sampling(args):
-    from lmlab.inference.generate import SamplingParams
+def docstring_args(fn: Callable) -> dict[str, str]:
+    """The `Args:` section of a Google-style docstring as {parameter: help text}."""
+    lines = inspect.getdoc(fn).splitlines() if inspect.getdoc(fn) else []
+    helps: dict[str, str] = {}
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
+    except StopIteration:
+        return helps
+    current, indent = None, None
+    for line in lines[start + 1:]:
+        if not line.strip():
+            current = None
+            continue
+        match = _ARG_LINE.match(line)
+        width = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = width
+        if width < indent:
+            break
+        if match and width == indent:
+            current = match.group(2)
+            helps[current] = match.group(3).strip()
+        elif current is not None:
+            helps[current] += " " + line.strip()
+    return helps
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            stop=tuple(args.stop), seed=args.seed)
-    params.validate()
-    return params
+
+def _unwrap(annotation) -> tuple[Any, bool]:
+    """(the type a flag parses, whether it is repeatable) for a parameter's annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if str in members or Path in members:
+            return str, False
+        return _unwrap(members[0]) if len(members) == 1 else (str, False)
+    if origin in (list, tuple, collections.abc.Sequence):
+        inner = typing.get_args(annotation)
+        return (inner[0] if inner and inner[0] is not Ellipsis else str), True
+    return annotation, False
 
 
-def cmd_generate(args):
-    from lmlab.inference.chat import answer
-    from lmlab.inference.generate import beam_search, stream
-    from lmlab.models.hub import load_pretrained
-
-    params = _sampling(args)
-    pretrained = load_pretrained(args.model)
-    if args.chat:
-        deltas = answer(pretrained, [{"role": "user", "content": args.prompt}], params)
-    elif args.num_beams > 1:
-        ids = pretrained.tokenizer.encode(args.prompt).ids
-        best, score = beam_search(pretrained.model, ids, args.num_beams, args.max_new_tokens,
-                                  eos_ids=pretrained.eos_ids)[0]
-        deltas = [args.prompt, pretrained.tokenizer.decode(best)]
+def _flag_kwargs(name: str, annotation, default, help: str) -> dict:
+    kind, repeatable = _unwrap(annotation)
+    kwargs: dict[str, Any] = {"help": help}
+    if default is inspect.Parameter.empty or default is dataclasses.MISSING:
+        kwargs["required"] = True
     else:
-        sys.stdout.write(args.prompt)
-        deltas = stream(pretrained.model, pretrained.tokenizer, args.prompt, params, eos_ids=pretrained.eos_ids)
+        kwargs["default"] = list(default) if repeatable and default is not None else default
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        return {**kwargs, "choices": list(choices), "type": type(choices[0])}
+    if kind is bool:
+        if default is True:  # the flag is --no-NAME
+            return {**kwargs, "action": "store_false", "help": f"turn off: {help}"}
+        return {**kwargs, "action": "store_true"}
+    kwargs["metavar"] = name.upper()
+    if repeatable:
+        return {**kwargs, "action": "append", "type": kind if kind in (int, float) else str,
+                "default": kwargs.get("default") or []}
+    return {**kwargs, "type": kind if kind in (int, float) else str}
+
+
+def _flag_names(name: str, default, extra: tuple[str, ...]) -> list[str]:
+    flag = name.replace("_", "-")
+    return [f"--no-{flag}" if default is True else f"--{flag}", *extra]
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows a flag's default where it says something (not for switches, nor for None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, True, [], (), argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+@dataclass
+class _Slot:
+    """Where a parsed value goes: a parameter of the function, or a field of a settings dataclass parameter."""
+    dest: str
+    param: str
+    field: str | None = None
+
+
+def _add_settings(parser, verb: Verb, param: str, cls, slots: list[_Slot]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in verb.hidden:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            raise TypeError(f"{cls.__name__}.{f.name}: nested settings are given as their own parameter")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        default = verb.defaults.get(f.name, default)
+        kwargs = _flag_kwargs(f.name, hints[f.name], default, f.metadata.get("help", ""))
+        kwargs.update({k: v for k, v in f.metadata.items() if k != "help"}, **verb.argparse.get(f.name, {}))
+        dest = f"{param}.{f.name}"
+        parser.add_argument(*_flag_names(f.name, default, verb.names.get(f.name, ())), dest=dest, **kwargs)
+        slots.append(_Slot(dest, param, f.name))
+
+
+def add_verb(sub, verb: Verb) -> None:
+    fn = verb.function
+    hints = typing.get_type_hints(fn)
+    helps = docstring_args(fn)
+    doc = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+    parser = sub.add_parser(verb.name, help=verb.help or doc, description=verb.help or doc,
+                            formatter_class=_HelpFormatter)
+    slots: list[_Slot] = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in verb.hidden or p.name == "command" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        annotation = hints.get(p.name, str)
+        if dataclasses.is_dataclass(annotation):
+            _add_settings(parser, verb, p.name, annotation, slots)
+            continue
+        default = verb.defaults.get(p.name, p.default)
+        kwargs = _flag_kwargs(p.name, annotation, default, helps.get(p.name, ""))
+        kwargs.update(verb.argparse.get(p.name, {}))
+        if p.name in verb.positional:
+            kwargs.pop("required", None)
+            parser.add_argument(p.name, **kwargs)
+        else:
+            parser.add_argument(*_flag_names(p.name, default, verb.names.get(p.name, ())), dest=p.name, **kwargs)
+        slots.append(_Slot(p.name, p.name))
+    parser.set_defaults(_verb=verb, _slots=slots)
+
+
+def call_verb(args: argparse.Namespace):
+    verb: Verb = args._verb
+    values: dict[str, Any] = {}
+    settings: dict[str, dict] = {}
+    for slot in args._slots:
+        value = getattr(args, slot.dest)
+        if slot.field is None:
+            values[slot.param] = value
+        else:
+            settings.setdefault(slot.param, {})[slot.field] = value
+    hints = typing.get_type_hints(verb.function)
+    for param, fields in settings.items():
+        values[param] = hints[param](**fields)
+    signature = inspect.signature(verb.function)
+    if "command" in signature.parameters:
+        values["command"] = command_line()
+    return verb.function(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The verbs that are not a library function of their own: they turn the command line's text into the objects the
+# library takes (a config file into a RunConfig, a model name into a loaded model) and print what comes back.
+
+def is_run(spec: str) -> bool:
+    """Whether a model spec is an lmlab run folder (or one of its checkpoints)."""
+    path = Path(spec)
+    return path.is_dir() and ((path / "ckpt").is_dir() or path.parent.name == "ckpt")
+
+
+def train(config: str, set: list[str] = (), resume: bool = False, progress: bool = True) -> dict:
+    """Pretrain a model by next-token prediction (or masked-LM for an encoder config); works under torchrun.
+
+    Args:
+        config: YAML config file, or the name of a shipped one (e.g. shakespeare-char)
+        set: override a config value, e.g. --set train.lr=3e-4 (repeatable)
+        resume: continue the run in train.run_dir from its checkpoint
+        progress: show the progress bar
+    """
+    return pretrain(load_config(config, list(set)), resume=resume, progress=progress)
+
+
+def generate(model: str, prompt: str, chat: bool = False, num_beams: int = 1, device: str = "cpu",
+             sampling: SamplingParams = SamplingParams()) -> None:
+    """Continue a prompt with a model (streams the text); a trained run's small context slides as the text grows.
+
+    Args:
+        model: registry name (lmlab models), a .gguf file, a Hugging Face folder, an lmlab run folder, or a hub id
+            org/name
+        prompt: the text to continue
+        chat: send the prompt as a user turn through the chat template
+        num_beams: beam search with this many beams (no sampling)
+        device: cpu | cuda | mps | auto
+    """
+    sampling.validate()
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        raise LmlabError(f"no such run or checkpoint folder, model file or model folder: {model}")
+    pretrained = load_pretrained(model)
+    pretrained.model.to(pick_device(device))
+    if chat:
+        deltas = answer(pretrained, [{"role": "user", "content": prompt}], sampling)
+    else:
+        ids = prompt_ids(pretrained.tokenizer, prompt)
+        if num_beams > 1:
+            best, _ = beam_search(pretrained.model, ids, num_beams, sampling.max_new_tokens,
+                                  eos_ids=pretrained.eos_ids)[0]
+            deltas = [prompt, pretrained.tokenizer.decode(best)]
+        else:
+            sys.stdout.write(prompt)
+            deltas = stream(pretrained.model, pretrained.tokenizer, ids, sampling, eos_ids=pretrained.eos_ids,
+                            slide=is_run(model))
     for delta in deltas:
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
-def cmd_chat(args):
-    from lmlab.inference.chat import chat_loop
-    from lmlab.models.hub import load_pretrained
+def chat(model: str, system: str | None = None, sampling: SamplingParams = SamplingParams()) -> None:
+    """Talk with a chat model (streaming; /reset, /exit).
 
-    chat_loop(load_pretrained(args.model), _sampling(args), system=args.system)
+    Args:
+        model: registry name, .gguf file, Hugging Face folder, run folder or hub id of a chat model
+        system: a system message opening the conversation
+    """
+    sampling.validate()
+    chat_loop(load_pretrained(model), sampling, system=system)
 
 
-def cmd_models(args):
-    from lmlab.models.hub import list_models
+def models(json: bool = False) -> None:
+    """List registered models and what is downloaded.
 
+    Args:
+        json: print the registry as JSON
+    """
     rows = list_models()
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if json:
+        print(_json.dumps(rows, indent=2))
         return
     print(f"{'name':24} {'architecture':14} {'format':12} {'size':>9}  downloaded")
     for r in rows:
@@ -100,66 +298,47 @@ def cmd_models(args):
               f"{r['path'] if r['downloaded'] else 'no (lmlab pull ' + r['name'] + ')'}")
 
 
-def cmd_pull(args):
-    from lmlab.models.hub import pull
+def export(model: str, out: str, format: str = "hf") -> str:
+    """Export a model (a trained run, a .gguf, a registry name) to another format.
 
-    print(pull(args.name, force=args.force))
-
-
-def _add_sampling_args(s, max_new_tokens=256, temperature=0.7):
-    s.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    s.add_argument("--temperature", type=float, default=temperature, help="0 means greedy")
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--min-p", type=float, default=None)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--seed", type=int, default=None)
-
-
-def cmd_eval(args):
-    from lmlab.evaluate import run_eval
-
-    run_eval(args.model, args.tasks, shots=args.shots, limit=args.limit, seed=args.seed,
-             batch_size=args.batch_size, mode=args.mode, chat=args.chat, calibrate=args.calibrate,
-             balanced=args.balanced, data_dir=args.data_dir, out=args.out, stride=args.stride,
-             max_length=args.max_length, progress=not args.no_progress,
-             command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
+    Args:
+        model: run folder, checkpoint folder, registry name, .gguf file or Hugging Face folder
+        out: the folder to write
+        format: hf: a Hugging Face folder (config.json, model.safetensors, tokenizer.json) that transformers loads
+            (GPT-2, Llama or BERT)
+    """
+    if format != "hf":
+        raise LmlabError(f"unknown export format {format!r} (supported: hf)")
+    pre = load_pretrained(model)
+    chat_format = ({"chat_template": pre.chat_template, "bos_token": pre.bos_token, "eos_token": pre.eos_token}
+                   if pre.chat_template else {})
+    folder = export_hf(pre.model, out, pre.tokenizer, **chat_format)
+    arch = _json.loads((folder / "config.json").read_text())["architectures"][0]
+    return f"wrote {folder} (load with transformers.{arch}.from_pretrained({str(folder)!r}))"
 
 
-def add_eval_parser(sub):
-    s = sub.add_parser("eval", help="evaluate a model: perplexity, zero/few-shot multiple choice, GLUE-style "
-                                    "classification")
-    s.add_argument("--model", required=True, help="registry name (lmlab models), a .gguf file, a Hugging Face "
-                                                  "folder, an lmlab run folder, or a hub id org/name")
-    s.add_argument("--tasks", required=True, help="comma-separated task names, e.g. sst2,piqa,lambada,wikitext "
-                                                  "(an unknown name lists the known ones)")
-    s.add_argument("--shots", default="0", help="comma-separated numbers of in-context examples, e.g. 0,1,4,8")
-    s.add_argument("--limit", type=int, default=None,
-                   help="only the first N examples of each task (of each MMLU subject / benchmark source)")
-    s.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draw")
-    s.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    s.add_argument("--mode", default="loglikelihood", choices=["loglikelihood", "generate", "both"],
-                   help="how choice tasks are scored: log-likelihood of each answer, generation + answer "
-                        "extraction, or both side by side")
-    s.add_argument("--chat", action="store_true", help="generation prompts go through the model's chat template")
-    s.add_argument("--calibrate", action="store_true",
-                   help="also report contextual calibration (Zhao et al. 2021) next to the raw numbers")
-    s.add_argument("--balanced", action="store_true", help="few-shot examples balanced across the labels")
-    s.add_argument("--data-dir", default=None, help="folder with the evaluation data (default: $LMLAB_DATA, else "
-                                                    "$LMLAB_HOME/data)")
-    s.add_argument("--out", default=None, help="write OUT.json (summary with the exact prompts), OUT.jsonl (every "
-                                               "example) and OUT.png (score vs shots)")
-    s.add_argument("--stride", type=int, default=None,
-                   help="perplexity tasks: new tokens per rolling window (default: the window, i.e. disjoint "
-                        "windows as in lm-evaluation-harness)")
-    s.add_argument("--max-length", type=int, default=None, help="window in tokens (default: the model's context)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_eval)
+_SAMPLE_DEFAULTS = {"prompt": "\n", "max_new_tokens": 300, "temperature": 0.8, "seed": 1337}
 
+VERBS = [
+    Verb("prepare", prepare, positional=("source",), show=True),
+    Verb("train", train, positional=("config",), show=True, argparse={"set": {"metavar": "KEY=VALUE"}}),
+    Verb("generate", generate, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",)),
+    Verb("sample", generate, help="generate from a trained run (lmlab generate --model RUN, with sampling "
+                                  "defaults for small character models)", defaults=_SAMPLE_DEFAULTS,
+         names={"model": ("--run",)}, hidden=("stop_at_eos",)),
+    Verb("chat", chat, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",)),
+    Verb("export", export, names={"model": ("--run",)}, show=True),
+    Verb("models", models),
+    Verb("pull", pull, positional=("name",), show=True),
+    Verb("paradigms", paradigms, argparse={"glue": {"nargs": "?", "const": GLUE_TASKS}}),
+    Verb("eval", run_eval, hidden=("tokenizer", "echo")),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands still declared by hand (until their functions take settings dataclasses)
 
 def cmd_finetune(args):
-    from lmlab.training.classification import finetune, parse_labels
 
     finetune(args.model, args.task, labels=parse_labels(args.labels), method=args.method, pooling=args.pooling,
              epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
@@ -168,18 +347,16 @@ def cmd_finetune(args):
              lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, patience=args.patience,
              eval_every=args.eval_every, seed=args.seed, data_dir=args.data_dir, out=args.out, threads=args.threads,
              device=args.device, compile=args.compile, resume=args.resume, progress=not args.no_progress,
-             command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
+             command=command_line())
 
 
 def cmd_serve(args):
-    from lmlab.inference.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, context=args.context, batch_invariant=args.batch_invariant, device=args.device)
 
 
 def _tune_settings(args):
-    from lmlab.training.sft import TuneSettings, method_settings
 
     settings = method_settings(args.method, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                                lora_dropout=args.lora_dropout, lora_targets=args.lora_targets.split(","),
@@ -192,17 +369,15 @@ def _tune_settings(args):
                         decontaminate=tuple(t for t in args.decontaminate.split(",") if t),
                         data_dir=args.data_dir, eval_tasks=tuple(t for t in args.eval_tasks.split(",") if t),
                         eval_limit=args.eval_limit, resume=args.resume, progress=not args.no_progress,
-                        command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
+                        command=command_line())
 
 
 def cmd_sft(args):
-    from lmlab.training.sft import run_sft
 
     run_sft(_tune_settings(args), packing=args.packing)
 
 
 def cmd_dpo(args):
-    from lmlab.training.sft import run_dpo
 
     run_dpo(_tune_settings(args), beta=args.beta, rejected_tokens=args.rejected_tokens, max_pairs=args.max_pairs)
 
@@ -247,91 +422,12 @@ def _add_tuning_args(s, formats: str, run_dir: str, steps: int):
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def cmd_paradigms(args):
-    from lmlab.experiments.paradigms import run_glue, run_paradigms
-
-    common = dict(work=args.work, seed=args.seed, data_dir=args.data_dir, threads=args.threads,
-                  keep_weights=args.keep_weights, progress=not args.no_progress,
-                  command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
-    if args.glue:
-        run_glue(args.glue, out=args.out or "docs/results/glue-minilm", epochs=args.epochs, **common)
-    else:
-        run_paradigms(args.task, args.labels, args.shots, out=args.out or "docs/results/paradigms",
-                      baselines=args.baselines, methods=args.methods, prompt_limit=args.prompt_limit,
-                      collect=args.collect, **common)
-
-
 def cmd_demo(args):
-    from lmlab.experiments.demo import demo
 
     demo(run_dir=args.run_dir, overrides=args.set)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmlab", description="A hands-on laboratory for language models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    s = sub.add_parser("prepare", help="tokenize a corpus into train/val token files")
-    s.add_argument("source", help="'shakespeare' (default corpus), a .txt file or folder, .jsonl, .parquet, "
-                                  "or a Hugging Face dataset name")
-    s.add_argument("--out", required=True, help="output folder (train.bin, val.bin, tokenizer.json, meta.json)")
-    s.add_argument("--tokenizer", default="char", help="char | bpe | path to an existing tokenizer.json")
-    s.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
-    s.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet")
-    s.add_argument("--val-fraction", type=float, default=0.1)
-    s.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
-    s.set_defaults(func=cmd_prepare)
-
-    s = sub.add_parser("train", help="pretrain a model by next-token prediction (works under torchrun)")
-    s.add_argument("config", help="YAML config file, or the name of a shipped one (e.g. shakespeare-char)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
-    s.add_argument("--resume", action="store_true", help="continue the run in train.run_dir from its checkpoint")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_train)
-
-    s = sub.add_parser("sample", help="generate text from a trained run")
-    s.add_argument("--run", required=True, help="run folder (or a checkpoint folder)")
-    s.add_argument("--prompt", default="\n")
-    s.add_argument("--max-new-tokens", type=int, default=300)
-    s.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--seed", type=int, default=1337)
-    s.add_argument("--device", default="cpu")
-    s.set_defaults(func=cmd_sample)
-
-    s = sub.add_parser("export", help="export a model (a trained run, a .gguf, a registry name) to another format")
-    s.add_argument("--run", "--model", dest="run", required=True,
-                   help="run folder, checkpoint folder, registry name, .gguf file or Hugging Face folder")
-    s.add_argument("--format", default="hf", help="hf: a Hugging Face folder (config.json, model.safetensors, "
-                                                   "tokenizer.json) that transformers loads (GPT-2 or Llama)")
-    s.add_argument("--out", required=True)
-    s.set_defaults(func=cmd_export)
-
-    s = sub.add_parser("generate", help="continue a prompt with a pretrained model (streams the text)")
-    s.add_argument("--model", required=True, help="registry name (lmlab models), a .gguf file, a Hugging Face "
-                                                  "folder, an lmlab run folder, or a hub id org/name")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--chat", action="store_true", help="send the prompt as a user turn through the chat template")
-    s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (no sampling)")
-    _add_sampling_args(s)
-    s.set_defaults(func=cmd_generate)
-
-    s = sub.add_parser("chat", help="talk with a chat model (streaming; /reset, /exit)")
-    s.add_argument("--model", required=True)
-    s.add_argument("--system", default=None, help="a system message opening the conversation")
-    _add_sampling_args(s)
-    s.set_defaults(func=cmd_chat)
-
-    s = sub.add_parser("models", help="list registered models and what is downloaded")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_models)
-
-    s = sub.add_parser("pull", help="download a registered model into $LMLAB_HOME/models")
-    s.add_argument("name")
-    s.add_argument("--force", action="store_true", help="download again even if present")
-    s.set_defaults(func=cmd_pull)
-
+def add_legacy(sub):
     s = sub.add_parser("finetune", help="fine-tune a pretrained model (or train a from-scratch baseline) on a "
                                         "classification or regression task (full or LoRA)")
     s.add_argument("--model", required=True, help="a pretrained model (registry name, Hugging Face folder, .gguf, "
@@ -401,48 +497,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pairs", type=int, default=None, help="training pairs to build (default: all examples)")
     s.set_defaults(func=cmd_dpo)
 
-    s = sub.add_parser("paradigms", help="three eras on one task: from scratch, fine-tuned, prompted (table, "
-                                         "learning curves); or --glue: a fine-tuned MiniLM on GLUE")
-    s.add_argument("--task", default="sst2")
-    s.add_argument("--labels", default="32,128,1024,all", help="labelled training examples per run")
-    s.add_argument("--shots", default="0,4,32", help="solved examples in the prompted LLM's prompt ('' for none)")
-    s.add_argument("--baselines", default="bilstm,cnn", help="from-scratch models ('' for none)")
-    s.add_argument("--methods", default="full,lora", help="fine-tuning methods of the encoder ('' for none)")
-    s.add_argument("--prompt-limit", type=int, default=None, help="prompt on the first N dev examples only")
-    s.add_argument("--glue", nargs="?", const="sst2,rte,mrpc,cola,stsb", default=None,
-                   help="instead: fine-tune MiniLM on these GLUE tasks with all labels and write the GLUE table")
-    s.add_argument("--epochs", type=float, default=None, help="with --glue: epochs for the tasks under 10,000 "
-                                                              "examples (default: the fixed budgets)")
-    s.add_argument("--collect", action="store_true", help="train nothing: tabulate the finished runs")
-    s.add_argument("--out", default=None, help="results folder (default docs/results/paradigms, or "
-                                               "docs/results/glue-minilm with --glue)")
-    s.add_argument("--work", default="runs/paradigms", help="run folders (a finished run is not run again)")
-    s.add_argument("--keep-weights", action="store_true", help="keep each run's checkpoints")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--data-dir", default=None)
-    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=cmd_paradigms)
-
-    add_eval_parser(sub)
-
     s = sub.add_parser("demo", help="the main job: prepare Shakespeare, train a small GPT for a few minutes, sample")
     s.add_argument("--run-dir", default="runs/demo")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(func=cmd_demo)
-    return p
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmlab", description="A hands-on laboratory for language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for verb in VERBS:
+        add_verb(sub, verb)
+    add_legacy(sub)
+    return parser
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        result = call_verb(args) if hasattr(args, "_verb") else args.func(args)
     except LmlabError as e:
         print(f"lmlab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    if hasattr(args, "_verb") and args._verb.show and result is not None:
+        print(_json.dumps(result, indent=2, default=str) if isinstance(result, (dict, list)) else result)
     return 0
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,13 +20,19 @@ def lmlab_home() -> Path:
     return Path(os.environ.get("LMLAB_HOME") or "~/.cache/lmlab").expanduser()
 
 
+def command_line() -> str:
+    """The command line of this process as one would type it (`lmlab ...`), for the records runs keep."""
+    return " ".join(["lmlab", *map(shlex.quote, sys.argv[1:])])
+
+
 def option(default=dataclasses.MISSING, help: str = "", **argparse_kwargs):
     """A settings-dataclass field that is also a command-line flag: lmlab.cli makes `--name` of it, with this help
-    text (and any argparse keywords, e.g. choices or metavar). A field without a default is a required flag."""
-    kwargs = {"default_factory": default} if callable(default) and not isinstance(default, type) else {"default": default}
-    if default is dataclasses.MISSING:
-        kwargs = {}
-    return dataclasses.field(**kwargs, metadata={"help": help, **argparse_kwargs})
+    text (and any argparse keywords, e.g. metavar). A field without a default is a required flag; a list default
+    is copied for each instance."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default),
+                                 metadata={"help": help, **argparse_kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 def atomic_replace(path: str | Path, write) -> None:
@@ -75,3 +84,20 @@ def pick_device(name: str = "auto"):
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(name)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line, for messages that the CLI prints on one line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+

@@ -98,3 +98,41 @@ def test_bad_sample_arguments(trained_run, tmp_path):
 def test_export_unknown_format(trained_run, tmp_path):
     done = _run_cli("export", "--run", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "x"))
     assert done.returncode == 2 and "unknown export format 'onnx' (supported: hf)" in done.stderr
+
+
+def test_flags_come_from_the_signature_docstring_and_settings_fields():
+    import argparse
+    from dataclasses import dataclass
+    from typing import Literal
+
+    from lmlab.cli import Verb, add_verb, call_verb
+    from lmlab.util import option
+
+    @dataclass
+    class Knobs:
+        width: int = option(8, "how wide")
+        names: list[str] = option([], "repeatable names")
+
+    def verb(source: str, mode: Literal["a", "b"] = "a", rate: float | None = None, progress: bool = True,
+             knobs: Knobs = Knobs(), command: str | None = None):
+        """Do a thing.
+
+        Args:
+            source: where from
+            mode: which way
+                (a longer help line)
+            rate: how fast
+            progress: show progress
+        """
+        return source, mode, rate, progress, knobs, command
+
+    parser = argparse.ArgumentParser()
+    add_verb(parser.add_subparsers(), Verb("verb", verb, positional=("source",), defaults={"width": 3}))
+    helps = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices["verb"]._actions}
+    assert helps["mode"] == "which way (a longer help line)" and helps["knobs.width"] == "how wide"
+    args = parser.parse_args(["verb", "x", "--mode", "b", "--rate", "0.5", "--no-progress", "--names", "p", "--names", "q"])
+    source, mode, rate, progress, knobs, command = call_verb(args)
+    assert (source, mode, rate, progress) == ("x", "b", 0.5, False)
+    assert knobs == Knobs(width=3, names=["p", "q"]) and command.startswith("lmlab")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["verb", "x", "--mode", "c"])

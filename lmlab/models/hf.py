@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lmlab.errors import LmlabError
 from lmlab.models.transformer import Transformer, TransformerConfig
@@ -299,8 +299,6 @@ def bert_tokenizer(folder: str | Path) -> Tokenizer:
     no padding and no truncation (callers pad and truncate per batch). From tokenizer.json when there is one,
     else built from vocab.txt with the pieces BertTokenizerFast uses (BERT normaliser and pre-tokenizer,
     WordPiece with ## continuations, lower-casing as tokenizer_config.json's do_lower_case says)."""
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
-
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
