@@ -16,15 +16,13 @@ from pathlib import Path
 
 from lmlab.errors import LmlabError
 from lmlab.evaluate.tasks import glue, language_modeling, math, multiple_choice
-from lmlab.evaluate.tasks.base import (FEWSHOT_DELIMITER, TARGET_DELIMITER, Doc, Settings, Split, Task, gold_index,
-                                       pick_shots)
+from lmlab.evaluate.tasks.base import FEWSHOT_DELIMITER, TARGET_DELIMITER, Doc, Settings, Split, Task, pick_shots
 from lmlab.evaluate.tasks.choice import content_free
-from lmlab.evaluate.tasks.files import GET, POOL_SIZE, MissingData, data_root
+from lmlab.evaluate.tasks.files import MissingData, data_root
 from lmlab.evaluate.tasks.hub import HUB, load_benchmark_hub, load_from_hub
 
 __all__ = ["TASKS", "get_task", "known_tasks", "load_split", "data_root", "Doc", "Split", "Task", "Settings",
-           "pick_shots", "content_free", "gold_index", "MissingData", "GET", "POOL_SIZE", "TARGET_DELIMITER",
-           "FEWSHOT_DELIMITER"]
+           "MissingData", "pick_shots", "content_free", "TARGET_DELIMITER", "FEWSHOT_DELIMITER"]
 
 _TASK_LIST: list[Task] = [*language_modeling.TASKS, *multiple_choice.TASKS, *glue.TASKS, *math.TASKS]
 TASKS: dict[str, Task] = {t.name: t for t in _TASK_LIST}
