@@ -77,14 +77,14 @@ def main():
     import transformers
 
     from lmlab.evaluate import LM
-    from lmlab.evaluate.tasks import FEWSHOT_DELIMITER, get_task, load_split, pick_shots
+    from lmlab.evaluate.tasks import get_task, load_split, pick_shots
     from lmlab.models.hf import export_hf_llama
     from lmlab.models.hub import load_pretrained
 
     task = get_task("piqa")
     split = load_split(task, Path(args.data_dir))
     docs = split.docs[:args.limit]
-    prefix = "".join(task.shot(d) + FEWSHOT_DELIMITER for d in pick_shots(split.pool, args.shots, 1234, "piqa"))
+    prefix = task.prefix("", pick_shots(split.pool, args.shots, 1234, "piqa"))
     requests = [(prefix + context, continuation) for d in docs for context, continuation in task.requests(d)]
     golds = [int(d.gold) for d in docs]
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from lmlab.errors import LmlabError
 from lmlab.evaluate import LM, parse_answer, run_eval
 from lmlab.evaluate import tasks as T
+from lmlab.evaluate.tasks import language_modeling, multiple_choice
 from lmlab.evaluate.lm import rolling_windows
 from lmlab.models.hf import export_hf, export_hf_llama
 from lmlab.models.transformer import Transformer, TransformerConfig
@@ -268,7 +269,7 @@ def test_local_layouts_counts_and_few_shot_pools():
 def test_winogrande_partial_scoring_is_the_harness_format():
     """Our requests from the original sentences equal MosaicML's harness-format copy of the same dev set."""
     task = T.get_task("winogrande")
-    docs = T._winogrande_docs(SHARED_DATA)
+    docs = multiple_choice._winogrande_docs(SHARED_DATA)
     mosaic = [json.loads(line) for line in open(SHARED_DATA / "open_llm_benchmark/mcq/winogrande.jsonl")]
     for d, m in zip(docs, mosaic):
         requests = task.requests(d)
@@ -362,7 +363,7 @@ def test_run_eval_end_to_end(small_lm, tmp_path, capsys):
 def test_a_stopped_run_keeps_the_tasks_it_finished(small_lm, tmp_path, monkeypatch):
     """OUT.json is written after each task (complete: false) and again at the end (complete: true), so a run
     stopped in its third task keeps the first two tasks' results and records."""
-    import lmlab.evaluate as evaluate
+    import lmlab.evaluate.evaluator as evaluate
 
     out = tmp_path / "eval.json"
     real_run, calls = evaluate._run, []
@@ -413,8 +414,8 @@ def test_perplexity_task_counts(small_lm, tmp_path, bpe):
     summary = run_eval(small_lm, "wikitext", shots=[0, 4], data_dir=tmp_path, echo=None, bootstrap_iters=10)
     rows = {r["metric"]: r for r in summary["results"]}
     assert {r["shots"] for r in summary["results"]} == {0}  # no shots for perplexity tasks, evaluated once
-    pages = T.wikitext_pages(raw)
-    ll = sum(small_lm.loglikelihood_rolling([T.wikitext_detokenize(p) for p in pages]))
+    pages = language_modeling.wikitext_pages(raw)
+    ll = sum(small_lm.loglikelihood_rolling([language_modeling.wikitext_detokenize(p) for p in pages]))
     words = sum(len(re.split(r"\s+", p)) for p in pages)  # the harness's count, on the original pages
     n_bytes = sum(len(p.encode()) for p in pages)
     assert rows["word_perplexity"]["value"] == pytest.approx(math.exp(-ll / words), rel=1e-6)
@@ -426,7 +427,7 @@ def test_prepared_val_text_is_the_val_split(char_data):
     from lmlab.data.corpus import load_meta, load_tokenizer, load_tokens
 
     meta = load_meta(char_data)
-    text = T.prepared_val_text(str(char_data.parent / "corpus.txt"), meta["split"]["val_fraction"])
+    text = language_modeling.prepared_val_text(str(char_data.parent / "corpus.txt"), meta["split"]["val_fraction"])
     assert len(text) == meta["counts"]["val_chars"]
     assert load_tokenizer(char_data).encode(text).ids == load_tokens(char_data, "val").tolist()
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.inference.generate import SamplingParams, TextStream, adjust_logits, beam_search, generate, stream
+from lmlab.inference.generate import (CompletionText, SamplingParams, TextStream, adjust_logits, beam_search, generate,
+                                      stream)
 from lmlab.models.hf import export_hf
 from lmlab.models.transformer import Transformer, TransformerConfig
 from tests.conftest import train_byte_bpe
@@ -150,6 +151,29 @@ def test_stop_strings_are_cut_and_streaming_gives_the_same_text():
     assert cut.finish_reason == "stop"
     assert cut.text == full[:full.find(stop)]
     assert "".join(stream(model, tok, [4, 4, 2], params)) == cut.text
+
+
+class CharTokenizer:
+    """One character per token id (its code point)."""
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_completion_text_holds_back_a_stop_string_that_may_be_arriving():
+    """Released text never holds the start of a stop string that then completes, across token boundaries, and the
+    text is cut at the earliest stop; with no stop string every character is released at once."""
+    text = CompletionText(CharTokenizer(), stop=["END", "\n\n"])
+    released = []
+    for ch in "ab\nxEN\nEN":
+        assert not text.push(ord(ch))
+        released.append(text.release())
+    assert "".join(released) == "ab\nxEN\n"  # holdback 2: the last "EN" waits
+    assert text.push(ord("D"))  # "END" is complete: the text ends before it, and the held "EN" is never sent
+    assert text.text == "ab\nxEN\n" and text.release(final=True) == ""
+    plain = CompletionText(CharTokenizer())
+    plain.push(ord("a"))
+    assert plain.release() == "a"
 
 
 def test_eos_stops_generation():

@@ -1,4 +1,4 @@
-"""Math word problems in the evaluation harness (lmlab/evaluate/math.py): answer extraction and tolerance, the
+"""Math word problems in the evaluation harness (lmlab/evaluate/tasks/math.py): answer extraction and tolerance, the
 local data against its documented counts and gold answers, and scoring through run_eval."""
 
 import json
@@ -9,7 +9,7 @@ import torch
 
 from lmlab.errors import LmlabError
 from lmlab.evaluate import LM, run_eval
-from lmlab.evaluate.math import NUMERIC_TOLERANCE, extract_letter, extract_number, is_correct
+from lmlab.evaluate.answers import NUMERIC_TOLERANCE, extract_letter, extract_number, is_correct
 from lmlab.evaluate.tasks import get_task, load_split
 from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.data.prompts import alpaca_prompt

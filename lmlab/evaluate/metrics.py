@@ -12,6 +12,9 @@ ones that are not a mean over examples: F1, Matthews correlation, Pearson/Spearm
     perplexity                 exp(-sum(log-likelihood) / sum(units)): words for word perplexity, examples for
                                LAMBADA (each target counts 1), tokens or characters otherwise
     bits_per_byte              -sum(log-likelihood) / sum(bytes) / ln 2
+
+`Scored` holds one evaluation run's per-example columns and computes any metric above, by name, over any subset
+of the examples (a task, a source dataset), with its bootstrap standard error.
 """
 
 from __future__ import annotations
@@ -118,3 +121,32 @@ def bootstrap_stderr(metric: Callable[..., float], *columns: Sequence, iters: in
         idx = rng.integers(0, n, size=n)
         values.append(metric(*(a[idx] for a in arrays)))
     return float(np.std(values, ddof=1))
+
+
+class Scored:
+    """Per-example predictions of one run, and how to turn any subset of them into a metric."""
+
+    def __init__(self, metrics: list[str], columns: dict[str, np.ndarray], records: list[dict]):
+        self.metrics, self.columns, self.records = metrics, columns, records
+
+    # metric -> (function, its argument columns)
+    _DEFS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+        "acc": (accuracy, ("pred", "gold")),
+        "acc_norm": (accuracy, ("pred_norm", "gold")),
+        "exact_match": (accuracy, ("pred", "gold")),
+        "f1": (f1, ("pred", "gold")),
+        "mcc": (matthews_corrcoef, ("pred", "gold")),
+        "pearson": (pearson, ("pred", "gold")),
+        "spearman": (spearman, ("pred", "gold")),
+        "perplexity": (perplexity, ("loglik",)),
+        "word_perplexity": (lambda ll, n: perplexity(ll, n), ("loglik", "words")),
+        "byte_perplexity": (lambda ll, n: perplexity(ll, n), ("loglik", "bytes")),
+        "bits_per_byte": (bits_per_byte, ("loglik", "bytes")),
+        "nats_per_char": (per_unit, ("loglik", "chars")),
+    }
+
+    def compute(self, metric: str, idx: list[int], iters: int) -> tuple[float, float]:
+        calibrated = metric.endswith("_calibrated")
+        fn, names = self._DEFS[metric.removesuffix("_calibrated")]
+        cols = [self.columns[("pred_cal" if calibrated and n == "pred" else n)][idx] for n in names]
+        return float(fn(*cols)), bootstrap_stderr(fn, *cols, iters=iters, seed=0)

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.inference.generate import SamplingParams, TextStream, adjust_logits, left_pad, pick_tokens
+from lmlab.inference.generate import CompletionText, SamplingParams, adjust_logits, left_pad, pick_tokens
 from lmlab.models.transformer import KVCache
 
 
@@ -186,9 +186,7 @@ class _Choice:
         if not self.params.greedy:
             seed = self.params.seed + index if self.params.seed is not None else secrets.randbits(62)
             self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.stream = TextStream(tokenizer)
-        self.holdback = max((len(s) for s in self.params.stop), default=1) - 1  # a stop string may be arriving
-        self.emitted = 0  # characters of text already sent
+        self.text = CompletionText(tokenizer, self.params.stop)
         self.generated = 0
         self.last_token = 0
         self.last_time = 0.0
@@ -202,21 +200,12 @@ class _Choice:
         if token in self.eos_ids:
             self.finish_reason = "stop"
         else:
-            stream = self.stream
-            stream.push(token)
             tokens = [info] if info is not None else []
-            if self.params.stop:
-                hits = [i for i in (stream.text.find(s, max(0, self.emitted - self.holdback))
-                                    for s in self.params.stop) if i >= 0]
-                if hits:
-                    stream.text = stream.text[:min(hits)]
-                    self.finish_reason = "stop"
-            if self.finish_reason is None and self.generated >= self.params.max_new_tokens:
+            if self.text.push(token):
+                self.finish_reason = "stop"
+            elif self.generated >= self.params.max_new_tokens:
                 self.finish_reason = "length"
-        text = self.stream.text
-        ready = len(text) if self.finish_reason else max(self.emitted, len(text) - self.holdback)
-        delta = text[self.emitted:ready]
-        self.emitted = max(self.emitted, ready)
+        delta = self.text.release(final=self.finish_reason is not None)
         if delta or tokens:
             self.handle._emit(TokenEvent(self.index, delta, tokens))
         if self.finish_reason:
@@ -516,8 +505,7 @@ class Engine:
         tokens = torch.tensor([c.last_token for c in self.rows] + [0] * (B - n), device=self.device)[:, None]
         positions = (end - starts)[:, None]
         key_mask = torch.arange(end + 1, device=self.device)[None, :] >= starts[:, None]
-        view = KVCache.__new__(KVCache)  # the first B rows of the cache: a view, so writes land in place
-        view.k, view.v, view.length, view.max_len = cache.k[:, :B], cache.v[:, :B], end, cache.max_len
+        view = cache.first_rows(B)  # a view, so writes land in place
         t0 = time.perf_counter()
         logits, _ = self.model(tokens, cache=view, positions=positions, key_mask=key_mask)
         cache.length = view.length

@@ -13,6 +13,8 @@ Every request goes through one loop, `decode_steps`, which yields the tokens of 
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -208,14 +210,43 @@ class Completion:
     prompt_tokens: int
 
 
-def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
-    """Index of the earliest stop string in text (searching from `start`), or -1."""
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
+class CompletionText:
+    """One completion's text as its tokens arrive: detokenized (TextStream), cut at the first stop string, and
+    released with a holdback: the last len(longest stop) - 1 characters wait, since a stop string may be arriving.
+    Both generate/stream and the serving engine use it."""
 
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.stream = TextStream(tokenizer)
+        self.stop = tuple(stop)
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.emitted = 0  # characters already released
 
-def _special_ids(tokenizer) -> set[int]:
-    return {tid for tid, tok in tokenizer.get_added_tokens_decoder().items() if tok.special}
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+    @property
+    def ids(self) -> list[int]:
+        return self.stream.ids
+
+    def push(self, token_id: int) -> bool:
+        """Add a token; True when a stop string has ended the text (the text is cut before it)."""
+        searched = max(0, len(self.stream.text) - self.holdback)  # no stop string lies wholly before this
+        self.stream.push(token_id)
+        if self.stop:
+            hits = [i for i in (self.stream.text.find(s, searched) for s in self.stop) if i >= 0]
+            if hits:
+                self.stream.text = self.stream.text[:min(hits)]
+                return True
+        return False
+
+    def release(self, final: bool = False) -> str:
+        """The text that may be sent now and was not yet: all of it when the completion is finished."""
+        text = self.stream.text
+        ready = len(text) if final else max(self.emitted, len(text) - self.holdback)
+        delta = text[self.emitted:ready]
+        self.emitted = max(self.emitted, ready)
+        return delta
 
 
 def _completions(model, tokenizer, prompts: list[list[int]], params: SamplingParams, eos_ids, slide: bool,
@@ -224,39 +255,24 @@ def _completions(model, tokenizer, prompts: list[list[int]], params: SamplingPar
     if not model.config.causal:
         raise LmlabError("this model is an encoder (bidirectional attention, masked-LM): it fills in masked tokens "
                          "but does not generate text left to right; use a causal model (GPT, Llama)")
-    streams = [TextStream(tokenizer) for _ in prompts]
+    texts = [CompletionText(tokenizer, params.stop) for _ in prompts]
     finished: list[str | None] = [None] * len(prompts)
-    emitted = [0] * len(prompts)  # characters of each row's text already streamed
-    holdback = max((len(s) for s in params.stop), default=1) - 1  # a stop string may be arriving
     eos_ids = set(eos_ids) if params.stop_at_eos else set()
     for tokens in decode_steps(model, prompts, params, eos_ids, slide):
         for row, token in enumerate(tokens):
             if finished[row]:
                 continue
-            if token in eos_ids:
+            if token in eos_ids or texts[row].push(token):
                 finished[row] = "stop"
-            else:
-                stream = streams[row]
-                stream.push(token)
-                if params.stop:
-                    cut = _find_stop(stream.text, params.stop, max(0, emitted[row] - holdback))
-                    if cut >= 0:
-                        stream.text = stream.text[:cut]
-                        finished[row] = "stop"
-            if on_delta is not None:
-                text = streams[row].text
-                ready = len(text) if finished[row] or not params.stop else max(emitted[row], len(text) - holdback)
-                if ready > emitted[row]:
-                    on_delta(row, text[emitted[row]:ready])
-                    emitted[row] = ready
+            if on_delta is not None and (delta := texts[row].release(final=finished[row] is not None)):
+                on_delta(row, delta)
         if all(finished):
             break
     out = []
     for row, p in enumerate(prompts):
-        text = streams[row].text
-        if on_delta is not None and len(text) > emitted[row]:
-            on_delta(row, text[emitted[row]:])
-        out.append(Completion(text, streams[row].ids, finished[row] or "length", len(p)))
+        if on_delta is not None and (delta := texts[row].release(final=True)):
+            on_delta(row, delta)
+        out.append(Completion(texts[row].text, texts[row].ids, finished[row] or "length", len(p)))
     return out
 
 
@@ -275,9 +291,6 @@ def generate(model: Transformer, tokenizer, prompts: str | list[str], params: Sa
 def stream(model: Transformer, tokenizer, prompt: str | list[int], params: SamplingParams | None = None,
            eos_ids: Sequence[int] = (), slide: bool = False) -> Iterator[str]:
     """Yield text deltas of one completion as they are decoded."""
-    import queue
-    import threading
-
     params = params or SamplingParams()
     ids = encode_prompt(tokenizer, prompt)
     params.validate()

@@ -20,6 +20,7 @@ training on short sequences asks for its plain (math) kernel instead, whose back
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -227,6 +228,13 @@ class KVCache:
         """Keep (and reorder) batch rows, e.g. the surviving beams of beam search."""
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
+
+    def first_rows(self, n: int) -> "KVCache":
+        """The first n batch rows as a cache of their own: views of these tensors (writes land in place), the same
+        length; the caller copies the view's length back after a forward pass."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        return view
 
 
 class MLP(nn.Module):

@@ -5,7 +5,7 @@
 Reads base.json (`lmlab eval` of the model before fine-tuning) and <run>/results.json (`lmlab sft ...
 --eval-tasks`, copied from the run folders) for lora, adapterh and adapterp at 60 steps (<method>/) and at 300
 steps (<method>-300/). The accuracies are scored again from
-the stored generations (base.jsonl, <method>/eval.jsonl) with lmlab.evaluate.math's extractors as they are now,
+the stored generations (base.jsonl, <method>/eval.jsonl) with lmlab.evaluate.answers' extractors as they are now,
 with the harness's bootstrap standard error, so that every row is scored by the same rules.
 """
 
@@ -25,7 +25,7 @@ def rescore(records_file: Path) -> dict[str, dict]:
     import numpy as np
 
     from lmlab.evaluate import metrics as M
-    from lmlab.evaluate.math import extract_letter, extract_number, is_correct
+    from lmlab.evaluate.answers import extract_letter, extract_number, is_correct
 
     by_task: dict[str, list[bool]] = {}
     for line in records_file.read_text().splitlines():

@@ -13,56 +13,25 @@ template instead. Zero-shot is the protocol; few-shot examples (worked solutions
 from GSM8K's training split for the numeric tasks, and AQuA has none. The model writes greedily until an
 end-of-turn token, the header of a next Alpaca example, or MAX_NEW_TOKENS tokens.
 
-Answer extraction (extract_number, extract_letter):
-    numbers  commas are removed ("1,000" is 1000), then the last number -?\\d+\\.?\\d* of the completion is the
-             answer, as in LLM-Adapters' evaluate.py; correct when |prediction - gold| <= NUMERIC_TOLERANCE
-             (LLM-Adapters' 0.001, so 0.67 for 2/3 is wrong: a model must write the digits)
-    letters  the option after the last "answer is" / "answer:" (case-insensitive, "(C)" or "C"); else the last
-             option in parentheses "(C)"; else the harness's parse_answer (a leading "C." or "C)", a letter
-             standing alone) on the text without a leading "A: " before a word, the "Answer:" prefix that
-             LLM-Adapters' rationales (and so a model trained on them) start with. LLM-Adapters takes the first
-             capital A-E anywhere, which that prefix fools.
+Answer extraction: lmlab.evaluate.answers (extract_number, extract_letter, is_correct).
 A completion with no number (or no letter) is wrong. The metric is exact_match: the fraction correct.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lmlab.data.prompts import ALPACA_STOPS, alpaca_prompt, gsm8k_solution
-from lmlab.evaluate.tasks import FEWSHOT_DELIMITER, GET, LETTERS, Doc, Split, Task, _jsonl, _need
+from lmlab.evaluate.answers import LETTERS, extract_letter, extract_number, is_correct
+from lmlab.evaluate.lm import LM
+from lmlab.evaluate.metrics import Scored
+from lmlab.evaluate.tasks.base import FEWSHOT_DELIMITER, PROMPTS_KEPT, Doc, Settings, Split, Task
+from lmlab.evaluate.tasks.files import need, read_json, read_jsonl
 
-NUMERIC_TOLERANCE = 1e-3
 MAX_NEW_TOKENS = 256  # as LLM-Adapters; the math training rationales are 71 tokens long at the median, 185 at p99
-AQUA_OPTIONS = 5
-_NUMBER = re.compile(r"-?\d+\.?\d*")
-_LETTER_AFTER_ANSWER = re.compile(r"(?i:answer)(?:\s+is)?\s*:?\s*\(?([A-E])\b")
-_LETTER_IN_PARENS = re.compile(r"\(([A-E])\)")
-_RATIONALE_PREFIX = re.compile(r"^\s*A:\s+(?=[A-Za-z])")  # "A: The train..." is an answer, not option A
-
-
-def extract_number(text: str) -> float | None:
-    """The last number in the text, commas removed; None when there is none."""
-    found = _NUMBER.findall(text.replace(",", ""))
-    return float(found[-1]) if found else None
-
-
-def extract_letter(text: str) -> int | None:
-    """The option a completion names (0 for A), or None (see the module docstring)."""
-    for pattern in (_LETTER_AFTER_ANSWER, _LETTER_IN_PARENS):
-        found = pattern.findall(text)
-        if found:
-            return LETTERS.index(found[-1])
-    from lmlab.evaluate import parse_answer  # imported here: lmlab.evaluate imports this module's tasks
-
-    return parse_answer(_RATIONALE_PREFIX.sub("", text), AQUA_OPTIONS)
-
-
-def is_correct(prediction: float | None, gold: float) -> bool:
-    return prediction is not None and math.isfinite(prediction) and abs(prediction - gold) <= NUMERIC_TOLERANCE
 
 
 def gsm8k_gold(answer: str) -> float:
@@ -73,16 +42,13 @@ def gsm8k_gold(answer: str) -> float:
 # Data
 
 def _adapters_math(root: Path, folder: str, task: str) -> list[dict]:
-    import json
-
-    with open(_need(root, f"llm_adapters_math/{folder}/test.json", task), encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(need(root, f"llm_adapters_math/{folder}/test.json", task))
 
 
 def _gsm8k_docs(root: Path, split: str, task: str) -> list[Doc]:
     return [Doc(f"{split}-{i}", {"question": r["question"].strip()}, gold=gsm8k_gold(r["answer"]),
                 text=gsm8k_solution(r["answer"]))
-            for i, r in enumerate(_jsonl(_need(root, f"gsm8k/{split}.jsonl", task)))]
+            for i, r in enumerate(read_jsonl(need(root, f"gsm8k/{split}.jsonl", task)))]
 
 
 def _pool(root: Path) -> tuple[list[Doc], str]:
@@ -115,7 +81,11 @@ def _load_gsm8k(root: Path) -> Split:
 @dataclass
 class MathTask(Task):
     """A word-problem task: the model writes a solution, the answer is extracted and compared with the gold."""
+    kind = "generation"
     letters: bool = False  # AQuA: the answer is an option letter
+
+    def modes(self, mode: str) -> list[str]:
+        return ["generate"]
 
     def prompt(self, doc: Doc, shots: list[Doc], chat_prompt) -> str:
         if chat_prompt is not None:  # few-shot examples as earlier turns of the conversation
@@ -127,11 +97,11 @@ class MathTask(Task):
         solved = "".join(alpaca_prompt(e.fields["question"]) + e.text + FEWSHOT_DELIMITER for e in shots)
         return solved + alpaca_prompt(doc.fields["question"])
 
-    def score(self, docs: list[Doc], shots: dict[str, list[Doc]], lm, chat: bool, label: str, run: dict):
-        """(metrics, columns, records) of one run: greedy solutions, extracted answers, exact match."""
-        import numpy as np
-        prompts = [self.prompt(d, shots[d.subset], lm.chat_prompt if chat else None) for d in docs]
-        run["prompts"] = prompts[:3]
+    def score(self, docs: list[Doc], shots: dict[str, list[Doc]], lm: LM, s: Settings, mode: str, label: str,
+              run: dict) -> Scored:
+        """Greedy solutions, extracted answers, exact match."""
+        prompts = [self.prompt(d, shots[d.subset], lm.chat_prompt if s.chat else None) for d in docs]
+        run["prompts"] = prompts[:PROMPTS_KEPT]
         texts = lm.generate_until([(p, ALPACA_STOPS, MAX_NEW_TOKENS) for p in prompts], desc=label,
                                   examples=len(docs))
         if self.letters:
@@ -146,30 +116,25 @@ class MathTask(Task):
                     "gold": LETTERS[int(d.gold)] if self.letters else d.gold, "correct": c}
                    for d, t, p, c in zip(docs, texts, preds, correct)]
         columns = {"pred": np.array(correct, dtype=bool), "gold": np.ones(len(docs), dtype=bool)}
-        return ["exact_match"], columns, records
+        return Scored(["exact_match"], columns, records)
 
 
-_ABOUT = "math word problems: a generated solution, {} (lmlab/evaluate/math.py)"
+_ABOUT = "math word problems: a generated solution, {} (lmlab/evaluate/tasks/math.py)"
 
 
 def _task(name: str, folder: str, letters: bool = False) -> MathTask:
-    return MathTask(name, "generation", _adapters_loader(folder, name, letters), metrics=("exact_match",),
+    return MathTask(name, _adapters_loader(folder, name, letters), metrics=("exact_match",),
                     group="math", letters=letters,
                     about=_ABOUT.format("the option letter extracted" if letters else "its last number"))
 
 
-MATH_TASKS = [
+TASKS = [
     _task("addsub", "AddSub"),
     _task("singleeq", "SingleEq"),
     _task("aqua", "AQuA", letters=True),
-    MathTask("gsm8k", "generation", _load_gsm8k, metrics=("exact_match",), group="math",
+    MathTask("gsm8k", _load_gsm8k, metrics=("exact_match",), group="math",
              about=_ABOUT.format("its last number")),
     _task("svamp", "SVAMP"),
     _task("multiarith", "MultiArith"),
     _task("mawps", "mawps"),
 ]
-
-_GET_MATH = ("AGI-Edgerunners/LLM-Adapters dataset/<SET>/test.json into llm_adapters_math/<SET>/ (the course's "
-             "shared/data/llm_adapters_math)")
-GET.update({t.name: _GET_MATH for t in MATH_TASKS})
-GET["gsm8k"] = "openai/grade-school-math grade_school_math/data/test.jsonl (and train.jsonl) into gsm8k/"

@@ -1,0 +1,190 @@
+"""`lmlab eval`'s loop: each task at each number of shots in each mode, scored by the task's kind, gathered into
+the table rows, the per-example records and the JSON summary (written as it goes)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from lmlab.errors import LmlabError
+from lmlab.evaluate.lm import LM
+from lmlab.evaluate.report import format_table, write_results
+from lmlab.evaluate.tasks import (FEWSHOT_DELIMITER, TARGET_DELIMITER, Doc, Settings, Split, Task, data_root,
+                                  get_task, load_split, pick_shots)
+from lmlab.models.hub import load_pretrained
+
+MODES = ("loglikelihood", "generate", "both")
+
+
+def as_lm(model, tokenizer=None, **kwargs) -> LM:
+    """An LM from a model spec (registry name, path, hub id), a lmlab.models.hub.Pretrained, a Transformer plus its
+    tokenizer, or an LM (used as is)."""
+    if isinstance(model, LM):
+        return model
+    if isinstance(model, (str, Path)):
+        model = load_pretrained(model)
+    if hasattr(model, "chat_prompt") and hasattr(model, "tokenizer"):  # a Pretrained
+        return LM.from_pretrained(model, **kwargs)
+    if tokenizer is None:
+        raise LmlabError("a bare model needs its tokenizer: pass tokenizer=, or a Pretrained from lmlab.models.hub")
+    return LM(model, tokenizer, **kwargs)
+
+
+def _parse_tasks(tasks: str | Sequence[str]) -> list[Task]:
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not names:
+        raise LmlabError("no task given; pass --tasks, e.g. --tasks sst2,piqa")
+    return [get_task(n) for n in dict.fromkeys(names)]
+
+
+def _parse_shots(shots) -> list[int]:
+    if isinstance(shots, str):
+        try:
+            shots = [int(s) for s in shots.split(",") if s.strip()]
+        except ValueError:
+            raise LmlabError(f"--shots takes comma-separated numbers like 0,1,4,8 (got {shots!r})") from None
+    shots = list(dict.fromkeys(int(s) for s in shots))
+    if not shots or any(s < 0 for s in shots):
+        raise LmlabError(f"shots must be numbers >= 0, e.g. 0,1,4,8 (got {shots})")
+    return shots
+
+
+def _limited(split: Split, limit: int | None) -> list[Doc]:
+    """The first `limit` evaluated examples of each subset (all with no limit)."""
+    if limit is None:
+        return split.docs
+    seen: dict[str, int] = {}
+    out = []
+    for d in split.docs:
+        if seen.get(d.subset, 0) < limit:
+            out.append(d)
+            seen[d.subset] = seen.get(d.subset, 0) + 1
+    return out
+
+
+def _pool_for(split: Split, subset: str) -> list[Doc]:
+    """The subset's own few-shot pool, else the whole pool (benchmark sources with no spare labelled question)."""
+    own = [d for d in split.pool if d.subset == subset]
+    return own or split.pool
+
+
+def _load_all(task_list: list[Task], shot_list: list[int], root: Path, limit: int | None, seed: int,
+              balanced: bool) -> dict[str, Split]:
+    """Every task's data, and every few-shot request checked against its pool, so that bad input fails in
+    seconds."""
+    splits = {t.name: load_split(t, root) for t in task_list}
+    for t in task_list:
+        if not t.few_shot:
+            continue
+        for subset in dict.fromkeys(d.subset for d in _limited(splits[t.name], limit)):
+            for k in shot_list:
+                pick_shots(_pool_for(splits[t.name], subset), k, seed, _key(t, subset), balanced, t.shots_in_order)
+    return splits
+
+
+def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,), *, tokenizer=None,
+             limit: int | None = None, seed: int = 1234, batch_size: int = 16, mode: str = "loglikelihood",
+             chat: bool = False, calibrate: bool = False, balanced: bool = False, data_dir: str | Path | None = None,
+             out: str | Path | None = None, stride: int | None = None, max_length: int | None = None,
+             bootstrap_iters: int = 1000, progress: bool = True, echo: Callable[[str], None] | None = print,
+             command: str | None = None) -> dict:
+    """Evaluate `model` on `tasks` at each number of `shots`; print the table (echo), write OUT.json/.jsonl/.png
+    when `out` is given, and return the summary dict (its "results" are the table's rows)."""
+    task_list = _parse_tasks(tasks)
+    shot_list = _parse_shots(shots)
+    if mode not in MODES:
+        raise LmlabError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if limit is not None and limit < 1:
+        raise LmlabError(f"limit must be at least 1 (got {limit})")
+    root = data_root(data_dir)
+    splits = _load_all(task_list, shot_list, root, limit, seed, balanced)
+
+    lm = as_lm(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress)
+    if chat and lm.chat_prompt is None:
+        raise LmlabError(f"{lm.name} has no chat template; drop --chat (or use a chat model)")
+    settings = Settings(seed, balanced, calibrate, chat, stride, bootstrap_iters)
+    rows: list[dict] = []
+    records: list[dict] = []
+    task_info: dict[str, dict] = {}
+    started = time.time()
+    shown = {"tasks": [t.name for t in task_list], "shots": shot_list, "limit": limit, "seed": seed,
+             "batch_size": batch_size, "mode": mode, "chat": chat, "calibrate": calibrate, "balanced": balanced,
+             "stride": stride, "window": lm.max_length, "data_dir": str(root), "bootstrap_iters": bootstrap_iters,
+             "target_delimiter": TARGET_DELIMITER, "fewshot_delimiter": FEWSHOT_DELIMITER,
+             "device": str(lm.device), "dtype": str(lm.model.tok_emb.weight.dtype)}
+
+    def summarize(complete: bool) -> dict:
+        return {"model": lm.name, "command": command, "settings": shown, "complete": complete,
+                "seconds": round(time.time() - started, 1), "results": rows, "tasks": task_info}
+
+    def run(t, split, docs, k, m, info):
+        _run(t, split, docs, k, m, lm, settings, rows, records, info)
+        if out is not None:  # what is finished survives a run stopped later (the plot waits for the end)
+            write_results(out, summarize(complete=False), records, plot=False)
+
+    for t in task_list:
+        split = splits[t.name]
+        docs = _limited(split, limit)
+        info = {"group": t.group, "about": t.about, "source": split.source, "few_shot_pool": split.pool_source,
+                "n": len(docs), "notes": split.notes, "runs": []}
+        task_info[t.name] = info
+        if "matched" in split.notes and echo:
+            echo(f"{t.name}: questions matched per source: " + ", ".join(
+                f"{s} {m['matched']}/{m['questions']}" for s, m in split.notes["matched"].items()))
+        if not t.few_shot:
+            info["notes"] = {**split.notes, "shots": "perplexity tasks take no shots: evaluated once, reported as "
+                                                     "0 shots"}
+            run(t, split, docs, 0, "loglikelihood", info)
+            continue
+        for k in shot_list:
+            for m in t.modes(mode):
+                run(t, split, docs, k, m, info)
+
+    summary = summarize(complete=True)
+    if echo:
+        echo(format_table(rows))
+    if out is not None:
+        written = write_results(out, summary, records)
+        if echo:
+            echo("wrote " + ", ".join(str(p) for p in written))
+    return summary
+
+
+def _key(t: Task, subset: str) -> str:
+    return f"{t.name}:{subset}" if subset else t.name
+
+
+def _run(t: Task, split: Split, docs: list[Doc], k: int, mode: str, lm: LM, s: Settings, rows: list[dict],
+         records: list[dict], info: dict) -> None:
+    """One (task, shots, mode): score, add the table rows, the per-example records and the run's details."""
+    subsets = list(dict.fromkeys(d.subset for d in docs))
+    shots = {sub: pick_shots(_pool_for(split, sub), k, s.seed, _key(t, sub), s.balanced, t.shots_in_order)
+             for sub in subsets}
+    label = f"{t.name} {k}-shot" + (" gen" if mode == "generate" else "")
+    start = time.time()
+    run = {"shots": k, "mode": mode, "shot_ids": {sub: [d.id for d in v] for sub, v in shots.items()}}
+    scored = t.score(docs, shots, lm, s, mode, label, run)
+    seconds = time.time() - start
+    run.update(seconds=round(seconds, 2), examples_per_s=round(len(docs) / seconds, 2) if seconds > 0 else None)
+    info["runs"].append(run)
+    for r in scored.records:
+        records.append({"task": t.name, "shots": k, "mode": mode, **r})
+    # Table rows: the whole task, then (the benchmark) each source; MMLU's subjects go to the JSON only.
+    groups = [("", list(range(len(docs))))]
+    by_subset = {}
+    for i, d in enumerate(docs):
+        by_subset.setdefault(d.subset, []).append(i)
+    if len(by_subset) > 1:
+        groups += sorted(by_subset.items())
+    run["subsets"] = {}
+    for subset, idx in groups:
+        for metric in scored.metrics:
+            value, stderr = scored.compute(metric, idx, s.bootstrap_iters)
+            if subset == "" or t.subsets_in_table:
+                rows.append({"task": f"{t.name}:{subset}" if subset else t.name, "shots": k, "mode": mode,
+                             "metric": metric, "value": value, "stderr": stderr, "n": len(idx)})
+            if subset:
+                run["subsets"].setdefault(subset, {"n": len(idx)})[metric] = value
+    if not run["subsets"]:
+        del run["subsets"]
