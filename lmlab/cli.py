@@ -331,7 +331,8 @@ VERBS = [
     Verb("models", models),
     Verb("pull", pull, positional=("name",), show=True),
     Verb("paradigms", paradigms, argparse={"glue": {"nargs": "?", "const": GLUE_TASKS}}),
-    Verb("eval", run_eval, hidden=("tokenizer", "echo")),
+    Verb("eval", run_eval, hidden=("tokenizer", "echo"), defaults={"shots": "0"}),
+    Verb("serve", serve),
 ]
 
 
@@ -348,12 +349,6 @@ def cmd_finetune(args):
              eval_every=args.eval_every, seed=args.seed, data_dir=args.data_dir, out=args.out, threads=args.threads,
              device=args.device, compile=args.compile, resume=args.resume, progress=not args.no_progress,
              command=command_line())
-
-
-def cmd_serve(args):
-
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_queue=args.max_queue, context=args.context, batch_invariant=args.batch_invariant, device=args.device)
 
 
 def _tune_settings(args):
@@ -464,21 +459,6 @@ def add_legacy(sub):
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_finetune)
-
-    s = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (continuous batching) with a chat page")
-    s.add_argument("--model", required=True, help="registry name, .gguf file, Hugging Face folder or lmlab run")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
-    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together in one forward pass")
-    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; beyond: 429")
-    s.add_argument("--context", type=int, default=None,
-                   help="tokens per sequence, prompt + completion (default: the model's, at most 2048)")
-    s.add_argument("--batch-invariant", action="store_true",
-                   help="decode at the full --max-batch shape every step, so that a request's tokens do not "
-                        "depend on what else runs (slower for a lone request)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("sft", help="instruction tuning: fine-tune a model on prompt/response data (loss on the "
                                    "responses only; full, lora, adapterh or adapterp)")

@@ -63,7 +63,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from lmlab.data.sources import DOC_SEPARATOR, _open_source, _stream, _StreamStats
+from lmlab.data.sources import DOC_SEPARATOR, StreamStats, open_source, text_chunks
 from lmlab.data.tokenizers import ENDOFTEXT, _bpe_tokenizer, _bpe_trainer, _char_tokenizer, _CharEncoder, _hf_encoder, load_tokenizer
 from lmlab.errors import LmlabError
 from lmlab.util import atomic_replace, atomic_write_json
@@ -206,7 +206,7 @@ def prepare(source: str, out: str | Path, *, tokenizer: str = "char", vocab_size
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise LmlabError(f"{out} exists and is not a folder; pick another output folder")
-    src = _open_source(str(source), text_field, chunk_chars)
+    src = open_source(str(source), text_field, chunk_chars)
 
     scan, stats, tok = _learn_vocabulary(src, kind, tok, vocab_size, chunk_chars, progress)
     if scan.chars == 0:
@@ -227,7 +227,7 @@ def prepare(source: str, out: str | Path, *, tokenizer: str = "char", vocab_size
         target = max(1, math.floor(scan.chars * (1 - val_fraction)))
         with open(temps["train"], "wb") as train_f, open(temps["val"], "wb") as val_f, \
                 _progress_bar(progress, "pass 2/2: encode", scan.bytes) as bar:
-            written = _encode_splits(_stream(src, chunk_chars, _StreamStats()), encode, target,
+            written = _encode_splits(text_chunks(src, chunk_chars, StreamStats()), encode, target,
                                      {"train": train_f, "val": val_f}, np_dtype, bar)
         if written["chars"] != scan.chars:
             raise LmlabError(f"{source} changed while it was being prepared ({scan.chars} characters on the first "
@@ -246,11 +246,11 @@ def prepare(source: str, out: str | Path, *, tokenizer: str = "char", vocab_size
 
 
 def _learn_vocabulary(src, kind: str, tok: Tokenizer | None, vocab_size: int, chunk_chars: int,
-                      progress: bool) -> tuple[_Scan, _StreamStats, Tokenizer]:
+                      progress: bool) -> tuple[_Scan, StreamStats, Tokenizer]:
     """Pass 1: count, checksum, and learn the vocabulary (a char or BPE tokenizer; a given one is kept)."""
-    scan, stats = _Scan(), _StreamStats()
+    scan, stats = _Scan(), StreamStats()
     with _progress_bar(progress, "pass 1/2: read", src.size_bytes) as bar:
-        chunks = _scanned(_stream(src, chunk_chars, stats), scan, bar, collect_chars=(kind == "char"))
+        chunks = _scanned(text_chunks(src, chunk_chars, stats), scan, bar, collect_chars=(kind == "char"))
         if kind == "bpe":
             tok = _bpe_tokenizer()
             # The trainer's own progress bars would interleave with ours; ours covers the reading.
@@ -265,7 +265,7 @@ def _learn_vocabulary(src, kind: str, tok: Tokenizer | None, vocab_size: int, ch
 
 
 def _meta(source, src, kind: str, tok: Tokenizer, np_dtype, val_fraction: float, written: dict, scan: _Scan,
-          stats: _StreamStats, vocab_size: int, tokenizer_file: Path | None) -> dict:
+          stats: StreamStats, vocab_size: int, tokenizer_file: Path | None) -> dict:
     """meta.json: what prepare did (tokenizer, vocabulary, dtype, split, counts, the source and its checksum)."""
     meta = {
         "tokenizer": kind,

@@ -47,7 +47,7 @@ def _count_fffd_bytes(path: Path) -> int:
 
 
 @dataclass
-class _StreamStats:
+class StreamStats:
     """Counted while streaming. Replacements are tallied by whoever decodes, on whatever thread (the bpe trainer
     pulls pass 1 from its own), so they live here rather than in anything thread-local."""
     documents: int = 0
@@ -58,7 +58,7 @@ class _StreamStats:
 class _Source:
     name: str  # as the user gave it
     kind: str  # shakespeare | txt | folder | jsonl | parquet | hf
-    documents: Callable[[_StreamStats], Iterator[Iterable[str]]]  # called once per pass
+    documents: Callable[[StreamStats], Iterator[Iterable[str]]]  # called once per pass
     size_bytes: int | None = None  # on-disk size of text files, for the pass-1 progress bar
     extra: dict = field(default_factory=dict)  # added to meta.json's "source"
 
@@ -75,7 +75,7 @@ def _check_looks_like_text(path: Path) -> None:
                          f"undecodable or NUL); convert it to UTF-8 or leave it out")
 
 
-def _text_pieces(path: Path, chunk_chars: int, stats: _StreamStats) -> Iterator[str]:
+def _text_pieces(path: Path, chunk_chars: int, stats: StreamStats) -> Iterator[str]:
     """A text file as pieces of chunk_chars characters (see the module docstring for the decoding policy)."""
     _check_looks_like_text(path)
     fffd = 0
@@ -95,7 +95,7 @@ def _txt_source(name: str, files: list[Path], kind: str, chunk_chars: int, **ext
     return _Source(name, kind, documents, size_bytes=sum(p.stat().st_size for p in files), extra=extra)
 
 
-def _record_text(record, field_name: str, where: str, stats: _StreamStats) -> str | None:
+def _record_text(record, field_name: str, where: str, stats: StreamStats) -> str | None:
     """The text of one record, or None if it is empty or null; LmlabError if it has none or it is not text."""
     if not isinstance(record, dict):
         raise LmlabError(f"{where} is not a JSON object but {type(record).__name__}; each line must be an "
@@ -211,7 +211,7 @@ def _looks_like_path(source: str) -> bool:
             or Path(source).suffix.lower() in _FILE_SUFFIXES or ("/" in source and Path(head).exists()))
 
 
-def _open_source(source: str, text_field: str, chunk_chars: int) -> _Source:
+def open_source(source: str, text_field: str, chunk_chars: int) -> _Source:
     if source == "shakespeare":
         folder = shakespeare.shakespeare_dir()
         works = sorted(json.loads((folder / "MANIFEST.json").read_text(encoding="utf-8"))["works"])
@@ -244,7 +244,7 @@ def _open_source(source: str, text_field: str, chunk_chars: int) -> _Source:
 # The character stream: documents joined, regrouped into chunks that end at line boundaries
 
 
-def _joined(documents: Iterator[Iterable[str]], stats: _StreamStats) -> Iterator[str]:
+def _joined(documents: Iterator[Iterable[str]], stats: StreamStats) -> Iterator[str]:
     """The pieces of all non-empty documents, with DOC_SEPARATOR between consecutive documents."""
     first = True
     for document in documents:
@@ -333,7 +333,10 @@ def _line_chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
         yield "".join(buffer)
 
 
-def _stream(source: _Source, chunk_chars: int, stats: _StreamStats) -> Iterator[str]:
+def text_chunks(source: _Source, chunk_chars: int, stats: StreamStats) -> Iterator[str]:
     return _line_chunks(_joined(source.documents(stats), stats), chunk_chars)
 
 
+def corpus_text(source: str, text_field: str = "text", chunk_chars: int = 1 << 20) -> str:
+    """A whole source as the one character stream `lmlab prepare` reads (documents joined by DOC_SEPARATOR)."""
+    return "".join(text_chunks(open_source(source, text_field, chunk_chars), chunk_chars, StreamStats()))

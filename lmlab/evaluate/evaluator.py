@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 from lmlab.errors import LmlabError
 from lmlab.evaluate.lm import LM
@@ -84,13 +84,40 @@ def _load_all(task_list: list[Task], shot_list: list[int], root: Path, limit: in
 
 
 def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,), *, tokenizer=None,
-             limit: int | None = None, seed: int = 1234, batch_size: int = 16, mode: str = "loglikelihood",
+             limit: int | None = None, seed: int = 1234, batch_size: int = 16, mode: Literal["loglikelihood", "generate", "both"] = "loglikelihood",
              chat: bool = False, calibrate: bool = False, balanced: bool = False, data_dir: str | Path | None = None,
              out: str | Path | None = None, stride: int | None = None, max_length: int | None = None,
              bootstrap_iters: int = 1000, progress: bool = True, echo: Callable[[str], None] | None = print,
              command: str | None = None) -> dict:
-    """Evaluate `model` on `tasks` at each number of `shots`; print the table (echo), write OUT.json/.jsonl/.png
-    when `out` is given, and return the summary dict (its "results" are the table's rows)."""
+    """Evaluate a model: perplexity, zero/few-shot multiple choice, GLUE-style classification.
+
+    Prints the table (echo), writes OUT.json/.jsonl/.png when `out` is given, and returns the summary dict (its
+    "results" are the table's rows).
+
+    Args:
+        model: registry name (lmlab models), a .gguf file, a Hugging Face folder, an lmlab run folder, or a hub id
+            org/name (or, from Python, a loaded Pretrained or an LM)
+        tasks: comma-separated task names, e.g. sst2,piqa,lambada,wikitext (an unknown name lists the known ones)
+        shots: comma-separated numbers of in-context examples, e.g. 0,1,4,8
+        tokenizer: the tokenizer of a bare Transformer model (from Python)
+        limit: only the first N examples of each task (of each MMLU subject / benchmark source)
+        seed: seed of the few-shot draw
+        batch_size: sequences per forward pass
+        mode: how choice tasks are scored: log-likelihood of each answer, generation + answer extraction, or both
+            side by side
+        chat: generation prompts go through the model's chat template
+        calibrate: also report contextual calibration (Zhao et al. 2021) next to the raw numbers
+        balanced: few-shot examples balanced across the labels
+        data_dir: folder with the evaluation data (default: $LMLAB_DATA, else $LMLAB_HOME/data)
+        out: write OUT.json (summary with the exact prompts), OUT.jsonl (every example) and OUT.png (score vs
+            shots)
+        stride: perplexity tasks: new tokens per rolling window (default: the window, i.e. disjoint windows as in
+            lm-evaluation-harness)
+        max_length: window in tokens (default: the model's context)
+        bootstrap_iters: bootstrap resamples for the standard errors
+        progress: show the progress bar
+        echo: where the table is printed (None: nowhere)
+    """
     task_list = _parse_tasks(tasks)
     shot_list = _parse_shots(shots)
     if mode not in MODES:

@@ -15,27 +15,29 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
+from lmlab.util import option
 from lmlab.models.transformer import KVCache, Transformer
 
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 means greedy (argmax)
-    top_k: int | None = None  # keep the k most likely tokens
-    top_p: float | None = None  # nucleus: keep the smallest set whose probability reaches p
-    min_p: float | None = None  # keep tokens at least min_p times as likely as the most likely one
-    repetition_penalty: float = 1.0  # CTRL-style: divide positive / multiply negative logits of seen tokens
-    stop: Sequence[str] = field(default_factory=tuple)  # stop strings (not included in the output)
-    seed: int | None = None
-    stop_at_eos: bool = True
+    """How the next token is picked, and when a completion stops (the sampling flags of generate and chat)."""
+    max_new_tokens: int = option(128, "most tokens to generate")
+    temperature: float = option(1.0, "0 means greedy (argmax)")
+    top_k: int | None = option(None, "keep the k most likely tokens")
+    top_p: float | None = option(None, "nucleus: keep the smallest set of tokens whose probability reaches p")
+    min_p: float | None = option(None, "keep tokens at least min_p times as likely as the most likely one")
+    repetition_penalty: float = option(1.0, "CTRL-style: divide positive / multiply negative logits of seen tokens")
+    stop: Sequence[str] = option((), "stop string, not included in the output (repeatable)")
+    seed: int | None = option(None, "seed of the sampling (the same seed gives the same text)")
+    stop_at_eos: bool = option(True, "end at the model's end-of-sequence tokens")
 
     def validate(self) -> None:
         problems = []

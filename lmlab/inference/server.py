@@ -20,6 +20,7 @@ import asyncio
 import json
 import secrets
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import uvicorn
@@ -32,7 +33,7 @@ from lmlab.inference.engine import DoneEvent, Engine, ErrorEvent, PromptEvent, Q
 from lmlab.inference.protocol import (ApiError, TokenNames, check_model, include_usage, parse_chat,
                                       parse_completion, usage)
 from lmlab.models.hub import REGISTRY, load_pretrained
-from lmlab.util import pick_device
+from lmlab.util import option, pick_device
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a context of 100k tokens is about 400 kB of text: 4 MiB leaves room
@@ -353,26 +354,47 @@ def model_id_for(spec: str) -> str:
     return spec if spec in REGISTRY else Path(spec).name.removesuffix(".gguf") or spec
 
 
-def build(model: str, *, max_batch: int = 16, max_queue: int = 64, context: int | None = None,
-          batch_invariant: bool = False, api_key: str | None = None, device: str = "auto") -> Server:
-    """Load a model (anything lmlab.models.hub.load_pretrained accepts) and start its engine."""
-    if max_batch < 1 or max_queue < 0 or (context is not None and context < 2):  # before the slow model load
-        raise LmlabError(f"need --max-batch >= 1, --max-queue >= 0 and --context >= 2 (got {max_batch}, "
-                         f"{max_queue}, {context})")
+@dataclass
+class ServerSettings:
+    """How `lmlab serve` runs its engine (the flags of `lmlab serve` besides the model, host and port)."""
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 requests")
+    max_batch: int = option(16, "sequences decoded together in one forward pass")
+    max_queue: int = option(64, "requests that may wait for a row; beyond: 429")
+    context: int | None = option(None, "tokens per sequence, prompt + completion (default: the model's, at most "
+                                       "2048)")
+    batch_invariant: bool = option(False, "decode at the full --max-batch shape every step, so that a request's "
+                                          "tokens do not depend on what else runs (slower for a lone request)")
+    device: str = option("auto", "auto | cpu | cuda | mps")
+
+
+def build(model: str, settings: ServerSettings | None = None, **overrides) -> Server:
+    """Load a model (anything lmlab.models.hub.load_pretrained accepts) and start its engine; `overrides` replace
+    fields of `settings` (build(model, max_batch=4))."""
+    s = replace(settings or ServerSettings(), **overrides)
+    if s.max_batch < 1 or s.max_queue < 0 or (s.context is not None and s.context < 2):  # before the slow load
+        raise LmlabError(f"need --max-batch >= 1, --max-queue >= 0 and --context >= 2 (got {s.max_batch}, "
+                         f"{s.max_queue}, {s.context})")
     pretrained = load_pretrained(model)
     if not pretrained.model.config.causal:
         raise LmlabError(f"{model} is an encoder (bidirectional attention): it cannot generate text; serve a "
                          "decoder such as smollm2-135m-instruct")
-    pretrained.model.to(pick_device(device))
-    if context is None:
-        context = min(pretrained.context_length, 2048)  # the KV cache holds max_batch x context positions
-    engine = Engine(pretrained.model, pretrained.tokenizer, pretrained.eos_ids, max_batch=max_batch,
-                    max_queue=max_queue, context=context, batch_invariant=batch_invariant)
-    return Server(pretrained, engine, model_id_for(model), api_key=api_key)
+    pretrained.model.to(pick_device(s.device))
+    context = s.context or min(pretrained.context_length, 2048)  # the KV cache holds max_batch x context positions
+    engine = Engine(pretrained.model, pretrained.tokenizer, pretrained.eos_ids, max_batch=s.max_batch,
+                    max_queue=s.max_queue, context=context, batch_invariant=s.batch_invariant)
+    return Server(pretrained, engine, model_id_for(model), api_key=s.api_key)
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-    server = build(model, **options)
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
+          settings: ServerSettings = ServerSettings()) -> None:
+    """Serve a model over the OpenAI HTTP API (continuous batching) with a chat page.
+
+    Args:
+        model: registry name, .gguf file, Hugging Face folder or lmlab run
+        host: address to listen on (0.0.0.0: every interface)
+        port: TCP port to listen on
+    """
+    server = build(model, settings)
     print(f"lmlab serve: {server.model_id} at http://{host}:{port} (OpenAI API under /v1, chat page at /; "
           f"{server.engine.max_batch} rows, context {server.engine.context})", flush=True)
     try:

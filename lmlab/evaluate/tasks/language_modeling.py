@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.data.corpus import _open_source, _stream, _StreamStats
+from lmlab.data.sources import corpus_text
 from lmlab.evaluate.lm import LM
 from lmlab.evaluate.metrics import Scored
 from lmlab.evaluate.tasks.base import FEWSHOT_DELIMITER, PROMPTS_KEPT, Doc, Settings, Split, Task
@@ -124,9 +124,8 @@ def _load_wikitext(root: Path) -> Split:
 
 def prepared_val_text(source: str = "shakespeare", val_fraction: float = 0.1) -> str:
     """The validation text of `lmlab prepare SOURCE` (the characters after the line break at or after the
-    (1 - val_fraction) mark of the joined documents), read through lmlab.data.corpus's own document stream."""
-    chunk = 1 << 20
-    text = "".join(_stream(_open_source(source, "text", chunk), chunk, _StreamStats()))
+    (1 - val_fraction) mark of the joined documents), read through lmlab.data.sources's own document stream."""
+    text = corpus_text(source)
     target = max(1, math.floor(len(text) * (1 - val_fraction)))
     cut = text.find("\n", target - 1)
     return "" if cut < 0 else text[cut + 1:]
