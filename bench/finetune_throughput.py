@@ -62,7 +62,7 @@ def lmlab_step(folder: Path, batch: dict, lora: bool):
     from lmlab.training.classification import Classification, Encoded, SequenceClassifier
     from lmlab.models.hub import load_pretrained
     from lmlab.models.transformer import Transformer
-    from lmlab.training.loop import make_optimizer
+    from lmlab.training.schedule import make_optimizer
 
     body = load_pretrained(folder).model
     body = Transformer.from_weights(replace(body.config, dropout=0.1), body.weights())

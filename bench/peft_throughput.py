@@ -37,9 +37,11 @@ import contextlib
 
 import torch
 
-from lmlab.training.sft import (PeakMemory, collate, encode_all, load_examples, method_settings, prepare_model,
-                       trainable_parameters)
-from lmlab.training.loop import make_optimizer
+from lmlab.models.peft import method_settings
+from lmlab.training.examples import collate, encode_all, load_examples
+from lmlab.training.schedule import make_optimizer
+from lmlab.training.tuning import prepare_model, trainable_parameters
+from lmlab.util import PeakMemory
 
 MODEL = "smollm2-135m-instruct"
 MATH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm_adapters_math" / "math_data.json"
@@ -60,7 +62,7 @@ def batch_for(pretrained, n: int, seq_len: int) -> tuple[dict, str]:
 def make_step(config: str, batch: dict):
     """A model with config's method ("method/precision") applied and a function doing one training step on
     `batch`, as fit does with InstructionTuning (its loss is the model's cross-entropy over the response-token
-    targets) and lmlab sft sets up the model (lmlab.training.sft.prepare_model)."""
+    targets) and lmlab sft sets up the model (lmlab.training.tuning.prepare_model)."""
     from lmlab.training.config import TrainConfig
     from lmlab.models.hub import load_pretrained
 

@@ -20,7 +20,7 @@ def cmd_prepare(args):
 
 def cmd_train(args):
     from lmlab.training.config import load_config
-    from lmlab.training.loop import train
+    from lmlab.training.pretrain import train
 
     cfg = load_config(args.config, args.set)
     summary = train(cfg, resume=args.resume, progress=not args.no_progress)
@@ -159,16 +159,10 @@ def add_eval_parser(sub):
 
 
 def cmd_finetune(args):
-    from lmlab.training.classification import finetune, parse_labels
+    from lmlab.training.classification import FinetuneSettings, finetune
+    from lmlab.util import settings_from
 
-    finetune(args.model, args.task, labels=parse_labels(args.labels), method=args.method, pooling=args.pooling,
-             epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-             micro_batch_size=args.micro_batch_size, max_length=args.max_length, dropout=args.dropout,
-             weight_decay=args.weight_decay, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-             lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, patience=args.patience,
-             eval_every=args.eval_every, seed=args.seed, data_dir=args.data_dir, out=args.out, threads=args.threads,
-             device=args.device, compile=args.compile, resume=args.resume, progress=not args.no_progress,
-             command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
+    finetune(settings_from(FinetuneSettings, args), command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
 
 
 def cmd_serve(args):
@@ -178,33 +172,18 @@ def cmd_serve(args):
           max_queue=args.max_queue, context=args.context, batch_invariant=args.batch_invariant, device=args.device)
 
 
-def _tune_settings(args):
-    from lmlab.training.sft import TuneSettings, method_settings
-
-    settings = method_settings(args.method, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                               lora_dropout=args.lora_dropout, lora_targets=args.lora_targets.split(","),
-                               adapter_size=args.adapter_size, adapter_activation=args.adapter_activation)
-    return TuneSettings(model=args.model, data=args.data, formats=args.format.split(","), run_dir=args.run_dir,
-                        method=args.method, settings=settings, seq_len=args.seq_len, val_size=args.val_size,
-                        steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                        lr=args.lr, seed=args.seed, threads=args.threads, overrides=tuple(args.set),
-                        samples=args.samples, sample_tokens=args.sample_tokens,
-                        decontaminate=tuple(t for t in args.decontaminate.split(",") if t),
-                        data_dir=args.data_dir, eval_tasks=tuple(t for t in args.eval_tasks.split(",") if t),
-                        eval_limit=args.eval_limit, resume=args.resume, progress=not args.no_progress,
-                        command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
-
-
 def cmd_sft(args):
-    from lmlab.training.sft import run_sft
+    from lmlab.training.sft import SftSettings, run_sft
+    from lmlab.util import settings_from
 
-    run_sft(_tune_settings(args), packing=args.packing)
+    run_sft(settings_from(SftSettings, args), command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
 
 
 def cmd_dpo(args):
-    from lmlab.training.sft import run_dpo
+    from lmlab.training.sft import DpoSettings, run_dpo
+    from lmlab.util import settings_from
 
-    run_dpo(_tune_settings(args), beta=args.beta, rejected_tokens=args.rejected_tokens, max_pairs=args.max_pairs)
+    run_dpo(settings_from(DpoSettings, args), command=" ".join(["lmlab", *map(shlex.quote, sys.argv[1:])]))
 
 
 def _add_tuning_args(s, formats: str, run_dir: str, steps: int):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmlab.cli import main
-from lmlab.training.loop import load_model
+from lmlab.models.checkpoint import load_model
 from tests.conftest import synthetic_corpus, tiny_overrides
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lmlab.training.config import load_config
 from lmlab.inference.sample import sample
-from lmlab.training.loop import train
+from lmlab.training.pretrain import train
 from lmlab.util import atomic_write_text
 
 SAMPLE_CHARS = 300
