@@ -131,8 +131,8 @@ class Checkpointer:
     optimizer, the data position, every RNG, the progress and the best evaluation), and best/."""
 
     def __init__(self, run_dir: Path, objective: Objective, optimizer, world: Dist, keep: int):
-        self.run_dir, self.objective, self.optimizer, self.world, self.keep = (run_dir, objective, optimizer, world,
-                                                                               keep)
+        self.run_dir, self.objective, self.optimizer = run_dir, objective, optimizer
+        self.world, self.keep = world, keep
 
     def _write_weights(self, folder: Path) -> None:
         self.objective.save(self.objective.model, folder)
