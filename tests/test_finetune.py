@@ -12,8 +12,8 @@ import torch
 from tests.conftest import SHARED_DATA
 from lmlab.errors import LmlabError
 from lmlab.evaluate.tasks import Doc
-from lmlab.training.classification import (Classification, FinetuneSettings, SequenceClassifier, balanced_subset, encode,
-                                           finetune, load_task, parse_labels)
+from lmlab.training.classification import (Classification, FinetuneSettings, SequenceClassifier, balanced_subset,
+                                           encode, finetune, load_task, parse_labels)
 from lmlab.util import settings_from
 from lmlab.models.hf import load_hf
 from lmlab.models.transformer import Transformer, TransformerConfig

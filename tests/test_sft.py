@@ -1,6 +1,7 @@
-"""Instruction and preference tuning (lmlab/sft.py): data formats with line-numbered errors, loss on response
-tokens only (checked against transformers' LlamaForCausalLM with the same labels), batching, the DPO loss on
-closed-form cases, whole runs through lmlab.training.loop.fit with resume, tuned runs loaded back, and the commands."""
+"""Instruction and preference tuning (lmlab/training/examples.py, instruction.py, preference.py, sft.py): data
+formats with line-numbered errors, loss on response tokens only (checked against transformers' LlamaForCausalLM
+with the same labels), batching, the DPO loss on closed-form cases, whole runs through lmlab.training.loop.fit
+with resume, tuned runs loaded back, and the commands."""
 
 import json
 import math
@@ -22,7 +23,8 @@ from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.data.prompts import ALPACA_PROMPT, gsm8k_solution
 from lmlab.data.records import read_records
 from lmlab.training.decontaminate import decontaminate
-from lmlab.training.examples import IGNORE, collate, encode_all, encode_example, epoch_batches, load_examples, to_example
+from lmlab.training.examples import (IGNORE, collate, encode_all, encode_example, epoch_batches, load_examples,
+                                     to_example)
 from lmlab.training.instruction import InstructionTuning
 from lmlab.training.preference import Preference, dpo_loss, sequence_logprobs
 from lmlab.training.sft import DpoSettings, SftSettings, run_dpo, run_sft
@@ -337,8 +339,8 @@ def test_dpo_after_sft_builds_pairs_from_the_model_s_own_answers(base, alpaca_fi
     assert all(r["prompt"].endswith("### Response:\n") and r["chosen"] != r["rejected"] for r in rows)
     assert results["summary"]["steps"] == 4 and "val_reward_margin" in results["summary"]
     # The pairs it wrote are a --format pairs file.
-    again = run_dpo(_settings(base, tmp_path / "dpo" / "pairs.jsonl", tmp_path / "dpo2", kind=DpoSettings, format="pairs",
-                              steps=2, samples=0), echo=None)
+    again = run_dpo(_settings(base, tmp_path / "dpo" / "pairs.jsonl", tmp_path / "dpo2", kind=DpoSettings,
+                              format="pairs", steps=2, samples=0), echo=None)
     assert again["train_pairs"] + again["val_pairs"] == len(rows)
 
 

@@ -347,7 +347,7 @@ class FinetuneSettings:
                              "or bilstm / cnn: a from-scratch baseline")
     task: str = option(help="sst2, rte, mrpc, cola, stsb, wnli, trec, ... (lmlab eval's tasks with a training "
                             "split)")
-    labels: int | None = option("all", "train on N labelled examples (a seeded, class-balanced subset), or all",
+    labels: int | str | None = option("all", "train on N labelled examples (a seeded, class-balanced subset), or all",
                                 type=parse_labels)
     method: str = option(FULL, "what is trained", choices=[FULL, "lora"])
     pooling: str | None = option(None, "sentence vector: cls (encoders' default), mean, last (decoders' default)",
