@@ -22,6 +22,7 @@ import importlib.util
 import json
 import platform
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,12 +30,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_throughput import median_step_times  # noqa: E402 - bench/ is on sys.path when run as a script
 
+from lmlab.evaluate.tasks import data_root  # noqa: E402
+from lmlab.models.hub import load_pretrained, resolve  # noqa: E402
+from lmlab.models.peft import add_lora  # noqa: E402
+from lmlab.models.transformer import Transformer  # noqa: E402
+from lmlab.training.classification import Classification, Encoded, SequenceClassifier  # noqa: E402
+from lmlab.training.config import TrainConfig  # noqa: E402
+from lmlab.training.schedule import make_optimizer  # noqa: E402
+
 LORA = dict(r=8, alpha=16, dropout=0.05)
 
 
 def sst2_sentences(data_dir: str | None, n: int) -> list[str]:
-    from lmlab.evaluate.tasks import data_root
-
     path = data_root(data_dir) / "sst2" / "train.tsv"
     if path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines()[1:]
@@ -56,20 +63,10 @@ def make_batch(tokenizer, sentences: list[str], seq_len: int) -> dict[str, torch
 
 
 def lmlab_step(folder: Path, batch: dict, lora: bool):
-    from dataclasses import replace
-
-    from lmlab.training.config import TrainConfig
-    from lmlab.training.classification import Classification, Encoded, SequenceClassifier
-    from lmlab.models.hub import load_pretrained
-    from lmlab.models.transformer import Transformer
-    from lmlab.training.loop import make_optimizer
-
     body = load_pretrained(folder).model
     body = Transformer.from_weights(replace(body.config, dropout=0.1), body.weights())
     model = SequenceClassifier(body, 2, "cls", dropout=0.1)
     if lora:
-        from lmlab.models.peft import add_lora
-
         add_lora(model, targets=("qkv", "proj", "fc"), **LORA)
         model.score.requires_grad_(True)
     empty = Encoded([], [], torch.zeros(0, dtype=torch.long), 0)
@@ -130,8 +127,6 @@ def main():
     torch.set_num_threads(args.threads)
 
     import transformers
-
-    from lmlab.models.hub import load_pretrained, resolve
 
     folder = resolve(args.model)
     tokenizer = load_pretrained(folder).tokenizer

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from lmlab.models.transformer import Transformer, TransformerConfig
+
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 20) -> float:
     """Best time of torch.mm on n x n fp32 matrices, as FLOP/s (the most the machine showed us)."""
@@ -78,8 +80,6 @@ def main():
     torch.manual_seed(0)
 
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from lmlab.models.transformer import Transformer, TransformerConfig
 
     cfg = TransformerConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                             n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)

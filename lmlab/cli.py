@@ -38,11 +38,11 @@ from lmlab.inference.sample import prompt_ids
 from lmlab.inference.server import serve
 from lmlab.models.hf import export_hf
 from lmlab.models.hub import list_models, load_pretrained, pull
-from lmlab.training.classification import finetune, parse_labels
+from lmlab.training.classification import finetune
 from lmlab.training.config import load_config
-from lmlab.training.loop import train as pretrain
-from lmlab.training.sft import TuneSettings, method_settings, run_dpo, run_sft
-from lmlab.util import command_line, pick_device
+from lmlab.training.pretrain import train as pretrain
+from lmlab.training.sft import run_dpo, run_sft
+from lmlab.util import command_line, pick_device, settings_from
 
 
 @dataclass
@@ -143,29 +143,34 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-@dataclass
-class _Slot:
-    """Where a parsed value goes: a parameter of the function, or a field of a settings dataclass parameter."""
-    dest: str
-    param: str
-    field: str | None = None
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
 
 
-def _add_settings(parser, verb: Verb, param: str, cls, slots: list[_Slot]) -> None:
+def _add_settings(parser, verb: Verb, cls, prefix: str = "", instance=None) -> None:
+    """One flag per field of a settings dataclass; a field that is itself settings (LoRA's, say) adds its fields
+    with its name as prefix (`lora.r` is `--lora-r`). The flag's dest is the flattened name (`lora_r`)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init or f.name in verb.hidden:
             continue
+        default = getattr(instance, f.name) if instance is not None else _field_default(f)
         if dataclasses.is_dataclass(hints[f.name]):
-            raise TypeError(f"{cls.__name__}.{f.name}: nested settings are given as their own parameter")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        default = verb.defaults.get(f.name, default)
-        kwargs = _flag_kwargs(f.name, hints[f.name], default, f.metadata.get("help", ""))
-        kwargs.update({k: v for k, v in f.metadata.items() if k != "help"}, **verb.argparse.get(f.name, {}))
-        dest = f"{param}.{f.name}"
-        parser.add_argument(*_flag_names(f.name, default, verb.names.get(f.name, ())), dest=dest, **kwargs)
-        slots.append(_Slot(dest, param, f.name))
+            _add_settings(parser, verb, hints[f.name], f"{prefix}{f.name}_",
+                          None if default is dataclasses.MISSING else default)
+            continue
+        name = prefix + f.name
+        default = verb.defaults.get(name, default)
+        annotation = hints[f.name]
+        if "type" in f.metadata:  # the field's own parser reads the flag's whole text ("qkv,proj" -> a tuple)
+            annotation = str
+            if isinstance(default, (tuple, list)):
+                default = ",".join(map(str, default))
+        kwargs = _flag_kwargs(name, annotation, default, f.metadata.get("help", ""))
+        kwargs.update({k: v for k, v in f.metadata.items() if k != "help"}, **verb.argparse.get(name, {}))
+        parser.add_argument(*_flag_names(name, default, verb.names.get(name, ())), dest=name, **kwargs)
 
 
 def add_verb(sub, verb: Verb) -> None:
@@ -175,13 +180,14 @@ def add_verb(sub, verb: Verb) -> None:
     doc = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
     parser = sub.add_parser(verb.name, help=verb.help or doc, description=verb.help or doc,
                             formatter_class=_HelpFormatter)
-    slots: list[_Slot] = []
     for p in inspect.signature(fn).parameters.values():
-        if p.name in verb.hidden or p.name == "command" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-            continue
         annotation = hints.get(p.name, str)
+        if p.name in verb.hidden or p.name == "command" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) \
+                or typing.get_origin(annotation) is collections.abc.Callable or inspect.isfunction(p.default) \
+                or inspect.isbuiltin(p.default):
+            continue
         if dataclasses.is_dataclass(annotation):
-            _add_settings(parser, verb, p.name, annotation, slots)
+            _add_settings(parser, verb, annotation)
             continue
         default = verb.defaults.get(p.name, p.default)
         kwargs = _flag_kwargs(p.name, annotation, default, helps.get(p.name, ""))
@@ -191,26 +197,22 @@ def add_verb(sub, verb: Verb) -> None:
             parser.add_argument(p.name, **kwargs)
         else:
             parser.add_argument(*_flag_names(p.name, default, verb.names.get(p.name, ())), dest=p.name, **kwargs)
-        slots.append(_Slot(p.name, p.name))
-    parser.set_defaults(_verb=verb, _slots=slots)
+    parser.set_defaults(_verb=verb)
 
 
 def call_verb(args: argparse.Namespace):
+    """Call the verb with the parsed flags: a settings dataclass parameter is filled from its fields' flags."""
     verb: Verb = args._verb
-    values: dict[str, Any] = {}
-    settings: dict[str, dict] = {}
-    for slot in args._slots:
-        value = getattr(args, slot.dest)
-        if slot.field is None:
-            values[slot.param] = value
-        else:
-            settings.setdefault(slot.param, {})[slot.field] = value
+    flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     hints = typing.get_type_hints(verb.function)
-    for param, fields in settings.items():
-        values[param] = hints[param](**fields)
-    signature = inspect.signature(verb.function)
-    if "command" in signature.parameters:
-        values["command"] = command_line()
+    values: dict[str, Any] = {}
+    for p in inspect.signature(verb.function).parameters.values():
+        if dataclasses.is_dataclass(hints.get(p.name)):
+            values[p.name] = settings_from(hints[p.name], flags)
+        elif p.name in flags:
+            values[p.name] = flags[p.name]
+        elif p.name == "command":
+            values[p.name] = command_line()
     return verb.function(**values)
 
 
@@ -331,156 +333,13 @@ VERBS = [
     Verb("models", models),
     Verb("pull", pull, positional=("name",), show=True),
     Verb("paradigms", paradigms, argparse={"glue": {"nargs": "?", "const": GLUE_TASKS}}),
+    Verb("demo", demo, argparse={"set": {"metavar": "KEY=VALUE"}}),
     Verb("eval", run_eval, hidden=("tokenizer", "echo"), defaults={"shots": "0"}),
+    Verb("finetune", finetune),
+    Verb("sft", run_sft),
+    Verb("dpo", run_dpo),
     Verb("serve", serve),
 ]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Commands still declared by hand (until their functions take settings dataclasses)
-
-def cmd_finetune(args):
-
-    finetune(args.model, args.task, labels=parse_labels(args.labels), method=args.method, pooling=args.pooling,
-             epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-             micro_batch_size=args.micro_batch_size, max_length=args.max_length, dropout=args.dropout,
-             weight_decay=args.weight_decay, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-             lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, patience=args.patience,
-             eval_every=args.eval_every, seed=args.seed, data_dir=args.data_dir, out=args.out, threads=args.threads,
-             device=args.device, compile=args.compile, resume=args.resume, progress=not args.no_progress,
-             command=command_line())
-
-
-def _tune_settings(args):
-
-    settings = method_settings(args.method, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                               lora_dropout=args.lora_dropout, lora_targets=args.lora_targets.split(","),
-                               adapter_size=args.adapter_size, adapter_activation=args.adapter_activation)
-    return TuneSettings(model=args.model, data=args.data, formats=args.format.split(","), run_dir=args.run_dir,
-                        method=args.method, settings=settings, seq_len=args.seq_len, val_size=args.val_size,
-                        steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                        lr=args.lr, seed=args.seed, threads=args.threads, overrides=tuple(args.set),
-                        samples=args.samples, sample_tokens=args.sample_tokens,
-                        decontaminate=tuple(t for t in args.decontaminate.split(",") if t),
-                        data_dir=args.data_dir, eval_tasks=tuple(t for t in args.eval_tasks.split(",") if t),
-                        eval_limit=args.eval_limit, resume=args.resume, progress=not args.no_progress,
-                        command=command_line())
-
-
-def cmd_sft(args):
-
-    run_sft(_tune_settings(args), packing=args.packing)
-
-
-def cmd_dpo(args):
-
-    run_dpo(_tune_settings(args), beta=args.beta, rejected_tokens=args.rejected_tokens, max_pairs=args.max_pairs)
-
-
-def _add_tuning_args(s, formats: str, run_dir: str, steps: int):
-    s.add_argument("--model", required=True, help="registry name, .gguf, Hugging Face folder, run folder (an sft "
-                                                  "run too), or hub id")
-    s.add_argument("--data", action="append", required=True, help="data file (repeatable)")
-    s.add_argument("--format", default="alpaca", help=f"{formats} (one for all files, or one per file, "
-                                                      "comma-separated)")
-    s.add_argument("--method", default="lora", choices=["full", "lora", "adapterh", "adapterp"])
-    s.add_argument("--run-dir", default=run_dir)
-    s.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-    s.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step")
-    s.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward pass (gradient "
-                                                                      "accumulation)")
-    s.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5 full, 3e-4 PEFT)")
-    s.add_argument("--seq-len", type=int, default=512, help="tokens per training row; longer examples are left out")
-    s.add_argument("--val-size", type=int, default=50, help="held-out examples (a seeded draw)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    s.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
-                   help="any training setting (lmlab.training.config.TrainConfig), e.g. --set train.eval_interval=50; "
-                        "train.dtype=float32 turns off the default bf16 autocast of hardware with native bf16")
-    s.add_argument("--lora-r", type=int, default=8)
-    s.add_argument("--lora-alpha", type=float, default=16)
-    s.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input (as Hugging Face "
-                                                                   "PEFT, 0 by default: on a CPU it costs a "
-                                                                   "quarter of a SmolLM2 step)")
-    s.add_argument("--lora-targets", default="qkv,proj,fc", help="linear layers that get LoRA (name suffixes)")
-    s.add_argument("--adapter-size", type=int, default=None, help="adapter bottleneck width (default 32 adapterh, "
-                                                                  "64 adapterp)")
-    s.add_argument("--adapter-activation", default="tanh", choices=["tanh", "relu", "gelu", "silu"])
-    s.add_argument("--samples", type=int, default=5, help="held-out prompts answered before and after training")
-    s.add_argument("--sample-tokens", type=int, default=128, help="longest answer for --samples")
-    s.add_argument("--decontaminate", default="", help="evaluation tasks (e.g. addsub,singleeq,aqua) whose "
-                                                       "questions are removed from the training data")
-    s.add_argument("--eval-tasks", default="", help="evaluate the tuned model on these tasks afterwards")
-    s.add_argument("--eval-limit", type=int, default=None, help="examples per task for --eval-tasks")
-    s.add_argument("--data-dir", default=None, help="evaluation data folder (for --decontaminate, --eval-tasks)")
-    s.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def cmd_demo(args):
-
-    demo(run_dir=args.run_dir, overrides=args.set)
-
-
-def add_legacy(sub):
-    s = sub.add_parser("finetune", help="fine-tune a pretrained model (or train a from-scratch baseline) on a "
-                                        "classification or regression task (full or LoRA)")
-    s.add_argument("--model", required=True, help="a pretrained model (registry name, Hugging Face folder, .gguf, "
-                                                  "run folder, hub id), or bilstm / cnn: a from-scratch baseline")
-    s.add_argument("--task", required=True, help="sst2, rte, mrpc, cola, stsb, wnli, trec, ... (lmlab eval's tasks "
-                                                 "with a training split)")
-    s.add_argument("--labels", default="all", help="train on N labelled examples (a seeded, class-balanced subset), "
-                                                   "or all")
-    s.add_argument("--method", default="full", choices=["full", "lora"])
-    s.add_argument("--pooling", default=None, choices=["cls", "mean", "last"],
-                   help="sentence vector: cls (encoders' default), mean, last (decoders' default)")
-    s.add_argument("--epochs", type=float, default=3.0)
-    s.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    s.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 full, 1e-3 LoRA, 2e-3 "
-                                                           "baselines)")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward pass (gradient accumulation)")
-    s.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
-    s.add_argument("--dropout", type=float, default=0.1)
-    s.add_argument("--weight-decay", type=float, default=0.01)
-    s.add_argument("--lora-r", type=int, default=8)
-    s.add_argument("--lora-alpha", type=float, default=16)
-    s.add_argument("--lora-dropout", type=float, default=0.05)
-    s.add_argument("--lora-targets", default="qkv,proj,fc", help="linear layers that get LoRA (name suffixes)")
-    s.add_argument("--patience", type=int, default=0, help="stop after N evaluations without a better dev metric")
-    s.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default: 10 a run)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the label subset, the head, the batches")
-    s.add_argument("--data-dir", default=None, help="folder with the task data (default: $LMLAB_DATA, else "
-                                                    "$LMLAB_HOME/data)")
-    s.add_argument("--out", default=None, help="run folder (default runs/finetune-TASK-MODEL-METHOD-LABELS)")
-    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_finetune)
-
-    s = sub.add_parser("sft", help="instruction tuning: fine-tune a model on prompt/response data (loss on the "
-                                   "responses only; full, lora, adapterh or adapterp)")
-    _add_tuning_args(s, "alpaca | gsm8k | chat | jsonl", "runs/sft", 300)
-    s.add_argument("--packing", action="store_true", help="pack examples into rows of exactly --seq-len tokens "
-                                                          "(default: length-bucketed batches)")
-    s.set_defaults(func=cmd_sft)
-
-    s = sub.add_parser("dpo", help="preference tuning with DPO on (chosen, rejected) pairs, built from "
-                                   "instruction data with the model's own answers as rejected ones")
-    _add_tuning_args(s, "pairs ({prompt, chosen, rejected}) or instruction data: alpaca | gsm8k | chat | jsonl",
-                     "runs/dpo", 100)
-    s.add_argument("--beta", type=float, default=0.1, help="DPO's beta: how far from the reference the policy "
-                                                           "may move")
-    s.add_argument("--rejected-tokens", type=int, default=128, help="longest generated (rejected) answer")
-    s.add_argument("--max-pairs", type=int, default=None, help="training pairs to build (default: all examples)")
-    s.set_defaults(func=cmd_dpo)
-
-    s = sub.add_parser("demo", help="the main job: prepare Shakespeare, train a small GPT for a few minutes, sample")
-    s.add_argument("--run-dir", default="runs/demo")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.set_defaults(func=cmd_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -488,20 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for verb in VERBS:
         add_verb(sub, verb)
-    add_legacy(sub)
     return parser
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = call_verb(args) if hasattr(args, "_verb") else args.func(args)
+        result = call_verb(args)
     except LmlabError as e:
         print(f"lmlab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmlab {args.command}: interrupted", file=sys.stderr)
         return 130
-    if hasattr(args, "_verb") and args._verb.show and result is not None:
+    if args._verb.show and result is not None:
         print(_json.dumps(result, indent=2, default=str) if isinstance(result, (dict, list)) else result)
     return 0
 

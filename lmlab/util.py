@@ -1,4 +1,5 @@
-"""Small helpers shared across lmlab: atomic file writes, safe torch files, devices, the lmlab home folder."""
+"""Small helpers shared across lmlab: atomic file writes, safe torch files, devices, the lmlab home folder, settings
+dataclasses that are command-line flags, and a peak-memory sampler."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import resource
 import shlex
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -27,12 +30,76 @@ def command_line() -> str:
 
 def option(default=dataclasses.MISSING, help: str = "", **argparse_kwargs):
     """A settings-dataclass field that is also a command-line flag: lmlab.cli makes `--name` of it, with this help
-    text (and any argparse keywords, e.g. metavar). A field without a default is a required flag; a list default
-    is copied for each instance."""
+    text (and any argparse keywords: type, choices, action, metavar). A field without a default is a required
+    flag. A function default (`lambda: LoraConfig(dropout=0.0)`) is a factory, and a list default is copied for
+    each instance."""
+    metadata = {"help": help, **argparse_kwargs}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default),
-                                 metadata={"help": help, **argparse_kwargs})
-    return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    if callable(default) and not isinstance(default, type):
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """A comma-separated flag value as a tuple of its non-empty items ("a,b," -> ("a", "b"))."""
+    return tuple(item.strip() for item in str(text).split(",") if item.strip())
+
+
+def settings_from(cls, values, prefix: str = "", strict: bool = False):
+    """A settings dataclass filled from parsed flags (an argparse Namespace or a dict): each field from the value
+    named like it (`lora_r`); a field whose type is itself a settings dataclass from the values named with its
+    name as prefix (field `lora` of LoraConfig: `lora_r`, `lora_alpha`, ...). Values that are absent keep the
+    field's default; a text value goes through the field's `type` (option(..., type=...)), as argparse would. The
+    inverse of the flags lmlab.cli makes of the fields. strict: a value that no field takes is an error."""
+    values = vars(values) if not isinstance(values, dict) else values
+    if strict:
+        known = {prefix + f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in values if k not in known and not any(k.startswith(n + "_") for n in known)]
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no setting {unknown[0]!r}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            kwargs[f.name] = settings_from(type(default), {**dataclasses.asdict(default), **{
+                k[len(name) + 1:]: v for k, v in values.items() if k.startswith(name + "_")}})
+        elif name in values:
+            value = values[name]
+            convert = f.metadata.get("type")
+            kwargs[f.name] = convert(value) if convert is not None and isinstance(value, str) else value
+    return cls(**kwargs)
+
+
+class PeakMemory:
+    """The peak resident memory of this process while the block runs, sampled every 50 ms from /proc (Linux),
+    so that loading a model before the block does not count."""
+
+    def __init__(self):
+        self.peak, self._stop, self._thread = 0, threading.Event(), threading.Thread(target=self._watch, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: the process's high-water mark instead
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _watch(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
 
 
 def atomic_replace(path: str | Path, write) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmlab.cli import main
-from lmlab.training.loop import load_model
+from lmlab.models.checkpoint import load_model
 from tests.conftest import synthetic_corpus, tiny_overrides
 
 
@@ -109,9 +109,14 @@ def test_flags_come_from_the_signature_docstring_and_settings_fields():
     from lmlab.util import option
 
     @dataclass
+    class Inner:
+        depth: int = option(1, "how deep")
+
+    @dataclass
     class Knobs:
         width: int = option(8, "how wide")
         names: list[str] = option([], "repeatable names")
+        inner: Inner = option(lambda: Inner(depth=2), "nested settings")
 
     def verb(source: str, mode: Literal["a", "b"] = "a", rate: float | None = None, progress: bool = True,
              knobs: Knobs = Knobs(), command: str | None = None):
@@ -129,10 +134,12 @@ def test_flags_come_from_the_signature_docstring_and_settings_fields():
     parser = argparse.ArgumentParser()
     add_verb(parser.add_subparsers(), Verb("verb", verb, positional=("source",), defaults={"width": 3}))
     helps = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices["verb"]._actions}
-    assert helps["mode"] == "which way (a longer help line)" and helps["knobs.width"] == "how wide"
-    args = parser.parse_args(["verb", "x", "--mode", "b", "--rate", "0.5", "--no-progress", "--names", "p", "--names", "q"])
+    assert helps["mode"] == "which way (a longer help line)" and helps["width"] == "how wide"
+    assert parser.parse_args(["verb", "x"]).inner_depth == 2  # the nested default of the field, not of Inner
+    args = parser.parse_args(["verb", "x", "--mode", "b", "--rate", "0.5", "--no-progress", "--names", "p", "--names",
+                              "q", "--inner-depth", "5"])
     source, mode, rate, progress, knobs, command = call_verb(args)
     assert (source, mode, rate, progress) == ("x", "b", 0.5, False)
-    assert knobs == Knobs(width=3, names=["p", "q"]) and command.startswith("lmlab")
+    assert knobs == Knobs(width=3, names=["p", "q"], inner=Inner(depth=5)) and command.startswith("lmlab")
     with pytest.raises(SystemExit):
         parser.parse_args(["verb", "x", "--mode", "c"])

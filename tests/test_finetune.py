@@ -12,8 +12,9 @@ import torch
 from tests.conftest import SHARED_DATA
 from lmlab.errors import LmlabError
 from lmlab.evaluate.tasks import Doc
-from lmlab.training.classification import (Classification, SequenceClassifier, balanced_subset, encode, finetune, load_task,
-                            parse_labels)
+from lmlab.training.classification import (Classification, FinetuneSettings, SequenceClassifier, balanced_subset,
+                                           encode, finetune, load_task, parse_labels)
+from lmlab.util import settings_from
 from lmlab.models.hf import load_hf
 from lmlab.models.transformer import Transformer, TransformerConfig
 
@@ -225,9 +226,10 @@ def test_batches_cover_each_epoch_once_and_resume_at_the_same_place(tiny_bert):
 def _run(tmp_path, model, data, task="sst2", **kw):
     # Three evaluations a run: fit plots the curves at each one, which costs more than a tiny model's steps.
     settings = dict(labels=None, epochs=6, batch_size=32, lr=2e-3, max_length=32, seed=0, data_dir=data,
-                    progress=False, echo=None, threads=1, device="cpu", eval_every=30)
+                    no_progress=True, threads=1, device="cpu", eval_every=30)
     settings.update(kw)
-    return finetune(str(model), task, out=tmp_path / "run", **settings)
+    return finetune(settings_from(FinetuneSettings, dict(model=str(model), task=task, out=tmp_path / "run", **settings),
+                                  strict=True), echo=None)
 
 
 def test_finetune_learns_and_keeps_the_best_checkpoint(tiny_bert, tmp_path):

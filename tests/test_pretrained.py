@@ -404,7 +404,7 @@ def test_smollm_damaged_copies(smollm_path, tmp_path):
 def test_lmlab_run_folder_loads(char_data, tmp_path):
     from lmlab.training.config import load_config
     from lmlab.models.hub import load_pretrained
-    from lmlab.training.loop import train
+    from lmlab.training.pretrain import train
 
     train(load_config("shakespeare-char", tiny_overrides(char_data, tmp_path / "run", max_steps=2)), progress=False)
     loaded = load_pretrained(tmp_path / "run", dtype=torch.bfloat16)

@@ -1,6 +1,7 @@
-"""Instruction and preference tuning (lmlab/sft.py): data formats with line-numbered errors, loss on response
-tokens only (checked against transformers' LlamaForCausalLM with the same labels), batching, the DPO loss on
-closed-form cases, whole runs through lmlab.training.loop.fit with resume, tuned runs loaded back, and the commands."""
+"""Instruction and preference tuning (lmlab/training/examples.py, instruction.py, preference.py, sft.py): data
+formats with line-numbered errors, loss on response tokens only (checked against transformers' LlamaForCausalLM
+with the same labels), batching, the DPO loss on closed-form cases, whole runs through lmlab.training.loop.fit
+with resume, tuned runs loaded back, and the commands."""
 
 import json
 import math
@@ -19,9 +20,14 @@ from lmlab.errors import LmlabError
 from lmlab.models.hf import export_hf_llama
 from lmlab.models.hub import load_pretrained
 from lmlab.models.transformer import Transformer, TransformerConfig
-from lmlab.training.sft import (IGNORE, ALPACA_PROMPT, InstructionTuning, Preference, TuneSettings, collate, decontaminate,
-                       dpo_loss, encode_all, encode_example, epoch_batches, gsm8k_solution, load_examples,
-                       read_records, run_dpo, run_sft, sequence_logprobs, to_example)
+from lmlab.data.prompts import ALPACA_PROMPT, gsm8k_solution
+from lmlab.data.records import read_records
+from lmlab.training.decontaminate import decontaminate
+from lmlab.training.examples import (IGNORE, collate, encode_all, encode_example, epoch_batches, load_examples,
+                                     to_example)
+from lmlab.training.instruction import InstructionTuning
+from lmlab.training.preference import Preference, dpo_loss, sequence_logprobs
+from lmlab.training.sft import DpoSettings, SftSettings, run_dpo, run_sft
 from tests.conftest import synthetic_corpus, train_byte_bpe
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -259,12 +265,12 @@ def test_preference_starts_at_log_2_and_learns_the_preference(tok):
 # ----------------------------------------------------------------------------------------------------------------
 # Whole runs
 
-def _settings(base, data, run_dir, **kw):
-    values = dict(model=str(base), data=[str(data)], formats=["alpaca"], run_dir=str(run_dir), method="lora",
+def _settings(base, data, run_dir, kind=SftSettings, **kw):
+    values = dict(model=str(base), data=[str(data)], format="alpaca", run_dir=str(run_dir), method="lora",
                   seq_len=128, val_size=8, steps=6, batch_size=4, lr=3e-3, samples=2, sample_tokens=6,
-                  progress=False, overrides=("train.eval_interval=3", "train.ckpt_interval=3"))
+                  no_progress=True, set=["train.eval_interval=3", "train.ckpt_interval=3"])
     values.update(kw)
-    return TuneSettings(**values)
+    return kind(**values)
 
 
 @pytest.mark.parametrize("method", ["lora", "adapterp"])
@@ -272,12 +278,12 @@ def test_sft_resumes_on_the_same_curve(base, alpaca_file, tmp_path, method):
     """A run killed after its step-3 checkpoint and resumed ends where an uninterrupted run ends: the data position
     (epoch and batch) is part of the checkpoint."""
     keep = ("train.eval_interval=3", "train.ckpt_interval=3", "train.keep_checkpoints=2")
-    whole = run_sft(_settings(base, alpaca_file, tmp_path / "whole", method=method, overrides=keep), echo=None)
+    whole = run_sft(_settings(base, alpaca_file, tmp_path / "whole", method=method, set=list(keep)), echo=None)
     # The same run killed after its step-3 checkpoint: its folder as it was then.
     shutil.copytree(tmp_path / "whole", tmp_path / "part")
     shutil.rmtree(tmp_path / "part" / "ckpt" / "step_0000006")
     (tmp_path / "part" / "ckpt" / "latest").write_text("step_0000003\n")
-    resumed = run_sft(_settings(base, alpaca_file, tmp_path / "part", method=method, resume=True, overrides=keep),
+    resumed = run_sft(_settings(base, alpaca_file, tmp_path / "part", method=method, resume=True, set=list(keep)),
                       echo=None)
     assert resumed["summary"]["steps"] == 6
     assert resumed["summary"]["val_loss"] == pytest.approx(whole["summary"]["val_loss"], abs=1e-6)
@@ -294,7 +300,7 @@ def test_torchrun_two_processes_match_one(base, alpaca_file, tmp_path):
             "--val-size", "8", "--steps", "4", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "3e-3",
             "--samples", "0", "--no-progress"]
     single = run_sft(_settings(base, alpaca_file, tmp_path / "one", steps=4, micro_batch_size=2, samples=0,
-                               overrides=()), echo=None)
+                               set=[]), echo=None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(torchrun + ["-m", "lmlab", *args, "--run-dir", str(tmp_path / "two")], env=env,
@@ -326,15 +332,15 @@ def test_a_tuned_run_loads_back_as_a_model(base, alpaca_file, tmp_path):
 def test_dpo_after_sft_builds_pairs_from_the_model_s_own_answers(base, alpaca_file, tmp_path):
     """The ChatGPT recipe's order: SFT, then DPO from the SFT run (its LoRA merged, a new LoRA on top)."""
     run_sft(_settings(base, alpaca_file, tmp_path / "sft", steps=10, lr=1e-2, samples=0), echo=None)
-    results = run_dpo(_settings(tmp_path / "sft", alpaca_file, tmp_path / "dpo", steps=4), rejected_tokens=6,
-                      echo=None)
+    results = run_dpo(_settings(tmp_path / "sft", alpaca_file, tmp_path / "dpo", kind=DpoSettings, steps=4,
+                                rejected_tokens=6), echo=None)
     rows = [json.loads(line) for line in (tmp_path / "dpo" / "pairs.jsonl").read_text().splitlines()]
     assert sum(r["held_out"] for r in rows) == results["val_pairs"] <= 8
     assert all(r["prompt"].endswith("### Response:\n") and r["chosen"] != r["rejected"] for r in rows)
     assert results["summary"]["steps"] == 4 and "val_reward_margin" in results["summary"]
     # The pairs it wrote are a --format pairs file.
-    again = run_dpo(_settings(base, tmp_path / "dpo" / "pairs.jsonl", tmp_path / "dpo2", formats=["pairs"],
-                              steps=2, samples=0), echo=None)
+    again = run_dpo(_settings(base, tmp_path / "dpo" / "pairs.jsonl", tmp_path / "dpo2", kind=DpoSettings,
+                              format="pairs", steps=2, samples=0), echo=None)
     assert again["train_pairs"] + again["val_pairs"] == len(rows)
 
 
@@ -369,10 +375,10 @@ def test_a_run_in_either_precision_loads_back_with_its_held_out_loss(base, alpac
     matmul weights stored in bf16. Either way the run saves fp32 LoRA weights, and load_pretrained(run) (the fp32
     base with them) gives the held-out loss the run reported for best/: exactly in fp32, within bf16's rounding
     in bf16, and far from the base model's."""
-    from lmlab.training.sft import _split
+    from lmlab.training.examples import split_examples as _split
 
     overrides = ("train.eval_interval=3", "train.ckpt_interval=3", f"train.dtype={dtype}")
-    results = run_sft(_settings(base, alpaca_file, tmp_path, lr=1e-2, samples=0, overrides=overrides), echo=None)
+    results = run_sft(_settings(base, alpaca_file, tmp_path, lr=1e-2, samples=0, set=list(overrides)), echo=None)
     assert results["precision"] == {"float32": "fp32", "bfloat16": "bf16 autocast"}[dtype]
     tuned = load_pretrained(tmp_path)
     assert all(p.dtype == torch.float32 for p in tuned.model.parameters())

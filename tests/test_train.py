@@ -11,7 +11,10 @@ import torch
 
 from lmlab.training.config import load_config
 from lmlab.errors import LmlabError
-from lmlab.training.loop import latest_checkpoint, load_model, lr_at, read_metrics, train
+from lmlab.models.checkpoint import latest as latest_checkpoint, load_model
+from lmlab.training.metrics import read_metrics
+from lmlab.training.pretrain import train
+from lmlab.training.schedule import lr_at
 from tests.conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +178,8 @@ def test_masked_lm_pretrains_an_encoder(char_data, tmp_path):
 
 def test_masking_follows_bert_rates():
     from lmlab.models.transformer import Transformer, TransformerConfig
-    from lmlab.training.loop import Dist, LanguageModeling
+    from lmlab.training.distributed import Dist
+    from lmlab.training.pretrain import LanguageModeling
 
     import numpy as np
 

@@ -120,10 +120,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     """
     task_list = _parse_tasks(tasks)
     shot_list = _parse_shots(shots)
-    if mode not in MODES:
-        raise LmlabError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    if limit is not None and limit < 1:
-        raise LmlabError(f"limit must be at least 1 (got {limit})")
+    _check(mode, limit)
     root = data_root(data_dir)
     splits = _load_all(task_list, shot_list, root, limit, seed, balanced)
 
@@ -131,15 +128,12 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     if chat and lm.chat_prompt is None:
         raise LmlabError(f"{lm.name} has no chat template; drop --chat (or use a chat model)")
     settings = Settings(seed, balanced, calibrate, chat, stride, bootstrap_iters)
-    rows: list[dict] = []
-    records: list[dict] = []
+    rows, records = [], []  # the table's rows, one record per example
     task_info: dict[str, dict] = {}
     started = time.time()
     shown = {"tasks": [t.name for t in task_list], "shots": shot_list, "limit": limit, "seed": seed,
              "batch_size": batch_size, "mode": mode, "chat": chat, "calibrate": calibrate, "balanced": balanced,
-             "stride": stride, "window": lm.max_length, "data_dir": str(root), "bootstrap_iters": bootstrap_iters,
-             "target_delimiter": TARGET_DELIMITER, "fewshot_delimiter": FEWSHOT_DELIMITER,
-             "device": str(lm.device), "dtype": str(lm.model.tok_emb.weight.dtype)}
+             "stride": stride, "data_dir": str(root), "bootstrap_iters": bootstrap_iters, **_lm_settings(lm)}
 
     def summarize(complete: bool) -> dict:
         return {"model": lm.name, "command": command, "settings": shown, "complete": complete,
@@ -153,15 +147,8 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     for t in task_list:
         split = splits[t.name]
         docs = _limited(split, limit)
-        info = {"group": t.group, "about": t.about, "source": split.source, "few_shot_pool": split.pool_source,
-                "n": len(docs), "notes": split.notes, "runs": []}
-        task_info[t.name] = info
-        if "matched" in split.notes and echo:
-            echo(f"{t.name}: questions matched per source: " + ", ".join(
-                f"{s} {m['matched']}/{m['questions']}" for s, m in split.notes["matched"].items()))
+        info = task_info[t.name] = _task_info(t, split, len(docs), echo)
         if not t.few_shot:
-            info["notes"] = {**split.notes, "shots": "perplexity tasks take no shots: evaluated once, reported as "
-                                                     "0 shots"}
             run(t, split, docs, 0, "loglikelihood", info)
             continue
         for k in shot_list:
@@ -176,6 +163,31 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         if echo:
             echo("wrote " + ", ".join(str(p) for p in written))
     return summary
+
+
+def _check(mode: str, limit: int | None) -> None:
+    if mode not in MODES:
+        raise LmlabError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if limit is not None and limit < 1:
+        raise LmlabError(f"limit must be at least 1 (got {limit})")
+
+
+def _lm_settings(lm) -> dict:
+    """The settings of a run that come from the model and the harness's conventions."""
+    return {"window": lm.max_length, "target_delimiter": TARGET_DELIMITER, "fewshot_delimiter": FEWSHOT_DELIMITER,
+            "device": str(lm.device), "dtype": str(lm.model.tok_emb.weight.dtype)}
+
+
+def _task_info(t: Task, split, n: int, echo) -> dict:
+    """What the summary says of a task: its group, source, few-shot pool, size and notes (runs are added later)."""
+    info = {"group": t.group, "about": t.about, "source": split.source, "few_shot_pool": split.pool_source,
+            "n": n, "notes": split.notes, "runs": []}
+    if "matched" in split.notes and echo:
+        echo(f"{t.name}: questions matched per source: " + ", ".join(
+            f"{s} {m['matched']}/{m['questions']}" for s, m in split.notes["matched"].items()))
+    if not t.few_shot:
+        info["notes"] = {**split.notes, "shots": "perplexity tasks take no shots: evaluated once, reported as 0 shots"}
+    return info
 
 
 def _key(t: Task, subset: str) -> str:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from lmlab.errors import LmlabError
 from lmlab.inference.generate import SamplingParams, left_pad, generate
@@ -312,8 +313,6 @@ class LM:
         return logits[:, -1]
 
     def _bar(self, total: int, desc: str, examples: int | None):
-        from tqdm import tqdm
-
         # Scaled so that the bar counts (and times) examples even when an example makes several requests.
         scale = examples / total if examples and total and examples != total else False
         return tqdm(total=total, desc=desc, unit="ex", unit_scale=scale, disable=not self.progress or total == 0,

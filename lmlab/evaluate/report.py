@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from lmlab.util import atomic_replace, atomic_write_json, atomic_write_text
 
 
@@ -73,12 +75,8 @@ def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> bool:
             best[(task, style)] = metric
     if not best:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(11, 6))
+    fig = Figure(figsize=(11, 6))
+    ax = fig.subplots()
     dashes = {"loglikelihood": "-", "generate": "--", "calibrated": ":"}
     colors: dict[str, str] = {}
     for (task, style), metric in sorted(best.items()):
@@ -94,5 +92,4 @@ def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: many tasks, many lines
     atomic_replace(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    plt.close(fig)
     return True

@@ -15,14 +15,20 @@ from pathlib import Path
 
 from lmlab.training.config import load_config
 from lmlab.inference.sample import sample
-from lmlab.training.loop import train
+from lmlab.training.pretrain import train
 from lmlab.util import atomic_write_text
 
 SAMPLE_CHARS = 300
 
 
-def demo(run_dir: str = "runs/demo", overrides: list[str] | None = None) -> dict:
-    cfg = load_config("shakespeare-char", [f"train.run_dir={run_dir}", *(overrides or [])])
+def demo(run_dir: str = "runs/demo", set: list[str] = ()) -> dict:
+    """The main job: prepare Shakespeare, train a small GPT for a few minutes, sample.
+
+    Args:
+        run_dir: the demo's run folder (replaced if it exists)
+        set: override a value of configs/shakespeare-char.yaml, e.g. --set train.time_limit=60 (repeatable)
+    """
+    cfg = load_config("shakespeare-char", [f"train.run_dir={run_dir}", *set])
     run = Path(cfg.train.run_dir)
     if run.exists():
         print(f"replacing the previous demo run in {run}")

@@ -39,7 +39,8 @@ from lmlab.errors import LmlabError
 from lmlab.evaluate import run_eval
 from lmlab.evaluate.report import output_paths
 from lmlab.models.hub import load_pretrained
-from lmlab.training.classification import DEFAULT_LR, finetune, load_task, parse_labels
+from lmlab.training.classification import FinetuneSettings, finetune, load_task, parse_labels
+from lmlab.training.config import DEFAULT_LR
 from lmlab.util import atomic_replace, atomic_write_json, atomic_write_text
 
 ENCODER = "minilm-l6"
@@ -63,7 +64,7 @@ def schedule(n: int, kind: str) -> dict:
     at least, one epoch when there are more than 10,000."""
     batch_size = 16 if n < 1000 else 32
     epochs = 1.0 if n > 10_000 else float(min(30, max(3, math.ceil(100 * batch_size / n))))
-    return {"batch_size": batch_size, "epochs": epochs, "lr": DEFAULT_LR[kind]}
+    return {"batch_size": batch_size, "epochs": epochs, "lr": DEFAULT_LR["finetune"][kind]}
 
 
 def _command(model: str, task: str, labels, method: str, s: dict, max_length: int, seed: int) -> str:
@@ -97,10 +98,11 @@ def _run(model: str, task: str, labels: int | None, method: str, n_train: int, w
         return None
     else:
         print(f"\n== {command}", flush=True)
-        results = finetune(model, task, labels=labels, method=method, epochs=s["epochs"], lr=s["lr"],
-                           batch_size=s["batch_size"], max_length=max_length, seed=seed, data_dir=data_dir,
-                           out=run_dir, threads=threads, resume=(run_dir / "ckpt").is_dir(), progress=progress,
-                           command=command, eval_every=max(1, math.ceil(steps / 4)))
+        results = finetune(FinetuneSettings(
+            model, task, labels=labels, method=method, epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"],
+            max_length=max_length, seed=seed, data_dir=data_dir, out=run_dir, threads=threads,
+            resume=(run_dir / "ckpt").is_dir(), no_progress=not progress, eval_every=max(1, math.ceil(steps / 4))),
+            command=command)
         if not keep_weights:
             shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
             for f in (run_dir / "best").glob("*.safetensors"):

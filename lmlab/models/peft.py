@@ -11,9 +11,10 @@ attention and MLP at r = 8 that is about 1.5 % of the parameters. After training
     load_peft(base_model, "lora.safetensors")                        # checks it fits this base model
     merge_lora(model)                                                # W += (alpha / r) B A; same logits
 
-A method is a function that modifies a model in place given its settings; `METHODS` maps method names to them, so
-that a saved file can re-apply its own method before its weights are loaded. Other methods (the bottleneck
-adapters below, "adapterh" and "adapterp") are registered the same way, so save_peft/load_peft work for all.
+`METHODS` is the one registry of methods: each name maps to a `Method`, its typed settings class (`LoraConfig`,
+`AdapterHConfig`, `AdapterPConfig`, as Hugging Face peft's LoraConfig) and the function that modifies a model in
+place given those settings, so that a saved file can re-apply its own method before its weights are loaded. A
+saved file keeps the settings as a plain dict (`config.settings()`), so save_peft/load_peft work for all.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +31,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from lmlab.errors import LmlabError
-from lmlab.util import save_safetensors_atomic
+from lmlab.util import comma_list, option, save_safetensors_atomic
 
 
 class LoRALinear(nn.Module):
@@ -242,8 +244,83 @@ def merge_peft(model: nn.Module, method: str) -> int:
     raise LmlabError(f"unknown PEFT method {method!r} (known: {', '.join(METHODS)})")
 
 
-# name -> function(model, **settings) that adds the method's modules to a (frozen) model
-METHODS: dict[str, Callable[..., object]] = {"lora": add_lora, "adapterh": add_adapterh, "adapterp": add_adapterp}
+# ----------------------------------------------------------------------------------------------------------------
+# The registry: one typed settings class per method, and the function that puts the method on a model.
+
+class _Config:
+    def settings(self) -> dict:
+        """The settings as a PEFT file's metadata keeps them (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class LoraConfig(_Config):
+    """LoRA's settings (the `--lora-*` flags of lmlab sft, dpo and finetune). Each command's own default is set
+    where the command's settings declare their `lora` field."""
+    r: int = option(8, "LoRA rank")
+    alpha: float = option(16, "LoRA scale: the update is multiplied by alpha / r")
+    dropout: float = option(0.0, "dropout on LoRA's input (as Hugging Face PEFT, 0 by default: on a CPU it costs a "
+                                 "quarter of a SmolLM2 step)")
+    targets: tuple[str, ...] = option(("qkv", "proj", "fc"), "linear layers that get LoRA (name suffixes, "
+                                                             "comma-separated)", type=comma_list)
+
+
+@dataclass
+class AdapterHConfig(_Config):
+    """Houlsby bottleneck adapters in series after attention and the MLP."""
+    size: int = 32
+    places: tuple[str, ...] = ("attn", "mlp")
+    activation: str = "tanh"
+    dropout: float = 0.0
+
+
+@dataclass
+class AdapterPConfig(_Config):
+    """Parallel bottleneck adapters next to the MLP."""
+    size: int = 64
+    activation: str = "tanh"
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class Method:
+    """A PEFT method: its settings class and the function(model, **settings) that adds its modules to a (frozen)
+    model. Calling the method applies it."""
+    config: type
+    add: Callable[..., list[str]]
+
+    def __call__(self, model: nn.Module, **settings) -> list[str]:
+        return self.add(model, **settings)
+
+
+METHODS: dict[str, Method] = {"lora": Method(LoraConfig, add_lora), "adapterh": Method(AdapterHConfig, add_adapterh),
+                              "adapterp": Method(AdapterPConfig, add_adapterp)}
+FULL = "full"  # no PEFT method: every parameter trains
+ADAPTER_ACTIVATIONS = tuple(_ADAPTER_ACTIVATIONS)
+
+
+def method_config(method: str, **settings):
+    """The settings object of a PEFT method; keywords override its defaults (None: keep the default)."""
+    if method not in METHODS:
+        raise LmlabError(f"unknown PEFT method {method!r} (known: {', '.join(METHODS)})")
+    return METHODS[method].config(**{k: v for k, v in settings.items() if v is not None})
+
+
+def method_settings(method: str, **settings) -> dict:
+    """The settings dict a method is applied (and saved) with: its config's defaults, keywords overriding them
+    (None: keep the default); {} for full."""
+    return {} if method == FULL else method_config(method, **settings).settings()
+
+
+def apply_method(model: nn.Module, method: str, settings: dict) -> None:
+    """Make `model` trainable by `method`: every parameter (full), or a frozen base plus the PEFT method's own."""
+    if method == FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return
+    if method not in METHODS:
+        raise LmlabError(f"unknown PEFT method {method!r} (known: {', '.join(METHODS)})")
+    METHODS[method](model, **settings)
 
 
 def save_peft(model: nn.Module, path: str | Path, method: str, settings: dict) -> None:

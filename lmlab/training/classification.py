@@ -19,7 +19,7 @@ output. Sentence pairs are encoded as the tokenizer's pair template says (BERT: 
 0/1); a decoder reads them as one text joined by a line break.
 
 Methods: `full` trains every parameter; `lora` freezes the body and trains low-rank updates of its linear layers
-(lmlab.models.peft) and the head.
+(lmlab.models.peft) and the head. The command's settings are `FinetuneSettings`, one field per flag.
 
 `--labels N` trains on a seeded, class-balanced subset of the training set (STS-B: balanced over the rounded scores).
 The subsets are nested (the 32 examples are among the 128, ...), so a learning curve adds data, not luck.
@@ -37,7 +37,6 @@ Outputs in the run folder, next to fit's metrics.jsonl, loss.png, ckpt/ and best
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -50,18 +49,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from lmlab.training.config import TrainConfig
 from lmlab.errors import LmlabError
 from lmlab.evaluate import metrics as M
-from lmlab.evaluate.tasks import Doc, Task, data_root, get_task, load_split
+from lmlab.evaluate.tasks import TASKS, Doc, Task, data_root, get_task, load_split
+from lmlab.models import checkpoint
+from lmlab.models.baseline import build_baseline
+from lmlab.models.hub import load_pretrained
+from lmlab.models.peft import FULL, LoraConfig, add_lora, save_peft
 from lmlab.models.transformer import Transformer
-from lmlab.training.loop import Dist, Objective, fit
-from lmlab.util import atomic_write_json, atomic_write_text, save_safetensors_atomic
+from lmlab.training.config import DEFAULT_LR, TrainConfig
+from lmlab.training.loop import Objective
+from lmlab.training.run import TrainingRun
+from lmlab.util import option
 
 # GLUE's metric for each name a task lists (lmlab.evaluate.tasks Task.metrics); the first one picks the best step.
 METRICS = {"acc": M.accuracy, "f1": M.f1, "mcc": M.matthews_corrcoef, "pearson": M.pearson, "spearman": M.spearman}
 POOLINGS = ("cls", "mean", "last")
-METHODS = ("full", "lora")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,19 +101,13 @@ def load_task(name: str, data_dir: str | Path | None = None) -> LabelledTask:
     if task.group != "classification":
         raise LmlabError(f"task {name} is a {task.group or 'multiple-choice'} task; fine-tuning trains sequence "
                          "classification and regression heads: use one of "
-                         f"{', '.join(t for t, v in _tasks().items() if v.group == 'classification')}")
+                         f"{', '.join(t for t, v in TASKS.items() if v.group == 'classification')}")
     split = load_split(task, data_root(data_dir))
     # The harness carves a few-shot pool out of evaluated files that come without a training split (its words).
     if "no training split" in split.pool_source:
         raise LmlabError(f"task {name} has no training split in this data folder ({split.pool_source}); "
                          "fine-tuning needs one: add the task's train file")
     return LabelledTask(task, split.pool, split.docs, split.source)
-
-
-def _tasks():
-    from lmlab.evaluate.tasks import TASKS
-
-    return TASKS
 
 
 def doc_texts(doc: Doc) -> tuple[str, ...]:
@@ -137,16 +134,6 @@ def balanced_subset(docs: list[Doc], n: int | None, seed: int = 0) -> list[Doc]:
     queues = [rng.sample(members, len(members)) for _, members in sorted(by_class.items())]
     order = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
     return order[:n]
-
-
-def parse_labels(text: str | int | None) -> int | None:
-    """'all' (None) or a number of labelled training examples."""
-    if text is None or str(text).strip().lower() == "all":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise LmlabError(f"--labels takes a number of examples or 'all' (got {text!r})") from None
 
 
 @dataclass
@@ -229,6 +216,9 @@ class SequenceClassifier(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The objective
+
+LORA_FILE = "lora.safetensors"  # a LoRA run's checkpoints, and its best LoRA and head alone in the run folder
+
 
 class Classification(Objective):
     """Sequence classification (cross-entropy) or regression (mean squared error) for `fit`.
@@ -321,34 +311,68 @@ class Classification(Objective):
     # Checkpoints: a tied LM head is the token embedding again and no head of a classifier: it is not saved.
     def save(self, model, folder: Path) -> None:
         if self.lora is not None:
-            from lmlab.models.peft import save_peft
-
-            save_peft(model, folder / "lora.safetensors", "lora", self.lora)
-            return
-        state = {k: v for k, v in model.state_dict().items() if not k.endswith("lm_head.weight")}
-        save_safetensors_atomic(state, folder / "model.safetensors")
+            checkpoint.save_weights(model, folder, "lora", self.lora, peft_file=LORA_FILE)
+        else:
+            checkpoint.save_module(model, folder, skip="lm_head.weight")
 
     def load(self, model, folder: Path) -> None:
-        if self.lora is not None:
-            from lmlab.models.peft import load_peft
-
-            load_peft(model, folder / "lora.safetensors", apply=False)  # the model has its LoRA layers already
-            return
-        from safetensors.torch import load_file
-
-        missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]
-        if unexpected or missing:
-            raise LmlabError(f"{folder} does not fit this model ({(unexpected or missing)[0]}); resume with the "
-                             "settings the run was started with")
+        if self.lora is not None:  # the model has its LoRA layers already
+            checkpoint.load_weights(model, folder, "lora", peft_file=LORA_FILE)
+        else:
+            checkpoint.load_module(model, folder, skip="lm_head.weight")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The command
 
 BASELINES = ("bilstm", "cnn")
-# Peak learning rates that worked for MiniLM on SST-2 (docs/results/paradigms); from scratch: Adam's usual.
-DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "baseline": 2e-3}
+WARMUP = 0.06  # of the steps: BERT's GLUE recipe warms up over the first 6 %
+
+
+def parse_labels(text: str | int | None) -> int | None:
+    """'all' (None) or a number of labelled training examples."""
+    if text is None or str(text).strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise LmlabError(f"--labels takes a number of examples or 'all' (got {text!r})") from None
+
+
+@dataclass
+class FinetuneSettings:
+    """`lmlab finetune`: one field per flag (lmlab.cli makes `--max-length` of `max_length`, and `--lora-r` of the
+    `r` of the `lora` field)."""
+    model: str = option(help="a pretrained model (registry name, Hugging Face folder, .gguf, run folder, hub id), "
+                             "or bilstm / cnn: a from-scratch baseline")
+    task: str = option(help="sst2, rte, mrpc, cola, stsb, wnli, trec, ... (lmlab eval's tasks with a training "
+                            "split)")
+    labels: int | str | None = option("all", "train on N labelled examples (a seeded, class-balanced subset), or all",
+                                type=parse_labels)
+    method: str = option(FULL, "what is trained", choices=[FULL, "lora"])
+    pooling: str | None = option(None, "sentence vector: cls (encoders' default), mean, last (decoders' default)",
+                                 choices=list(POOLINGS))
+    epochs: float = option(3.0, "passes over the labelled examples")
+    max_steps: int | None = option(None, "optimizer steps (overrides --epochs)")
+    lr: float | None = option(None, "peak learning rate (default 1e-4 full, 1e-3 LoRA, 2e-3 baselines)")
+    batch_size: int = option(32, "examples per optimizer step")
+    micro_batch_size: int | None = option(None, "rows per forward pass (gradient accumulation)")
+    max_length: int = option(128, "tokens per example (longer ones are truncated)")
+    dropout: float = option(0.1, "dropout before the classification head")
+    weight_decay: float = option(0.01, "AdamW weight decay (matrices only)")
+    # lmlab finetune: LoRA with dropout 0.05 on its input (the paradigms and GLUE results were made so).
+    lora: LoraConfig = option(lambda: LoraConfig(dropout=0.05), "LoRA's settings (--lora-r, --lora-alpha, "
+                                                                "--lora-dropout, --lora-targets)")
+    patience: int = option(0, "stop after N evaluations without a better dev metric")
+    eval_every: int | None = option(None, "steps between dev evaluations (default: 10 a run)")
+    seed: int = option(0, "seed of the label subset, the head, the batches")
+    data_dir: str | None = option(None, "folder with the task data (default: $LMLAB_DATA, else $LMLAB_HOME/data)")
+    out: str | None = option(None, "run folder (default runs/finetune-TASK-MODEL-METHOD-LABELS)")
+    threads: int | None = option(None, "CPU threads for torch")
+    device: str = option("auto", "auto | cpu | cuda | mps")
+    compile: bool = option(False, "torch.compile the model", action="store_true")
+    resume: bool = option(False, "continue the run in --out from its checkpoint", action="store_true")
+    no_progress: bool = option(False, "no progress bar", action="store_true")
 
 
 def _count(model: nn.Module, trainable: bool = False) -> int:
@@ -361,15 +385,11 @@ def build(model_spec: str, data: LabelledTask, train_docs: list[Doc], *, method:
     """The model to train, its tokenizer, whether pairs are joined into one text, and what it is (for results)."""
     torch.manual_seed(seed)
     if model_spec in BASELINES:
-        from lmlab.models.baseline import build_baseline
-
-        if method != "full" or pooling is not None:
+        if method != FULL or pooling is not None:
             raise LmlabError(f"--model {model_spec} is trained from scratch: --method lora and --pooling apply to "
                              "pretrained models only")
         model, tokenizer = build_baseline(model_spec, train_docs, data.num_labels, dropout=max(dropout, 0.5))
         return model, tokenizer, False, {"model": model_spec, "pretrained": False}
-    from lmlab.models.hub import load_pretrained
-
     pre = load_pretrained(model_spec)
     body = pre.model
     # Loaded models carry dropout 0 (inference); fine-tuning uses it as BERT does, so rebuild with it.
@@ -378,93 +398,86 @@ def build(model_spec: str, data: LabelledTask, train_docs: list[Doc], *, method:
     model = SequenceClassifier(body, data.num_labels, pooling, dropout)
     info = {"model": model_spec, "pretrained": True, "pooling": pooling, "body_parameters": _count(body)}
     if method == "lora":
-        from lmlab.models.peft import add_lora
-
         # On the whole classifier, so that a saved file re-applies itself (load_peft); the new head stays trained.
         info["lora_layers"] = len(add_lora(model, **lora))
         model.score.requires_grad_(True)
     return model, pre.tokenizer, body.config.causal, info
 
 
-def finetune(model_spec: str, task: str, *, labels: int | None = None, method: str = "full",
-             pooling: str | None = None, epochs: float = 3.0, max_steps: int | None = None, lr: float | None = None,
-             batch_size: int = 32, micro_batch_size: int | None = None, max_length: int = 128, dropout: float = 0.1,
-             weight_decay: float = 0.01, warmup: float = 0.06, lora_r: int = 8, lora_alpha: float = 16,
-             lora_dropout: float = 0.05, lora_targets: str = "qkv,proj,fc", patience: int = 0,
-             eval_every: int | None = None, seed: int = 0, data_dir: str | Path | None = None,
-             out: str | Path | None = None, threads: int | None = None, device: str = "auto", compile: bool = False,
-             resume: bool = False, progress: bool = True, command: str | None = None, echo=print) -> dict:
-    """Fine-tune `model_spec` (a pretrained model, or a from-scratch baseline: bilstm, cnn) on `task`; write the
-    run folder and results.json; return the results."""
-    if method not in METHODS:
-        raise LmlabError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if threads:
-        torch.set_num_threads(threads)
-    data = load_task(task, data_dir)
-    train_docs = balanced_subset(data.train, labels, seed)
-    lora = {"targets": [t.strip() for t in lora_targets.split(",") if t.strip()], "r": lora_r, "alpha": lora_alpha,
-            "dropout": lora_dropout}
-    model, tokenizer, join_pairs, info = build(model_spec, data, train_docs, method=method, pooling=pooling,
-                                               dropout=dropout, seed=seed, lora=lora)
-    pad_id = tokenizer.token_to_id("[PAD]") or 0
-    enc = {name: encode(tokenizer, docs, max_length, data.regression, join_pairs, pad_id)
-           for name, docs in (("train", train_docs), ("dev", data.dev))}
-
-    steps_per_epoch = math.ceil(len(train_docs) / batch_size)
-    steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
-    kind = "baseline" if model_spec in BASELINES else method
-    run_dir = Path(out or f"runs/finetune-{task}-{Path(str(model_spec)).name}-{method}-{labels or 'all'}")
-    t = TrainConfig(run_dir=str(run_dir), batch_size=batch_size, micro_batch_size=micro_batch_size or batch_size,
-                    max_steps=steps, lr=lr or DEFAULT_LR[kind], min_lr=0.0,
-                    warmup_steps=max(1, round(warmup * steps)), weight_decay=weight_decay, beta1=0.9, beta2=0.999,
-                    grad_clip=1.0, eval_interval=eval_every or max(1, math.ceil(steps / 10)),
+def _train_config(s: FinetuneSettings, kind: str, n_train: int, run_dir: Path) -> TrainConfig:
+    steps_per_epoch = math.ceil(n_train / s.batch_size)
+    steps = s.max_steps or max(1, math.ceil(s.epochs * steps_per_epoch))
+    t = TrainConfig(run_dir=str(run_dir), batch_size=s.batch_size, micro_batch_size=s.micro_batch_size or s.batch_size,
+                    max_steps=steps, lr=s.lr or DEFAULT_LR["finetune"][kind], min_lr=0.0,
+                    warmup_steps=max(1, round(WARMUP * steps)), weight_decay=s.weight_decay, beta1=0.9, beta2=0.999,
+                    grad_clip=1.0, eval_interval=s.eval_every or max(1, math.ceil(steps / 10)),
                     log_interval=max(1, min(10, steps // 20)), ckpt_interval=max(1, steps // 4), keep_checkpoints=1,
-                    seed=seed, device=device, compile=compile, patience=patience, threads=threads)
+                    seed=s.seed, device=s.device, compile=s.compile, patience=s.patience, threads=s.threads)
     if t.batch_size % t.micro_batch_size:
-        raise LmlabError(f"--batch-size {batch_size} must be a multiple of --micro-batch-size {micro_batch_size}")
-    world = Dist(t.device, t.dtype)
-    try:
-        model.to(world.device)
-        trained = _count(model, trainable=True)
-        objective = Classification(model, enc["train"], enc["dev"], data.metrics, data.regression, seed,
-                                   lora=lora if kind == "lora" else None,
-                                   describe=f"{info['model']} {kind} on {task}: {_count(model) / 1e6:.2f}M "
-                                            f"parameters")
-        if world.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_str())
-        started = time.perf_counter()
-        summary = fit(objective, t, run_dir, world=world, resume=resume, progress=progress)
-        train_seconds = time.perf_counter() - started
-        final = {m: summary[f"dev_{m}"] for m in data.metrics}
-        best_eval = json.loads((run_dir / "best" / "eval.json").read_text()) if (run_dir / "best").is_dir() else {}
-        results = {
-            "task": task, "model": info["model"], "method": kind, "labels": len(train_docs),
-            "labels_requested": labels or "all", "train_size": len(data.train), "dev_size": len(data.dev),
-            "metrics": final, "best": {"step": best_eval.get("step"),
-                                       **{m: best_eval.get(f"dev_{m}") for m in data.metrics}},
-            "main_metric": data.metrics[0], "parameters": _count(model), "trained_parameters": trained,
-            "steps": summary["steps"], "epochs": round(summary["steps"] * batch_size / len(train_docs), 2),
-            "train_seconds": round(train_seconds, 1), "stopped": summary.get("stopped"),
-            "info": info, "data": data.source, "command": command,
-            "settings": {"lr": t.lr, "batch_size": batch_size, "max_length": max_length, "dropout": dropout,
-                         "weight_decay": weight_decay, "warmup_steps": t.warmup_steps, "seed": seed,
-                         "patience": patience, "eval_every": t.eval_interval, "threads": threads,
-                         "device": str(world.device), **({"lora": lora} if kind == "lora" else {})},
-        }
-        if world.main:
-            if kind == "lora":
-                from lmlab.models.peft import save_peft
+        raise LmlabError(f"--batch-size {s.batch_size} must be a multiple of --micro-batch-size {s.micro_batch_size}")
+    return t
 
+
+def finetune(s: FinetuneSettings, echo=print, command: str | None = None) -> dict:
+    """Fine-tune `s.model` (a pretrained model, or a from-scratch baseline: bilstm, cnn) on `s.task`; write the
+    run folder and results.json; return the results."""
+    if s.method not in (FULL, "lora"):
+        raise LmlabError(f"unknown method {s.method!r}; choose one of {FULL}, lora")
+    labels = parse_labels(s.labels)
+    data = load_task(s.task, s.data_dir)
+    train_docs = balanced_subset(data.train, labels, s.seed)
+    lora = s.lora.settings()
+    kind = "baseline" if s.model in BASELINES else s.method
+    run_dir = Path(s.out or f"runs/finetune-{s.task}-{Path(str(s.model)).name}-{s.method}-{labels or 'all'}")
+    t = _train_config(s, kind, len(train_docs), run_dir)
+    with TrainingRun(t, resume=s.resume) as run:
+        model, tokenizer, join_pairs, info = build(s.model, data, train_docs, method=s.method, pooling=s.pooling,
+                                                   dropout=s.dropout, seed=s.seed, lora=lora)
+        pad_id = tokenizer.token_to_id("[PAD]") or 0
+        enc = {name: encode(tokenizer, docs, s.max_length, data.regression, join_pairs, pad_id)
+               for name, docs in (("train", train_docs), ("dev", data.dev))}
+        model.to(run.world.device)
+        trained = _count(model, trainable=True)
+        objective = Classification(model, enc["train"], enc["dev"], data.metrics, data.regression, s.seed,
+                                   lora=lora if kind == "lora" else None,
+                                   describe=f"{info['model']} {kind} on {s.task}: {_count(model) / 1e6:.2f}M "
+                                            f"parameters")
+        if run.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            run.write_text("tokenizer.json", tokenizer.to_str())
+        started = time.perf_counter()
+        summary = run.fit(objective, progress=not s.no_progress)
+        results = _results(s, data, train_docs, labels, kind, info, summary, trained, _count(model), t, run,
+                           time.perf_counter() - started, lora, command)
+        if run.main:
+            if kind == "lora":
                 # The best evaluation's LoRA and head, alone: a small file next to the base model.
-                objective.load(model, run_dir / "best")
-                save_peft(model, run_dir / "lora.safetensors", "lora", lora)
-            atomic_write_json(run_dir / "results.json", results)
+                objective.load(model, checkpoint.best(run_dir))
+                save_peft(model, run_dir / LORA_FILE, "lora", lora)
+            run.write_json("results.json", results)
             if echo:
                 echo(format_results([results]))
         return results
-    finally:
-        world.close()
+
+
+def _results(s: FinetuneSettings, data: LabelledTask, train_docs, labels, kind, info, summary, trained, parameters,
+             t: TrainConfig, run: TrainingRun, train_seconds: float, lora: dict, command) -> dict:
+    final = {m: summary[f"dev_{m}"] for m in data.metrics}
+    best_eval = checkpoint.best_eval(run.run_dir)
+    return {
+        "task": s.task, "model": info["model"], "method": kind, "labels": len(train_docs),
+        "labels_requested": labels or "all", "train_size": len(data.train), "dev_size": len(data.dev),
+        "metrics": final, "best": {"step": best_eval.get("step"),
+                                   **{m: best_eval.get(f"dev_{m}") for m in data.metrics}},
+        "main_metric": data.metrics[0], "parameters": parameters, "trained_parameters": trained,
+        "steps": summary["steps"], "epochs": round(summary["steps"] * s.batch_size / len(train_docs), 2),
+        "train_seconds": round(train_seconds, 1), "stopped": summary.get("stopped"),
+        "info": info, "data": data.source, "command": command,
+        "settings": {"lr": t.lr, "batch_size": s.batch_size, "max_length": s.max_length, "dropout": s.dropout,
+                     "weight_decay": s.weight_decay, "warmup_steps": t.warmup_steps, "seed": s.seed,
+                     "patience": s.patience, "eval_every": t.eval_interval, "threads": s.threads,
+                     "device": str(run.world.device), **({"lora": lora} if kind == "lora" else {})},
+    }
 
 
 def format_results(rows: list[dict]) -> str:

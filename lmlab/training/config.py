@@ -57,6 +57,15 @@ class TrainConfig:
     patience: int = 0  # fine-tuning: stop after this many evaluations without a better dev metric (0: never)
 
 
+# The peak learning rate of each command and method when --lr is not given.
+DEFAULT_LR = {
+    # lmlab finetune: what worked for MiniLM on SST-2 (docs/results/paradigms); from scratch: Adam's usual.
+    "finetune": {"full": 1e-4, "lora": 1e-3, "baseline": 2e-3},
+    # lmlab sft and dpo: LLM-Adapters' 3e-4 for PEFT.
+    "sft": {"full": 2e-5, "lora": 3e-4, "adapterh": 3e-4, "adapterp": 3e-4},
+}
+
+
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)

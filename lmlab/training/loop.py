@@ -1,237 +1,37 @@
 """The training loop: one loop for every objective, one process or many.
 
 `fit(objective, train_config, run_dir)` trains whatever an `Objective` describes (its model, batches, loss and
-evaluation): next-token pretraining and BERT's masked-LM pretraining (`LanguageModeling`, here), classification
-fine-tuning (lmlab.training.classification), instruction and preference tuning (lmlab.training.sft). Under
-`torchrun --nproc_per_node N` it wraps the model in DDP (gloo on CPU, nccl on CUDA). Every process draws the same
-global batch from the same seeded generator and takes its own rows, so N processes compute exactly what one
-process computes with the same global batch (and gradient accumulation).
+evaluation): next-token and masked-LM pretraining (lmlab.training.pretrain), classification fine-tuning
+(lmlab.training.classification), instruction and preference tuning (lmlab.training.instruction, .preference).
+Under `torchrun --nproc_per_node N` it wraps the model in DDP (lmlab.training.distributed). Every process draws
+the same global batch from the same seeded generator and takes its own rows, so N processes compute exactly what
+one process computes with the same global batch (and gradient accumulation).
 
-Run folder layout (`train.run_dir`):
-    config.yaml            the resolved run config
-    tokenizer.json, meta.json   copied from the prepared data (pretraining)
-    metrics.jsonl          one JSON record per logged step and per evaluation
-    loss.png               training loss and evaluation curves
-    ckpt/step_0000500/     weights (model.safetensors + config.json, or an adapter file) + train_state.pt
-                           (optimizer, RNG, data position, best evaluation so far)
-    ckpt/latest            name of the newest complete checkpoint
-    best/                  the weights of the best evaluation, when the objective names a metric to follow
-    summary.json           the final figures
-
-Checkpoints are written to a temporary folder and renamed into place, and `ckpt/latest` is replaced atomically,
-so a run killed at any moment resumes (`--resume`) from its last complete checkpoint and, on the CPU, follows the
-same loss curve as an uninterrupted run.
+`fit` is a short loop that hands off to named pieces, as torchtitan's Trainer.train: the LR schedule
+(lmlab.training.schedule), a `Checkpointer` (the run folder's checkpoints through lmlab.models.checkpoint, whose
+docstring shows the layout, with the optimizer, RNG and data position to resume from), a `BestTracker` (the best
+evaluation and early stopping) and a `MetricsLog` (metrics.jsonl, the progress bar, loss.png). A run killed at
+any moment resumes (`--resume`) from its last complete checkpoint and, on the CPU, follows the same loss curve as
+an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import os
 import random
-import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import yaml
-from safetensors.torch import load_file
-from tqdm import tqdm
 
-from lmlab.training.config import RunConfig, TrainConfig
-from lmlab.data.corpus import load_tokens, prepare
 from lmlab.errors import LmlabError
-from lmlab.models.transformer import Transformer, TransformerConfig
-from lmlab.util import (atomic_write_json, atomic_write_text, load_torch_safe, pick_device, save_safetensors_atomic,
-                        save_torch_atomic)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process.
-
-class Dist:
-    """Process group, device and precision of this process."""
-
-    def __init__(self, device_name: str = "auto", dtype: str = "auto"):
-        self.enabled = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = pick_device(device_name)
-        if self.enabled and device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        self.bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-
-    def autocast(self):
-        """bf16 autocast where asked for (the default on CUDA); full precision otherwise."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, value: float) -> float:
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        return t.item() / self.world
-
-    def any(self, flag: bool) -> bool:
-        """True on every process if it is true on one (so that all stop at the same step)."""
-        if not self.enabled:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def barrier(self):
-        if self.enabled:
-            dist.barrier()
-
-    def close(self):
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def lr_at(step: int, t, elapsed: float | None = None) -> float:
-    """Linear warmup to t.lr, then cosine decay to t.min_lr at t.max_steps.
-
-    With a time_limit, the decay also follows the clock (progress is the larger of steps and seconds used, as in
-    Geiping & Goldstein's "Cramming"), so a run that is slower than planned still anneals before it is stopped.
-    Such a schedule depends on the machine's speed; leave time_limit unset for bit-exact reproducibility."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-    if t.time_limit and elapsed is not None:
-        progress = max(progress, elapsed / t.time_limit)
-    progress = min(1.0, progress)
-    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.AdamW:
-    # Weight decay on matrices (linear weights, embeddings) only, never on biases or norm gains.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # The fused kernel does one pass over all parameters instead of one small op per tensor.
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "ckpt"
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpt = checkpoint_dir(Path(run_dir))
-    pointer = ckpt / "latest"
-    if not pointer.exists():
-        return None
-    path = ckpt / pointer.read_text().strip()
-    return path if (path / "train_state.pt").exists() else None
-
-
-def save_checkpoint(folder: Path, objective: "Objective", train_state: dict | None) -> Path:
-    """Write a checkpoint folder through a temporary sibling and a rename, so it is complete or absent."""
-    tmp = folder.parent / f".{folder.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    objective.save(objective.model, tmp)
-    if train_state is not None:
-        save_torch_atomic(train_state, tmp / "train_state.pt")
-    # Swap in: the old copy (e.g. the previous best/) moves aside first, so a crash leaves one of the two.
-    old = folder.parent / f".{folder.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def save_step_checkpoint(run_dir: Path, objective: "Objective", train_state: dict, keep: int) -> Path:
-    ckpt = checkpoint_dir(run_dir)
-    name = f"step_{train_state['step']:07d}"
-    final = save_checkpoint(ckpt / name, objective, train_state)
-    atomic_write_text(ckpt / "latest", name + "\n")
-    for old in sorted(ckpt.glob("step_*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transformer:
-    """Load a model from a checkpoint folder, or from a run folder (its latest checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise LmlabError(f"no such run or checkpoint folder: {path}")
-    if not (path / "model.safetensors").exists():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise LmlabError(f"{path} has no checkpoint yet (no ckpt/latest); train first with `lmlab train`")
-        path = ckpt
-    config = TransformerConfig.from_dict(json.loads((path / "config.json").read_text()))
-    model = Transformer.from_weights(config, load_file(str(path / "model.safetensors")))
-    return model.to(device).eval()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Logging
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_losses(run_dir: Path) -> None:
-    """loss.png: training loss and validation loss per step; other evaluation metrics (a fine-tuning run's dev
-    accuracy, say) on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    other = sorted({k for r in records if "loss" not in r for k, v in r.items()
-                    if k not in ("step", "elapsed", "val_loss") and isinstance(v, (int, float))})
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1, alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", linewidth=1.5, markersize=3)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per token)" if val else "loss")
-    ax.set_title(f"{run_dir.name}: training curves")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if other:
-        right = ax.twinx()
-        for i, key in enumerate(other):
-            points = [(r["step"], r[key]) for r in records if key in r and "loss" not in r]
-            right.plot(*zip(*points), "s--", color=f"C{i + 2}", label=key, linewidth=1.2, markersize=3)
-        right.set_ylabel(", ".join(other))
-        h, lab = right.get_legend_handles_labels()
-        handles, labels = handles + h, labels + lab
-    ax.legend(handles, labels, loc="best")
-    fig.tight_layout()
-    tmp = run_dir / ".loss.png.tmp"
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, run_dir / "loss.png")
+from lmlab.models import checkpoint
+from lmlab.training.config import TrainConfig
+from lmlab.training.distributed import Dist
+from lmlab.training.metrics import MetricsLog
+from lmlab.training.schedule import lr_at, make_optimizer, set_lr
+from lmlab.util import atomic_write_json
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,84 +75,148 @@ class Objective:
 
     def save(self, model, folder: Path) -> None:
         """Write the weights into a checkpoint folder: the whole Transformer in safetensors + its config."""
-        save_safetensors_atomic(model.weights(), folder / "model.safetensors")
-        atomic_write_json(folder / "config.json", model.config.to_dict())
+        checkpoint.save_full(model, folder)
 
     def load(self, model, folder: Path) -> None:
-        saved = json.loads((folder / "config.json").read_text())
-        if saved != model.config.to_dict():
-            raise LmlabError(f"cannot resume from {folder}: the model config differs from the checkpoint's")
-        model.load_weights(load_file(str(folder / "model.safetensors")))
+        checkpoint.load_full(model, folder)
 
 
-class LanguageModeling(Objective):
-    """Pretraining on a token stream. A causal model learns next-token prediction on random windows of
-    block_size + 1 tokens. An encoder (`causal: false`) learns BERT's masked-LM objective: 15 % of the positions
-    are chosen, 80 % of those become [MASK], 10 % a random token, 10 % stay, and the loss is the cross-entropy of
-    the original tokens at the chosen positions. [MASK] is the id after the tokenizer's vocabulary (so the model
-    has one more embedding than the tokenizer has tokens)."""
+# ----------------------------------------------------------------------------------------------------------------
+# The pieces fit hands off to
 
-    MASK_RATE, MASK_TOKEN, RANDOM_TOKEN = 0.15, 0.8, 0.1
+def refuse_existing_run(run_dir: str | Path, resume: bool, hint: str = "choose another run folder") -> None:
+    if not resume and checkpoint.holds_run(run_dir):
+        raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or {hint}")
 
-    def __init__(self, model: Transformer, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfig,
-                 world: Dist):
-        self.model, self.world, self.t = model, world, t
-        self.block_size = model.config.block_size
-        self.masked = not model.config.causal
-        self.window = self.block_size if self.masked else self.block_size + 1
-        for name, tokens in (("train", train_tokens), ("val", val_tokens)):
-            if len(tokens) <= self.window:
-                raise LmlabError(f"the {name} split has {len(tokens)} tokens, fewer than a window of {self.window}; "
-                                 "use more data or a smaller model.block_size")
-        self.train_tokens, self.val_tokens = train_tokens, val_tokens
-        self.tokens_per_row = self.block_size
-        self.generator = torch.Generator().manual_seed(t.seed)
-        self.mask_id = model.config.vocab_size - 1  # only meaningful when masked
 
-    def _windows(self, tokens: np.ndarray, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        starts = torch.randint(len(tokens) - self.window, (n,), generator=generator).tolist()
-        windows = torch.from_numpy(np.stack([tokens[s:s + self.window] for s in starts]).astype(np.int64))
-        if not self.masked:
-            return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
-        chosen = torch.rand(windows.shape, generator=generator) < self.MASK_RATE
-        action = torch.rand(windows.shape, generator=generator)
-        random_ids = torch.randint(self.mask_id, windows.shape, generator=generator)  # real tokens only
-        inputs = torch.where(chosen & (action < self.MASK_TOKEN), self.mask_id, windows)
-        inputs = torch.where(chosen & (action >= self.MASK_TOKEN) & (action < self.MASK_TOKEN + self.RANDOM_TOKEN),
-                             random_ids, inputs)
-        return {"inputs": inputs, "targets": torch.where(chosen, windows, -100)}
+@dataclass
+class Progress:
+    """Where the run is: optimizer steps, tokens seen, and the training time (of earlier parts of a resumed run,
+    plus this part's since `start`)."""
+    step: int = 0
+    tokens: int = 0
+    elapsed_before: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
 
-    def draw(self, n: int) -> dict[str, torch.Tensor]:
-        return self._windows(self.train_tokens, n, self.generator)
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
 
-    def loss(self, module, batch):
-        return module(batch["inputs"], batch["targets"])[1]
 
-    def evaluate(self, model) -> dict[str, float]:
-        """Mean loss over eval_batches global batches of fixed windows (and masks): the same at every evaluation,
-        whatever the process count or micro-batch size, so the curve is comparable across steps and runs."""
-        t, world = self.t, self.world
-        generator = torch.Generator().manual_seed(t.seed + 1)
-        per_process = t.batch_size // world.world
-        losses = []
-        for _ in range(t.eval_batches):
-            batch = self._windows(self.val_tokens, t.batch_size, generator)
-            mine = {k: v[world.rank * per_process:(world.rank + 1) * per_process].to(world.device)
-                    for k, v in batch.items()}
-            for start in range(0, per_process, t.micro_batch_size):
-                micro = {k: v[start:start + t.micro_batch_size] for k, v in mine.items()}
-                losses.append(self.loss(model, micro).item())
-        return {"val_loss": world.mean(sum(losses) / len(losses))}
+class BestTracker:
+    """The best evaluation of `metric` so far and how many evaluations since it (early stopping after
+    `patience` evaluations without improvement; 0: never). Its state goes into every checkpoint."""
 
-    def data_state(self) -> dict:
-        return {"data_generator": self.generator.get_state()}
+    def __init__(self, metric: str | None, higher_is_better: bool, patience: int, state: dict | None = None):
+        self.metric, self.sign, self.patience = metric, 1 if higher_is_better else -1, patience
+        self.state = dict(state) if state else {"value": None, "step": None, "since": 0}
 
-    def load_data_state(self, state: dict) -> None:
-        self.generator.set_state(state["data_generator"])
+    def update(self, step: int, figures: dict) -> bool:
+        """Record an evaluation; True when it is the best so far."""
+        if self.metric is None:
+            return False
+        value, best = figures[self.metric], self.state["value"]
+        if best is None or self.sign * (value - best) > 0:
+            self.state.update(value=value, step=step, since=0)
+            return True
+        self.state["since"] += 1
+        return False
 
-    def describe(self) -> str:
-        kind = "masked-LM" if self.masked else "next-token"
-        return f"{self.model.num_params() / 1e6:.2f}M parameters, {kind} objective"
+    @property
+    def out_of_patience(self) -> bool:
+        return bool(self.patience) and self.state["since"] >= self.patience
+
+
+class Checkpointer:
+    """The run's checkpoints: ckpt/step_N with everything needed to resume (weights through the objective, the
+    optimizer, the data position, every RNG, the progress and the best evaluation), and best/."""
+
+    def __init__(self, run_dir: Path, objective: Objective, optimizer, world: Dist, keep: int):
+        self.run_dir, self.objective, self.optimizer = run_dir, objective, optimizer
+        self.world, self.keep = world, keep
+
+    def _write_weights(self, folder: Path) -> None:
+        self.objective.save(self.objective.model, folder)
+
+    def resume(self, resume: bool) -> tuple[Progress, dict | None] | None:
+        """Restore the newest checkpoint (resume) and return its progress and best-evaluation state; None when
+        the run starts from scratch. A run folder that holds a run is refused unless resume."""
+        ckpt = checkpoint.latest(self.run_dir) if resume else None
+        if resume and ckpt is None and self.world.main:
+            print(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
+        refuse_existing_run(self.run_dir, resume)
+        if ckpt is None:
+            return None
+        state = checkpoint.load_train_state(ckpt)
+        self.objective.load(self.objective.model, ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_data_state(state["data"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        if self.world.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        return Progress(state["step"], state["tokens"], state["elapsed"]), state.get("best")
+
+    def save_step(self, progress: Progress, best: BestTracker) -> None:
+        if self.world.main:
+            device = self.world.device
+            state = {"step": progress.step, "elapsed": progress.elapsed(), "tokens": progress.tokens,
+                     "optimizer": self.optimizer.state_dict(), "data": self.objective.data_state(),
+                     "best": dict(best.state), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            checkpoint.save_step(self.run_dir, self._write_weights, state, self.keep)
+        self.world.barrier()
+
+    def save_best(self, step: int, figures: dict) -> None:
+        if self.world.main:
+            checkpoint.save_best(self.run_dir, self._write_weights, {"step": step, **figures})
+
+
+def _accumulation_steps(t: TrainConfig, world: Dist) -> int:
+    per_process, rest = divmod(t.batch_size, world.world)
+    if rest or per_process % t.micro_batch_size:
+        raise LmlabError(f"train.batch_size={t.batch_size} must be a multiple of micro_batch_size "
+                         f"({t.micro_batch_size}) x processes ({world.world})")
+    return per_process // t.micro_batch_size
+
+
+def _train_step(objective: Objective, forward, optimizer, t: TrainConfig, world: Dist, accum_steps: int):
+    """One optimizer step on this process's rows of the next global batch, in micro-batches; the summed loss."""
+    model, per_process = objective.model, t.batch_size // world.world
+    batch = objective.draw(t.batch_size)
+    mine = {k: v[world.rank * per_process:(world.rank + 1) * per_process].to(world.device, non_blocking=True)
+            for k, v in batch.items()}
+    loss_sum = 0.0
+    for micro in range(accum_steps):
+        chunk = {k: v[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size] for k, v in mine.items()}
+        # Under DDP, only the last micro-batch all-reduces gradients.
+        sync = micro == accum_steps - 1 or not world.enabled
+        with (contextlib.nullcontext() if sync else forward.no_sync()), world.autocast():
+            loss = objective.loss(forward, chunk)
+        (loss / accum_steps).backward()
+        loss_sum += loss.detach()
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def _evaluate(objective: Objective, world: Dist) -> dict:
+    model = objective.model
+    model.eval()
+    with torch.no_grad(), world.autocast():
+        figures = objective.evaluate(model)
+    model.train()
+    return figures
+
+
+def _forward(model, t: TrainConfig, world: Dist):
+    """The module the loss calls: the model, compiled and wrapped in DDP as the run asks."""
+    forward = torch.compile(model) if t.compile else model
+    if world.enabled:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    return forward
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,215 +241,75 @@ def fit(objective: Objective, t: TrainConfig, run_dir: str | Path, *, world: Dis
             world.close()
 
 
-def _fit(objective, t, run_dir, world, resume, on_step, progress):
-    device, model = world.device, objective.model
-    per_process, rest = divmod(t.batch_size, world.world)
-    if rest or per_process % t.micro_batch_size:
-        raise LmlabError(f"train.batch_size={t.batch_size} must be a multiple of micro_batch_size "
-                         f"({t.micro_batch_size}) x processes ({world.world})")
-    accum_steps = per_process // t.micro_batch_size
+def _fit(objective: Objective, t: TrainConfig, run_dir: Path, world: Dist, resume: bool, on_step,
+         progress: bool) -> dict:
+    model = objective.model
+    accum_steps = _accumulation_steps(t, world)
     if not any(p.requires_grad for p in model.parameters()):
         raise LmlabError("the model has no trainable parameters (everything is frozen)")
-
-    optimizer = make_optimizer(model, t, device)
-    step, elapsed_before, tokens_seen = 0, 0.0, 0
-    best = {"value": None, "step": None, "since": 0}
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None and world.main:
-        print(f"--resume: no checkpoint in {run_dir}, starting from scratch")
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
-                         "run folder")
-    if ckpt is not None:
-        state = load_torch_safe(ckpt / "train_state.pt")
-        objective.load(model, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        objective.load_data_state(state["data"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        step, elapsed_before, tokens_seen = state["step"], state["elapsed"], state["tokens"]
-        best = state.get("best", best)
-
+    optimizer = make_optimizer(model, t, world.device)
+    checkpointer = Checkpointer(run_dir, objective, optimizer, world, t.keep_checkpoints)
+    restored = checkpointer.resume(resume)
+    done, best_state = restored if restored is not None else (Progress(), None)
+    best = BestTracker(objective.best_metric, objective.higher_is_better, t.patience, best_state)
+    forward = _forward(model, t, world)
     if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # Records past the checkpoint belong to the killed part of the run; the resumed run logs them again.
-        kept = [r for r in read_metrics(run_dir) if r["step"] <= step] if ckpt is not None else []
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-
-    forward = torch.compile(model) if t.compile else model
-    if world.enabled:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None)
-
-    rows_per_step = t.batch_size
-    if world.main:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"model: {objective.describe()} ({trainable / 1e6:.3g}M trainable) | {world.world} process(es) on "
-              f"{device} | {rows_per_step} rows/step ({accum_steps} micro-batch(es) of {t.micro_batch_size}) | "
-              f"{'bf16 autocast' if world.bf16 else 'fp32'}{' | compiled' if t.compile else ''}")
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (progress and world.main), unit="step",
-               dynamic_ncols=True)
-    metrics = open(run_dir / "metrics.jsonl", "a") if world.main else None
-    start = time.perf_counter()
-    window_start, window_rows = start, 0
+        _print_setup(objective, t, world, accum_steps)
+    log = MetricsLog(run_dir, world.main, progress, t.max_steps, done.step, resumed=restored is not None)
+    done.start = time.perf_counter()
     loss_value, last_eval, stopped = float("nan"), {}, None
-
-    def current_state():
-        return {"step": step, "elapsed": elapsed_before + time.perf_counter() - start, "tokens": tokens_seen,
-                "optimizer": optimizer.state_dict(), "data": objective.data_state(), "best": dict(best),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-    def log(record):
-        if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-
-    def to_device(batch):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
     model.train()
     try:
-        while step < t.max_steps:
-            lr = lr_at(step, t, elapsed_before + time.perf_counter() - start)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = objective.draw(t.batch_size)
-            mine = to_device({k: v[world.rank * per_process:(world.rank + 1) * per_process]
-                              for k, v in batch.items()})
-            loss_sum = 0.0
-            for micro in range(accum_steps):
-                chunk = {k: v[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size] for k, v in mine.items()}
-                # Under DDP, only the last micro-batch all-reduces gradients.
-                sync = micro == accum_steps - 1 or not world.enabled
-                with (contextlib.nullcontext() if sync else forward.no_sync()), world.autocast():
-                    loss = objective.loss(forward, chunk)
-                (loss / accum_steps).backward()
-                loss_sum += loss.detach()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += rows_per_step * objective.tokens_per_row
-            window_rows += rows_per_step
-
-            if step % t.log_interval == 0 or step == t.max_steps or on_step is not None:
+        while done.step < t.max_steps:
+            lr = set_lr(optimizer, lr_at(done.step, t, done.elapsed()))
+            loss_sum = _train_step(objective, forward, optimizer, t, world, accum_steps)
+            done.step += 1
+            done.tokens += t.batch_size * objective.tokens_per_row
+            log.rows(t.batch_size)
+            if done.step % t.log_interval == 0 or done.step == t.max_steps or on_step is not None:
                 loss_value = world.mean(float(loss_sum) / accum_steps)
-                now = time.perf_counter()
-                rate = window_rows / max(now - window_start, 1e-9)
-                window_start, window_rows = now, 0
-                record = {"step": step, "loss": loss_value, "lr": lr, "rows_per_s": round(rate, 2),
-                          "elapsed": round(elapsed_before + now - start, 3)}
-                if objective.tokens_per_row:
-                    record.update(tokens=tokens_seen, tokens_per_s=round(rate * objective.tokens_per_row, 1))
-                log(record)
-                speed = (f"{rate * objective.tokens_per_row:,.0f} tok/s" if objective.tokens_per_row
-                         else f"{rate:,.1f} rows/s")
-                bar.set_postfix(loss=f"{loss_value:.4f}", speed=speed, refresh=False)
-            bar.update(1)
-
+                log.train_step(done.step, loss_value, lr, done.elapsed(), objective.tokens_per_row, done.tokens)
+            log.bar.update(1)
             # Each process reads its own clock; they must agree on the step they stop at.
-            over_time = t.time_limit is not None and world.any(
-                elapsed_before + time.perf_counter() - start > t.time_limit)
+            over_time = t.time_limit is not None and world.any(done.elapsed() > t.time_limit)
+            last = done.step == t.max_steps or over_time
+            improved = False
+            if done.step % t.eval_interval == 0 or last:
+                last_eval = _evaluate(objective, world)
+                improved = best.update(done.step, last_eval)
+                log.evaluation(done.step, last_eval, done.elapsed())
             if over_time:
                 stopped = "time_limit"
-            last = step == t.max_steps or over_time
-            improved = False
-            if step % t.eval_interval == 0 or last:
-                model.eval()
-                with torch.no_grad(), world.autocast():
-                    last_eval = objective.evaluate(model)
-                model.train()
-                log({"step": step, **last_eval, "elapsed": round(elapsed_before + time.perf_counter() - start, 3)})
-                if objective.best_metric is not None:
-                    value = last_eval[objective.best_metric]
-                    sign = 1 if objective.higher_is_better else -1
-                    improved = best["value"] is None or sign * (value - best["value"]) > 0
-                    if improved:
-                        best.update(value=value, step=step, since=0)
-                    else:
-                        best["since"] += 1
-                if world.main:
-                    if progress:
-                        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()
-                                                                if isinstance(v, float)))
-                    plot_losses(run_dir)
-            patience_out = bool(t.patience) and best["since"] >= t.patience
-            if patience_out:
+            if best.out_of_patience:
                 stopped = "early_stopping"
-            if world.main and improved:
-                save_checkpoint(run_dir / "best", objective, None)
-                atomic_write_json(run_dir / "best" / "eval.json", {"step": step, **last_eval})
-            if step % t.ckpt_interval == 0 or last or patience_out:
-                if world.main:
-                    save_step_checkpoint(run_dir, objective, current_state(), t.keep_checkpoints)
-                world.barrier()
+            if improved:
+                checkpointer.save_best(done.step, last_eval)
+            if done.step % t.ckpt_interval == 0 or last or best.out_of_patience:
+                checkpointer.save_step(done, best)
             if on_step is not None:
-                on_step(step, loss_value)
-            if over_time or patience_out:
+                on_step(done.step, loss_value)
+            if over_time or best.out_of_patience:
                 break
     finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
+        log.close()
+    return _summary(objective, run_dir, world, done, best, loss_value, last_eval, stopped)
 
-    elapsed = elapsed_before + time.perf_counter() - start
-    summary = {"run_dir": str(run_dir), "steps": step, "train_loss": loss_value, **last_eval,
-               "elapsed_s": round(elapsed, 1), "stopped": stopped, "processes": world.world, "device": str(device)}
+
+def _print_setup(objective: Objective, t: TrainConfig, world: Dist, accum_steps: int) -> None:
+    trainable = sum(p.numel() for p in objective.model.parameters() if p.requires_grad)
+    print(f"model: {objective.describe()} ({trainable / 1e6:.3g}M trainable) | {world.world} process(es) on "
+          f"{world.device} | {t.batch_size} rows/step ({accum_steps} micro-batch(es) of {t.micro_batch_size}) | "
+          f"{'bf16 autocast' if world.bf16 else 'fp32'}{' | compiled' if t.compile else ''}")
+
+
+def _summary(objective, run_dir, world, done: Progress, best: BestTracker, loss_value, last_eval, stopped) -> dict:
+    summary = {"run_dir": str(run_dir), "steps": done.step, "train_loss": loss_value, **last_eval,
+               "elapsed_s": round(done.elapsed(), 1), "stopped": stopped, "processes": world.world,
+               "device": str(world.device)}
     if objective.tokens_per_row:
-        summary["tokens"] = tokens_seen
+        summary["tokens"] = done.tokens
     if objective.best_metric is not None:
-        summary.update(best_step=best["step"], best_value=best["value"])
+        summary.update(best_step=best.state["step"], best_value=best.state["value"])
     if world.main:
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# `lmlab train`: pretraining from a run config
-
-def ensure_data(cfg: RunConfig, world: Dist) -> dict:
-    """Prepare the data on first use (rank 0 only; the others wait), then return its meta.json."""
-    data_dir = Path(cfg.data.dir)
-    if world.main and not (data_dir / "meta.json").exists():
-        prepare(cfg.data.source, data_dir, tokenizer=cfg.data.tokenizer, vocab_size=cfg.data.vocab_size,
-                text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction)
-    world.barrier()
-    return json.loads((data_dir / "meta.json").read_text())
-
-
-def train(cfg: RunConfig, resume: bool = False, on_step=None, progress: bool = True) -> dict:
-    """Pretrain the model of `cfg` on its data (next-token, or masked-LM for an encoder); return a summary."""
-    t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    world = Dist(t.device, t.dtype)
-    try:
-        meta = ensure_data(cfg, world)
-        encoder = cfg.model.get("causal") is False
-        # An encoder's [MASK] is one more token after the tokenizer's vocabulary.
-        model_cfg = cfg.model_config(meta["vocab_size"] + (1 if encoder else 0))
-        random.seed(t.seed)
-        torch.manual_seed(t.seed)
-        model = Transformer(model_cfg).to(world.device)
-        objective = LanguageModeling(model, load_tokens(cfg.data.dir, "train"), load_tokens(cfg.data.dir, "val"),
-                                     t, world)
-        run_dir = Path(t.run_dir)
-        if not resume and latest_checkpoint(run_dir) is not None:
-            raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
-                             "run folder (--set train.run_dir=...)")
-        if world.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            for name in ("tokenizer.json", "meta.json"):
-                shutil.copyfile(Path(cfg.data.dir) / name, run_dir / name)
-        summary = fit(objective, t, run_dir, world=world, resume=resume, on_step=on_step, progress=progress)
-        summary["params"] = model.num_params()
-        if world.main:
-            atomic_write_json(run_dir / "summary.json", summary)
-        return summary
-    finally:
-        world.close()

@@ -1,0 +1,65 @@
+"""The shape of the code, checked: imports run one way (import-linter's contract in pyproject.toml), no module
+over 600 lines, no function over 80, no import inside a function except of optional heavy packages, and every
+command-line flag has its help text."""
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmlab.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = sorted((REPO / "lmlab").rglob("*.py"))
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 600, 80
+# Imported where they are used: extras a user may not have installed, and nothing else.
+OPTIONAL = {"transformers", "datasets", "huggingface_hub", "peft", "gensim", "sentence_transformers", "faiss",
+            "bm25s", "llama_cpp", "litgpt", "torchao", "playwright", "resource"}
+
+
+def _functions(tree):
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_import_contract_holds():
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    assert lint, "lint-imports is missing: install the test extra (pip install -e '.[test]')"
+    done = subprocess.run([lint], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "Contracts: 2 kept, 0 broken" in done.stdout
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_module_and_function_sizes(path):
+    text = path.read_text()
+    assert text.count("\n") <= MAX_MODULE_LINES, f"{path.name} has {text.count(chr(10))} lines"
+    long = [(f.name, f.end_lineno - f.lineno + 1) for f in _functions(ast.parse(text))
+            if f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_at_the_top(path):
+    lazy = []
+    for f in _functions(ast.parse(path.read_text())):
+        for node in ast.walk(f):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = ["." * node.level + (node.module or "")]
+            else:
+                continue
+            lazy += [f"{f.name}: {n} (line {node.lineno})" for n in names if n.split(".")[0] not in OPTIONAL]
+    assert not lazy, f"imports inside functions of {path.name}: {lazy}"
+
+
+def test_every_flag_has_help():
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
+    missing = [f"lmlab {name} {'/'.join(action.option_strings) or action.dest}"
+               for name, sub in verbs.choices.items() for action in sub._actions
+               if action.dest != "help" and not action.help]
+    assert not missing, f"flags without help text: {missing}"
