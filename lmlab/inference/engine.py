@@ -68,11 +68,13 @@ class Request:
 @dataclass
 class TokenInfo:
     """A token with its log-probability under the model (raw logits, before temperature/top-p) and, when asked,
-    the most likely alternatives as (token id, log-probability)."""
+    the most likely alternatives as (token id, log-probability). `eos`: a generated end-of-sequence token (it
+    has no text; chat logprobs leave it out, as OpenAI's do)."""
 
     id: int
     logprob: float | None
     top: list[tuple[int, float]] | None = None
+    eos: bool = False
 
 
 @dataclass
@@ -196,11 +198,12 @@ class _Choice:
         """Take the sampled token; emit new text; decide whether this choice is finished."""
         self.generated += 1
         self.last_token = token
-        tokens = []
+        # The token's entry goes out even when it is EOS (no text): OpenAI and vLLM list it, and lm-evaluation-
+        # harness' local-completions assumes one generated entry at the end (it sums token_logprobs[ctxlen:-1]).
+        tokens = [info] if info is not None else []
         if token in self.eos_ids:
             self.finish_reason = "stop"
         else:
-            tokens = [info] if info is not None else []
             if self.text.push(token):
                 self.finish_reason = "stop"
             elif self.generated >= self.params.max_new_tokens:
@@ -444,6 +447,7 @@ class Engine:
         info = None
         if choice.handle.request.logprobs is not None:
             info = _token_infos(logits, [token], choice.handle.request.logprobs)[0]
+            info.eos = token in choice.eos_ids
         self.stats.generation_tokens += 1
         choice.push(token, info)
         if choice.finish_reason is not None:

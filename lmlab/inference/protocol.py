@@ -137,9 +137,25 @@ class CompletionRequest:
     stream: bool
 
 
-def _prompt_ids(body: dict, tokenizer) -> list[list[int]]:
+@dataclass
+class Limits:
+    """What a request may hold, checked before any tokenising: `context` tokens per sequence, `max_chars`
+    characters of text (context x the longest token's characters: a longer text can never fit), `max_prompts`
+    prompts (they must all fit in the queue at once) and `max_batch` choices."""
+    context: int
+    max_chars: int
+    max_prompts: int
+    max_batch: int
+
+
+def _too_long(chars: int, limits: Limits, param: str) -> ApiError:
+    return ApiError(400, f"this model's maximum context length is {limits.context} tokens; the {param} has {chars} "
+                         f"characters, more than {limits.context} tokens can hold ({limits.max_chars}): shorten it",
+                    param, "context_length_exceeded")
+
+
+def _prompt_list(body: dict, limits: Limits) -> list:
     prompt = body.get("prompt")
-    vocab = tokenizer.get_vocab_size()
     if isinstance(prompt, str):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -149,6 +165,19 @@ def _prompt_ids(body: dict, tokenizer) -> list[list[int]]:
     else:
         raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
                             "lists of token ids", "prompt", "invalid_type")
+    if len(prompts) > limits.max_prompts:  # they could never all wait in the queue: not a 429 "retry later"
+        raise ApiError(400, f"'prompt' holds {len(prompts)} prompts; this server takes at most {limits.max_prompts} "
+                            "in one request (its --max-queue): send them in several requests", "prompt",
+                       "invalid_value")
+    for p in prompts:
+        if len(p) > limits.max_chars:
+            raise _too_long(len(p), limits, "prompt")
+    return prompts
+
+
+def _prompt_ids(body: dict, tokenizer, limits: Limits) -> list[list[int]]:
+    prompts = _prompt_list(body, limits)
+    vocab = tokenizer.get_vocab_size()
     out = []
     for p in prompts:
         if isinstance(p, str):
@@ -164,18 +193,20 @@ def _prompt_ids(body: dict, tokenizer) -> list[list[int]]:
     return out
 
 
-def parse_completion(body: dict, tokenizer, context: int, max_batch: int) -> CompletionRequest:
+def parse_completion(body: dict, tokenizer, limits: Limits) -> CompletionRequest:
+    """The completion request; the fields are checked before the prompts are tokenised (the slow part)."""
     refuse_unsupported(body)
-    prompts = _prompt_ids(body, tokenizer)
+    _prompt_list(body, limits)
     max_tokens = number(body, "max_tokens", 16, 0, math.inf, integer=True)
     logprobs = number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
     echo = flag(body, "echo")
     stream = flag(body, "stream")
-    n = choices_n(body, max_batch)
+    n = choices_n(body, limits.max_batch)
     if max_tokens == 0 and not echo:
         raise ApiError(400, "'max_tokens' of 0 only makes sense with echo (to score the prompt)", "max_tokens",
                        "invalid_value")
-    requests = [Request(ids, sampling(body, max_tokens, len(ids), "prompt", context), n, logprobs,
+    prompts = _prompt_ids(body, tokenizer, limits)
+    requests = [Request(ids, sampling(body, max_tokens, len(ids), "prompt", limits.context), n, logprobs,
                         prompt_logprobs=echo and logprobs is not None) for ids in prompts]
     return CompletionRequest(prompts, requests, n, logprobs, echo, stream)
 
@@ -213,10 +244,14 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def parse_chat(body: dict, pretrained, model_id: str, context: int, max_batch: int) -> ChatRequest:
+def parse_chat(body: dict, pretrained, model_id: str, limits: Limits) -> ChatRequest:
     """The chat request; the messages become a prompt through the model's own chat template."""
     refuse_unsupported(body)
     messages = _messages(body)
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > limits.max_chars:  # the template only adds to the contents
+        raise _too_long(chars, limits, "messages")
+    context, max_batch = limits.context, limits.max_batch
     if pretrained.chat_template is None:
         raise ApiError(400, f"{model_id} has no chat template (a base model); use /v1/completions", "model",
                        "no_chat_template")
@@ -266,6 +301,9 @@ class TokenNames:
         self.tokenizer = tokenizer
         self.added_tokens = set(tokenizer.get_added_tokens_decoder())  # special tokens are not byte-level
         self.byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+        # The most characters one token stands for: a vocabulary piece is at least as long as its text (a
+        # byte-level piece has one character per byte), so a text longer than context x this cannot fit.
+        self.longest = max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
 
     def text(self, token_id: int) -> str:
         """A token as text; a token that is not whole UTF-8 (a piece of a multi-byte character) is written as
@@ -299,4 +337,4 @@ class TokenNames:
         def entry(token_id, logprob):
             return {"token": self.text(token_id), "logprob": logprob, "bytes": list(self.bytes(token_id))}
         return [{**entry(i.id, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in (i.top or [])]}
-                for i in infos]
+                for i in infos if not i.eos]

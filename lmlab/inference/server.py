@@ -19,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
+import sys
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,10 +30,11 @@ import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from lmlab.errors import LmlabError
 from lmlab.inference.engine import DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent
-from lmlab.inference.protocol import (ApiError, TokenNames, check_model, include_usage, parse_chat,
+from lmlab.inference.protocol import (ApiError, Limits, TokenNames, check_model, include_usage, parse_chat,
                                       parse_completion, usage)
 from lmlab.models.hub import REGISTRY, load_pretrained
 from lmlab.util import option, pick_device
@@ -53,27 +57,35 @@ class Server:
         self.created = int(time.time())
         self.http_requests: dict[tuple[str, int], int] = {}
         self.names = TokenNames(self.tokenizer)
+        self.limits = Limits(engine.context, engine.context * self.names.longest, max(engine.max_queue, 1),
+                             engine.max_batch)
 
     # ------------------------------------------------------------------------------------------------------------
     # Shared request handling: key, body; running requests on the engine
 
     async def handle(self, http: HttpRequest, endpoint: str, work, needs_body: bool = True):
-        """Check the key, read and parse the body, run `work(body, http)`; count the status; errors as OpenAI's."""
+        """Check the key, read and parse the body, run `work(body, http)`; count the status; errors as OpenAI's
+        (a bug too: a 500 in OpenAI's shape, counted, with the traceback on the server's stderr)."""
         try:
             self._check_key(http)
             body = await self._read_json(http) if needs_body else None
             response = await work(body, http)
         except ApiError as e:
             response = e.response()
-        self.http_requests[endpoint, response.status_code] = self.http_requests.get((endpoint, response.status_code),
-                                                                                    0) + 1
+        except Exception as e:  # noqa: BLE001 - whatever escapes must still be an API answer
+            response = internal_error(e).response()
+        self.count(endpoint, response.status_code)
         return response
+
+    def count(self, endpoint: str, status: int) -> None:
+        self.http_requests[endpoint, status] = self.http_requests.get((endpoint, status), 0) + 1
 
     def _check_key(self, http: HttpRequest) -> None:
         if self.api_key is None:
             return
-        given = http.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        scheme, _, given = http.headers.get("authorization", "").strip().partition(" ")
+        # RFC 7235: the scheme is case-insensitive ("bearer KEY" is as good as "Bearer KEY").
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer KEY' with "
                                 "the key the server was started with (--api-key)", None, "invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
@@ -94,6 +106,11 @@ class Server:
                            "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+        try:  # JSON allows "\ud800" (half of a UTF-16 pair), which is no text: refuse it here, not in the tokenizer
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"the request body holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!a}), "
+                                "which is not text; send valid Unicode", None, "invalid_json") from None
         return body
 
     def _too_large(self) -> ApiError:
@@ -163,6 +180,8 @@ class Server:
                     yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
             except ApiError as e:  # the status line has gone out already: the error travels as an event
                 yield f"data: {json.dumps(e.body())}\n\n"
+            except Exception as e:  # noqa: BLE001 - a bug mid-stream: an error event too, not a cut connection
+                yield f"data: {json.dumps(internal_error(e).body())}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -172,7 +191,8 @@ class Server:
 
     async def completions(self, body: dict, http: HttpRequest):
         check_model(body, (self.model_id, self.pretrained.name))
-        parsed = parse_completion(body, self.tokenizer, self.engine.context, self.engine.max_batch)
+        # Tokenising a long prompt takes a while: off the event loop, so that other clients and /health go on.
+        parsed = await asyncio.to_thread(parse_completion, body, self.tokenizer, self.limits)
         prompts, n, logprobs = parsed.prompts, parsed.n, parsed.logprobs
         handles = self._submit(parsed.requests)
         meta = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
@@ -237,7 +257,7 @@ class Server:
 
     async def chat(self, body: dict, http: HttpRequest):
         check_model(body, (self.model_id, self.pretrained.name))
-        parsed = parse_chat(body, self.pretrained, self.model_id, self.engine.context, self.engine.max_batch)
+        parsed = await asyncio.to_thread(parse_chat, body, self.pretrained, self.model_id, self.limits)
         n, want_logprobs = parsed.n, parsed.logprobs
         handles = self._submit([parsed.request])
         meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": self.model_id}
@@ -266,7 +286,7 @@ class Server:
         completion_tokens = 0
         async for _, event in self._events(handles, None):
             if isinstance(event, TokenEvent):
-                if event.text or want_logprobs:
+                if event.text or (want_logprobs and any(not t.eos for t in event.tokens)):
                     lp = {"content": self.names.chat_logprobs(event.tokens)} if want_logprobs else None
                     yield {**meta, "choices": [{"index": event.choice, "delta": {"content": event.text},
                                                 "logprobs": lp, "finish_reason": None}]}
@@ -318,16 +338,41 @@ class Server:
         return "\n".join(lines) + "\n"
 
 
+def internal_error(e: Exception) -> ApiError:
+    """A bug as OpenAI reports a server error; the traceback goes to the server's stderr, not to the client."""
+    traceback.print_exception(e, file=sys.stderr)
+    return ApiError(500, f"internal error in lmlab serve ({type(e).__name__}); the server's log has the details",
+                    None, "internal_error", type_="server_error")
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="lmlab", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HTTPException)
+    async def not_routed(http: HttpRequest, e: HTTPException):
+        """An unknown path (404) or a method a route does not take (405), in OpenAI's error shape."""
+        path = http.url.path
+        message = (f"{http.method} {path} is not a route of this server (GET /v1/models, POST /v1/completions, "
+                   "POST /v1/chat/completions, GET /health, GET /metrics)" if e.status_code == 404
+                   else f"{http.method} is not allowed on {path}" if e.status_code == 405 else str(e.detail))
+        code = {404: "unknown_url", 405: "method_not_allowed"}.get(e.status_code)
+        server.count(path if path in ROUTES else "other", e.status_code)
+        return ApiError(e.status_code, message, None, code, headers=e.headers).response()
+
+    @app.exception_handler(Exception)
+    async def crashed(http: HttpRequest, e: Exception):
+        server.count(http.url.path if http.url.path in ROUTES else "other", 500)
+        return internal_error(e).response()
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": server.model_id}
 
     @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+    async def metrics(http: HttpRequest):
+        async def text(body, http):
+            return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+        return await server.handle(http, "/metrics", text, needs_body=False)  # behind the key: it shows the traffic
 
     @app.get("/v1/models")
     async def models(http: HttpRequest):
@@ -349,6 +394,9 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
 def model_id_for(spec: str) -> str:
     """The name clients use: a registry name as it is, a path by its file or folder name."""
     return spec if spec in REGISTRY else Path(spec).name.removesuffix(".gguf") or spec
@@ -357,7 +405,7 @@ def model_id_for(spec: str) -> str:
 @dataclass
 class ServerSettings:
     """How `lmlab serve` runs its engine (the flags of `lmlab serve` besides the model, host and port)."""
-    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 requests")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 requests and /metrics")
     max_batch: int = option(16, "sequences decoded together in one forward pass")
     max_queue: int = option(64, "requests that may wait for a row; beyond: 429")
     context: int | None = option(None, "tokens per sequence, prompt + completion (default: the model's, at most "
@@ -385,6 +433,26 @@ def build(model: str, settings: ServerSettings | None = None, **overrides) -> Se
     return Server(pretrained, engine, model_id_for(model), api_key=s.api_key)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, opened before the model loads so that a bad address fails at once."""
+    if not 1 <= port <= 65535:
+        raise LmlabError(f"--port must be between 1 and 65535 (got {port})")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError):
+        raise LmlabError(f"--host {host!r} is not an address or a known host name; use e.g. 127.0.0.1 (this "
+                         "machine) or 0.0.0.0 (every interface)") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise LmlabError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (or --host)") from None
+    return sock
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
           settings: ServerSettings = ServerSettings()) -> None:
     """Serve a model over the OpenAI HTTP API (continuous batching) with a chat page.
@@ -394,10 +462,16 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         host: address to listen on (0.0.0.0: every interface)
         port: TCP port to listen on
     """
-    server = build(model, settings)
+    sock = listen(host, port)
+    try:
+        server = build(model, settings)
+    except BaseException:
+        sock.close()
+        raise
     print(f"lmlab serve: {server.model_id} at http://{host}:{port} (OpenAI API under /v1, chat page at /; "
           f"{server.engine.max_batch} rows, context {server.engine.context})", flush=True)
     try:
-        uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[sock])
     finally:
         server.engine.close()
+        sock.close()
