@@ -100,7 +100,8 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         tasks: comma-separated task names, e.g. sst2,piqa,lambada,wikitext (an unknown name lists the known ones)
         shots: comma-separated numbers of in-context examples, e.g. 0,1,4,8
         tokenizer: the tokenizer of a bare Transformer model (from Python)
-        limit: only the first N examples of each task (of each MMLU subject / benchmark source)
+        limit: only the first N examples of each task (of each MMLU subject / benchmark source); a perplexity task
+            made of one long text (shakespeare): its first N windows
         seed: seed of the few-shot draw
         batch_size: sequences per forward pass
         mode: how choice tasks are scored: log-likelihood of each answer, generation + answer extraction, or both
@@ -127,7 +128,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     lm = as_lm(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress)
     if chat and lm.chat_prompt is None:
         raise LmlabError(f"{lm.name} has no chat template; drop --chat (or use a chat model)")
-    settings = Settings(seed, balanced, calibrate, chat, stride, bootstrap_iters)
+    settings = Settings(seed, balanced, calibrate, chat, stride, bootstrap_iters, limit)
     rows, records = [], []  # the table's rows, one record per example
     task_info: dict[str, dict] = {}
     started = time.time()

@@ -131,7 +131,8 @@ class LM:
                 pairs.append(pair)
                 owner.append(i)
         totals = [0.0] * len(texts)
-        for i, (logprob, _) in zip(owner, self.loglikelihood_tokens(pairs, desc, examples or len(texts))):
+        # The bar counts `examples` (documents) when given, else the windows.
+        for i, (logprob, _) in zip(owner, self.loglikelihood_tokens(pairs, desc, examples or len(pairs))):
             totals[i] += logprob
         return totals
 
@@ -312,11 +313,29 @@ class LM:
                                    last_only=True)
         return logits[:, -1]
 
-    def _bar(self, total: int, desc: str, examples: int | None):
-        # Scaled so that the bar counts (and times) examples even when an example makes several requests.
-        scale = examples / total if examples and total and examples != total else False
-        return tqdm(total=total, desc=desc, unit="ex", unit_scale=scale, disable=not self.progress or total == 0,
-                    file=sys.stderr, dynamic_ncols=True, leave=False)
+    def _bar(self, total: int, desc: str, examples: int | None) -> "ExampleBar":
+        return ExampleBar(total, examples or total, desc, disable=not self.progress or total == 0)
+
+
+class ExampleBar:
+    """A progress bar over `examples` whole examples, fed with the number of finished batches of `total` (an
+    example may make several requests, or several examples share one): it shows whole counts, never 0.96/1."""
+
+    def __init__(self, total: int, examples: int, desc: str, disable: bool = False):
+        self.total, self.examples, self.done = total, examples, 0
+        self.bar = tqdm(total=examples, desc=desc, unit="ex", disable=disable, file=sys.stderr, dynamic_ncols=True,
+                        leave=False)
+
+    def update(self, n: int) -> None:
+        before = self.done * self.examples // self.total if self.total else 0
+        self.done += n
+        self.bar.update(self.done * self.examples // self.total - before)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ class Settings:
     chat: bool
     stride: int | None
     bootstrap_iters: int
+    limit: int | None = None  # --limit: examples per task (a one-text perplexity task: its first windows)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from lmlab.errors import LmlabError
 from lmlab.evaluate.tasks.base import Doc, Split
 from lmlab.evaluate.tasks.glue import sst2_doc
 from lmlab.evaluate.tasks.language_modeling import wikitext_detokenize
-from lmlab.evaluate.tasks.multiple_choice import hellaswag_doc
+from lmlab.evaluate.tasks.multiple_choice import csqa_doc, hellaswag_doc
 
 
 def _hub_mc(question_key: str, field_name: str):
@@ -44,7 +44,9 @@ HUB = {
     "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", "train", _hub_mc("question", "question")),
     "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test", "train", _hub_mc("question", "question")),
     "openbookqa": ("allenai/openbookqa", "main", "test", "train", _hub_mc("question_stem", "question_stem")),
-    "commonsense_qa": ("tau/commonsense_qa", None, "validation", "train", _hub_mc("question", "question")),
+    "commonsense_qa": ("tau/commonsense_qa", None, "validation", "train",
+                       lambda r, i: csqa_doc(r["question"], list(r["choices"]["text"]),
+                                             list(r["choices"]["label"]).index(r["answerKey"]), str(r.get("id", i)))),
     "winogrande": ("allenai/winogrande", "winogrande_xl", "validation", "train",
                    lambda r, i: Doc(i, {"sentence": r["sentence"]}, [r["option1"], r["option2"]],
                                     int(r["answer"]) - 1)),

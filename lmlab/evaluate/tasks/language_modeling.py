@@ -26,13 +26,15 @@ class Lambada(Task):
     """lm-evaluation-harness's lambada_openai: context = all but the last word (split on " "), target = " word"."""
     kind = "lambada"
 
+    def request(self, doc: Doc) -> tuple[str, str]:
+        """(context, continuation): the text split at its last space, the space with the word."""
+        context, word = doc.text.rsplit(" ", 1)
+        return context, " " + word
+
     def score(self, docs: list[Doc], shots: dict[str, list[Doc]], lm: LM, s: Settings, mode: str, label: str,
               run: dict) -> Scored:
         prefix = "".join(d.text + FEWSHOT_DELIMITER for d in shots[""])
-        requests = []
-        for d in docs:
-            context, word = d.text.rsplit(" ", 1)
-            requests.append((prefix + context, " " + word))
+        requests = [(prefix + c, x) for c, x in map(self.request, docs)]
         run["prompts"] = [{"context": c, "continuation": x} for c, x in requests[:PROMPTS_KEPT]]
         scores = lm.loglikelihood(requests, desc=label, examples=len(docs))
         records = [{"id": d.id, "target": x, "loglik": round(ll, 5), "greedy": g}
@@ -50,15 +52,21 @@ class Perplexity(Task):
     score the first token (it is the context): its characters and bytes are left out of the counts."""
     kind = "perplexity"
     few_shot = False
+    one_text: bool = False  # one long text (shakespeare): its examples are its windows, which --limit counts
 
     def score(self, docs: list[Doc], shots: dict[str, list[Doc]], lm: LM, s: Settings, mode: str, label: str,
               run: dict) -> Scored:
         texts = [d.text for d in docs]
+        if self.one_text and s.limit is not None:
+            texts = [first_windows(lm, text, s.limit) for text in texts]
+            run["limit"] = f"the first {s.limit} windows of {lm.max_length} tokens ({len(texts[0])} characters)"
         run["prompts"] = [{"text_start": text[:300]} for text in texts[:PROMPTS_KEPT]]
-        logliks = lm.loglikelihood_rolling(texts, stride=s.stride, desc=label, examples=len(docs))
+        # A one-text task's bar counts its windows; a task of documents counts documents.
+        logliks = lm.loglikelihood_rolling(texts, stride=s.stride, desc=label,
+                                           examples=None if self.one_text else len(docs))
         words, n_bytes, chars, records = [], [], [], []
         for d, text, ll in zip(docs, texts, logliks):
-            original = d.fields.get("page", text)
+            original = text if self.one_text else d.fields.get("page", text)
             unscored = ""
             if lm.prefix_token_id is None:
                 offsets = lm.tokenizer.encode(text, add_special_tokens=False).offsets
@@ -71,6 +79,14 @@ class Perplexity(Task):
         columns = {"loglik": np.array(logliks), "words": np.array(words), "bytes": np.array(n_bytes),
                    "chars": np.array(chars)}
         return Scored(list(self.metrics), columns, records)
+
+
+def first_windows(lm: LM, text: str, n: int) -> str:
+    """The beginning of `text` that the first n rolling windows score (n x the window in tokens; a model
+    without BOS/EOS also reads the first token as context): whole tokens, cut at a token's end."""
+    offsets = lm.tokenizer.encode(text, add_special_tokens=False).offsets
+    tokens = n * lm.max_length + (lm.prefix_token_id is None)
+    return text if tokens >= len(offsets) else text[:offsets[tokens - 1][1]]
 
 
 def _load_lambada(root: Path) -> Split:
@@ -149,7 +165,7 @@ TASKS = [
     Lambada("lambada", _load_lambada, metrics=("acc", "perplexity"), group=_LM,
             about="LAMBADA (OpenAI): the last word, greedy accuracy and per-word perplexity"),
     Perplexity("shakespeare", _load_shakespeare, metrics=("nats_per_char", "bits_per_byte"), group=_LM,
-               about="the validation split of `lmlab prepare shakespeare`"),
+               about="the validation split of `lmlab prepare shakespeare`", one_text=True),
     Perplexity("tinyshakespeare", _load_tinyshakespeare, metrics=("nats_per_char", "bits_per_byte"), group=_LM,
-               about="tiny Shakespeare, last 10% (nanoGPT)"),
+               about="tiny Shakespeare, last 10% (nanoGPT)", one_text=True),
 ]

@@ -93,8 +93,15 @@ def _csqa_docs(root: Path) -> list[Doc]:
                 list(r["choices"]["label"]).index(r["answerKey"])) for r in rows]
 
 
+def csqa_doc(question: str, answers: list[str], gold: int, i: str) -> Doc:
+    """The harness's commonsense_qa: the five answers listed under the question, scored as their letters."""
+    return Doc(i, {"question": question.strip(), **dict(zip("ABCDE", answers))}, list("ABCDE"), gold,
+               options=list(answers))
+
+
 def _load_csqa(root: Path) -> Split:
-    docs, pool, how = carve(_csqa_docs(root), "the CommonsenseQA dev set")
+    docs = [csqa_doc(d.fields["question"], d.choices, d.gold, d.id) for d in _csqa_docs(root)]
+    docs, pool, how = carve(docs, "the CommonsenseQA dev set")
     return Split(docs, pool, "open_llm_benchmark/mcq/commonsenseqa_dev_rand_split.jsonl", how)
 
 
@@ -264,8 +271,8 @@ TASKS = [
            group="multiple choice", about="closed book here: the local copy has no passages"),
     Choice("social_iqa", _adapters_task("social_i_qa", "social_iqa", "question"), "Q: {question}\nA:",
            question="{question}", group="multiple choice"),
-    Choice("commonsense_qa", _load_csqa, "Question: {question}\nAnswer:", question="{question}",
-           group="multiple choice"),
+    Choice("commonsense_qa", _load_csqa, "Question: {question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nE. {E}\nAnswer:",
+           question="Question: {question}", metrics=("acc",), fixed_choices=True, group="multiple choice"),
     Choice("hellaswag", _load_hellaswag, "{query}", question="{query}", group="multiple choice"),
     Choice(name="mmlu", load=_mmlu(MMLU_SUBJECTS, "mmlu"), about="57 subjects, micro-averaged", **_MMLU),
     Choice("open-llm-benchmark", load_benchmark_local, "Question: {question}\nAnswer:", question="{question}",
