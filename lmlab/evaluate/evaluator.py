@@ -100,8 +100,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         tasks: comma-separated task names, e.g. sst2,piqa,lambada,wikitext (an unknown name lists the known ones)
         shots: comma-separated numbers of in-context examples, e.g. 0,1,4,8
         tokenizer: the tokenizer of a bare Transformer model (from Python)
-        limit: only the first N examples of each task (of each MMLU subject / benchmark source); a perplexity task
-            made of one long text (shakespeare): its first N windows
+        limit: the first N examples of each task (MMLU subject, benchmark source; one-text perplexity: windows)
         seed: seed of the few-shot draw
         batch_size: sequences per forward pass
         mode: how choice tasks are scored: log-likelihood of each answer, generation + answer extraction, or both
