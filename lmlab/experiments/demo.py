@@ -61,7 +61,7 @@ def demo(run_dir: str = "runs/demo", set: list[str] = ()) -> dict:
     warning = step_warning(summary["steps"], val)
     if warning:
         print(f"lmlab demo: warning: {warning}", file=sys.stderr)
-    caution = f"\n\n> **Warning**: {warning}." if warning else ""
+    caution = f"\n\n> **Warning**: {warning}.\n" if warning else ""
     report = f"""# lmlab demo: a character-level GPT on Shakespeare
 
 - Corpus: Shakespeare's complete works (modern spelling), {meta['counts']['train_tokens']:,} training and
