@@ -42,7 +42,7 @@ from lmlab.training.classification import finetune
 from lmlab.training.config import load_config
 from lmlab.training.pretrain import train as pretrain
 from lmlab.training.sft import run_dpo, run_sft
-from lmlab.util import command_line, pick_device, settings_from
+from lmlab.util import check_writable, command_line, pick_device, settings_from
 
 
 @dataclass
@@ -251,10 +251,13 @@ def generate(model: str, prompt: str, chat: bool = False, num_beams: int = 1, de
         device: cpu | cuda | mps | auto
     """
     sampling.validate()
+    if num_beams < 1:
+        raise LmlabError(f"--num-beams {num_beams}: use 1 (sampling) or more (beam search)")
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise LmlabError(f"no such run or checkpoint folder, model file or model folder: {model}")
+    target = pick_device(device)  # an unusable device is named before the model loads
     pretrained = load_pretrained(model)
-    pretrained.model.to(pick_device(device))
+    pretrained.model.to(target)
     if chat:
         deltas = answer(pretrained, [{"role": "user", "content": prompt}], sampling)
     else:
@@ -311,6 +314,7 @@ def export(model: str, out: str, format: str = "hf") -> str:
     """
     if format != "hf":
         raise LmlabError(f"unknown export format {format!r} (supported: hf)")
+    check_writable(out)
     pre = load_pretrained(model)
     chat_format = ({"chat_template": pre.chat_template, "bos_token": pre.bos_token, "eos_token": pre.eos_token}
                    if pre.chat_template else {})
@@ -356,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     except LmlabError as e:
         print(f"lmlab {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lmlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or lmlab.errors.Interrupted: SIGINT/SIGTERM after a checkpoint
+        print(f"lmlab {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     if args._verb.show and result is not None:
         print(_json.dumps(result, indent=2, default=str) if isinstance(result, (dict, list)) else result)
     return 0

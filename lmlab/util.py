@@ -15,7 +15,9 @@ import threading
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from lmlab.errors import Damaged, LmlabError
 
 
 def lmlab_home() -> Path:
@@ -102,20 +104,69 @@ class PeakMemory:
         self.peak = max(self.peak, self.rss())
 
 
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Move a finished temp file into place: permissions of a normally created file (mkstemp makes 0600), its
+    bytes on disk (fsync) before the rename, and the rename itself on disk (fsync of the folder), so a crash or
+    power loss leaves the old file or the new one, never an empty one."""
+    tmp, path = Path(tmp), Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Put a folder's entries (a rename into it) on disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_error(path: str | Path, exc: OSError) -> LmlabError:
+    """A failed write as the one-line error the CLI prints (a full disk, a read-only or missing folder)."""
+    return LmlabError(f"cannot write {path}: {exc.strerror or first_line(exc)}; free some space or choose a "
+                      "writable folder")
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create `folder` (and its parents) and check that a file can be written in it, before long work whose
+    result would go there; a one-line error naming the folder otherwise."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise write_error(folder, e) from None
+    return folder
+
+
 def atomic_replace(path: str | Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: readers see the old file or the new one,
-    never half of one, even if the process is killed mid-write."""
+    """Write through a temp file in the same folder, then rename (`publish`): readers see the old file or the new
+    one, never half of one, even if the process is killed mid-write. A failed write (a full disk) removes the temp
+    file and is a one-line LmlabError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_error(path, e) from None
     os.close(fd)
     try:
         write(Path(tmp))
-        # mkstemp creates 0600 files; give the result the permissions of a normally created file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        publish(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -139,18 +190,60 @@ def save_torch_atomic(obj, path: str | Path) -> None:
 
 
 def load_torch_safe(path: str | Path):
-    # weights_only=True: a checkpoint can hold tensors and plain containers, never arbitrary pickled code.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # weights_only=True: a checkpoint can hold tensors and plain containers, never arbitrary pickled code. A file
+    # it cannot read is reported as damaged (torch's own message advises weights_only=False, which is unsafe).
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LmlabError(f"no such file: {path}") from None
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, ... on damaged files
+        raise Damaged(f"{path} is damaged ({type(e).__name__}); rebuild it (train again, or resume from an "
+                         "earlier checkpoint)") from None
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or a one-line error saying that it is damaged."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise LmlabError(f"no such weights file: {path}") from None
+    except Exception as e:  # noqa: BLE001 - SafetensorError (truncated, foreign bytes), OSError
+        raise Damaged(f"{path} is damaged ({first_line(e)}); download or rebuild it") from None
 
 
 def pick_device(name: str = "auto"):
+    """The torch device for a --device name; a one-line error for a device this torch build or machine lacks."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise LmlabError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmlabError(f"device {name!r} is not available (this torch has no CUDA, or no GPU is visible); use "
+                         "--device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise LmlabError(f"device {name!r} does not exist ({torch.cuda.device_count()} GPU(s)); use cuda:0 or auto")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise LmlabError(f"device {name!r} is not available on this machine; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise LmlabError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory the device has in all: the GPU's, or the machine's RAM for the CPU (0 when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def sha256_file(path: Path) -> str:

@@ -66,7 +66,7 @@ from tqdm import tqdm
 from lmlab.data.sources import DOC_SEPARATOR, StreamStats, open_source, text_chunks
 from lmlab.data.tokenizers import ENDOFTEXT, _bpe_tokenizer, _bpe_trainer, _char_tokenizer, _CharEncoder, _hf_encoder, load_tokenizer
 from lmlab.errors import LmlabError
-from lmlab.util import atomic_replace, atomic_write_json
+from lmlab.util import atomic_replace, atomic_write_json, check_writable, publish, write_error
 
 UINT16_MAX_VOCAB = 1 << 16
 
@@ -207,6 +207,7 @@ def prepare(source: str, out: str | Path, *, tokenizer: str = "char", vocab_size
     if out.exists() and not out.is_dir():
         raise LmlabError(f"{out} exists and is not a folder; pick another output folder")
     src = open_source(str(source), text_field, chunk_chars)
+    check_writable(out)  # before reading a corpus that may take an hour, not after
 
     scan, stats, tok = _learn_vocabulary(src, kind, tok, vocab_size, chunk_chars, progress)
     if scan.chars == 0:
@@ -221,9 +222,12 @@ def prepare(source: str, out: str | Path, *, tokenizer: str = "char", vocab_size
     encode = _CharEncoder(tok) if kind == "char" else _hf_encoder(tok)
 
     # Pass 2: encode into temp files next to the outputs, then publish them.
-    out.mkdir(parents=True, exist_ok=True)
-    temps = {s: Path(tempfile.mkstemp(dir=out, prefix=f".{s}.bin.", suffix=".tmp")[1]) for s in ("train", "val")}
+    temps: dict[str, Path] = {}
     try:
+        for split in ("train", "val"):
+            fd, name = tempfile.mkstemp(dir=out, prefix=f".{split}.bin.", suffix=".tmp")
+            os.close(fd)
+            temps[split] = Path(name)
         target = max(1, math.floor(scan.chars * (1 - val_fraction)))
         with open(temps["train"], "wb") as train_f, open(temps["val"], "wb") as val_f, \
                 _progress_bar(progress, "pass 2/2: encode", scan.bytes) as bar:
@@ -240,6 +244,8 @@ def prepare(source: str, out: str | Path, *, tokenizer: str = "char", vocab_size
                      tokenizer_file)
         _publish(out, temps, tok, tokenizer_file, meta)
         return meta
+    except OSError as e:  # a full disk while encoding
+        raise write_error(out, e) from None
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
@@ -291,7 +297,7 @@ def _publish(out: Path, temps: dict[str, Path], tok: Tokenizer, tokenizer_file: 
     is never taken for a complete one (load_tokens needs meta.json)."""
     (out / "meta.json").unlink(missing_ok=True)
     for split, tmp in temps.items():
-        os.replace(tmp, out / f"{split}.bin")
+        publish(tmp, out / f"{split}.bin")  # mode 0644 like any file, on disk before the rename
     if tokenizer_file is not None:
         atomic_replace(out / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_file, tmp))
     else:

@@ -14,7 +14,11 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise LmlabError(f"no such data file: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LmlabError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded): pass a JSON lines file "
+                         "(one object per line) or a JSON array file") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         # Walk the array element by element so that every row knows its line.

@@ -26,13 +26,17 @@ def _text_is_text(tok: Tokenizer) -> Tokenizer:
 
 
 def _char_tokenizer(chars: Iterable[str]) -> Tokenizer:
-    """One token per character: ids in code-point order, then [UNK] for characters never seen in training."""
+    """One token per character: ids in code-point order, then [UNK] for characters never seen in training (left
+    out when decoding)."""
     vocab = {c: i for i, c in enumerate(sorted(chars))}
     vocab[UNK] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
     tok.decoder = decoders.Fuse()  # ...and glued back together without spaces
-    return tok
+    # [UNK] is special: decode() leaves it out, so a model that samples it never prints a literal "[UNK]"; and
+    # a "[UNK]" typed in text stays five ordinary characters (_text_is_text).
+    tok.add_special_tokens([UNK])
+    return _text_is_text(tok)
 
 
 def _bpe_tokenizer() -> Tokenizer:

@@ -9,10 +9,11 @@ from typing import Callable, Literal, Sequence
 
 from lmlab.errors import LmlabError
 from lmlab.evaluate.lm import LM
-from lmlab.evaluate.report import format_table, write_results
+from lmlab.evaluate.report import format_table, output_paths, write_results
 from lmlab.evaluate.tasks import (FEWSHOT_DELIMITER, TARGET_DELIMITER, Doc, Settings, Split, Task, data_root,
                                   get_task, load_split, pick_shots)
 from lmlab.models.hub import load_pretrained
+from lmlab.util import check_writable
 
 MODES = ("loglikelihood", "generate", "both")
 
@@ -120,7 +121,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     """
     task_list = _parse_tasks(tasks)
     shot_list = _parse_shots(shots)
-    _check(mode, limit)
+    _check(mode, limit, out)
     root = data_root(data_dir)
     splits = _load_all(task_list, shot_list, root, limit, seed, balanced)
 
@@ -165,7 +166,9 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     return summary
 
 
-def _check(mode: str, limit: int | None) -> None:
+def _check(mode: str, limit: int | None, out) -> None:
+    if out is not None:
+        check_writable(output_paths(out)[0].parent)  # before hours of scoring, not after
     if mode not in MODES:
         raise LmlabError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if limit is not None and limit < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,20 @@ from lmlab.training.pretrain import train
 from lmlab.util import atomic_write_text
 
 SAMPLE_CHARS = 300
+# The run the README's figures come from (docs/results/demo/summary.json): its steps and validation loss. A demo
+# that makes far fewer steps (a loaded machine) learns less, and its report says so.
+REFERENCE = {"steps": 690, "val_loss": 1.843}
+FEW_STEPS = 0.5  # warn below this share of the reference's steps
+
+
+def step_warning(steps: int, val_loss: float) -> str | None:
+    """A warning when the run made far fewer steps than the run behind the README's figures, else None."""
+    if steps >= FEW_STEPS * REFERENCE["steps"]:
+        return None
+    return (f"this run made {steps} steps, under {FEW_STEPS:.0%} of the {REFERENCE['steps']} steps behind the "
+            f"README's figures (validation loss {REFERENCE['val_loss']}); expect a higher loss (here "
+            f"{val_loss:.3f}) and rougher samples. The machine was probably busy: run it again when it is idle, or "
+            "give it more time with --set train.time_limit=SECONDS")
 
 
 def demo(run_dir: str = "runs/demo", set: list[str] = ()) -> dict:
@@ -43,13 +58,18 @@ def demo(run_dir: str = "runs/demo", set: list[str] = ()) -> dict:
     print(f"training: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['elapsed_s']:.0f} s; "
           f"demo wall time {wall:.0f} s")
     print(f"--- sample ({SAMPLE_CHARS} characters, temperature 0.8) ---{text}\n---")
+    warning = step_warning(summary["steps"], val)
+    if warning:
+        print(f"lmlab demo: warning: {warning}", file=sys.stderr)
+    caution = f"\n\n> **Warning**: {warning}.\n" if warning else ""
     report = f"""# lmlab demo: a character-level GPT on Shakespeare
 
 - Corpus: Shakespeare's complete works (modern spelling), {meta['counts']['train_tokens']:,} training and
   {meta['counts']['val_tokens']:,} validation characters (split by position), {meta['vocab_size']} symbols.
 - Model: {summary['params'] / 1e6:.2f}M parameters, {json.dumps(cfg.model)}.
 - Training: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f} s on
-  {summary['device']}{' (stopped by the time limit)' if summary['stopped'] else ''}.
+  {summary['device']}{' (stopped by the time limit)' if summary['stopped'] else ''}; the README's figures come from
+  a run of {REFERENCE['steps']} steps.{caution}
 - **Validation loss: {val:.4f} nats per character** ({val / math.log(2):.3f} bits per character).
 - Demo wall time, data preparation and sampling included: {wall:.0f} s.
 
@@ -66,4 +86,4 @@ Reproduce: `lmlab demo` (or `lmlab train shakespeare-char`, then
 """
     atomic_write_text(run / "report.md", report)
     print(f"run folder: {run} (checkpoint, metrics.jsonl, loss.png, report.md)")
-    return {**summary, "sample": text, "wall_s": wall}
+    return {**summary, "sample": text, "wall_s": wall, "warning": warning}

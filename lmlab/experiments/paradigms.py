@@ -115,8 +115,19 @@ def _max_length(task: str, data_dir) -> int:
     return 64 if len(load_task(task, data_dir).train[0].fields) == 1 else 128
 
 
+def _shot_counts(shots: str) -> list[int]:
+    """--shots as sorted numbers, checked before any data is read or model trained."""
+    try:
+        counts = sorted({int(k) for k in shots.split(",") if k.strip()})
+    except ValueError:
+        raise LmlabError(f"--shots takes comma-separated numbers like 0,4,32 (got {shots!r})") from None
+    if any(k < 0 for k in counts):
+        raise LmlabError(f"--shots {shots}: a number of solved examples is 0 or more, e.g. --shots 0,4,32")
+    return counts
+
+
 def run_paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = "0,4,32", *,
-                  out: str | Path = "docs/results/paradigms", work: str | Path = "runs/paradigms",
+                  out: str | Path = "runs/paradigms/results", work: str | Path = "runs/paradigms",
                   baselines: str = "bilstm,cnn", methods: str = "full,lora", encoder: str = ENCODER,
                   llm: str = LLM, prompt_limit: int | None = None,
                   seed: int = 0, data_dir=None, threads: int | None = None, keep_weights: bool = False,
@@ -126,16 +137,13 @@ def run_paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: st
     are missing)."""
     if threads:
         torch.set_num_threads(threads)
+    shot_list = _shot_counts(shots)
     data = load_task(task, data_dir)
     sizes = [parse_labels(x) for x in labels.split(",") if x.strip()]
     for n in sizes:
         if n is not None and not 1 <= n <= len(data.train):
             raise LmlabError(f"--labels {n}: the {task} training set has {len(data.train)} examples; choose 1.."
                              f"{len(data.train)} or all")
-    try:
-        shot_list = sorted({int(k) for k in shots.split(",") if k.strip()})
-    except ValueError:
-        raise LmlabError(f"--shots takes comma-separated numbers like 0,4,32 (got {shots!r})") from None
     out, work = Path(out), Path(work)
     max_length = _max_length(task, data_dir)
     metric = data.metrics[0]
@@ -309,7 +317,7 @@ METRIC_NAMES = {"acc": "acc", "f1": "F1", "mcc": "MCC", "pearson": "Pearson", "s
 
 
 def run_glue(tasks: str = GLUE_TASKS, *, model: str = ENCODER, method: str = "full",
-             out: str | Path = "docs/results/glue-minilm", work: str | Path = "runs/paradigms", seed: int = 0,
+             out: str | Path = "runs/paradigms/glue", work: str | Path = "runs/paradigms", seed: int = 0,
              epochs: float | None = None, data_dir=None, threads: int | None = None, keep_weights: bool = False,
              progress: bool = True, command: str | None = None) -> dict:
     """Fine-tune `model` on each GLUE task with all its labels (budgets from `schedule`, or `epochs` for the
@@ -384,7 +392,8 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
         glue: instead: fine-tune MiniLM on these GLUE tasks with all labels and write the GLUE table
         epochs: with --glue: epochs for the tasks under 10,000 examples (default: the fixed budgets)
         collect: train nothing: tabulate the finished runs
-        out: results folder (default docs/results/paradigms, or docs/results/glue-minilm with --glue)
+        out: results folder (default runs/paradigms/results, or runs/paradigms/glue with --glue; the committed
+            results in docs/results/ are written only when asked for)
         work: run folders (a finished run is not run again)
         keep_weights: keep each run's checkpoints
         seed: seed of the label subsets, heads and batches
@@ -395,6 +404,6 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
     common = dict(work=work, seed=seed, data_dir=data_dir, threads=threads, keep_weights=keep_weights,
                   progress=progress, command=command)
     if glue:
-        return run_glue(glue, out=out or "docs/results/glue-minilm", epochs=epochs, **common)
-    return run_paradigms(task, labels, shots, out=out or "docs/results/paradigms", baselines=baselines,
+        return run_glue(glue, out=out or str(Path(work) / "glue"), epochs=epochs, **common)
+    return run_paradigms(task, labels, shots, out=out or str(Path(work) / "results"), baselines=baselines,
                          methods=methods, prompt_limit=prompt_limit, collect=collect, **common)

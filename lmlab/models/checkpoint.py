@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from lmlab.data.corpus import load_tokenizer
 from lmlab.errors import LmlabError
 from lmlab.models.peft import FULL, load_peft, merge_peft, save_peft
 from lmlab.models.transformer import Transformer, TransformerConfig
-from lmlab.util import (atomic_write_json, atomic_write_text, load_torch_safe, save_safetensors_atomic,
-                        save_torch_atomic)
+from lmlab.util import (atomic_write_json, atomic_write_text, fsync_folder, load_safetensors, load_torch_safe,
+                        save_safetensors_atomic, save_torch_atomic, write_error)
 
 CKPT, LATEST, BEST = "ckpt", "latest", "best"
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.pt"
@@ -54,6 +53,19 @@ def latest(run_dir: str | Path) -> Path | None:
         return None
     path = ckpt / pointer.read_text().strip()
     return path if (path / STATE_FILE).exists() else None
+
+
+def step_name(step: int) -> str:
+    """The folder name of step N's checkpoint (zero-padded, so that names sort by step)."""
+    return f"step_{step:07d}"
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete step checkpoints of a run, newest first: the one ckpt/latest names, then the older ones (to
+    fall back on when the newest is damaged)."""
+    newest = latest(run_dir)
+    older = sorted((p for p in checkpoint_dir(run_dir).glob("step_*") if (p / STATE_FILE).exists()), reverse=True)
+    return ([newest] if newest is not None else []) + [p for p in older if p != newest]
 
 
 def best(run_dir: str | Path) -> Path | None:
@@ -87,16 +99,24 @@ def save(folder: Path, write_weights: Callable[[Path], None], train_state: dict 
     temporary sibling and a rename, so it is complete or absent."""
     tmp = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_weights(tmp)
-    if train_state is not None:
-        save_torch_atomic(train_state, tmp / STATE_FILE)
+    try:
+        tmp.mkdir(parents=True)
+        write_weights(tmp)
+        if train_state is not None:
+            save_torch_atomic(train_state, tmp / STATE_FILE)
+    except OSError as e:  # a full disk: the previous checkpoints stay, the half-written folder goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(tmp, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # Swap in: the old copy (e.g. the previous best/) moves aside first, so a crash leaves one of the two.
     old = folder.parent / f".{folder.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
+    fsync_folder(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
     return folder
 
@@ -104,7 +124,7 @@ def save(folder: Path, write_weights: Callable[[Path], None], train_state: dict 
 def save_step(run_dir: Path, write_weights: Callable[[Path], None], train_state: dict, keep: int) -> Path:
     """ckpt/step_N with the train state, ckpt/latest pointing at it, and only the `keep` newest kept."""
     ckpt = checkpoint_dir(run_dir)
-    name = f"step_{train_state['step']:07d}"
+    name = step_name(train_state["step"])
     final = save(ckpt / name, write_weights, train_state)
     atomic_write_text(ckpt / LATEST, name + "\n")
     for old in sorted(ckpt.glob("step_*"))[:-keep] if keep > 0 else []:
@@ -136,7 +156,7 @@ def load_full(model: Transformer, folder: Path, check_config: bool = True) -> No
         saved = json.loads((folder / CONFIG_FILE).read_text())
         if saved != model.config.to_dict():
             raise LmlabError(f"cannot resume from {folder}: the model config differs from the checkpoint's")
-    model.load_weights(load_file(str(folder / MODEL_FILE)))
+    model.load_weights(load_safetensors(folder / MODEL_FILE))
 
 
 def save_weights(model, folder: Path, method: str, settings: dict, peft_file: str = PEFT_FILE) -> None:
@@ -162,7 +182,7 @@ def save_module(model: nn.Module, folder: Path, skip: str) -> None:
 
 
 def load_module(model: nn.Module, folder: Path, skip: str) -> None:
-    missing, unexpected = model.load_state_dict(load_file(str(folder / MODEL_FILE)), strict=False)
+    missing, unexpected = model.load_state_dict(load_safetensors(folder / MODEL_FILE), strict=False)
     missing = [k for k in missing if not k.endswith(skip)]
     if unexpected or missing:
         raise LmlabError(f"{folder} does not fit this model ({(unexpected or missing)[0]}); resume with the "
@@ -183,7 +203,7 @@ def load_model(path: str | Path, device="cpu") -> Transformer:
             raise LmlabError(f"{path} has no checkpoint yet (no ckpt/latest); train first with `lmlab train`")
         path = ckpt
     config = TransformerConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    model = Transformer.from_weights(config, load_file(str(path / MODEL_FILE)))
+    model = Transformer.from_weights(config, load_safetensors(path / MODEL_FILE))
     return model.to(device).eval()
 
 

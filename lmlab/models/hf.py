@@ -20,12 +20,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lmlab.errors import LmlabError
 from lmlab.models.transformer import Transformer, TransformerConfig
-from lmlab.util import atomic_write_text, save_safetensors_atomic
+from lmlab.util import atomic_write_text, load_safetensors, save_safetensors_atomic
 
 _GPT2_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 _FROM_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
@@ -346,7 +345,7 @@ def load_hf(folder: str | Path) -> Transformer:
                          f"(supported: {', '.join(_LOADERS)})")
     tensors = {}
     for path in weight_files:
-        tensors.update(load_file(str(path)))
+        tensors.update(load_safetensors(path))
     return loader(hf, tensors, str(folder))
 
 

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from lmlab.errors import LmlabError
-from lmlab.util import comma_list, option, save_safetensors_atomic
+from lmlab.errors import Damaged, LmlabError
+from lmlab.util import comma_list, first_line, option, save_safetensors_atomic
 
 
 class LoRALinear(nn.Module):
@@ -341,7 +341,8 @@ def read_peft(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise LmlabError(f"{path} is not a safetensors adapter file ({e})") from None
+        raise Damaged(f"{path} is damaged or not a safetensors adapter file ({first_line(e)}); download or "
+                      "rebuild it") from None
     if "method" not in meta or "settings" not in meta:
         raise LmlabError(f"{path} has no PEFT metadata (method, settings); was it written by lmlab's save_peft?")
     return meta, tensors

@@ -56,8 +56,16 @@ class TransformerConfig:
     pooler: bool = False  # BERT: dense + tanh on the first ([CLS]) token's final hidden state
 
     def __post_init__(self):
+        sizes = {"vocab_size": self.vocab_size, "block_size": self.block_size, "n_layer": self.n_layer,
+                 "n_head": self.n_head, "n_embd": self.n_embd,
+                 "n_kv_head": 1 if self.n_kv_head is None else self.n_kv_head,
+                 "intermediate_size": 1 if self.intermediate_size is None else self.intermediate_size}
+        problems = [f"{key}={value} (must be positive)" for key, value in sizes.items() if value < 1]
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            problems.append("norm_eps and rope_theta must be positive")
+        if problems:  # the divisibility checks below would only confuse (n_embd=-1 "is not divisible")
+            raise LmlabError("invalid model config: " + "; ".join(problems))
         n_kv = self.n_kv_head or self.n_head
-        problems = []
         if self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % n_kv:

@@ -54,7 +54,7 @@ from lmlab.evaluate import metrics as M
 from lmlab.evaluate.tasks import TASKS, Doc, Task, data_root, get_task, load_split
 from lmlab.models import checkpoint
 from lmlab.models.baseline import build_baseline
-from lmlab.models.hub import load_pretrained
+from lmlab.models.hub import load_pretrained, resolve
 from lmlab.models.peft import FULL, LoraConfig, add_lora, save_peft
 from lmlab.models.transformer import Transformer
 from lmlab.training.config import DEFAULT_LR, TrainConfig
@@ -404,6 +404,18 @@ def build(model_spec: str, data: LabelledTask, train_docs: list[Doc], *, method:
     return model, pre.tokenizer, body.config.causal, info
 
 
+def _check_budget(s: FinetuneSettings) -> None:
+    """The numbers of the run's length as one-line errors before anything loads (--epochs 0 trained one step)."""
+    if s.batch_size < 1:
+        raise LmlabError(f"--batch-size {s.batch_size}: use at least 1 example per step")
+    if s.micro_batch_size is not None and s.micro_batch_size < 1:
+        raise LmlabError(f"--micro-batch-size {s.micro_batch_size}: use at least 1 (or leave it out)")
+    if s.max_steps is None and not s.epochs > 0:
+        raise LmlabError(f"--epochs {s.epochs}: use a positive number of passes (e.g. 0.5, 3), or --max-steps N")
+    if s.max_steps is not None and s.max_steps < 1:
+        raise LmlabError(f"--max-steps {s.max_steps}: use at least 1, or leave it out for --epochs")
+
+
 def _train_config(s: FinetuneSettings, kind: str, n_train: int, run_dir: Path) -> TrainConfig:
     steps_per_epoch = math.ceil(n_train / s.batch_size)
     steps = s.max_steps or max(1, math.ceil(s.epochs * steps_per_epoch))
@@ -423,6 +435,9 @@ def finetune(s: FinetuneSettings, echo=print, command: str | None = None) -> dic
     run folder and results.json; return the results."""
     if s.method not in (FULL, "lora"):
         raise LmlabError(f"unknown method {s.method!r}; choose one of {FULL}, lora")
+    _check_budget(s)
+    if s.model not in BASELINES:
+        resolve(s.model)  # an unknown model is named before any data is read
     labels = parse_labels(s.labels)
     data = load_task(s.task, s.data_dir)
     train_docs = balanced_subset(data.train, labels, s.seed)

@@ -56,6 +56,24 @@ class TrainConfig:
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
     patience: int = 0  # fine-tuning: stop after this many evaluations without a better dev metric (0: never)
 
+    def __post_init__(self):
+        # Each bound is (key, holds, what it must be): one line per wrong value, naming the key and the fix.
+        at_least_one = ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_batches",
+                        "log_interval", "ckpt_interval")
+        checks = [(key, getattr(self, key) >= 1, "at least 1") for key in at_least_one]
+        checks += [(key, getattr(self, key) >= 0, "at least 0") for key in ("warmup_steps", "keep_checkpoints",
+                                                                              "patience", "weight_decay",
+                                                                              "grad_clip", "min_lr")]
+        checks += [("lr", self.lr > 0, "a positive number"),
+                   ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+                   ("time_limit", self.time_limit is None or self.time_limit > 0, "a positive number of seconds"),
+                   ("threads", self.threads is None or self.threads >= 1, "at least 1"),
+                   ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16")]
+        for key, holds, must in checks:
+            if not holds:
+                raise LmlabError(f"train.{key}={getattr(self, key)!r} is invalid: it must be {must} "
+                                 f"(e.g. --set train.{key}=...)")
+
 
 # The peak learning rate of each command and method when --lr is not given.
 DEFAULT_LR = {
@@ -80,24 +98,44 @@ class RunConfig:
 
 
 def _coerce(cls, section: str, values: dict) -> dict:
-    """Check keys against the dataclass and fix YAML's number quirks: YAML 1.1 reads `3e-4` as a string,
-    and `1e3` for an integer field should be 1000."""
+    """Check keys and value types against the dataclass, and fix YAML's number quirks: YAML 1.1 reads `3e-4` as a
+    string, and `1e3` for an integer field should be 1000. A value of the wrong type is a one-line error."""
+    if not isinstance(values, dict):
+        raise LmlabError(f"the '{section}' section must be a mapping of keys to values, not {values!r}")
     known = {f.name: str(f.type) for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise LmlabError(f"unknown key(s) in '{section}': {', '.join(unknown)} (known: {', '.join(known)})")
-    out = {}
-    for key, value in values.items():
-        kind = known[key]
-        if kind.startswith("float") and isinstance(value, (str, int)) and not isinstance(value, bool):
-            try:
-                value = float(value)
-            except ValueError:
-                raise LmlabError(f"{section}.{key}={value!r} is not a number") from None
-        elif kind.startswith("int") and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        out[key] = value
-    return out
+    return {key: _typed(f"{section}.{key}", known[key], value) for key, value in values.items()}
+
+
+def _typed(key: str, kind: str, value):
+    """`value` as the field type `kind` ("int", "float | None", ...) says, or a one-line error naming the key."""
+    base = kind.split("|")[0].strip()
+    if value is None:
+        if "None" in kind:
+            return None
+        raise LmlabError(f"{key} needs a value ({base}), not null")
+    if base == "float" and not isinstance(value, bool) and isinstance(value, (str, int, float)):
+        try:
+            return float(value)
+        except ValueError:
+            raise LmlabError(f"{key}={value!r} is not a number (e.g. --set {key}=3e-4)") from None
+    if base == "int" and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        raise LmlabError(f"{key}={value!r} is not a whole number (e.g. --set {key}=100)")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise LmlabError(f"{key}={value!r} is not true or false")
+    if base == "str" and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if base in ("float", "int", "str"):
+        raise LmlabError(f"{key}={value!r} is not a {dict(float='number', int='whole number', str='text')[base]}")
+    return value
 
 
 def _build(cls, section: str, values: dict):
@@ -143,9 +181,12 @@ def load_config(name: str | Path | None = None, overrides: list[str] | None = No
     if name is not None:
         path = resolve_config_path(name)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise LmlabError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if raw is None:  # an empty file would silently train the 10M default model into runs/default
+            raise LmlabError(f"{path} is empty: a config needs sections data, model, train (start from "
+                             f"{CONFIG_DIR / 'shakespeare-char.yaml'})")
         if not isinstance(raw, dict):
             raise LmlabError(f"{path} must be a mapping with sections data, model, train")
     unknown = sorted(set(raw) - {"data", "model", "train"})

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lmlab.errors import LmlabError
+from lmlab.errors import Damaged, Interrupted, LmlabError
 from lmlab.models import checkpoint
 from lmlab.training.config import TrainConfig
 from lmlab.training.distributed import Dist
@@ -138,16 +140,32 @@ class Checkpointer:
         self.objective.save(self.objective.model, folder)
 
     def resume(self, resume: bool) -> tuple[Progress, dict | None] | None:
-        """Restore the newest checkpoint (resume) and return its progress and best-evaluation state; None when
-        the run starts from scratch. A run folder that holds a run is refused unless resume."""
-        ckpt = checkpoint.latest(self.run_dir) if resume else None
-        if resume and ckpt is None and self.world.main:
-            print(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
+        """Restore the newest intact checkpoint (resume) and return its progress and best-evaluation state; None
+        when the run starts from scratch. A run folder that holds a run is refused unless resume, and resume
+        without a checkpoint is an error (a mistyped folder must not start a 12-hour run from scratch). A damaged
+        checkpoint (truncated weights, garbage train state) is skipped for the one before it, and said so."""
         refuse_existing_run(self.run_dir, resume)
-        if ckpt is None:
+        if not resume:
             return None
-        state = checkpoint.load_train_state(ckpt)
-        self.objective.load(self.objective.model, ckpt)
+        candidates = checkpoint.step_checkpoints(self.run_dir)
+        if not candidates:
+            raise LmlabError(f"--resume: {self.run_dir} holds no checkpoint to resume from; check the run folder, "
+                             "or leave out --resume to start a new run")
+        for ckpt in candidates:
+            try:
+                state = checkpoint.load_train_state(ckpt)
+                self.objective.load(self.objective.model, ckpt)
+            except Damaged as e:
+                if self.world.main:
+                    print(f"--resume: {e}; falling back to the checkpoint before it")
+                continue
+            if ckpt != candidates[0] and self.world.main:
+                print(f"--resume: resuming from the previous intact checkpoint {ckpt}")
+            return self._restore(state)
+        raise LmlabError(f"--resume: every checkpoint in {checkpoint.checkpoint_dir(self.run_dir)} is damaged; "
+                         "start a new run in another folder")
+
+    def _restore(self, state: dict) -> tuple[Progress, dict | None]:
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_data_state(state["data"])
         torch.set_rng_state(state["torch_rng"])
@@ -169,6 +187,32 @@ class Checkpointer:
     def save_best(self, step: int, figures: dict) -> None:
         if self.world.main:
             checkpoint.save_best(self.run_dir, self._write_weights, {"step": step, **figures})
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's kill) while training: the step in progress finishes, the loop
+    saves a checkpoint and raises Interrupted (the CLI exits 130 or 143). A second signal stops at once; the
+    atomic checkpoint writes keep the one before intact. Only the main thread can catch signals; elsewhere the
+    handlers are left as they are."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum, f"stopped by a second {signal.Signals(signum).name} before the checkpoint")
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _accumulation_steps(t: TrainConfig, world: Dist) -> int:
@@ -230,8 +274,9 @@ def fit(objective: Objective, t: TrainConfig, run_dir: str | Path, *, world: Dis
     DDP under torchrun, bf16 autocast on CUDA, torch.compile. Every eval_interval steps (and at the end) it
     evaluates; with `objective.best_metric` it keeps the best evaluation in run_dir/best/ and stops after
     `t.patience` evaluations without improvement (0: never). Checkpoints in run_dir/ckpt/ are written atomically
-    and `resume` continues from the newest on the same curve. `on_step(step, loss)` is called after each optimizer
-    step (the tests use it to kill a run part-way)."""
+    and `resume` continues from the newest intact one on the same curve. SIGINT or SIGTERM finishes the step,
+    saves a checkpoint and raises lmlab.errors.Interrupted (StopSignals). `on_step(step, loss)` is called after
+    each optimizer step (the tests use it to kill a run part-way)."""
     own_world = world is None
     world = world or Dist(t.device)
     try:
@@ -257,42 +302,65 @@ def _fit(objective: Objective, t: TrainConfig, run_dir: Path, world: Dist, resum
         _print_setup(objective, t, world, accum_steps)
     log = MetricsLog(run_dir, world.main, progress, t.max_steps, done.step, resumed=restored is not None)
     done.start = time.perf_counter()
-    loss_value, last_eval, stopped = float("nan"), {}, None
     model.train()
-    try:
-        while done.step < t.max_steps:
-            lr = set_lr(optimizer, lr_at(done.step, t, done.elapsed()))
-            loss_sum = _train_step(objective, forward, optimizer, t, world, accum_steps)
-            done.step += 1
-            done.tokens += t.batch_size * objective.tokens_per_row
-            log.rows(t.batch_size)
-            if done.step % t.log_interval == 0 or done.step == t.max_steps or on_step is not None:
-                loss_value = world.mean(float(loss_sum) / accum_steps)
-                log.train_step(done.step, loss_value, lr, done.elapsed(), objective.tokens_per_row, done.tokens)
-            log.bar.update(1)
-            # Each process reads its own clock; they must agree on the step they stop at.
-            over_time = t.time_limit is not None and world.any(done.elapsed() > t.time_limit)
-            last = done.step == t.max_steps or over_time
-            improved = False
-            if done.step % t.eval_interval == 0 or last:
-                last_eval = _evaluate(objective, world)
-                improved = best.update(done.step, last_eval)
-                log.evaluation(done.step, last_eval, done.elapsed())
-            if over_time:
-                stopped = "time_limit"
-            if best.out_of_patience:
-                stopped = "early_stopping"
-            if improved:
-                checkpointer.save_best(done.step, last_eval)
-            if done.step % t.ckpt_interval == 0 or last or best.out_of_patience:
-                checkpointer.save_step(done, best)
-            if on_step is not None:
-                on_step(done.step, loss_value)
-            if over_time or best.out_of_patience:
-                break
-    finally:
-        log.close()
+    with StopSignals() as signals:
+        try:
+            loss_value, last_eval, stopped = _steps(objective, t, world, forward, optimizer, accum_steps, done,
+                                                    best, checkpointer, log, on_step, signals)
+        finally:
+            log.close()
     return _summary(objective, run_dir, world, done, best, loss_value, last_eval, stopped)
+
+
+def _steps(objective, t: TrainConfig, world: Dist, forward, optimizer, accum_steps: int, done: Progress,
+           best: BestTracker, checkpointer: Checkpointer, log: MetricsLog, on_step, signals: StopSignals):
+    """The optimizer steps from done.step to the end (max_steps, the time limit, early stopping, or a signal,
+    which saves a checkpoint and raises Interrupted); returns (last training loss, last evaluation, why it
+    stopped early)."""
+    loss_value, last_eval, stopped = float("nan"), {}, None
+    while done.step < t.max_steps:
+        lr = set_lr(optimizer, lr_at(done.step, t, done.elapsed()))
+        loss_sum = _train_step(objective, forward, optimizer, t, world, accum_steps)
+        done.step += 1
+        done.tokens += t.batch_size * objective.tokens_per_row
+        log.rows(t.batch_size)
+        if done.step % t.log_interval == 0 or done.step == t.max_steps or on_step is not None:
+            loss_value = world.mean(float(loss_sum) / accum_steps)
+            log.train_step(done.step, loss_value, lr, done.elapsed(), objective.tokens_per_row, done.tokens)
+        log.bar.update(1)
+        # Each process reads its own clock; they must agree on the step they stop at.
+        over_time = t.time_limit is not None and world.any(done.elapsed() > t.time_limit)
+        last = done.step == t.max_steps or over_time
+        improved = False
+        if done.step % t.eval_interval == 0 or last:
+            last_eval = _evaluate(objective, world)
+            improved = best.update(done.step, last_eval)
+            log.evaluation(done.step, last_eval, done.elapsed())
+        if over_time:
+            stopped = "time_limit"
+        if best.out_of_patience:
+            stopped = "early_stopping"
+        if improved:
+            checkpointer.save_best(done.step, last_eval)
+        if done.step % t.ckpt_interval == 0 or last or best.out_of_patience:
+            checkpointer.save_step(done, best)
+        if on_step is not None:
+            on_step(done.step, loss_value)
+        if over_time or best.out_of_patience:
+            break
+        if world.any(signals.signum is not None):
+            _save_and_stop(checkpointer, done, best, signals.signum or signal.SIGTERM)
+    return loss_value, last_eval, stopped
+
+
+def _save_and_stop(checkpointer: Checkpointer, done: Progress, best: BestTracker, signum: int) -> None:
+    """A signal arrived: keep this step (unless it was just saved) and stop the command."""
+    folder = checkpoint.checkpoint_dir(checkpointer.run_dir) / checkpoint.step_name(done.step)
+    if not folder.is_dir():
+        checkpointer.save_step(done, best)
+    name = signal.Signals(signum).name
+    raise Interrupted(signum, f"{name} at step {done.step}: the checkpoint is saved in {folder}; continue with "
+                              "--resume")
 
 
 def _print_setup(objective: Objective, t: TrainConfig, world: Dist, accum_steps: int) -> None:

@@ -19,6 +19,7 @@ from lmlab.training.config import RunConfig, TrainConfig
 from lmlab.training.distributed import Dist
 from lmlab.training.loop import Objective
 from lmlab.training.run import TrainingRun
+from lmlab.util import device_memory
 
 
 class LanguageModeling(Objective):
@@ -92,6 +93,20 @@ class LanguageModeling(Objective):
 
 
 
+def _check_activation_memory(config, rows: int, device) -> None:
+    """Refuse a forward pass whose activations cannot fit the device's memory (model.block_size=100000 would
+    otherwise swap and stall). Korthikanti et al. (2022) count 34 s·b·h bytes of 16-bit activations a layer, kept
+    for backward (attention scores aside: long sequences take the fused kernel, which keeps none); in fp32 twice
+    that, plus the logits and their gradient."""
+    s, h = config.block_size, config.n_embd
+    need = 2 * 34 * s * rows * h * config.n_layer + 3 * 4 * s * rows * config.vocab_size
+    have = device_memory(device)
+    if have and need > have:
+        raise LmlabError(f"model.block_size={s} with train.micro_batch_size={rows} needs about {need / 2**30:.0f} "
+                         f"GiB of activations per forward pass, more than the {have / 2**30:.0f} GiB of {device}; "
+                         "lower model.block_size or train.micro_batch_size")
+
+
 def ensure_data(cfg: RunConfig, world: Dist) -> dict:
     """Prepare the data on first use (rank 0 only; the others wait), then return its meta.json."""
     data_dir = Path(cfg.data.dir)
@@ -110,6 +125,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step=None, progress: bool = T
         encoder = cfg.model.get("causal") is False
         # An encoder's [MASK] is one more token after the tokenizer's vocabulary.
         model_cfg = cfg.model_config(meta["vocab_size"] + (1 if encoder else 0))
+        _check_activation_memory(model_cfg, t.micro_batch_size, run.world.device)
         random.seed(t.seed)
         torch.manual_seed(t.seed)
         model = Transformer(model_cfg).to(run.world.device)

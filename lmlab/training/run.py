@@ -11,7 +11,7 @@ import torch
 from lmlab.training.config import TrainConfig
 from lmlab.training.distributed import Dist
 from lmlab.training.loop import Objective, fit, refuse_existing_run
-from lmlab.util import atomic_write_json, atomic_write_text
+from lmlab.util import atomic_write_json, atomic_write_text, check_writable
 
 
 class TrainingRun:
@@ -30,6 +30,8 @@ class TrainingRun:
         self.t, self.resume, self.run_dir = t, resume, Path(t.run_dir)
         refuse_existing_run(self.run_dir, resume, hint)
         self.world = Dist(t.device, dtype or t.dtype)
+        if self.world.main and not resume:  # (a resumed run's folder exists; a mistyped one must not appear)
+            check_writable(self.run_dir)  # before the data and the model load
 
     def __enter__(self) -> "TrainingRun":
         return self

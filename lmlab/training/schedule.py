@@ -8,17 +8,19 @@ import torch
 
 
 def lr_at(step: int, t, elapsed: float | None = None) -> float:
-    """Linear warmup to t.lr, then cosine decay to t.min_lr at t.max_steps.
+    """Linear warmup to t.lr over t.warmup_steps, then cosine decay to t.min_lr at t.max_steps.
 
-    With a time_limit, the decay also follows the clock (progress is the larger of steps and seconds used, as in
-    Geiping & Goldstein's "Cramming"), so a run that is slower than planned still anneals before it is stopped.
-    Such a schedule depends on the machine's speed; leave time_limit unset for bit-exact reproducibility."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    With a time_limit the whole schedule also runs on the clock: the run is as far along as the larger of its
+    steps and its share of the time (as in Geiping & Goldstein's "Cramming"), so warmup takes
+    warmup_steps / max_steps of the time and the decay the rest, and a run that makes fewer steps than planned
+    (a loaded machine) still warms up and anneals before it is stopped, instead of ending inside its warmup. Such
+    a schedule depends on the machine's speed; leave time_limit unset for bit-exact reproducibility."""
+    position = float(step)
     if t.time_limit and elapsed is not None:
-        progress = max(progress, elapsed / t.time_limit)
-    progress = min(1.0, progress)
+        position = max(position, elapsed / t.time_limit * t.max_steps)  # the clock, counted in steps
+    if position < t.warmup_steps:
+        return t.lr * min(1.0, (position + 1) / t.warmup_steps)
+    progress = min(1.0, (position - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
 
