@@ -12,6 +12,7 @@ from lmlab.errors import LmlabError
 from lmlab.inference.embed import Embedder, EmbedSettings, sentence_config
 
 sentence_transformers = pytest.importorskip("sentence_transformers", reason="the test extra: sentence-transformers")
+openai = pytest.importorskip("openai", reason="the test extra: openai")
 
 # Short, long (past max_seq_length 256), empty, and empty after tokenisation (spaces, control and zero-width
 # characters), accents and CJK: the inputs where pooling, truncation and padding could go wrong.
@@ -102,3 +103,97 @@ def test_embed_command_bad_input(minilm_path, tmp_path, capsys, content, flags, 
     err = capsys.readouterr().err
     assert message in err and err.startswith("lmlab embed: error:") and err.count("\n") == 1
     assert not list(tmp_path.glob("v.*"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# POST /v1/embeddings
+
+
+@pytest.fixture(scope="module")
+def served_embeddings(minilm_path, tmp_path_factory):
+    from lmlab.inference.server import build
+    from tests.test_serve import RunningServer, make_tiny_model_folder
+
+    llm = make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "tiny-chat")
+    running = RunningServer(build(str(llm), max_batch=2, context=64, embedding_model=str(minilm_path)))
+    yield running
+    running.close()
+
+
+def test_openai_client_embeddings_create(served_embeddings, reference):
+    """The official client (which asks for base64 by default) gets sentence-transformers' vectors, in order."""
+    client = served_embeddings.client()
+    texts = ["A man is playing a guitar.", "word " * 200, "東京"]
+    response = client.embeddings.create(model="minilm-l6", input=texts)
+    got = torch.tensor([d.embedding for d in response.data])
+    want = torch.from_numpy(reference.encode(texts))
+    assert [d.index for d in response.data] == [0, 1, 2] and got.shape == (3, 384)
+    assert ((got * want).sum(-1)).min() >= 0.99999
+    ids = served_embeddings.server.embeddings.embedder.encode(texts)
+    assert response.usage.prompt_tokens == response.usage.total_tokens == sum(map(len, ids))
+    as_float = client.embeddings.create(model="minilm-l6", input=texts[0], encoding_format="float")
+    assert torch.allclose(torch.tensor(as_float.data[0].embedding), got[0], atol=1e-6)
+    models = [m.id for m in client.models.list().data]
+    assert models == ["tiny-chat", "minilm-l6"]
+
+
+def test_token_id_inputs_embed_as_their_text(served_embeddings, minilm_path):
+    tok = served_embeddings.server.embeddings.embedder.pretrained.tokenizer
+    ids = [tok.encode(t, add_special_tokens=False).ids for t in ("hello world", "a second text")]
+    _, _, by_ids = served_embeddings.request("POST", "/v1/embeddings", {"model": "minilm-l6", "input": ids})
+    _, _, by_text = served_embeddings.request("POST", "/v1/embeddings",
+                                              {"model": "minilm-l6", "input": ["hello world", "a second text"]})
+    _, _, one = served_embeddings.request("POST", "/v1/embeddings", {"model": "minilm-l6", "input": ids[0]})
+    assert np.allclose([d["embedding"] for d in by_ids["data"]], [d["embedding"] for d in by_text["data"]],
+                       atol=1e-6)
+    assert np.allclose(one["data"][0]["embedding"], by_text["data"][0]["embedding"], atol=1e-6)
+
+
+def test_concurrent_embedding_requests_share_model_passes(served_embeddings):
+    import asyncio
+
+    client = served_embeddings.client()
+    service = served_embeddings.server.embeddings
+    before = service.passes
+    texts = [f"sentence number {i} about topic {i % 3}" for i in range(16)]
+
+    async def all_at_once():
+        async_client = openai.AsyncOpenAI(base_url=served_embeddings.url + "/v1", api_key="none", max_retries=0)
+        return await asyncio.gather(*[async_client.embeddings.create(model="minilm-l6", input=t) for t in texts])
+
+    responses = asyncio.run(all_at_once())
+    alone = torch.tensor(client.embeddings.create(model="minilm-l6", input=texts[5]).data[0].embedding)
+    assert torch.allclose(torch.tensor(responses[5].data[0].embedding), alone, atol=1e-5)
+    assert service.passes - before - 1 < len(texts)  # some requests were batched together
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"model": "minilm-l6", "input": 3}, 400, "'input' must be a string, an array of strings"),
+    ({"model": "minilm-l6", "input": []}, 400, "'input' must be"),
+    ({"model": "minilm-l6", "input": ["a", 1]}, 400, "'input' must be"),
+    ({"model": "minilm-l6", "input": [[1, 2], []]}, 400, "'input' must be"),
+    ({"model": "minilm-l6", "input": ""}, 400, "must not contain empty strings"),
+    ({"model": "minilm-l6", "input": [10 ** 9]}, 400, "outside the vocabulary"),
+    ({"model": "minilm-l6", "input": "word " * 300}, 400, "reads at most 256"),
+    ({"model": "minilm-l6", "input": "a", "encoding_format": "int8"}, 400, "'encoding_format' must be"),
+    ({"model": "minilm-l6", "input": "a", "dimensions": 128}, 400, "does not support 'dimensions'"),
+    ({"model": "tiny-chat", "input": "a"}, 400, "decoder-only language model"),
+    ({"model": "other", "input": "a"}, 404, "does not exist on this server"),
+    ({"input": "a"}, 400, "you must provide a model parameter"),
+])
+def test_bad_embedding_requests_get_openai_error_bodies(served_embeddings, body, status, message):
+    code, _, reply = served_embeddings.request("POST", "/v1/embeddings", body)
+    assert code == status and message in reply["error"]["message"], reply
+    assert set(reply["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_server_without_embedding_model_says_how_to_add_one(tmp_path):
+    from lmlab.inference.server import build
+    from tests.test_serve import RunningServer, make_tiny_model_folder
+
+    running = RunningServer(build(str(make_tiny_model_folder(tmp_path / "tiny")), max_batch=1, context=32))
+    try:
+        code, _, reply = running.request("POST", "/v1/embeddings", {"model": "x", "input": "a"})
+        assert code == 404 and "--embedding-model" in reply["error"]["message"]
+    finally:
+        running.close()
