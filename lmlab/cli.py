@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from lmlab.apps.rag import rag_ask, rag_chat, rag_index
+from lmlab.apps.rag_eval import eval_answers, eval_retrieval
 from lmlab.data.corpus import prepare
 from lmlab.errors import LmlabError
 from lmlab.evaluate import run_eval
@@ -347,18 +348,20 @@ VERBS = [
     Verb("rag index", rag_index, positional=("docs",), show=True),
     Verb("rag ask", rag_ask, positional=("index", "question"), hidden=("stop_at_eos",), defaults=_RAG_DEFAULTS),
     Verb("rag chat", rag_chat, positional=("index",), hidden=("stop_at_eos", "out"), defaults=_RAG_DEFAULTS),
+    Verb("rag eval-retrieval", eval_retrieval, show=True),
+    Verb("rag eval-answers", eval_answers, show=True),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="A hands-on laboratory for language models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
     groups: dict[str, Any] = {}  # "rag index" is the verb index of the command group rag
     for verb in VERBS:
         group, _, name = verb.name.rpartition(" ")
         if group and group not in groups:
             groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(
-                dest="subcommand", required=True, metavar="SUBCOMMAND")
+                dest="subcommand", required=True, metavar="SUBCOMMAND", help=f"what {group} does")
         add_verb(groups[group] if group else sub, verb, name)
     return parser
 

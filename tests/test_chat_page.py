@@ -90,3 +90,55 @@ def test_chat_page_streams_an_answer_and_keeps_the_conversation(running):
             assert page.locator("#error").is_hidden()
         finally:
             browser.close()
+
+
+def test_chat_page_retrieval_switch_shows_the_cited_sources(running, minilm_path, tmp_path):
+    """A server with --rag: the page offers the switch (a server without an index does not, see above); with it
+    on, the question goes out with the retrieved chunks numbered before it, the answer is the model's answer to
+    exactly those messages, and the sources are listed under it."""
+    from lmlab.inference.rag_api import RagService
+    from tests.test_rag import FACTS
+
+    docs = tmp_path / "docs"
+    for name, text in FACTS.items():
+        (docs / name).parent.mkdir(parents=True, exist_ok=True)
+        (docs / name).write_text(text, encoding="utf-8")
+    from lmlab.apps.rag import rag_index
+
+    rag_index(str(docs), str(tmp_path / "idx"), str(minilm_path), chunk_tokens=12, overlap=2, progress=False)
+    question = "When does the night train from Vienna leave?"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.goto(running.url + "/")
+            sync_api.expect(page.locator("#model-name")).to_have_text("tiny-chat")
+            assert page.get_by_label("Answer from the documents (retrieval)").is_hidden()
+            running.server.rag = RagService(tmp_path / "idx")
+            page.reload()
+            switch = page.get_by_label("Answer from the documents (retrieval)")
+            sync_api.expect(switch).to_be_visible()
+            switch.check()
+            page.locator("summary").click()
+            page.get_by_label("Temperature (0 is greedy)").fill("0")
+            page.get_by_label("Longest answer, in tokens").fill("8")
+            page.get_by_label("Sources retrieved per question (with retrieval on)").fill("1")
+            with page.expect_request("**/v1/chat/completions") as sent:
+                page.get_by_label("Message", exact=True).fill(question)
+                page.get_by_role("button", name="Send").click()
+            messages = sent.value.post_data_json["messages"]
+            assert messages[-1]["content"].startswith("Sources:\n[1] The night train from Vienna")
+            assert "[2]" not in messages[-1]["content"]
+            assert messages[-1]["content"].endswith(f"Question: {question}")
+            sources = page.get_by_role("list", name="Sources").locator("li")
+            sync_api.expect(sources.first).to_contain_text("trains.txt")
+            sync_api.expect(page.get_by_role("button", name="Send")).to_be_enabled(timeout=20_000)
+            expected = running.client().chat.completions.create(model="tiny-chat", messages=messages, max_tokens=8,
+                                                                temperature=0)
+            reply = page.locator("#conversation li.assistant .content").first
+            sync_api.expect(reply).to_have_text(expected.choices[0].message.content)
+            assert page.locator("#error").is_hidden()
+        finally:
+            running.server.rag = None
+            browser.close()

@@ -19,7 +19,7 @@ from typing import Callable, TextIO
 from lmlab.data.documents import chunk_documents
 from lmlab.errors import LmlabError
 from lmlab.inference.chat import answer
-from lmlab.inference.embed import Embedder, EmbedSettings
+from lmlab.inference.embed import Embedder
 from lmlab.inference.generate import SamplingParams
 from lmlab.inference.retrieval import Backend, Index, citations, grounded_messages, query_vector
 from lmlab.models.hub import Pretrained, load_pretrained
@@ -68,9 +68,7 @@ class Rag:
     def load(cls, index: str | Path, llm: str | Pretrained = DEFAULT_LLM, k: int = 4, backend: Backend = "torch",
              embedder: Embedder | None = None) -> "Rag":
         loaded = Index.load(index)
-        embedder = embedder or Embedder.load(loaded.model["name"], EmbedSettings(
-            pooling=loaded.model["pooling"], normalize="yes" if loaded.model["normalize"] else "no",
-            max_length=loaded.model["max_length"]))
+        embedder = embedder or loaded.load_embedder()
         loaded.check_model(embedder)
         pretrained = llm if isinstance(llm, Pretrained) else load_pretrained(llm)
         if pretrained.chat_template is None:

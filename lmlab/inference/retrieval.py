@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from lmlab.data.documents import Chunk
 from lmlab.errors import LmlabError
-from lmlab.inference.embed import Embedder
+from lmlab.inference.embed import Embedder, EmbedSettings
 from lmlab.util import atomic_write_json, save_safetensors_atomic
 
 FORMAT = 1
@@ -74,6 +74,14 @@ class Index:
               progress: bool = False) -> "Index":
         vectors = embedder.embed([c.text for c in chunks], progress=progress)
         return cls(describe(embedder), chunks, vectors, chunking)
+
+    def load_embedder(self) -> Embedder:
+        """The index's own embedding model, with the pooling, normalisation and length it was built with."""
+        m = self.model
+        embedder = Embedder.load(m["name"], EmbedSettings(pooling=m["pooling"], normalize="yes" if m["normalize"]
+                                                          else "no", max_length=m["max_length"]))
+        self.check_model(embedder)
+        return embedder
 
     def check_model(self, embedder: Embedder) -> None:
         """Refuse an embedding model other than the index's own."""

@@ -31,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from lmlab.errors import LmlabError
 from lmlab.inference.embed import Embedder
 from lmlab.inference.embeddings_api import EmbeddingService
+from lmlab.inference.rag_api import RagService
 from lmlab.inference.engine import DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent
 from lmlab.inference.protocol import (ApiError, TokenNames, check_model, include_usage, parse_chat,
                                       parse_completion, usage)
@@ -45,7 +46,8 @@ class Server:
     """The API's logic: a loaded model, its engine, and counters for /metrics."""
 
     def __init__(self, pretrained, engine: Engine, model_id: str, api_key: str | None = None,
-                 max_body: int = MAX_BODY_BYTES, embeddings: EmbeddingService | None = None):
+                 max_body: int = MAX_BODY_BYTES, embeddings: EmbeddingService | None = None,
+                 rag: RagService | None = None):
         self.pretrained = pretrained
         self.tokenizer = pretrained.tokenizer
         self.engine = engine
@@ -56,6 +58,7 @@ class Server:
         self.http_requests: dict[tuple[str, int], int] = {}
         self.names = TokenNames(self.tokenizer)
         self.embeddings = embeddings  # the embedding model of /v1/embeddings, if the server has one
+        self.rag = rag  # the index of /v1/rag (the chat page's retrieval switch), if the server has one
 
     # ------------------------------------------------------------------------------------------------------------
     # Shared request handling: key, body; running requests on the engine
@@ -294,6 +297,16 @@ class Server:
         check_model(body, (self.embeddings.model_id, self.embeddings.embedder.name))
         return JSONResponse(await self.embeddings.respond(body))
 
+    async def rag_info(self, body, http):
+        if self.rag is None:
+            raise ApiError(404, "this server has no index; start it with --rag INDEX (lmlab rag index)", None,
+                           "not_found")
+        return JSONResponse(self.rag.info())
+
+    async def rag_context(self, body: dict, http: HttpRequest):
+        await self.rag_info(body, http)
+        return JSONResponse(await asyncio.to_thread(self.rag.context, body))  # embedding off the event loop
+
     # ------------------------------------------------------------------------------------------------------------
     # /v1/models, /metrics
 
@@ -366,6 +379,14 @@ def create_app(server: Server) -> FastAPI:
     async def embeddings(http: HttpRequest):
         return await server.handle(http, "/v1/embeddings", server.embed)
 
+    @app.get("/v1/rag")
+    async def rag_info(http: HttpRequest):
+        return await server.handle(http, "/v1/rag", server.rag_info, needs_body=False)
+
+    @app.post("/v1/rag/context")
+    async def rag_context(http: HttpRequest):
+        return await server.handle(http, "/v1/rag/context", server.rag_context)
+
     @app.get("/")
     async def page():
         return FileResponse(STATIC / "index.html")
@@ -391,6 +412,7 @@ class ServerSettings:
                                           "tokens do not depend on what else runs (slower for a lone request)")
     device: str = option("auto", "auto | cpu | cuda | mps")
     embedding_model: str | None = option(None, "also serve this sentence encoder at /v1/embeddings (minilm-l6)")
+    rag: str | None = option(None, "an index folder (lmlab rag index) the chat page can answer from")
 
 
 def build(model: str, settings: ServerSettings | None = None, **overrides) -> Server:
@@ -413,7 +435,8 @@ def build(model: str, settings: ServerSettings | None = None, **overrides) -> Se
         embedder = Embedder.load(s.embedding_model)
         embedder.model.to(pick_device(s.device))
         embeddings = EmbeddingService(embedder, model_id_for(s.embedding_model))
-    return Server(pretrained, engine, model_id_for(model), api_key=s.api_key, embeddings=embeddings)
+    rag = RagService(s.rag) if s.rag else None
+    return Server(pretrained, engine, model_id_for(model), api_key=s.api_key, embeddings=embeddings, rag=rag)
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
