@@ -25,12 +25,17 @@ def embedder(minilm_path):
     return Embedder.load(minilm_path)
 
 
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("docs")
+def write_docs(root):
+    """FACTS as a folder of documents (one in a subfolder)."""
     for name, text in FACTS.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    root = write_docs(tmp_path_factory.mktemp("docs"))
     rows = [{"text": "The capital of Australia is Canberra, not Sydney."}, {"text": "Honey never spoils."}]
     (root / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     (root / "image.png").write_bytes(b"\x89PNG")  # not a document suffix: skipped
@@ -98,6 +103,22 @@ def test_an_index_refuses_another_embedding_model(index_dir, minilm_path, docs, 
                  "300", "--no-progress"]) == 2
     assert "--chunk-tokens 300 is more than" in capsys.readouterr().err
     assert (index_dir / "vectors.safetensors").read_bytes() == before
+
+
+def test_rebuilding_an_index_with_another_model_is_refused(index_dir, minilm_path, docs, tmp_path, capsys):
+    """Another BERT (random, small, with MiniLM's tokenizer) cannot overwrite the index: nothing is lost."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=37, max_position_embeddings=40)
+    transformers.BertModel(config).save_pretrained(tmp_path / "other")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (tmp_path / "other" / name).write_bytes((minilm_path / name).read_bytes())
+    before = {p.name: p.read_bytes() for p in index_dir.iterdir()}
+    assert main(["rag", "index", str(docs), "--out", str(index_dir), "--model", str(tmp_path / "other"),
+                 "--chunk-tokens", "16", "--no-progress"]) == 2
+    assert "the index was built with embedding model" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in index_dir.iterdir()} == before
 
 
 @pytest.mark.parametrize("setup, message", [

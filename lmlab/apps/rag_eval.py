@@ -171,7 +171,7 @@ def _score(answer: str, gold: str) -> tuple[bool, bool]:
     return answer.strip().strip(".\"' ") == gold, gold in answer
 
 
-def eval_answers(wikitext: str, out: str = "docs/results/rag", questions: int = 60, k: int = 3,
+def eval_answers(wikitext: str, out: str = "docs/results/rag", questions: int = 40, articles: int = 20, k: int = 3,
                  llm: str = DEFAULT_LLM, embedding_model: str = "minilm-l6", work: str = "runs/rag-eval",
                  seed: int = 0, command: str | None = None) -> dict:
     """Answer quality of a chat model with and without retrieval, on cloze questions from indexed WikiText.
@@ -180,13 +180,14 @@ def eval_answers(wikitext: str, out: str = "docs/results/rag", questions: int = 
         wikitext: a raw WikiText file (the course's ../shared/data/wikitext-2/wiki.test.raw)
         out: the results folder
         questions: how many questions
+        articles: index the first this many articles of the file (0: all of them)
         k: chunks retrieved per question
         llm: the chat model that answers
         embedding_model: the embedding model of the index
         work: where the documents and the index are written
         seed: the sample's seed
     """
-    articles = wikitext_articles(Path(wikitext))
+    articles = wikitext_articles(Path(wikitext))[:articles or None]
     docs = Path(work) / "docs"
     for i, (title, text) in enumerate(articles):
         atomic_write_text(docs / f"{i:03d}.txt", text)
