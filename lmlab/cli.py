@@ -27,12 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from lmlab.apps.rag import rag_ask, rag_chat, rag_index
+from lmlab.apps.rag_eval import eval_answers, eval_retrieval
 from lmlab.data.corpus import prepare
 from lmlab.errors import LmlabError
 from lmlab.evaluate import run_eval
 from lmlab.experiments.demo import demo
 from lmlab.experiments.paradigms import GLUE_TASKS, paradigms
 from lmlab.inference.chat import answer, chat_loop
+from lmlab.inference.embed import embed
 from lmlab.inference.generate import SamplingParams, beam_search, stream
 from lmlab.inference.sample import prompt_ids
 from lmlab.inference.server import serve
@@ -173,12 +176,12 @@ def _add_settings(parser, verb: Verb, cls, prefix: str = "", instance=None) -> N
         parser.add_argument(*_flag_names(name, default, verb.names.get(name, ())), dest=name, **kwargs)
 
 
-def add_verb(sub, verb: Verb) -> None:
+def add_verb(sub, verb: Verb, name: str | None = None) -> None:
     fn = verb.function
     hints = typing.get_type_hints(fn)
     helps = docstring_args(fn)
     doc = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
-    parser = sub.add_parser(verb.name, help=verb.help or doc, description=verb.help or doc,
+    parser = sub.add_parser(name or verb.name, help=verb.help or doc, description=verb.help or doc,
                             formatter_class=_HelpFormatter)
     for p in inspect.signature(fn).parameters.values():
         annotation = hints.get(p.name, str)
@@ -325,6 +328,8 @@ def export(model: str, out: str, format: str = "hf") -> str:
 
 _SAMPLE_DEFAULTS = {"prompt": "\n", "max_new_tokens": 300, "temperature": 0.8, "seed": 1337}
 
+_RAG_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.0}
+
 VERBS = [
     Verb("prepare", prepare, positional=("source",), show=True),
     Verb("train", train, positional=("config",), show=True, argparse={"set": {"metavar": "KEY=VALUE"}}),
@@ -343,14 +348,25 @@ VERBS = [
     Verb("sft", run_sft),
     Verb("dpo", run_dpo),
     Verb("serve", serve),
+    Verb("embed", embed, show=True),
+    Verb("rag index", rag_index, positional=("docs",), show=True),
+    Verb("rag ask", rag_ask, positional=("index", "question"), hidden=("stop_at_eos",), defaults=_RAG_DEFAULTS),
+    Verb("rag chat", rag_chat, positional=("index",), hidden=("stop_at_eos", "out"), defaults=_RAG_DEFAULTS),
+    Verb("rag eval-retrieval", eval_retrieval, show=True),
+    Verb("rag eval-answers", eval_answers, show=True),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="A hands-on laboratory for language models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+    groups: dict[str, Any] = {}  # "rag index" is the verb index of the command group rag
     for verb in VERBS:
-        add_verb(sub, verb)
+        group, _, name = verb.name.rpartition(" ")
+        if group and group not in groups:
+            groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(
+                dest="subcommand", required=True, metavar="SUBCOMMAND", help=f"what {group} does")
+        add_verb(groups[group] if group else sub, verb, name)
     return parser
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,10 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = call_verb(args)
     except LmlabError as e:
-        print(f"lmlab {args.command}: error: {e}", file=sys.stderr)
+        print(f"lmlab {args._verb.name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or lmlab.errors.Interrupted: SIGINT/SIGTERM after a checkpoint
-        print(f"lmlab {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        print(f"lmlab {args._verb.name}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
     if args._verb.show and result is not None:
         print(_json.dumps(result, indent=2, default=str) if isinstance(result, (dict, list)) else result)

@@ -2,6 +2,7 @@
 over 600 lines, no function over 80, no import inside a function except of optional heavy packages, and every
 command-line flag has its help text."""
 
+import argparse
 import ast
 import shutil
 import subprocess
@@ -56,10 +57,18 @@ def test_imports_at_the_top(path):
     assert not lazy, f"imports inside functions of {path.name}: {lazy}"
 
 
+def _commands(parser, prefix="lmlab"):
+    """(command line, parser) of every command, verb groups included (lmlab rag index)."""
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, f"{prefix} {name}")
+
+
 def test_every_flag_has_help():
-    parser = build_parser()
-    verbs = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
-    missing = [f"lmlab {name} {'/'.join(action.option_strings) or action.dest}"
-               for name, sub in verbs.choices.items() for action in sub._actions
+    missing = [f"{name} {'/'.join(action.option_strings) or action.dest}"
+               for name, sub in _commands(build_parser()) for action in sub._actions
                if action.dest != "help" and not action.help]
     assert not missing, f"flags without help text: {missing}"
+    assert "lmlab rag index" in dict(_commands(build_parser()))

@@ -63,7 +63,7 @@ class _Source:
     extra: dict = field(default_factory=dict)  # added to meta.json's "source"
 
 
-def _check_looks_like_text(path: Path) -> None:
+def check_looks_like_text(path: Path) -> None:
     """Refuse a file that is mostly not UTF-8 text (a binary, or UTF-16), before we spend a pass on it."""
     with open(path, "rb") as f:
         sample = f.read(_BINARY_SAMPLE_BYTES)
@@ -77,7 +77,7 @@ def _check_looks_like_text(path: Path) -> None:
 
 def _text_pieces(path: Path, chunk_chars: int, stats: StreamStats) -> Iterator[str]:
     """A text file as pieces of chunk_chars characters (see the module docstring for the decoding policy)."""
-    _check_looks_like_text(path)
+    check_looks_like_text(path)
     fffd = 0
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         while piece := f.read(chunk_chars):
@@ -119,7 +119,7 @@ def _record_text(record, field_name: str, where: str, stats: StreamStats) -> str
 
 def _jsonl_source(name: str, path: Path, text_field: str) -> _Source:
     def documents(stats):
-        _check_looks_like_text(path)
+        check_looks_like_text(path)
         fffd = 0
         with open(path, encoding="utf-8-sig", errors="replace") as f:
             for lineno, line in enumerate(f, 1):

@@ -12,6 +12,7 @@ ones that are not a mean over examples: F1, Matthews correlation, Pearson/Spearm
     perplexity                 exp(-sum(log-likelihood) / sum(units)): words for word perplexity, examples for
                                LAMBADA (each target counts 1), tokens or characters otherwise
     bits_per_byte              -sum(log-likelihood) / sum(bytes) / ln 2
+    retrieval_metrics          Recall@k, MRR@k and nDCG@k (binary relevance) of ranked results, as BEIR/MTEB
 
 `Scored` holds one evaluation run's per-example columns and computes any metric above, by name, over any subset
 of the examples (a task, a source dataset), with its bootstrap standard error.
@@ -85,6 +86,22 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 def spearman(preds: Sequence[float], golds: Sequence[float]) -> float:
     """Pearson correlation of the ranks."""
     return pearson(_ranks(np.asarray(preds, dtype=np.float64)), _ranks(np.asarray(golds, dtype=np.float64)))
+
+
+def retrieval_metrics(rankings: Sequence[Sequence], relevant: Sequence[set], ks: Sequence[int] = (1, 5, 10),
+                      cutoff: int = 10) -> dict[str, float]:
+    """Means over queries: Recall@k = |relevant in the top k| / |relevant|; MRR@cutoff = 1/rank of the first
+    relevant result (0 past the cutoff); nDCG@cutoff = sum over relevant results at rank r of 1/log2(r + 1),
+    divided by its best possible value (all relevant results first)."""
+    scores = {f"recall@{k}": 0.0 for k in ks} | {f"mrr@{cutoff}": 0.0, f"ndcg@{cutoff}": 0.0}
+    for ranked, rel in zip(rankings, relevant, strict=True):
+        hits = [r for r, item in enumerate(ranked, 1) if item in rel]
+        for k in ks:
+            scores[f"recall@{k}"] += sum(r <= k for r in hits) / len(rel)
+        scores[f"mrr@{cutoff}"] += 1 / hits[0] if hits and hits[0] <= cutoff else 0.0
+        ideal = sum(1 / math.log2(r + 1) for r in range(1, min(len(rel), cutoff) + 1))
+        scores[f"ndcg@{cutoff}"] += sum(1 / math.log2(r + 1) for r in hits if r <= cutoff) / ideal
+    return {name: value / len(rankings) for name, value in scores.items()}
 
 
 def perplexity(logliks: Sequence[float], units: Sequence[float] | None = None) -> float:

@@ -33,6 +33,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from lmlab.errors import LmlabError
+from lmlab.inference.embed import Embedder
+from lmlab.inference.embeddings_api import EmbeddingService
+from lmlab.inference.rag_api import RagService
 from lmlab.inference.engine import DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent
 from lmlab.inference.protocol import (ApiError, Limits, TokenNames, check_model, include_usage, parse_chat,
                                       parse_completion, usage)
@@ -47,7 +50,8 @@ class Server:
     """The API's logic: a loaded model, its engine, and counters for /metrics."""
 
     def __init__(self, pretrained, engine: Engine, model_id: str, api_key: str | None = None,
-                 max_body: int = MAX_BODY_BYTES):
+                 max_body: int = MAX_BODY_BYTES, embeddings: EmbeddingService | None = None,
+                 rag: RagService | None = None):
         self.pretrained = pretrained
         self.tokenizer = pretrained.tokenizer
         self.engine = engine
@@ -59,6 +63,8 @@ class Server:
         self.names = TokenNames(self.tokenizer)
         self.limits = Limits(engine.context, engine.context * self.names.longest, max(engine.max_queue, 1),
                              engine.max_batch)
+        self.embeddings = embeddings  # the embedding model of /v1/embeddings, if the server has one
+        self.rag = rag  # the index of /v1/rag (the chat page's retrieval switch), if the server has one
 
     # ------------------------------------------------------------------------------------------------------------
     # Shared request handling: key, body; running requests on the engine
@@ -298,12 +304,40 @@ class Server:
             yield {**meta, "choices": [], "usage": usage(len(handles[0].request.prompt), completion_tokens)}
 
     # ------------------------------------------------------------------------------------------------------------
+    # /v1/embeddings (lmlab.inference.embeddings_api)
+
+    async def embed(self, body: dict, http: HttpRequest):
+        if body.get("model") in (self.model_id, self.pretrained.name):
+            served = self.embeddings.model_id if self.embeddings else "start the server with --embedding-model"
+            raise ApiError(400, f"{self.model_id} is a decoder-only language model: /v1/embeddings needs an "
+                                f"embedding model ({served})", "model", "invalid_value")
+        if self.embeddings is None:
+            raise ApiError(404, "this server has no embedding model; start it with --embedding-model minilm-l6",
+                           "model", "model_not_found")
+        check_model(body, (self.embeddings.model_id, self.embeddings.embedder.name))
+        return JSONResponse(await self.embeddings.respond(body))
+
+    async def rag_info(self, body, http):
+        if self.rag is None:
+            raise ApiError(404, "this server has no index; start it with --rag INDEX (lmlab rag index)", None,
+                           "not_found")
+        return JSONResponse(self.rag.info())
+
+    async def rag_context(self, body: dict, http: HttpRequest):
+        await self.rag_info(body, http)
+        return JSONResponse(await asyncio.to_thread(self.rag.context, body))  # embedding off the event loop
+
+    # ------------------------------------------------------------------------------------------------------------
     # /v1/models, /metrics
 
     async def models(self, body, http):
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.model_id, "object": "model", "created": self.created, "owned_by": "lmlab",
-            "max_model_len": self.engine.context, "chat": self.pretrained.chat_template is not None}]})
+        data = [{"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lmlab",
+                 "max_model_len": self.engine.context, "chat": self.pretrained.chat_template is not None}]
+        if self.embeddings is not None:
+            data.append({"id": self.embeddings.model_id, "object": "model", "created": self.created,
+                         "owned_by": "lmlab", "max_model_len": self.embeddings.embedder.max_length,
+                         "embedding": True})
+        return JSONResponse({"object": "list", "data": data})
 
     def metrics_text(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
@@ -386,6 +420,18 @@ def create_app(server: Server) -> FastAPI:
     async def chat(http: HttpRequest):
         return await server.handle(http, "/v1/chat/completions", server.chat)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(http: HttpRequest):
+        return await server.handle(http, "/v1/embeddings", server.embed)
+
+    @app.get("/v1/rag")
+    async def rag_info(http: HttpRequest):
+        return await server.handle(http, "/v1/rag", server.rag_info, needs_body=False)
+
+    @app.post("/v1/rag/context")
+    async def rag_context(http: HttpRequest):
+        return await server.handle(http, "/v1/rag/context", server.rag_context)
+
     @app.get("/")
     async def page():
         return FileResponse(STATIC / "index.html")
@@ -413,6 +459,8 @@ class ServerSettings:
     batch_invariant: bool = option(False, "decode at the full --max-batch shape every step, so that a request's "
                                           "tokens do not depend on what else runs (slower for a lone request)")
     device: str = option("auto", "auto | cpu | cuda | mps")
+    embedding_model: str | None = option(None, "also serve this sentence encoder at /v1/embeddings (minilm-l6)")
+    rag: str | None = option(None, "an index folder (lmlab rag index) the chat page can answer from")
 
 
 def build(model: str, settings: ServerSettings | None = None, **overrides) -> Server:
@@ -430,7 +478,13 @@ def build(model: str, settings: ServerSettings | None = None, **overrides) -> Se
     context = s.context or min(pretrained.context_length, 2048)  # the KV cache holds max_batch x context positions
     engine = Engine(pretrained.model, pretrained.tokenizer, pretrained.eos_ids, max_batch=s.max_batch,
                     max_queue=s.max_queue, context=context, batch_invariant=s.batch_invariant)
-    return Server(pretrained, engine, model_id_for(model), api_key=s.api_key)
+    embeddings = None
+    if s.embedding_model:
+        embedder = Embedder.load(s.embedding_model)
+        embedder.model.to(pick_device(s.device))
+        embeddings = EmbeddingService(embedder, model_id_for(s.embedding_model))
+    rag = RagService(s.rag) if s.rag else None
+    return Server(pretrained, engine, model_id_for(model), api_key=s.api_key, embeddings=embeddings, rag=rag)
 
 
 def listen(host: str, port: int) -> socket.socket:

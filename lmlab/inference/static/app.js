@@ -1,5 +1,7 @@
 // The chat page: keeps the conversation in `messages`, sends it all to /v1/chat/completions with stream: true,
 // and appends each streamed delta to the answer as it arrives. Plain JavaScript, no build step.
+// With retrieval on (a server started with --rag INDEX), /v1/rag/context first turns the question into messages
+// holding the retrieved sources, numbered; the sources are listed under the answer.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -32,6 +34,36 @@ function addMessage(role, text) {
   $("conversation").append(item);
   item.scrollIntoView({ block: "end" });
   return body;
+}
+
+async function loadIndex() {
+  const response = await fetch("/v1/rag", { headers: headers() }).catch(() => null);
+  if (!response || !response.ok) return;  // no index on this server: no switch
+  const info = await response.json();
+  $("retrieval-index").textContent = `(${info.index}: ${info.chunks} chunks)`;
+  $("retrieval-line").hidden = false;
+}
+
+function showSources(item, sources) {
+  const list = document.createElement("ol");
+  list.className = "sources";
+  list.setAttribute("aria-label", "Sources");
+  for (const s of sources) {
+    const entry = document.createElement("li");
+    entry.value = s.n;
+    entry.textContent = `${s.source} (characters ${s.start}-${s.end}): ${s.text.slice(0, 160)}`;
+    list.append(entry);
+  }
+  item.append(list);
+}
+
+async function retrieve(text, earlier) {
+  const response = await fetch("/v1/rag/context", {
+    method: "POST", headers: headers(), body: JSON.stringify({ question: text, messages: earlier, k: Number($("rag-k").value) }),
+  });
+  const data = await response.json();
+  if (!response.ok) throw new Error(data.error ? data.error.message : response.statusText);
+  return data;
 }
 
 async function loadModel() {
@@ -81,6 +113,7 @@ async function send(text) {
   if (!model) return;
   showError("");
   const conversation = messages;  // "New chat" during this answer starts a new array; this one keeps the turn
+  const earlier = conversation.slice();
   conversation.push({ role: "user", content: text });
   addMessage("user", text);
   const answer = addMessage("assistant", "");
@@ -95,6 +128,11 @@ async function send(text) {
   controller = new AbortController();
   setBusy(true);
   try {
+    if ($("retrieval").checked) {
+      const found = await retrieve(text, earlier);
+      body.messages = found.messages;  // the sources, numbered, before the question (the conversation keeps it plain)
+      showSources(answer.parentElement, found.sources);
+    }
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
     });
@@ -120,6 +158,7 @@ async function send(text) {
 
 document.addEventListener("DOMContentLoaded", () => {
   loadModel();
+  loadIndex();
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = $("message").value.trim();

@@ -1,0 +1,1 @@
+"""Applications of language models built from lmlab's parts (retrieval-augmented generation)."""

@@ -1,0 +1,159 @@
+"""Retrieval-augmented generation: `lmlab rag index`, `lmlab rag ask`, `lmlab rag chat`.
+
+    lmlab rag index docs/ --out runs/docs-index          # chunk, embed (minilm-l6), write the index folder
+    lmlab rag ask runs/docs-index "How do I resume a run?"
+    lmlab rag chat runs/docs-index
+
+A question is embedded by the index's own model, the k nearest chunks are retrieved (lmlab.inference.retrieval),
+and the chat model answers from them: the chunks go into the prompt numbered [1]..[k] through the model's chat
+template, and the answer is printed with the sources it was given, so that each [n] it cites can be checked.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TextIO
+
+from lmlab.data.documents import chunk_documents
+from lmlab.errors import LmlabError
+from lmlab.inference.chat import answer
+from lmlab.inference.embed import Embedder
+from lmlab.inference.generate import SamplingParams
+from lmlab.inference.retrieval import Backend, Index, citations, grounded_messages, query_vector
+from lmlab.models.hub import Pretrained, load_pretrained
+
+DEFAULT_LLM = "smollm2-135m-instruct"
+
+
+def rag_index(docs: str, out: str, model: str = "minilm-l6", chunk_tokens: int = 200, overlap: int = 40,
+              field: str = "text", progress: bool = True) -> dict:
+    """Index documents for retrieval: chunk them by tokens, embed the chunks, write an index folder.
+
+    Args:
+        docs: a folder (searched recursively) or file of .txt, .md and .jsonl documents
+        out: the index folder to write (replaced atomically; an index of another embedding model is refused)
+        model: the embedding model (a sentence encoder)
+        chunk_tokens: tokens per chunk (at most the embedding model's max_seq_length minus its 2 special tokens)
+        overlap: tokens shared by neighbouring chunks
+        field: the field holding the text in JSON lines rows
+        progress: show the progress bar
+    """
+    embedder = Embedder.load(model)
+    if chunk_tokens + 2 > embedder.max_length:
+        raise LmlabError(f"--chunk-tokens {chunk_tokens} is more than {embedder.name} reads ({embedder.max_length} "
+                         f"tokens with [CLS] and [SEP]): use at most {embedder.max_length - 2}")
+    if (Path(out) / "manifest.json").is_file():
+        Index.load(out).check_model(embedder)  # refuse to overwrite an index of another model with a mix-up
+    chunks = chunk_documents(docs, embedder.pretrained.tokenizer, chunk_tokens, overlap, field)
+    chunking = {"docs": str(docs), "chunk_tokens": chunk_tokens, "overlap": overlap}
+    index = Index.build(embedder, chunks, chunking, progress=progress)
+    index.save(out)
+    return {"index": str(out), "chunks": len(chunks), "documents": len({c.source for c in chunks}),
+            "model": index.model}
+
+
+@dataclass
+class Rag:
+    """An index, its embedding model, and the chat model that answers from what is retrieved."""
+
+    index: Index
+    embedder: Embedder
+    llm: Pretrained
+    k: int = 4
+    backend: Backend = "torch"
+
+    @classmethod
+    def load(cls, index: str | Path, llm: str | Pretrained = DEFAULT_LLM, k: int = 4, backend: Backend = "torch",
+             embedder: Embedder | None = None) -> "Rag":
+        loaded = Index.load(index)
+        embedder = embedder or loaded.load_embedder()
+        loaded.check_model(embedder)
+        pretrained = llm if isinstance(llm, Pretrained) else load_pretrained(llm)
+        if pretrained.chat_template is None:
+            raise LmlabError(f"{pretrained.name} has no chat template; answer with a chat model such as {DEFAULT_LLM}")
+        if k < 1:
+            raise LmlabError(f"--k must be >= 1 (got {k})")
+        return cls(loaded, embedder, pretrained, k, backend)
+
+    def retrieve(self, question: str):
+        return self.index.search(query_vector(self.embedder, question), self.k, self.backend)[0]
+
+    def prompt_ids(self, messages: list[dict], max_new_tokens: int) -> list[int]:
+        ids = self.llm.tokenizer.encode(self.llm.chat_prompt(messages), add_special_tokens=False).ids
+        if len(ids) + max_new_tokens > self.llm.context_length:
+            raise LmlabError(f"the sources and question take {len(ids)} tokens, and {max_new_tokens} more are to be "
+                             f"generated: more than {self.llm.name}'s context of {self.llm.context_length}; use a "
+                             "smaller --k or --max-new-tokens")
+        return ids
+
+    def ask(self, question: str, sampling: SamplingParams, history: list[dict] = (), retrieval: bool = True):
+        """(the answer's text deltas, the sources): retrieval off gives the model the question alone."""
+        hits = self.retrieve(question) if retrieval else []
+        messages = grounded_messages(question, hits, history) if hits else [*history, {"role": "user",
+                                                                                       "content": question}]
+        self.prompt_ids(messages, sampling.max_new_tokens)
+        return answer(self.llm, messages, sampling), citations(hits)
+
+
+def _print_sources(sources: list[dict], out: TextIO) -> None:
+    out.write("\nSources:\n")
+    for s in sources:
+        snippet = " ".join(s["text"].split())[:100]
+        out.write(f"  [{s['n']}] {s['source']} (chars {s['start']}-{s['end']}, score {s['score']:.3f}): "
+                  f"{snippet}\n")
+
+
+def rag_ask(index: str, question: str, model: str = DEFAULT_LLM, k: int = 4, backend: Backend = "torch",
+            sampling: SamplingParams = SamplingParams(temperature=0.0)) -> None:
+    """Answer a question from an index: retrieve k chunks, answer with a chat model, print the cited sources.
+
+    Args:
+        index: the index folder (lmlab rag index)
+        question: the question
+        model: the chat model that answers
+        k: chunks retrieved and put into the prompt
+        backend: search with torch (exact matrix product) or faiss (IndexFlatIP; needs faiss-cpu)
+    """
+    sampling.validate()
+    rag = Rag.load(index, model, k, backend)
+    deltas, sources = rag.ask(question, sampling)
+    for delta in deltas:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    _print_sources(sources, sys.stdout)
+
+
+def rag_chat(index: str, model: str = DEFAULT_LLM, k: int = 4, backend: Backend = "torch",
+             sampling: SamplingParams = SamplingParams(temperature=0.0), read: Callable[[str], str] = input,
+             out: TextIO = sys.stdout) -> None:
+    """Chat with a model that answers from an index (each question retrieves anew; /exit quits).
+
+    Args:
+        index: the index folder (lmlab rag index)
+        model: the chat model that answers
+        k: chunks retrieved per question
+        backend: torch or faiss
+    """
+    sampling.validate()
+    rag = Rag.load(index, model, k, backend)
+    history: list[dict] = []
+    out.write(f"Answering from {index} with {rag.llm.name}. /exit quits.\n")
+    while True:
+        try:
+            line = read("> ").strip()
+        except EOFError:
+            break
+        if line == "/exit":
+            break
+        if not line:
+            continue
+        deltas, sources = rag.ask(line, sampling, history[-4:])
+        reply = []
+        for delta in deltas:
+            reply.append(delta)
+            out.write(delta)
+            out.flush()
+        _print_sources(sources, out)
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(reply)}]

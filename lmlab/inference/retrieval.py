@@ -1,0 +1,192 @@
+"""A retrieval index: chunks of documents, their embeddings, and exact nearest-neighbour search.
+
+The index is a folder, written whole or not at all (built in a temp folder beside it, then renamed):
+
+    manifest.json          the embedding model (name, fingerprint, dim, pooling, ...), the chunking, the counts
+    vectors.safetensors    (N, dim) float32 unit vectors
+    chunks.parquet         source, start, end, text of each chunk
+
+Search is exact: the query's dot product with every vector (a cosine, the vectors being unit length) by one
+matrix product, and the top k. At lmlab's scale (10^5 chunks x 384 dims: 150 MB, a few ms a query) nothing
+approximate is needed; faiss (faiss-cpu) is an optional backend for large collections, and its exact index
+(IndexFlatIP) gives the same neighbours (tested).
+
+An index answers queries embedded by the model that built it only: vectors of two models live in unrelated
+spaces, so loading with another model, or adding to an index of another model, is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file
+
+from lmlab.data.documents import Chunk
+from lmlab.errors import LmlabError
+from lmlab.inference.embed import Embedder, EmbedSettings
+from lmlab.util import atomic_write_json, save_safetensors_atomic
+
+FORMAT = 1
+Backend = Literal["torch", "faiss"]
+
+
+def fingerprint(embedder: Embedder) -> str:
+    """What identifies an embedding model's vector space: its config and a checksum of its token embeddings (the
+    name alone would let two different folders called `model` pass for one)."""
+    model = embedder.model
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    digest.update(model.tok_emb.weight[:256].detach().float().cpu().numpy().tobytes())
+    digest.update(f"{embedder.pooling} {embedder.normalize} {embedder.max_length}".encode())
+    return digest.hexdigest()[:16]
+
+
+def describe(embedder: Embedder) -> dict:
+    return {"name": embedder.name, "fingerprint": fingerprint(embedder), "dim": embedder.dim,
+            "pooling": embedder.pooling, "normalize": embedder.normalize, "max_length": embedder.max_length}
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    chunk: Chunk
+
+
+class Index:
+    """Chunks and their vectors, searched by exact inner product (torch) or through faiss."""
+
+    def __init__(self, model: dict, chunks: list[Chunk], vectors: torch.Tensor, chunking: dict | None = None):
+        self.model, self.chunks, self.vectors, self.chunking = model, chunks, vectors.float(), chunking or {}
+        self._faiss = None
+
+    @classmethod
+    def build(cls, embedder: Embedder, chunks: list[Chunk], chunking: dict | None = None,
+              progress: bool = False) -> "Index":
+        vectors = embedder.embed([c.text for c in chunks], progress=progress)
+        return cls(describe(embedder), chunks, vectors, chunking)
+
+    def load_embedder(self) -> Embedder:
+        """The index's own embedding model, with the pooling, normalisation and length it was built with."""
+        m = self.model
+        embedder = Embedder.load(m["name"], EmbedSettings(pooling=m["pooling"], normalize="yes" if m["normalize"]
+                                                          else "no", max_length=m["max_length"]))
+        self.check_model(embedder)
+        return embedder
+
+    def check_model(self, embedder: Embedder) -> None:
+        """Refuse an embedding model other than the index's own."""
+        theirs = describe(embedder)
+        if theirs["fingerprint"] != self.model["fingerprint"]:
+            raise LmlabError(f"the index was built with embedding model {self.model['name']} (fingerprint "
+                             f"{self.model['fingerprint']}), not {theirs['name']} ({theirs['fingerprint']}): "
+                             "query it with its own model, or build a new index")
+
+    def search(self, queries: torch.Tensor, k: int = 4, backend: Backend = "torch") -> list[list[Hit]]:
+        """The k best chunks of each query vector (rows of `queries`), best first."""
+        k = min(k, len(self.chunks))
+        if backend == "faiss":
+            scores, ids = self._faiss_index().search(queries.float().numpy(), k)
+            scores, ids = torch.from_numpy(scores), torch.from_numpy(ids)
+        elif backend == "torch":
+            scores, ids = (queries.float() @ self.vectors.T).topk(k, dim=-1)
+        else:
+            raise LmlabError(f"unknown search backend {backend!r} (torch or faiss)")
+        return [[Hit(rank + 1, float(s), self.chunks[int(i)]) for rank, (s, i) in enumerate(zip(row_s, row_i))]
+                for row_s, row_i in zip(scores, ids)]
+
+    def _faiss_index(self):
+        if self._faiss is None:
+            try:
+                import faiss
+            except ImportError:
+                raise LmlabError("the faiss backend needs faiss-cpu: pip install faiss-cpu, or search with the "
+                                 "default torch backend") from None
+            self._faiss = faiss.IndexFlatIP(self.vectors.shape[1])
+            self._faiss.add(self.vectors.numpy())
+        return self._faiss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The folder
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the index folder atomically: a temp folder beside it, renamed into place (an old index there is
+        replaced only once the new one is whole)."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        try:
+            save_safetensors_atomic({"vectors": self.vectors}, tmp / "vectors.safetensors")
+            table = pa.Table.from_pylist([c.to_dict() for c in self.chunks])
+            pq.write_table(table, tmp / "chunks.parquet")
+            atomic_write_json(tmp / "manifest.json", {"format": FORMAT, "model": self.model,
+                                                      "chunking": self.chunking, "chunks": len(self.chunks)})
+            os.chmod(tmp, 0o755)
+            old = None
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Index":
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise LmlabError(f"{folder} is not an lmlab index (no manifest.json); build one with lmlab rag index")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT:
+            raise LmlabError(f"{folder}: index format {manifest.get('format')} is not {FORMAT}; rebuild the index")
+        vectors = load_file(str(folder / "vectors.safetensors"))["vectors"]
+        chunks = [Chunk(**row) for row in pq.read_table(folder / "chunks.parquet").to_pylist()]
+        if len(chunks) != vectors.shape[0] or len(chunks) != manifest["chunks"]:
+            raise LmlabError(f"{folder}: {len(chunks)} chunks but {vectors.shape[0]} vectors; rebuild the index")
+        return cls(manifest["model"], chunks, vectors, manifest.get("chunking"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From retrieved chunks to a prompt
+
+SYSTEM = ("Answer the question using the numbered sources below. Cite the sources you use as [1], [2]. If the "
+          "sources do not contain the answer, say so.")
+
+
+def grounded_messages(question: str, hits: list[Hit], history: list[dict] = ()) -> list[dict]:
+    """Chat messages that put the retrieved chunks before the question, numbered, for the model's chat template
+    (after the conversation so far, whose turns keep only their questions and answers)."""
+    sources = "\n\n".join(f"[{h.rank}] {h.chunk.text.strip()}" for h in hits)
+    return [{"role": "system", "content": SYSTEM}, *history,
+            {"role": "user", "content": f"Sources:\n{sources}\n\nQuestion: {question}"}]
+
+
+def citations(hits: list[Hit]) -> list[dict]:
+    """The sources as the answer lists them: number, file, offsets, score, and the start of the text."""
+    return [{"n": h.rank, "source": h.chunk.source, "start": h.chunk.start, "end": h.chunk.end,
+             "score": round(h.score, 4), "text": h.chunk.text} for h in hits]
+
+
+def query_vector(embedder: Embedder, question: str) -> torch.Tensor:
+    """The question's vector; a question longer than the embedding model reads is refused, not cut silently."""
+    n = len(embedder.pretrained.tokenizer.encode(question).ids)
+    if n > embedder.max_length:
+        raise LmlabError(f"the question is {n} tokens; the embedding model {embedder.name} reads at most "
+                         f"{embedder.max_length}: shorten it")
+    if not question.strip():
+        raise LmlabError("the question is empty; ask something")
+    return embedder.embed([question])

@@ -1,0 +1,162 @@
+"""Retrieval-augmented generation: chunking, the index folder, exact search (torch vs faiss), `lmlab rag`."""
+
+import json
+import pytest
+import torch
+
+from lmlab.apps.rag import Rag
+from lmlab.cli import main
+from lmlab.data.documents import chunk_text
+from lmlab.errors import LmlabError
+from lmlab.inference.embed import Embedder, EmbedSettings
+from lmlab.inference.generate import SamplingParams
+from lmlab.inference.retrieval import Index
+
+FACTS = {
+    "otters.md": "# Otters\n\nSea otters hold hands while they sleep so that they do not drift apart. "
+                 "They use stones as tools to open shellfish.",
+    "volcano.txt": "Mount Etna is an active volcano on the east coast of Sicily. Its eruptions are frequent.",
+    "notes/trains.txt": "The night train from Vienna to Venice leaves at 21:40 and arrives at 08:05.",
+}
+
+
+@pytest.fixture(scope="module")
+def embedder(minilm_path):
+    return Embedder.load(minilm_path)
+
+
+def write_docs(root):
+    """FACTS as a folder of documents (one in a subfolder)."""
+    for name, text in FACTS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    root = write_docs(tmp_path_factory.mktemp("docs"))
+    rows = [{"text": "The capital of Australia is Canberra, not Sydney."}, {"text": "Honey never spoils."}]
+    (root / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    (root / "image.png").write_bytes(b"\x89PNG")  # not a document suffix: skipped
+    return root
+
+
+@pytest.fixture(scope="module")
+def index_dir(minilm_path, docs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("index") / "idx"
+    assert main(["rag", "index", str(docs), "--out", str(out), "--model", str(minilm_path), "--chunk-tokens", "16",
+                 "--overlap", "4", "--no-progress"]) == 0
+    return out
+
+
+def test_chunks_are_token_windows_with_overlap_and_offsets(embedder):
+    """Windows of 20 tokens starting every 15 (overlap 5), as character spans of the text, the last one at its end."""
+    text = "Sea otters sleep. " + " ".join(f"w{i}" for i in range(40))
+    offsets = embedder.pretrained.tokenizer.encode(text, add_special_tokens=False).offsets
+    chunks = chunk_text("doc", text, embedder.pretrained.tokenizer, size=20, overlap=5)
+    firsts = list(range(0, len(offsets) - 5, 15))
+    assert [(c.start, c.end) for c in chunks] == [(offsets[f][0], offsets[min(f + 19, len(offsets) - 1)][1])
+                                                  for f in firsts]
+    assert all(text[c.start:c.end] == c.text and c.source == "doc" for c in chunks)
+    assert chunks[-1].end == len(text) and chunks[0].start == 0
+    with pytest.raises(LmlabError, match="need 0 <= --overlap < --chunk-tokens"):
+        chunk_text("doc", text, embedder.pretrained.tokenizer, size=4, overlap=4)
+
+
+def test_index_folder_and_retrieval(index_dir, embedder):
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    assert manifest["model"]["dim"] == 384 and manifest["chunking"]["chunk_tokens"] == 16
+    index = Index.load(index_dir)
+    sources = {c.source.split("/")[-1] for c in index.chunks}
+    assert sources == {"otters.md", "volcano.txt", "trains.txt", "facts.jsonl:1", "facts.jsonl:2"}
+    assert torch.allclose(index.vectors, embedder.embed([c.text for c in index.chunks]), atol=1e-5)
+    for question, where in (("When does the night train to Venice leave?", "trains.txt"),
+                            ("Which volcano is in Sicily?", "volcano.txt"),
+                            ("What is the capital city of Australia?", "facts.jsonl:1")):
+        best = index.search(embedder.embed([question]), k=2)[0][0]
+        assert best.chunk.source.endswith(where), (question, best)
+
+
+def test_faiss_exact_index_gives_the_same_neighbours():
+    faiss = pytest.importorskip("faiss", reason="the test extra: faiss-cpu")
+    assert faiss
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.nn.functional.normalize(torch.randn(500, 32, generator=gen), dim=-1)
+    from lmlab.data.documents import Chunk
+    index = Index({"fingerprint": "x"}, [Chunk("s", i, i, str(i)) for i in range(500)], vectors)
+    queries = torch.nn.functional.normalize(torch.randn(20, 32, generator=gen), dim=-1)
+    exact = (queries @ vectors.T).topk(10).indices.tolist()
+    for backend in ("torch", "faiss"):
+        hits = index.search(queries, k=10, backend=backend)
+        assert [[int(h.chunk.text) for h in row] for row in hits] == exact
+        assert all(abs(h.score - float(queries[q] @ vectors[int(h.chunk.text)])) < 1e-5
+                   for q, row in enumerate(hits) for h in row)
+
+
+def test_an_index_refuses_another_embedding_model(index_dir, minilm_path, docs, capsys):
+    other = Embedder.load(minilm_path, EmbedSettings(pooling="cls"))
+    with pytest.raises(LmlabError, match="built with embedding model .* query it with its own model"):
+        Index.load(index_dir).check_model(other)
+    before = (index_dir / "vectors.safetensors").read_bytes()
+    assert main(["rag", "index", str(docs), "--out", str(index_dir), "--model", str(minilm_path), "--chunk-tokens",
+                 "300", "--no-progress"]) == 2
+    assert "--chunk-tokens 300 is more than" in capsys.readouterr().err
+    assert (index_dir / "vectors.safetensors").read_bytes() == before
+
+
+def test_rebuilding_an_index_with_another_model_is_refused(index_dir, minilm_path, docs, tmp_path, capsys):
+    """Another BERT (random, small, with MiniLM's tokenizer) cannot overwrite the index: nothing is lost."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=37, max_position_embeddings=40)
+    transformers.BertModel(config).save_pretrained(tmp_path / "other")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (tmp_path / "other" / name).write_bytes((minilm_path / name).read_bytes())
+    before = {p.name: p.read_bytes() for p in index_dir.iterdir()}
+    assert main(["rag", "index", str(docs), "--out", str(index_dir), "--model", str(tmp_path / "other"),
+                 "--chunk-tokens", "16", "--no-progress"]) == 2
+    assert "the index was built with embedding model" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in index_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "holds no documents"),
+    (lambda d: (d / "a.txt").write_bytes(bytes(range(256)) * 8), "does not look like UTF-8 text"),
+    (lambda d: (d / "a.txt").write_text("  \n\n"), "hold no text to index"),
+])
+def test_rag_index_bad_documents(minilm_path, tmp_path, capsys, setup, message):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    setup(docs)
+    assert main(["rag", "index", str(docs), "--out", str(tmp_path / "idx"), "--model", str(minilm_path),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("lmlab rag index: error:") and err.count("\n") == 1
+    assert not (tmp_path / "idx").exists()
+
+
+def test_rag_answers_from_the_retrieved_source(index_dir, embedder, smollm):
+    """SmolLM2 given the retrieved chunks states the fact; the prompt numbers them, the sources come back."""
+    rag = Rag.load(index_dir, smollm, k=2, embedder=embedder)
+    deltas, sources = rag.ask("At what time does the night train from Vienna leave?",
+                              SamplingParams(max_new_tokens=24, temperature=0.0))
+    assert "21:40" in "".join(deltas)
+    assert sources[0]["n"] == 1 and sources[0]["source"].endswith("trains.txt")
+    with pytest.raises(LmlabError, match="the question is .* tokens; the embedding model .* reads at most 256"):
+        rag.ask("why " * 300, SamplingParams(max_new_tokens=4))
+    with pytest.raises(LmlabError, match="context of"):
+        rag.ask("When?", SamplingParams(max_new_tokens=10 ** 6))
+
+
+def test_rag_ask_command_prints_answer_and_sources(index_dir, capsys):
+    assert main(["rag", "ask", str(index_dir), "Which volcano is on Sicily?", "--k", "1",
+                 "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "Sources:\n  [1] " in out and "volcano.txt" in out
+
+
+def test_rag_ask_refuses_a_folder_that_is_no_index(tmp_path, capsys):
+    assert main(["rag", "ask", str(tmp_path), "hi"]) == 2
+    assert "is not an lmlab index" in capsys.readouterr().err
