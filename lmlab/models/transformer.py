@@ -6,6 +6,11 @@ A single `Block` serves every model in lmlab; `TransformerConfig` switches pick 
     Llama-style  rmsnorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases
     BERT-style   post-norm (which also normalises the embeddings), bidirectional attention (causal=False),
                  token-type embeddings (type_vocab_size), a pooler (dense + tanh on the first token)
+    Gemma 3      Llama's switches plus: embeddings scaled by sqrt(n_embd), RMSNorm as (1 + w) (norm_offset), query
+                 and key RMSNorm before rotary (qk_norm), norms before and after attention and MLP ("sandwich"),
+                 a tanh-GELU gated MLP ("geglu"), heads wider than n_embd / n_head (attn_head_dim), the attention
+                 scale query_pre_attn_scalar^-0.5, and local layers that attend within a sliding window with their
+                 own rotary base, every `global_every`-th layer attending to everything
 
 `Transformer` is the decoder-only language model trained by next-token prediction,
 P(w_0..n) = prod_i P(w_i | w_<i): `forward(idx, targets)` returns the logits and the mean cross-entropy of
@@ -45,15 +50,24 @@ class TransformerConfig:
     bias: bool = True  # biases in linear layers and norms
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
-    norm_placement: str = "pre"  # "pre" (GPT-2, Llama) | "post" (BERT, the original Transformer)
+    norm_placement: str = "pre"  # "pre" (GPT-2, Llama) | "post" (BERT, the original Transformer) | "sandwich"
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): Gemma stores w around 0 and adds 1
     position: str = "learned"  # "learned" | "rope"
     rope_theta: float = 10000.0
-    mlp: str = "gelu"  # "gelu" (two matrices) | "swiglu" (gated, three matrices)
+    mlp: str = "gelu"  # "gelu" (two matrices) | "swiglu" / "geglu" (gated by silu / tanh-GELU, three matrices)
     activation: str = "gelu_tanh"  # GPT-2 uses the tanh approximation of GELU; "gelu" | "silu" | "relu"
     causal: bool = True
     tie_embeddings: bool = True
     type_vocab_size: int = 0  # BERT: token-type (segment) embeddings, sentence A = 0 / B = 1; 0 = none
     pooler: bool = False  # BERT: dense + tanh on the first ([CLS]) token's final hidden state
+    # Gemma 3 (see the module docstring); the defaults change nothing.
+    attn_head_dim: int | None = None  # head width when it is not n_embd / n_head (Gemma 3 270M: 256, n_embd 640)
+    qk_norm: bool = False  # RMSNorm of each query and key head before rotary
+    embed_scale: bool = False  # token embeddings times sqrt(n_embd)
+    query_pre_attn_scalar: float | None = None  # attention scores times this^-0.5; None: head_dim^-0.5
+    sliding_window: int = 0  # local layers attend to the last this many positions (their own included); 0: none
+    global_every: int = 0  # with a sliding window, every global_every-th layer attends globally; 0: none does
+    rope_local_theta: float = 10000.0  # the rotary base of the local layers
 
     def __post_init__(self):
         sizes = {"vocab_size": self.vocab_size, "block_size": self.block_size, "n_layer": self.n_layer,
@@ -66,24 +80,26 @@ class TransformerConfig:
         if problems:  # the divisibility checks below would only confuse (n_embd=-1 "is not divisible")
             raise LmlabError("invalid model config: " + "; ".join(problems))
         n_kv = self.n_kv_head or self.n_head
-        if self.n_embd % self.n_head:
+        if self.n_embd % self.n_head and self.attn_head_dim is None:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % n_kv:
             problems.append(f"n_head={self.n_head} is not divisible by n_kv_head={n_kv}")
         if self.norm not in ("layernorm", "rmsnorm"):
             problems.append(f"norm={self.norm!r} (choose layernorm or rmsnorm)")
-        if self.norm_placement not in ("pre", "post"):
-            problems.append(f"norm_placement={self.norm_placement!r} (choose pre or post)")
+        if self.norm_placement not in ("pre", "post", "sandwich"):
+            problems.append(f"norm_placement={self.norm_placement!r} (choose pre, post or sandwich)")
         if self.position not in ("learned", "rope"):
             problems.append(f"position={self.position!r} (choose learned or rope)")
-        if self.mlp not in ("gelu", "swiglu"):
-            problems.append(f"mlp={self.mlp!r} (choose gelu or swiglu)")
+        if self.mlp not in ("gelu", "swiglu", "geglu"):
+            problems.append(f"mlp={self.mlp!r} (choose gelu, swiglu or geglu)")
         if self.activation not in _ACTIVATIONS:
             problems.append(f"activation={self.activation!r} (choose one of {', '.join(_ACTIVATIONS)})")
-        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+        if self.position == "rope" and self.head_dim % 2:
             problems.append("rotary positions need an even head dimension")
         if self.type_vocab_size < 0:
             problems.append(f"type_vocab_size={self.type_vocab_size} (must be >= 0)")
+        if self.sliding_window < 0 or self.global_every < 0:
+            problems.append(f"sliding_window={self.sliding_window}, global_every={self.global_every} (must be >= 0)")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout} (must be in [0, 1))")
         if problems:
@@ -91,7 +107,11 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.attn_head_dim or self.n_embd // self.n_head
+
+    def is_local(self, layer: int) -> bool:
+        """Whether `layer` attends within the sliding window (Gemma 3: five local layers, then a global one)."""
+        return self.sliding_window > 0 and not (self.global_every and (layer + 1) % self.global_every == 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,19 +134,21 @@ _ACTIVATIONS = {
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * (offset + w). Gemma keeps w around 0 with offset 1 (its weights are what it stores)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight + self.offset if self.offset else self.weight, self.eps)
 
 
-def make_norm(config: TransformerConfig) -> nn.Module:
+def make_norm(config: TransformerConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        return RMSNorm(dim or config.n_embd, config.norm_eps, config.norm_offset)
+    return nn.LayerNorm(dim or config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 def rotary_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,17 +167,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, layer: int = 0):
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
         self.head_dim = config.head_dim
         self.causal = config.causal
         self.dropout = config.dropout
+        self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.window = config.sliding_window if config.is_local(layer) else 0
         # One fused projection for queries, keys and values: one matmul instead of three.
         self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # Gemma 3: each head's query and key are RMS-normalised (one weight over head_dim), which bounds the
+        # attention logits without Gemma 2's soft-capping.
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
 
     def forward(self, x, rotary=None, attn_mask=None, cache: "KVCache | None" = None, layer: int = 0):
         B, T, C = x.shape
@@ -165,12 +193,19 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)
         if T == 1 and cache is not None:
+            if self.window and k.shape[2] > self.window:
+                # A local layer's one new query sees only the window's last keys: the cache's other slots stay
+                # (the global layers' positions share its timeline) but cost nothing here.
+                k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+                attn_mask = None if attn_mask is None else attn_mask[..., -self.window:]
             y = self._one_query(q, k, v, attn_mask)
         else:
             with self._kernel(q, k):
@@ -180,9 +215,10 @@ class Attention(nn.Module):
                     dropout_p=self.dropout if self.training else 0.0,
                     # The causal shortcut is only right when queries and keys start together (no cached prefix).
                     is_causal=self.causal and attn_mask is None and T > 1 and k.shape[2] == T,
+                    scale=self.scale,
                     enable_gqa=self.n_kv_head != self.n_head,
                 )
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.proj(y))
 
     # Scores of at most this many elements per layer (16 MB in fp32) are small enough to keep for backward.
@@ -207,7 +243,7 @@ class Attention(nn.Module):
         Query heads are grouped under the key/value head they share, as grouped-query attention defines."""
         B, H, _, D = q.shape
         groups = q.reshape(B, self.n_kv_head, H // self.n_kv_head, D)
-        scores = (groups @ k.transpose(-1, -2)) * D ** -0.5  # (B, n_kv_head, group, keys)
+        scores = (groups @ k.transpose(-1, -2)) * self.scale  # (B, n_kv_head, group, keys)
         if attn_mask is not None:  # (B, 1, 1, keys): padding is not attended to
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         return (scores.softmax(dim=-1) @ v).reshape(B, H, 1, D)
@@ -249,9 +285,9 @@ class MLP(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         hidden = config.intermediate_size or 4 * config.n_embd
-        self.gated = config.mlp == "swiglu"
-        self.act = _ACTIVATIONS["silu" if self.gated else config.activation]
-        # SwiGLU: act(x W_gate) * (x W_up), fused into one matrix of twice the width.
+        self.gated = config.mlp in ("swiglu", "geglu")
+        self.act = _ACTIVATIONS[{"swiglu": "silu", "geglu": "gelu_tanh"}.get(config.mlp, config.activation)]
+        # SwiGLU / GeGLU: act(x W_gate) * (x W_up), fused into one matrix of twice the width.
         self.fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -267,22 +303,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Attention then MLP, each with a residual connection; norms before (pre) or after (post) each."""
+    """Attention then MLP, each with a residual connection; norms before (pre) or after (post) each, or
+    "sandwich" (Gemma 2 and 3): before each, and on its output before it joins the residual stream."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, layer: int = 0):
         super().__init__()
-        self.pre_norm = config.norm_placement == "pre"
+        self.post_norm = config.norm_placement == "post"
+        sandwich = config.norm_placement == "sandwich"
         self.norm1 = make_norm(config)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
+        self.post_attn_norm = make_norm(config) if sandwich else nn.Identity()
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
+        self.post_mlp_norm = make_norm(config) if sandwich else nn.Identity()
 
     def forward(self, x, rotary=None, attn_mask=None, cache=None, layer: int = 0):
-        if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rotary, attn_mask, cache, layer)
-            return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rotary, attn_mask, cache, layer))
-        return self.norm2(x + self.mlp(x))
+        if self.post_norm:
+            x = self.norm1(x + self.attn(x, rotary, attn_mask, cache, layer))
+            return self.norm2(x + self.mlp(x))
+        x = x + self.post_attn_norm(self.attn(self.norm1(x), rotary, attn_mask, cache, layer))
+        return x + self.post_mlp_norm(self.mlp(self.norm2(x)))
 
 
 class Transformer(nn.Module):
@@ -297,9 +337,9 @@ class Transformer(nn.Module):
         # Post-norm blocks take normalised inputs (each ends in a norm), so the embeddings are normalised too (BERT).
         self.emb_norm = make_norm(config) if config.norm_placement == "post" else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        # Post-norm blocks end in a norm already; pre-norm stacks need one before the head.
-        self.norm_f = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # Post-norm blocks end in a norm already; pre-norm (and sandwich) stacks need one before the head.
+        self.norm_f = make_norm(config) if config.norm_placement != "post" else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -308,6 +348,8 @@ class Transformer(nn.Module):
             # Not saved in checkpoints: they are a function of the config.
             self.register_buffer("rope_cos", torch.empty(0), persistent=False)
             self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+            self.register_buffer("rope_local_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_local_sin", torch.empty(0), persistent=False)
             self._fill_rotary_tables()
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer), so the
@@ -333,6 +375,12 @@ class Transformer(nn.Module):
         if self.config.position == "rope":
             c = self.config
             self.rope_cos, self.rope_sin = rotary_tables(c.head_dim, c.block_size, c.rope_theta)
+            if self._local_layers():  # Gemma 3: the local layers rotate with their own base (10k vs 1M)
+                self.rope_local_cos, self.rope_local_sin = rotary_tables(c.head_dim, c.block_size,
+                                                                         c.rope_local_theta)
+
+    def _local_layers(self) -> bool:
+        return any(self.config.is_local(i) for i in range(self.config.n_layer))
 
     @staticmethod
     def _init_weights(module):
@@ -389,23 +437,31 @@ class Transformer(nn.Module):
         if cache is not None and past + T > cache.max_len:
             raise LmlabError(f"the KV cache holds {cache.max_len} positions; {past + T} are needed")
         x = self.tok_emb(idx)
+        if self.config.embed_scale:  # Gemma: sqrt(n_embd), rounded to the weights' dtype as Gemma does
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
         if positions is None:
             positions = torch.arange(past, past + T, device=idx.device)
-        rotary = None
+        rotary = local_rotary = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         else:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            # (T, D) broadcasts over batch and heads; (B, T, D) needs a head axis.
-            rotary = (cos, sin) if cos.dim() == 2 else (cos.unsqueeze(1), sin.unsqueeze(1))
+            rotary = self._rotary(self.rope_cos, self.rope_sin, positions)
+            if self._local_layers():
+                local_rotary = self._rotary(self.rope_local_cos, self.rope_local_sin, positions)
         if self.type_emb is not None:
             x = x + self.type_emb(token_type_ids if token_type_ids is not None else torch.zeros_like(idx))
         if self.emb_norm is not None:
             x = self.emb_norm(x)
         x = self.drop(x)
         attn_mask = self._attention_mask(B, T, past, key_mask, idx.device)
+        local_mask = None
+        if self._local_layers():
+            local_mask = self._attention_mask(B, T, past, key_mask, idx.device, self.config.sliding_window)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, attn_mask, cache, i)
+            if self.config.is_local(i):
+                x = block(x, local_rotary if local_rotary is not None else rotary, local_mask, cache, i)
+            else:
+                x = block(x, rotary, attn_mask, cache, i)
         if cache is not None:
             cache.length += T
         if return_hidden:
@@ -433,16 +489,28 @@ class Transformer(nn.Module):
             raise LmlabError("this model has no pooler (config pooler: false); pool the hidden states another way")
         return torch.tanh(self.pooler(hidden[:, 0]))
 
-    def _attention_mask(self, B: int, T: int, past: int, key_mask, device):
+    @staticmethod
+    def _rotary(cos_table, sin_table, positions):
+        cos, sin = cos_table[positions], sin_table[positions]
+        # (T, D) broadcasts over batch and heads; (B, T, D) needs a head axis.
+        return (cos, sin) if cos.dim() == 2 else (cos.unsqueeze(1), sin.unsqueeze(1))
+
+    def _attention_mask(self, B: int, T: int, past: int, key_mask, device, window: int = 0):
         """A boolean (B, 1, T, past+T) mask (True = may attend), or None when SDPA's own causal flag (or no mask
-        at all, for one new token) says the same thing faster."""
-        if key_mask is None and (past == 0 or T == 1 or not self.config.causal):
-            return None
+        at all, for one new token) says the same thing faster. With a sliding `window`, a query at slot q sees
+        the keys at slots q - window < s <= q: slots, not positions, since every row's tokens are contiguous in
+        the cache (left padding and the engine's shared timeline alike). One new token needs no window mask:
+        its local layers keep only the cache's last `window` keys (Attention.forward)."""
         S = past + T
+        windowed = self.config.causal and 0 < window < S and T > 1
+        if key_mask is None and not windowed and (past == 0 or T == 1 or not self.config.causal):
+            return None
         allowed = torch.ones(1, 1, T, S, dtype=torch.bool, device=device)
         if self.config.causal:
             q_at = torch.arange(past, S, device=device)[:, None]
-            allowed = (torch.arange(S, device=device)[None, :] <= q_at)[None, None]
+            keys = torch.arange(S, device=device)[None, :]
+            allowed = (keys <= q_at) & (keys > q_at - window) if windowed else keys <= q_at
+            allowed = allowed[None, None]
         if key_mask is not None:
             # A padding query still attends to itself, so that no row of the softmax is empty (NaN).
             own = torch.arange(S, device=device)[None, :] == torch.arange(past, S, device=device)[:, None]
