@@ -13,7 +13,7 @@ from lmlab.evaluate.report import format_table, write_results
 from lmlab.evaluate.tasks import (FEWSHOT_DELIMITER, TARGET_DELIMITER, Doc, Settings, Split, Task, data_root,
                                   get_task, load_split, pick_shots)
 from lmlab.models.hub import load_pretrained
-from lmlab.models.quantize import FLOAT32, InferenceSettings
+from lmlab.models.quantize import FLOAT32, InferenceSettings, weight_format
 
 MODES = ("loglikelihood", "generate", "both")
 
@@ -104,8 +104,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         limit: only the first N examples of each task (of each MMLU subject / benchmark source)
         seed: seed of the few-shot draw
         batch_size: sequences per forward pass
-        mode: how choice tasks are scored: log-likelihood of each answer, generation + answer extraction, or both
-            side by side
+        mode: how choice tasks are scored: each answer's log-likelihood, generation + answer extraction, or both
         chat: generation prompts go through the model's chat template
         calibrate: also report contextual calibration (Zhao et al. 2021) next to the raw numbers
         balanced: few-shot examples balanced across the labels
@@ -118,8 +117,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         bootstrap_iters: bootstrap resamples for the standard errors
         progress: show the progress bar
         echo: where the table is printed (None: nowhere)
-        inference: how a model given by name is loaded: compute dtype and quantized weights (the command line's
-            --dtype/--quantize/--group-size; from Python float32 by default)
+        inference: how a model given by name is loaded (dtype, quantized weights; from Python float32)
     """
     task_list = _parse_tasks(tasks)
     shot_list = _parse_shots(shots)
@@ -178,7 +176,8 @@ def _check(mode: str, limit: int | None) -> None:
 def _lm_settings(lm) -> dict:
     """The settings of a run that come from the model and the harness's conventions."""
     return {"window": lm.max_length, "target_delimiter": TARGET_DELIMITER, "fewshot_delimiter": FEWSHOT_DELIMITER,
-            "device": str(lm.device), "dtype": str(lm.model.tok_emb.weight.dtype)}
+            "device": str(lm.device), "dtype": str(lm.model.tok_emb.weight.dtype),
+            "weights": weight_format(lm.model)}
 
 
 def _task_info(t: Task, split, n: int, echo) -> dict:

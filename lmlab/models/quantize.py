@@ -230,6 +230,14 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QUANTIZED) for m in model.modules())
 
 
+def weight_format(model: nn.Module) -> str:
+    """What the linear layers hold: "int4", "int8", "int4+int8" (an int4 model's 8-bit head), or the float dtype."""
+    kinds = {"int4" if isinstance(m, Int4Linear) else "int8" for m in model.modules() if isinstance(m, QUANTIZED)}
+    if kinds:
+        return "+".join(sorted(kinds))
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers, a tied tensor counted once."""
     seen, total = set(), 0
