@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import gguf
 import numpy as np
@@ -160,9 +160,14 @@ def gguf_hf_config(meta: dict, vocab_size: int, tied: bool, where: str) -> dict:
     return hf
 
 
-def _dequantized(t, where: str) -> torch.Tensor:
+SLICE_ROWS = 4096
+
+
+def _dequantized(t, where: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """The tensor (or its rows start:stop) as float32."""
+    data = t.data if len(t.shape) == 1 else t.data[start:stop]
     try:
-        values = dequantize(t.data, t.tensor_type)
+        values = dequantize(data, t.tensor_type)
     except NotImplementedError:
         raise LmlabError(f"{where}: tensor {t.name} is stored as {t.tensor_type.name}, a GGUF type lmlab cannot "
                          "dequantize (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants and the "
@@ -172,7 +177,8 @@ def _dequantized(t, where: str) -> torch.Tensor:
     if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
         values = values.copy()
     # GGUF lists dimensions fastest-varying first, numpy and torch slowest first.
-    return torch.from_numpy(values).reshape(tuple(int(d) for d in reversed(t.shape)))
+    shape = tuple(int(d) for d in reversed(t.shape))
+    return torch.from_numpy(values).reshape(shape if len(shape) == 1 else (-1, *shape[1:]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,8 +233,23 @@ class TensorSource:
                 return unpermute_rotary(w, n_head)
         return w
 
-    def float(self, name: str) -> torch.Tensor:
-        return self._rows(name, _dequantized(self.raw(name), self.where))
+    def slices(self, name: str) -> Iterator[torch.Tensor]:
+        """The tensor dequantized to float32 in slices of SLICE_ROWS rows (a rotary projection whole: its rows
+        move within heads), so that the float32 copy of a big matrix (the 49152 x 576 embedding: 113 MB) never
+        exists at once."""
+        t = self.raw(name)
+        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+        step = rows if any(name.endswith(proj) for proj in self.heads) else SLICE_ROWS
+        for start in range(0, rows, step):
+            yield self._rows(name, _dequantized(t, self.where, start, start + step))
+
+    def float(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        shape = tuple(int(d) for d in reversed(self.raw(name).shape))
+        out, start = torch.empty(shape, dtype=dtype), 0
+        for part in self.slices(name):  # written into place: no list of slices next to the result
+            out[start:start + part.shape[0]] = part
+            start += part.shape[0]
+        return out
 
     def int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(self._rows(name, part) for part in q4_blocks(self.raw(name)))
@@ -267,8 +288,8 @@ def _linear(source: TensorSource, parts: list[str], settings: InferenceSettings,
                          "(dequantized), --quantize int8, or a Q4_0/Q4_1 file")
     if kept == "float":
         return None
-    weight = torch.cat([source.float(n) for n in parts])
-    return quantized_linear(weight, "int8" if kept == "int8" else settings.quantize, settings.group_size, head)
+    rows = (piece for n in parts for piece in source.slices(n))
+    return quantized_linear(rows, "int8" if kept == "int8" else settings.quantize, settings.group_size, head)
 
 
 _NOTICES: set[str] = set()
@@ -307,7 +328,7 @@ def _stream_into(model: Transformer, source: TensorSource, settings: InferenceSe
             if name == "lm_head.weight" and c.tie_embeddings:
                 model.lm_head.weight = model.tok_emb.weight
                 continue
-        _set_tensor(model, name, torch.cat([source.float(n) for n in parts]).to(dtype))
+        _set_tensor(model, name, torch.cat([source.float(n, dtype) for n in parts]))
 
 
 def gguf_tokenizer(meta: dict, where: str = "GGUF file") -> Tokenizer:

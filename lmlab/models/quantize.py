@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 import torch
 import torch.nn as nn
@@ -127,6 +127,11 @@ class Int4Linear(_QuantizedLinear):
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 32, bias: torch.Tensor | None = None):
         """Quantize a float weight (out, in): per group, the 16 levels spread from its minimum to its maximum."""
+        return cls(*cls.quantize(weight, group_size), bias)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, scale, zero) of a float weight; rows are independent, so a big matrix can go in slices."""
         n, k = weight.shape
         if k % group_size:
             raise LmlabError(f"int4 with group size {group_size} needs input widths divisible by it ({k} is not); "
@@ -137,7 +142,7 @@ class Int4Linear(_QuantizedLinear):
         scale = _bf16_values(((high - low) / 15).clamp(min=1e-12))
         zero = _bf16_values(low + 8 * scale)
         q = ((w - (zero - 8 * scale)[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
-        return cls(q.reshape(n, k), scale, zero, bias)
+        return q.reshape(n, k), scale, zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -168,9 +173,14 @@ class Int8Linear(_QuantizedLinear):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        return cls(*cls.quantize(weight), bias)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, scale) of a float weight; rows are independent, so a big matrix can go in slices."""
         w = weight.detach().float()
         scale = _bf16_values((w.abs().amax(dim=1) / 127).clamp(min=1e-12))
-        return cls((w / scale[:, None]).round().clamp(-127, 127), scale, bias)
+        return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -188,12 +198,16 @@ class Int8Linear(_QuantizedLinear):
 QUANTIZED = (Int4Linear, Int8Linear)
 
 
-def quantized_linear(weight: torch.Tensor, mode: str, group_size: int = 32, head: bool = False) -> nn.Module:
-    """An Int4Linear or Int8Linear of a float weight (out, in); the vocabulary projection (head) is int8 under
-    int4 too."""
+def quantized_linear(rows: torch.Tensor | Iterable[torch.Tensor], mode: str, group_size: int = 32,
+                     head: bool = False) -> nn.Module:
+    """An Int4Linear or Int8Linear of a float weight (out, in), or of its slices of rows one after the other (so
+    that a float copy of a big matrix never exists whole); the vocabulary projection (head) is int8 under int4
+    too."""
+    slices = [rows] if isinstance(rows, torch.Tensor) else rows
     if mode == "int4" and not head:
-        return Int4Linear.from_float(weight, group_size)
-    return Int8Linear.from_float(weight)
+        return Int4Linear(*(torch.cat(parts) for parts in zip(*(Int4Linear.quantize(w, group_size)
+                                                                  for w in slices))))
+    return Int8Linear(*(torch.cat(parts) for parts in zip(*(Int8Linear.quantize(w) for w in slices))))
 
 
 def linear_names(model: nn.Module) -> list[str]:
