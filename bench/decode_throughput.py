@@ -96,6 +96,28 @@ def lmlab_engine(pre, prompt: list[int]):
     return run, prefill, (1, 8)
 
 
+LLAMA_PROBE = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_threads=1, n_ctx=256, verbose=False)
+print(llm("The printing press", max_tokens=2, temperature=0.0)["choices"][0]["text"])
+"""
+
+
+def llama_cpp_problem(path: str) -> str | None:
+    """Why llama.cpp cannot be measured here (not installed, or it crashes decoding), or None. Tried in a child
+    process first, since a crash inside its C library would end this process."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "llama-cpp-python is not installed (pip install '.[bench]'; it builds ~15 min): not measured"
+    done = subprocess.run([sys.executable, "-c", LLAMA_PROBE, path], capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        return (f"llama-cpp-python {llama_cpp.__version__} exits with code {done.returncode} (signal "
+                f"{-done.returncode} if negative) decoding 2 tokens of this file here: not measured")
+    return None
+
+
 def llama_cpp_engine(path: str, prompt: list[int], threads: int):
     from llama_cpp import Llama
 
@@ -195,11 +217,10 @@ def main():
     models = {name: load_pretrained(path, inference=s) for name, s in FORMATS.items()}
     prompt = models["fp32"].tokenizer.encode(TEXT).ids[:args.prompt_tokens]
     engines = {name: lmlab_engine(pre, prompt) for name, pre in models.items()}
-    try:
+    llama_note = llama_cpp_problem(path)
+    if llama_note is None:
         engines["llama.cpp"] = llama_cpp_engine(path, prompt, args.threads)
         llama_note = "llama-cpp-python " + __import__("llama_cpp").__version__
-    except ImportError:
-        llama_note = "llama-cpp-python is not installed (pip install '.[bench]'; it builds ~15 min): not measured"
     for _, (run, prefill, _) in engines.items():  # warm up
         run(1, 2)
         prefill()
