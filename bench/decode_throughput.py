@@ -225,8 +225,9 @@ def main():
         run(1, 2)
         prefill()
     results, tokens = {}, {}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         one_round(engines, len(prompt), args.new_tokens, results, tokens)
+        print(f"round {i + 1}: {json.dumps(results)}", file=sys.stderr, flush=True)  # what a killed run keeps
     medians = {name: {k: round(statistics.median(v), 1) for k, v in rates.items()} for name, rates in results.items()}
     ratios = {name: {k: round(v / medians["fp32"][k], 2) for k, v in rates.items() if k in medians["fp32"]}
               for name, rates in medians.items() if name != "fp32"}
