@@ -41,6 +41,7 @@ from lmlab.inference.sample import prompt_ids
 from lmlab.inference.server import serve
 from lmlab.models.hf import export_hf
 from lmlab.models.hub import list_models, load_pretrained, pull
+from lmlab.models.quantize import InferenceSettings, check_device
 from lmlab.training.classification import finetune
 from lmlab.training.config import load_config
 from lmlab.training.pretrain import train as pretrain
@@ -242,7 +243,7 @@ def train(config: str, set: list[str] = (), resume: bool = False, progress: bool
 
 
 def generate(model: str, prompt: str, chat: bool = False, num_beams: int = 1, device: str = "cpu",
-             sampling: SamplingParams = SamplingParams()) -> None:
+             sampling: SamplingParams = SamplingParams(), inference: InferenceSettings = InferenceSettings()) -> None:
     """Continue a prompt with a model (streams the text); a trained run's small context slides as the text grows.
 
     Args:
@@ -259,7 +260,8 @@ def generate(model: str, prompt: str, chat: bool = False, num_beams: int = 1, de
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise LmlabError(f"no such run or checkpoint folder, model file or model folder: {model}")
     target = pick_device(device)  # an unusable device is named before the model loads
-    pretrained = load_pretrained(model)
+    pretrained = load_pretrained(model, inference=inference)
+    check_device(pretrained.model, target)
     pretrained.model.to(target)
     if chat:
         deltas = answer(pretrained, [{"role": "user", "content": prompt}], sampling)
@@ -279,7 +281,8 @@ def generate(model: str, prompt: str, chat: bool = False, num_beams: int = 1, de
     sys.stdout.write("\n")
 
 
-def chat(model: str, system: str | None = None, sampling: SamplingParams = SamplingParams()) -> None:
+def chat(model: str, system: str | None = None, sampling: SamplingParams = SamplingParams(),
+         inference: InferenceSettings = InferenceSettings()) -> None:
     """Talk with a chat model (streaming; /reset, /exit).
 
     Args:
@@ -287,7 +290,7 @@ def chat(model: str, system: str | None = None, sampling: SamplingParams = Sampl
         system: a system message opening the conversation
     """
     sampling.validate()
-    chat_loop(load_pretrained(model), sampling, system=system)
+    chat_loop(load_pretrained(model, inference=inference), sampling, system=system)
 
 
 def models(json: bool = False) -> None:
@@ -372,7 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
         add_verb(groups[group] if group else sub, verb, name)
     return parser
 
+TRAINING_VERBS = ("train", "finetune", "sft", "dpo", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TRAINING_VERBS and any(a.split("=")[0] == "--quantize" for a in argv):
+        print(f"lmlab {argv[0]}: error: --quantize is a flag of inference (generate, chat, serve, eval): training "
+              "updates float weights; train first, then load the result with --quantize", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         result = call_verb(args)

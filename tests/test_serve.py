@@ -309,31 +309,60 @@ def test_api_key(tiny_folder):
 # Continuous batching
 
 
-def test_sixteen_concurrent_streams_equal_lone_requests(served):
-    """Every client gets the text it gets alone (greedy and seeded sampling), while they share decode steps."""
-    prompts = ["alice", "bob sees carol at", "erin", "frank thanks dave in the park. carol"]
-    jobs = [dict(prompt=prompts[i % 4], max_tokens=20 + i, temperature=0.0 if i % 2 else 0.9, seed=i)
-            for i in range(16)]
-
+def _lone_and_together(running, jobs):
+    """The texts of the jobs sent one at a time, then all at once; and the engine's (decode steps, generated
+    tokens) counters between the two."""
     def run(job):
-        stream = served.client().completions.create(model="tiny-chat", stream=True,
-                                                    extra_body={"ignore_eos": True}, **job)
+        stream = running.client().completions.create(model="tiny-chat", stream=True,
+                                                     extra_body={"ignore_eos": True}, **job)
         return stream_text(stream)[0]
 
     lone = [run(job) for job in jobs]
-    stats = served.server.engine.stats
-    steps, tokens = stats.decode_steps, stats.generation_tokens
+    stats = running.server.engine.stats
+    counters = stats.decode_steps, stats.generation_tokens
 
     async def together():
-        client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
 
         async def one(job):
             stream = await client.completions.create(model="tiny-chat", stream=True,
                                                      extra_body={"ignore_eos": True}, **job)
             return "".join([c.choices[0].text async for c in stream if c.choices])
         return await asyncio.gather(*(one(job) for job in jobs))
+    return lone, asyncio.run(together()), counters
 
-    batched = asyncio.run(together())
+
+def test_int4_rows_are_batch_invariant_and_match_generate(tiny_folder):
+    """The engine with int4 weights (bf16 compute): with --batch-invariant, each request's tokens are those it
+    gets alone, and a greedy one's are lmlab.inference.generate's on the same int4 model."""
+    from lmlab.models.quantize import InferenceSettings, Int4Linear
+
+    running = RunningServer(build(str(tiny_folder), inference=InferenceSettings(dtype="bfloat16", quantize="int4"),
+                                  max_batch=8, context=256, batch_invariant=True))
+    try:
+        assert isinstance(running.server.pretrained.model.blocks[0].attn.qkv, Int4Linear)
+        prompts = ["alice", "bob sees carol at", "erin", "frank thanks dave in the park. carol"]
+        jobs = [dict(prompt=prompts[i % 4], max_tokens=12 + i, temperature=0.0 if i % 2 else 0.9, seed=i)
+                for i in range(8)]
+        lone, batched, _ = _lone_and_together(running, jobs)
+        assert batched == lone
+        pre = running.server.pretrained
+        ids = pre.tokenizer.encode(prompts[1]).ids
+        expected = generate(pre.model, pre.tokenizer, [ids], SamplingParams(max_new_tokens=13, temperature=0,
+                                                                            stop_at_eos=False))[0]
+        assert lone[1] == expected.text
+    finally:
+        running.close()
+
+
+def test_sixteen_concurrent_streams_equal_lone_requests(served):
+    """Every client gets the text it gets alone (greedy and seeded sampling), while they share decode steps."""
+    prompts = ["alice", "bob sees carol at", "erin", "frank thanks dave in the park. carol"]
+    jobs = [dict(prompt=prompts[i % 4], max_tokens=20 + i, temperature=0.0 if i % 2 else 0.9, seed=i)
+            for i in range(16)]
+
+    stats = served.server.engine.stats
+    lone, batched, (steps, tokens) = _lone_and_together(served, jobs)
     assert batched == lone
     decoded = stats.generation_tokens - tokens - len(jobs)  # first tokens come from the prefills
     assert decoded == sum(job["max_tokens"] - 1 for job in jobs)

@@ -13,18 +13,19 @@ from lmlab.evaluate.report import format_table, output_paths, write_results
 from lmlab.evaluate.tasks import (FEWSHOT_DELIMITER, TARGET_DELIMITER, Doc, Settings, Split, Task, data_root,
                                   get_task, load_split, pick_shots)
 from lmlab.models.hub import load_pretrained
+from lmlab.models.quantize import FLOAT32, InferenceSettings, weight_format
 from lmlab.util import check_writable
 
 MODES = ("loglikelihood", "generate", "both")
 
 
-def as_lm(model, tokenizer=None, **kwargs) -> LM:
-    """An LM from a model spec (registry name, path, hub id), a lmlab.models.hub.Pretrained, a Transformer plus its
-    tokenizer, or an LM (used as is)."""
+def as_lm(model, tokenizer=None, inference: InferenceSettings | None = None, **kwargs) -> LM:
+    """An LM from a model spec (registry name, path, hub id; loaded as `inference` says, float32 by default), a
+    lmlab.models.hub.Pretrained, a Transformer plus its tokenizer, or an LM (used as is)."""
     if isinstance(model, LM):
         return model
     if isinstance(model, (str, Path)):
-        model = load_pretrained(model)
+        model = load_pretrained(model, inference=inference)
     if hasattr(model, "chat_prompt") and hasattr(model, "tokenizer"):  # a Pretrained
         return LM.from_pretrained(model, **kwargs)
     if tokenizer is None:
@@ -89,7 +90,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
              chat: bool = False, calibrate: bool = False, balanced: bool = False, data_dir: str | Path | None = None,
              out: str | Path | None = None, stride: int | None = None, max_length: int | None = None,
              bootstrap_iters: int = 1000, progress: bool = True, echo: Callable[[str], None] | None = print,
-             command: str | None = None) -> dict:
+             command: str | None = None, inference: InferenceSettings = FLOAT32) -> dict:
     """Evaluate a model: perplexity, zero/few-shot multiple choice, GLUE-style classification.
 
     Prints the table (echo), writes OUT.json/.jsonl/.png when `out` is given, and returns the summary dict (its
@@ -104,8 +105,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         limit: the first N examples of each task (MMLU subject, benchmark source; one-text perplexity: windows)
         seed: seed of the few-shot draw
         batch_size: sequences per forward pass
-        mode: how choice tasks are scored: log-likelihood of each answer, generation + answer extraction, or both
-            side by side
+        mode: how choice tasks are scored: each answer's log-likelihood, generation + answer extraction, or both
         chat: generation prompts go through the model's chat template
         calibrate: also report contextual calibration (Zhao et al. 2021) next to the raw numbers
         balanced: few-shot examples balanced across the labels
@@ -118,6 +118,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         bootstrap_iters: bootstrap resamples for the standard errors
         progress: show the progress bar
         echo: where the table is printed (None: nowhere)
+        inference: how a model given by name is loaded (dtype, quantized weights; from Python float32)
     """
     task_list = _parse_tasks(tasks)
     shot_list = _parse_shots(shots)
@@ -125,7 +126,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     root = data_root(data_dir)
     splits = _load_all(task_list, shot_list, root, limit, seed, balanced)
 
-    lm = as_lm(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress)
+    lm = as_lm(model, tokenizer, inference, batch_size=batch_size, max_length=max_length, progress=progress)
     if chat and lm.chat_prompt is None:
         raise LmlabError(f"{lm.name} has no chat template; drop --chat (or use a chat model)")
     settings = Settings(seed, balanced, calibrate, chat, stride, bootstrap_iters, limit)
@@ -178,7 +179,8 @@ def _check(mode: str, limit: int | None, out) -> None:
 def _lm_settings(lm) -> dict:
     """The settings of a run that come from the model and the harness's conventions."""
     return {"window": lm.max_length, "target_delimiter": TARGET_DELIMITER, "fewshot_delimiter": FEWSHOT_DELIMITER,
-            "device": str(lm.device), "dtype": str(lm.model.tok_emb.weight.dtype)}
+            "device": str(lm.device), "dtype": str(lm.model.tok_emb.weight.dtype),
+            "weights": weight_format(lm.model)}
 
 
 def _task_info(t: Task, split, n: int, echo) -> dict:

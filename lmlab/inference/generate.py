@@ -38,6 +38,9 @@ class SamplingParams:
     stop: Sequence[str] = option((), "stop string, not included in the output (repeatable)")
     seed: int | None = option(None, "seed of the sampling (the same seed gives the same text)")
     stop_at_eos: bool = option(True, "end at the model's end-of-sequence tokens")
+    speculate: int = option(0, "speculative decoding by prompt lookup: draft up to N tokens that followed the "
+                               "latest words earlier in the prompt or text, check them in one forward pass (one "
+                               "prompt at a time; the same text greedily, the same distribution sampling)")
 
     def validate(self) -> None:
         problems = []
@@ -53,6 +56,11 @@ class SamplingParams:
             problems.append(f"min_p={self.min_p} (must be in [0, 1])")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty={self.repetition_penalty} (must be > 0)")
+        if self.speculate < 0:
+            problems.append(f"speculate={self.speculate} (must be >= 0; 0 is off)")
+        if self.speculate and self.repetition_penalty != 1.0:
+            problems.append("speculate with a repetition penalty (the penalty of a drafted token depends on the "
+                            "drafts before it; drop one of them)")
         if any(not s for s in self.stop):
             problems.append("an empty stop string")
         if problems:
@@ -151,6 +159,11 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: SamplingP
     done = [False] * B
 
     logits, _ = model(ids, cache=cache, positions=positions, key_mask=key_mask, last_only=True)
+    if params.speculate and not slide:
+        if B > 1:
+            raise LmlabError(f"speculative decoding takes one prompt at a time (got {B}); drop --speculate")
+        yield from _speculative_steps(model, list(prompts[0]), params, eos, cache, logits, generator)
+        return
     for step in range(params.max_new_tokens):
         nxt = pick_tokens(adjust_logits(logits[:, -1].float(), params, seen), params, generator)
         if seen is not None:
@@ -176,6 +189,69 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: SamplingP
             positions = positions[:, -1:] + 1
         logits, _ = model(nxt[:, None], cache=cache, positions=positions,
                           key_mask=None if key_mask is None else key_mask[:, :cache.length + 1])
+
+
+def lookup_draft(history: Sequence[int], n: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup (Saxena 2023, transformers' prompt_lookup_num_tokens): the up to n tokens that followed the
+    most recent earlier occurrence of the text's last max_ngram tokens (or fewer, down to one), or [] when the
+    tail never occurred before. Copy-heavy answers (summaries, edits, answers quoting their sources) repeat
+    spans of the prompt, so the drafts are often right."""
+    end = len(history)
+    for size in range(min(max_ngram, end - 1), 0, -1):
+        tail = list(history[end - size:])
+        for start in range(end - size - 1, -1, -1):
+            if history[start] == tail[0] and list(history[start:start + size]) == tail:
+                return list(history[start + size:start + size + n])
+    return []
+
+
+def _verify(logits: torch.Tensor, draft: list[int], params: SamplingParams, generator) -> tuple[int, int | None]:
+    """How many draft tokens the model accepts, and the token the next pick must exclude. logits (1 + d, V) are
+    the model's predictions at the last token and after each draft token. Greedy: a draft token is accepted while
+    it is the argmax. Sampling: speculative rejection sampling (Leviathan et al. 2023) with a draft that is
+    certain of its token x: accept x with probability p(x); on rejection the next token is drawn from
+    (p - q)+, which for a certain draft is p without x, renormalized: the pick excludes x."""
+    for j, token in enumerate(draft):
+        row = adjust_logits(logits[j:j + 1].float(), params)
+        if params.greedy:
+            if row.argmax(-1).item() != token:
+                return j, None
+        elif torch.rand(1, generator=generator, device=row.device).item() >= row.softmax(-1)[0, token].item():
+            return j, token
+    return len(draft), None
+
+
+def _speculative_steps(model: Transformer, history: list[int], params: SamplingParams, eos: set, cache: KVCache,
+                       logits: torch.Tensor, generator) -> Iterator[list[int]]:
+    """decode_steps for one prompt with prompt-lookup drafts: each forward pass takes the new token and its draft
+    (1 + d positions), the accepted part stays in the cache (the rest is dropped by moving cache.length back),
+    and the model's prediction after the last accepted token is the next pick, so every pass yields 1 to d + 1
+    tokens."""
+    produced, banned = 0, None
+    while True:
+        scores = adjust_logits(logits[:, -1].float(), params)
+        if banned is not None:
+            scores[:, banned] = float("-inf")
+        token = pick_tokens(scores, params, generator).item()
+        history.append(token)
+        produced += 1
+        yield [token]
+        if produced == params.max_new_tokens or token in eos or cache.length >= cache.max_len:
+            return
+        # Room for the drafts and the pick after them, within max_new_tokens and the cache.
+        room = min(params.speculate, params.max_new_tokens - produced - 1, cache.max_len - cache.length - 1)
+        draft = lookup_draft(history, room) if room > 0 else []
+        start = cache.length
+        out, _ = model(torch.tensor([[token, *draft]], device=cache.k.device), cache=cache)
+        accepted, banned = _verify(out[0], draft, params, generator)
+        for t in draft[:accepted]:
+            history.append(t)
+            produced += 1
+            yield [t]
+            if t in eos:
+                return
+        cache.length = start + 1 + accepted
+        logits = out[:, accepted:accepted + 1]
 
 
 class TextStream:

@@ -40,6 +40,7 @@ from lmlab.inference.engine import DoneEvent, Engine, ErrorEvent, PromptEvent, Q
 from lmlab.inference.protocol import (ApiError, Limits, TokenNames, check_model, include_usage, parse_chat,
                                       parse_completion, usage)
 from lmlab.models.hub import REGISTRY, load_pretrained
+from lmlab.models.quantize import FLOAT32, InferenceSettings, check_device
 from lmlab.util import option, pick_device
 
 STATIC = Path(__file__).parent / "static"
@@ -463,17 +464,19 @@ class ServerSettings:
     rag: str | None = option(None, "an index folder (lmlab rag index) the chat page can answer from")
 
 
-def build(model: str, settings: ServerSettings | None = None, **overrides) -> Server:
-    """Load a model (anything lmlab.models.hub.load_pretrained accepts) and start its engine; `overrides` replace
-    fields of `settings` (build(model, max_batch=4))."""
+def build(model: str, settings: ServerSettings | None = None, inference: InferenceSettings = FLOAT32,
+          **overrides) -> Server:
+    """Load a model (anything lmlab.models.hub.load_pretrained accepts, its weights as `inference` says) and start
+    its engine; `overrides` replace fields of `settings` (build(model, max_batch=4))."""
     s = replace(settings or ServerSettings(), **overrides)
     if s.max_batch < 1 or s.max_queue < 0 or (s.context is not None and s.context < 2):  # before the slow load
         raise LmlabError(f"need --max-batch >= 1, --max-queue >= 0 and --context >= 2 (got {s.max_batch}, "
                          f"{s.max_queue}, {s.context})")
-    pretrained = load_pretrained(model)
+    pretrained = load_pretrained(model, inference=inference)
     if not pretrained.model.config.causal:
         raise LmlabError(f"{model} is an encoder (bidirectional attention): it cannot generate text; serve a "
                          "decoder such as smollm2-135m-instruct")
+    check_device(pretrained.model, pick_device(s.device))
     pretrained.model.to(pick_device(s.device))
     context = s.context or min(pretrained.context_length, 2048)  # the KV cache holds max_batch x context positions
     engine = Engine(pretrained.model, pretrained.tokenizer, pretrained.eos_ids, max_batch=s.max_batch,
@@ -508,7 +511,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
-          settings: ServerSettings = ServerSettings()) -> None:
+          settings: ServerSettings = ServerSettings(), inference: InferenceSettings = InferenceSettings()) -> None:
     """Serve a model over the OpenAI HTTP API (continuous batching) with a chat page.
 
     Args:
@@ -518,7 +521,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     """
     sock = listen(host, port)
     try:
-        server = build(model, settings)
+        server = build(model, settings, inference)
     except BaseException:
         sock.close()
         raise

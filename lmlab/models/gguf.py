@@ -4,11 +4,14 @@ GGUF is llama.cpp's single-file format: key/value metadata (architecture, sizes,
 template) followed by tensors, usually quantized to a few bits per weight in blocks of 32 or 256 values with a
 scale per block. Loading one into lmlab takes four steps:
 
-1. read the file with the `gguf` package (llama.cpp's own Python reader);
-2. dequantize every tensor to float32 with `gguf.quants.dequantize`: lmlab computes in ordinary floats, so a Q4_1
-   file costs 4 bytes per weight in memory, not 0.6, but gives the same numbers llama.cpp multiplies with;
-3. rename the tensors to Hugging Face Llama names and hand them to `lmlab.models.hf.llama_from_hf`, the same code that
-   loads Hugging Face folders (so the fusing of q/k/v and gate/up lives in one place);
+1. read the file with the `gguf` package (llama.cpp's own Python reader; the tensors stay memory-mapped);
+2. build the model on the meta device (no memory) and fill it one tensor at a time (`_stream_into`), renamed to
+   Hugging Face Llama names and stacked as `lmlab.models.hf.llama_block` says (the fusing of q/k/v and gate/up
+   lives there), so the peak memory is the loaded model plus one tensor, never a float32 copy of the whole file;
+3. keep each weight quantized where PyTorch's kernels take the file's own numbers (lmlab.models.quantize):
+   Q4_0/Q4_1 blocks are exactly Int4Linear's groups of 32, Q8_0 becomes per-row int8; everything else (and
+   everything under --quantize none) is dequantized with `gguf.quants.dequantize` to the numbers llama.cpp
+   multiplies with, in the compute dtype;
 4. rebuild the tokenizer from the metadata as a Hugging Face `tokenizers.Tokenizer`.
 
 One layout difference needs undoing. llama.cpp rotates pairs of adjacent dimensions (x0, x1), (x2, x3), ...;
@@ -28,16 +31,20 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import gguf
+import numpy as np
 import torch
+import torch.nn as nn
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lmlab.errors import LmlabError
-from lmlab.models.hf import gemma3_from_hf, llama_from_hf
-from lmlab.models.transformer import Transformer
+from lmlab.models.hf import LLAMA_TOP, gemma3_from_hf, llama_block, llama_config
+from lmlab.models.quantize import FLOAT32, InferenceSettings, Int4Linear, compute_dtype, notice, quantized_linear, \
+    replace_module
+from lmlab.models.transformer import Transformer, rotary_tables
 
 # GGUF tensor name -> Hugging Face Llama name. Block tensors are "blk.{i}.<key>.weight".
 _GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -198,9 +205,14 @@ def _gemma3_hf_config(get, vocab_size: int) -> dict:
     }
 
 
-def _dequantized(t, where: str) -> torch.Tensor:
+SLICE_ROWS = 4096
+
+
+def _dequantized(t, where: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """The tensor (or its rows start:stop) as float32."""
+    data = t.data if len(t.shape) == 1 else t.data[start:stop]
     try:
-        values = dequantize(t.data, t.tensor_type)
+        values = dequantize(data, t.tensor_type)
     except NotImplementedError:
         raise LmlabError(f"{where}: tensor {t.name} is stored as {t.tensor_type.name}, a GGUF type lmlab cannot "
                          "dequantize (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants and the "
@@ -210,7 +222,8 @@ def _dequantized(t, where: str) -> torch.Tensor:
     if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
         values = values.copy()
     # GGUF lists dimensions fastest-varying first, numpy and torch slowest first.
-    return torch.from_numpy(values).reshape(tuple(int(d) for d in reversed(t.shape)))
+    shape = tuple(int(d) for d in reversed(t.shape))
+    return torch.from_numpy(values).reshape(shape if len(shape) == 1 else (-1, *shape[1:]))
 
 
 def gguf_tensors(reader, hf: dict, where: str) -> dict[str, torch.Tensor]:
@@ -222,6 +235,156 @@ def gguf_tensors(reader, hf: dict, where: str) -> dict[str, torch.Tensor]:
         raise LmlabError(f"{where}: tensors {', '.join(unknown[:4])} have no place in lmlab's {arch} block; "
                          "this model variant is not supported")
     return {names[t.name]: _hf_layout(names[t.name], _dequantized(t, where), hf) for t in reader.tensors}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensors, one at a time: kept quantized where the kernels take the file's blocks, else dequantized
+
+Q4_TYPES = {gguf.GGMLQuantizationType.Q4_0: 18, gguf.GGMLQuantizationType.Q4_1: 20}  # bytes per 32 weights
+Q8_TYPES = (gguf.GGMLQuantizationType.Q8_0,)
+FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+
+def q4_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0 or Q4_1 tensor's own numbers in Int4Linear's terms: q (rows, cols) in 0..15, and per block of 32
+    a scale and a zero with weight = (q - 8) * scale + zero. Q4_1 stores w = d * q + m (so scale = d,
+    zero = m + 8d), Q4_0 w = d * (q - 8) (zero = 0); each block holds d (and m) as float16, then 16 bytes whose
+    low nibbles are weights 0..15 and high nibbles 16..31."""
+    rows = int(t.shape[1])
+    blocks = np.asarray(t.data).reshape(rows, -1, Q4_TYPES[t.tensor_type])
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if t.tensor_type == gguf.GGMLQuantizationType.Q4_1:
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        zero, nibbles = m + 8 * d, blocks[..., 4:]
+    else:
+        zero, nibbles = np.zeros_like(d), blocks[..., 2:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, -1)
+    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero)
+
+
+class TensorSource:
+    """The file's tensors under Hugging Face Llama names, each read when asked for (the file stays memory-mapped),
+    query and key rows put back in Hugging Face's rotary order."""
+
+    def __init__(self, reader, hf: dict, where: str):
+        names = {t.name: _hf_name(t.name) for t in reader.tensors}
+        unknown = [n for n, hf_name in names.items() if hf_name is None]
+        if unknown:  # rope_freqs (Llama 3.1 rope scaling), biases, ...: things lmlab's Llama block does not have
+            raise LmlabError(f"{where}: tensors {', '.join(unknown[:4])} have no place in lmlab's Llama block; "
+                             "this model variant is not supported")
+        self.tensors = {names[t.name]: t for t in reader.tensors}
+        self.heads = {"self_attn.q_proj.weight": hf["num_attention_heads"],
+                      "self_attn.k_proj.weight": hf["num_key_value_heads"]}
+        self.where = where
+
+    def raw(self, name: str):
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise LmlabError(f"{self.where} lacks tensor {name!r}; is it a complete Llama checkpoint?") from None
+
+    def _rows(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        for proj, n_head in self.heads.items():
+            if name.endswith(proj):
+                return unpermute_rotary(w, n_head)
+        return w
+
+    def slices(self, name: str) -> Iterator[torch.Tensor]:
+        """The tensor dequantized to float32 in slices of SLICE_ROWS rows (a rotary projection whole: its rows
+        move within heads), so that the float32 copy of a big matrix (the 49152 x 576 embedding: 113 MB) never
+        exists at once."""
+        t = self.raw(name)
+        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+        step = rows if any(name.endswith(proj) for proj in self.heads) else SLICE_ROWS
+        for start in range(0, rows, step):
+            yield self._rows(name, _dequantized(t, self.where, start, start + step))
+
+    def float(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        shape = tuple(int(d) for d in reversed(self.raw(name).shape))
+        out, start = torch.empty(shape, dtype=dtype), 0
+        for part in self.slices(name):  # written into place: no list of slices next to the result
+            out[start:start + part.shape[0]] = part
+            start += part.shape[0]
+        return out
+
+    def int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self._rows(name, part) for part in q4_blocks(self.raw(name)))
+
+
+def _kept_as(types: set, quantize: str, head: bool) -> str:
+    """What a linear layer stored in these GGUF types becomes: "int4" (the file's Q4 blocks as they are), "int8",
+    "float", or "requantize" (a float or Q8_0 weight quantized as --quantize asks)."""
+    if quantize == "none":
+        return "float"
+    if quantize == "auto":
+        if types <= set(Q4_TYPES) and not head:
+            return "int4"
+        if types <= set(Q8_TYPES) or (head and types <= set(Q4_TYPES)):
+            return "int8"
+        return "float"
+    if quantize == "int4" and types <= set(Q4_TYPES) and not head:
+        return "int4"
+    return "requantize"
+
+
+def _linear(source: TensorSource, parts: list[str], settings: InferenceSettings, head: bool) -> nn.Module | None:
+    """The quantized layer of these stacked Hugging Face tensors, or None where the layer stays float."""
+    types = {source.raw(n).tensor_type for n in parts}
+    kept = _kept_as(types, settings.quantize, head)
+    odd = sorted(t.name for t in types if t not in (*Q4_TYPES, *Q8_TYPES, *FLOAT_TYPES))
+    if kept == "int4":
+        q, scale, zero = (torch.cat(pieces) for pieces in zip(*(source.int4(n) for n in parts)))
+        return Int4Linear(q, scale, zero)
+    if odd and settings.quantize == "auto":
+        _notice_once(f"{source.where}: {', '.join(odd)} weights cannot be kept quantized (lmlab keeps Q4_0, Q4_1 "
+                     "and Q8_0); they are dequantized to the compute dtype")
+    if odd and kept == "requantize" and settings.quantize == "int4":  # to 8 bits a second rounding costs little
+        raise LmlabError(f"{source.where}: {source.raw(parts[0]).name} is stored as {odd[0]}, which lmlab cannot "
+                         "keep as int4 (it keeps Q4_0 and Q4_1) and will not round twice; use --quantize auto "
+                         "(dequantized), --quantize int8, or a Q4_0/Q4_1 file")
+    if kept == "float":
+        return None
+    rows = (piece for n in parts for piece in source.slices(n))
+    return quantized_linear(rows, "int8" if kept == "int8" else settings.quantize, settings.group_size, head)
+
+
+_NOTICES: set[str] = set()
+
+
+def _notice_once(text: str) -> None:
+    if text not in _NOTICES:
+        _NOTICES.add(text)
+        notice(text)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module), attr, nn.Parameter(value, requires_grad=False))
+
+
+def _stream_into(model: Transformer, source: TensorSource, settings: InferenceSettings, dtype: torch.dtype):
+    """Fill a model built on the meta device, one lmlab tensor at a time: each is read, dequantized or kept
+    quantized, stacked and cast before the next is touched, so no float copy of the whole model ever exists."""
+    c = model.config
+    top = {name: [hf_name] for name, hf_name in LLAMA_TOP.items() if not (name == "lm_head.weight" and
+                                                                           c.tie_embeddings)}
+    tensors = [(name, parts) for name, parts in top.items()]
+    for i in range(c.n_layer):
+        tensors += [(f"blocks.{i}.{name}", [f"model.layers.{i}.{n}" for n, _ in parts])
+                    for name, parts in llama_block(c).items()]
+    if c.tie_embeddings:  # the head is the embedding matrix; quantized, it gets its own copy
+        tensors.append(("lm_head.weight", top["tok_emb.weight"]))
+    for name, parts in tensors:
+        module_name = name.removesuffix(".weight")
+        if isinstance(model.get_submodule(module_name), nn.Linear):
+            layer = _linear(source, parts, settings, head=module_name == "lm_head")
+            if layer is not None:
+                replace_module(model, module_name, layer)
+                continue
+            if name == "lm_head.weight" and c.tie_embeddings:
+                model.lm_head.weight = model.tok_emb.weight
+                continue
+        _set_tensor(model, name, torch.cat([source.float(n, dtype) for n in parts]))
 
 
 def gguf_tokenizer(meta: dict, where: str = "GGUF file") -> Tokenizer:
@@ -291,8 +454,11 @@ def special_token(meta: dict, which: str) -> tuple[str | None, int | None]:
     return (tokens[i], i) if i is not None and 0 <= i < len(tokens) else (None, None)
 
 
-def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
-    """The model (float32, eval mode), its tokenizer and the file's metadata."""
+def load_gguf(path: str | Path, settings: InferenceSettings = FLOAT32
+              ) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
+    """The model (eval mode, weights as `settings` ask: float32 and dequantized by default), its tokenizer and
+    the file's metadata. The tensors are read one by one into a model built without memory (the meta device)."""
+    settings.validate()
     where = str(path)
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
@@ -301,6 +467,16 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer, dict[str, Any]]
         raise LmlabError(f"{where}: no token_embd.weight tensor; this is not a language model GGUF")
     hf = gguf_hf_config(meta, vocab_size=shapes["token_embd.weight"][1], tied="output.weight" not in shapes,
                         where=where)
-    from_hf = gemma3_from_hf if hf["model_type"] == "gemma3_text" else llama_from_hf
-    model = from_hf(hf, gguf_tensors(reader, hf, where), where)
-    return model, gguf_tokenizer(meta, where), meta
+    if hf["model_type"] == "gemma3_text":  # dequantized whole (float32); load_pretrained then casts or quantizes
+        return gemma3_from_hf(hf, gguf_tensors(reader, hf, where), where), gguf_tokenizer(meta, where), meta
+    config = llama_config(hf, where)
+    with torch.device("meta"):
+        model = Transformer(config)
+    dtype = compute_dtype(settings.dtype)
+    try:
+        _stream_into(model, TensorSource(reader, hf, where), settings, dtype)
+    except RuntimeError as e:  # shape mismatches: the metadata and the tensors disagree
+        raise LmlabError(f"{where}: tensors do not match the metadata ({str(e).splitlines()[-1].strip()})") from None
+    model.rope_cos, model.rope_sin = (t.to(dtype) for t in rotary_tables(config.head_dim, config.block_size,
+                                                                          config.rope_theta))
+    return model.eval(), gguf_tokenizer(meta, where), meta

@@ -52,12 +52,12 @@ _GPT2_TOP = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight",
              "norm_f.weight": "ln_f.weight", "norm_f.bias": "ln_f.bias"}
 
 # lmlab name -> Hugging Face Llama name, outside the blocks. A tied head has no lm_head.weight of its own.
-_LLAMA_TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight",
+LLAMA_TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight",
               "lm_head.weight": "lm_head.weight"}
 _LLAMA_SHAPE = dict(norm="rmsnorm", norm_placement="pre", position="rope", mlp="swiglu", bias=False, causal=True)
 
 
-def _llama_block(c: TransformerConfig) -> dict[str, list[tuple[str, int]]]:
+def llama_block(c: TransformerConfig) -> dict[str, list[tuple[str, int]]]:
     """lmlab name -> the Hugging Face Llama tensors (name under `model.layers.{i}.`, rows) stacked into it.
 
     One table read both ways: loading concatenates the rows, exporting splits them back."""
@@ -80,8 +80,8 @@ _GEMMA3_SHAPE = dict(norm="rmsnorm", norm_placement="sandwich", norm_offset=1.0,
 
 
 def _gemma3_block(c: TransformerConfig) -> dict[str, list[tuple[str, int]]]:
-    """lmlab name -> the Hugging Face Gemma 3 tensors under `model.layers.{i}.`; read both ways like _llama_block."""
-    table = _llama_block(c)
+    """lmlab name -> the Hugging Face Gemma 3 tensors under `model.layers.{i}.`; read both ways like llama_block."""
+    table = llama_block(c)
     return {"norm1.weight": table["norm1.weight"], "attn.qkv.weight": table["attn.qkv.weight"],
             "attn.q_norm.weight": [("self_attn.q_norm.weight", c.head_dim)],
             "attn.k_norm.weight": [("self_attn.k_norm.weight", c.head_dim)],
@@ -257,15 +257,15 @@ def llama_config(hf: dict, where: str = "config.json") -> TransformerConfig:
 def llama_from_hf(hf: dict, tensors: dict[str, torch.Tensor], where: str = "model") -> Transformer:
     """An lmlab Transformer from a Hugging Face Llama config dict and its tensors (Hugging Face names)."""
     config = llama_config(hf, where)
-    top = {name: hf_name for name, hf_name in _LLAMA_TOP.items()
+    top = {name: hf_name for name, hf_name in LLAMA_TOP.items()
            if not (name == "lm_head.weight" and config.tie_embeddings)}
-    return _stacked_model(config, top, _llama_block(config), "model.layers.", tensors, where, "Llama")
+    return _stacked_model(config, top, llama_block(config), "model.layers.", tensors, where, "Llama")
 
 
 def _stacked_model(config: TransformerConfig, top: dict[str, str], block: dict[str, list[tuple[str, int]]],
                    prefix: str, tensors: dict[str, torch.Tensor], where: str, family: str) -> Transformer:
     """A model from Hugging Face tensors named by `top` (outside the blocks) and `block` (the tensors under
-    `{prefix}{i}.` stacked into each lmlab block tensor; see _llama_block)."""
+    `{prefix}{i}.` stacked into each lmlab block tensor; see llama_block)."""
     try:
         state = {name: tensors[hf_name] for name, hf_name in top.items()}
         for i in range(config.n_layer):
@@ -334,7 +334,7 @@ _BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "s
 
 def _bert_block(c: TransformerConfig) -> dict[str, list[tuple[str, int]]]:
     """lmlab name -> the Hugging Face BERT tensors (under `encoder.layer.{i}.`, rows) stacked into it; read both
-    ways like _llama_block. The block is post-norm: norm1 follows attention, norm2 the MLP, as in BERT."""
+    ways like llama_block. The block is post-norm: norm1 follows attention, norm2 the MLP, as in BERT."""
     C, hidden = c.n_embd, c.intermediate_size or 4 * c.n_embd
     table = {"attn.qkv": [("attention.self.query", C), ("attention.self.key", C), ("attention.self.value", C)],
              "attn.proj": [("attention.output.dense", C)], "norm1": [("attention.output.LayerNorm", C)],
@@ -486,9 +486,9 @@ def export_hf_llama(model: Transformer, out_dir: str | Path, tokenizer: str | Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ours = model.state_dict()
-    tensors = {hf_name: ours[name] for name, hf_name in _LLAMA_TOP.items()
+    tensors = {hf_name: ours[name] for name, hf_name in LLAMA_TOP.items()
                if not (name == "lm_head.weight" and c.tie_embeddings)}
-    tensors.update(_split_blocks(c, ours, _gemma3_block(c) if gemma else _llama_block(c), "model.layers."))
+    tensors.update(_split_blocks(c, ours, _gemma3_block(c) if gemma else llama_block(c), "model.layers."))
     save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
     tok = Tokenizer.from_str(_tokenizer_text(tokenizer)) if tokenizer is not None else None
     ids = {f"{k}_id": tok.token_to_id(v) if tok is not None and v is not None else None

@@ -40,6 +40,7 @@ from lmlab.models import checkpoint
 from lmlab.models.chat_template import FAMILY_TEMPLATES, render_chat
 from lmlab.models.gguf import load_gguf, special_token
 from lmlab.models.hf import bert_tokenizer, load_hf
+from lmlab.models.quantize import FLOAT32, InferenceSettings, prepare_model
 from lmlab.models.transformer import Transformer
 from lmlab.util import atomic_replace, lmlab_home
 
@@ -365,15 +366,15 @@ def _token(tok: Tokenizer, value) -> tuple[str | None, int | None]:
     return None, None
 
 
-def _from_gguf(path: Path):
-    model, tok, meta = load_gguf(path)
+def _from_gguf(path: Path, settings: InferenceSettings):
+    model, tok, meta = load_gguf(path, settings)
     specials = {which: special_token(meta, which) for which in ("bos", "eos")}
     # A file without its template (llama.cpp's converter leaves out a base model's) gets its family's format.
     template = meta.get("tokenizer.chat_template") or FAMILY_TEMPLATES.get(meta.get("general.architecture"))
     return model, tok, template, specials
 
 
-def _from_hf(path: Path):
+def _from_hf(path: Path, settings: InferenceSettings):
     model = load_hf(path)
     config = _json(path / "config.json")
     if config.get("model_type") == "bert":
@@ -391,7 +392,7 @@ def _from_hf(path: Path):
     return model, tok, template, specials
 
 
-def _from_lmlab(path: Path):
+def _from_lmlab(path: Path, settings: InferenceSettings):
     model, tok = checkpoint.load_run(path)
     eos = (ENDOFTEXT, tok.token_to_id(ENDOFTEXT)) if tok.token_to_id(ENDOFTEXT) is not None else (None, None)
     return model, tok, None, {"bos": (None, None), "eos": eos}
@@ -404,22 +405,27 @@ def _json(path: Path) -> dict:
 _LOADERS = {"gguf": _from_gguf, "hf": _from_hf, "lmlab": _from_lmlab}
 
 
-def load_pretrained(spec: str | Path, dtype: torch.dtype = torch.float32) -> Pretrained:
-    """Load a model by registry name, local path or hub id (see resolve) as an lmlab Transformer in eval mode."""
+def load_pretrained(spec: str | Path, dtype: torch.dtype = torch.float32,
+                    inference: InferenceSettings | None = None) -> Pretrained:
+    """Load a model by registry name, local path or hub id (see resolve) as an lmlab Transformer in eval mode:
+    in `dtype`, or as `inference` asks (compute dtype, weights quantized; lmlab.models.quantize)."""
     path = resolve(spec)
     if checkpoint.is_tuned(path):  # a run of lmlab sft or dpo: its base model with the tuned weights
-        return load_tuned(path)
-    model, tok, template, specials = _LOADERS[_kind(path)](path)
-    model = model.to(dtype).eval()
+        return load_tuned(path, inference=inference)
+    settings = inference or replace(FLOAT32, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+    model, tok, template, specials = _LOADERS[_kind(path)](path, settings)
+    model = prepare_model(model.eval(), settings) if inference is not None else model.to(dtype).eval()
     (bos, bos_id), (eos, eos_id) = specials["bos"], specials["eos"]
     return Pretrained(name=str(spec), model=model, tokenizer=tok, chat_template=template, bos_token=bos,
                       bos_token_id=bos_id, eos_token=eos, eos_token_id=eos_id,
                       context_length=model.config.block_size)
 
 
-def load_tuned(path: str | Path, merge: bool = True) -> Pretrained:
+def load_tuned(path: str | Path, merge: bool = True, inference: InferenceSettings | None = None) -> Pretrained:
     """A run of `lmlab sft` or `lmlab dpo` as a Pretrained: its base model (loaded as any model is), with the
-    run's method and weights on top (lmlab.models.checkpoint.load_tuned_weights; a LoRA merged when merge)."""
+    run's method and weights on top (lmlab.models.checkpoint.load_tuned_weights; a LoRA merged when merge),
+    then as `inference` asks (quantized after the merge: the tuned weights are float)."""
     base = load_pretrained(checkpoint.tuned_info(path)["base"])
     checkpoint.load_tuned_weights(base.model, path, merge)
-    return replace(base, name=str(path), model=base.model.eval())
+    model = base.model.eval() if inference is None else prepare_model(base.model.eval(), inference)
+    return replace(base, name=str(path), model=model)

@@ -1,0 +1,280 @@
+"""Weights at inference: the compute dtype (float32 or bfloat16) and weights kept quantized (int8, int4).
+
+    --dtype auto|float32|bfloat16      auto: bfloat16 on CPUs with native bf16 instructions (AVX512-BF16, AMX)
+                                       and on CUDA GPUs that have it, float32 elsewhere
+    --quantize auto|none|int8|int4     auto: keep a GGUF file's own quantization, none for other formats
+    --group-size 32|64|128             int4: how many weights of a row share one scale and zero
+
+The quantized linear layers call PyTorch's own CPU kernels, no hand-written ones:
+
+    int4   torch.ops.aten._weight_int4pack_mm_for_cpu: weights packed two per byte, one (scale, zero) per group of
+           a row, weight = (q - 8) * scale + zero with q in 0..15 (an asymmetric, min/max quantization)
+    int8   torch.ops.aten._weight_int8pack_mm: one int8 per weight and one scale per row (symmetric)
+
+Both take bfloat16 activations: with float32 ones the same kernels run 10-100x slower here, so a float32 model's
+activations are rounded to bf16 on the way in and back to float32 on the way out. The vocabulary projection is
+kept at 8 bits under int4, as llama.cpp keeps its output matrix (it is the one a wrong digit moves most).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmlab.errors import LmlabError
+from lmlab.util import option
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class InferenceSettings:
+    """How a model's weights are held and multiplied at inference (the flags of generate, chat, serve and eval)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", "compute dtype; auto: bfloat16 where the CPU (AVX512-BF16, AMX) or GPU has it natively, else float32")
+    quantize: Literal["auto", "none", "int8", "int4"] = option(
+        "auto", "keep weights quantized: int8 (per row), int4 (per group); auto keeps a GGUF file's own "
+                "Q4_0/Q4_1 (int4) and Q8_0 (int8) weights, none dequantizes")
+    group_size: int = option(32, "int4: weights per scale and zero (32, 64 or 128; a GGUF's Q4 blocks are 32)")
+
+    def validate(self) -> None:
+        if self.group_size not in GROUP_SIZES:
+            raise LmlabError(f"--group-size {self.group_size} is not supported (choose 32, 64 or 128)")
+        if self.dtype not in ("auto", *DTYPES):
+            raise LmlabError(f"--dtype {self.dtype!r} is not supported (choose auto, float32 or bfloat16)")
+        if self.quantize not in ("auto", "none", "int8", "int4"):
+            raise LmlabError(f"--quantize {self.quantize!r} is not supported (choose auto, none, int8 or int4)")
+
+
+FLOAT32 = InferenceSettings(dtype="float32", quantize="none")  # what the Python API loads by default
+
+
+def notice(text: str) -> None:
+    """A one-line notice on stderr (the load goes on)."""
+    print(f"lmlab: {text}", file=sys.stderr, flush=True)
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in the CPU flags (Linux). Elsewhere bf16 runs emulated, slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype that `--dtype name` means on `device`; bfloat16 asked for where it is not native gives a notice
+    and float32."""
+    device = torch.device(device)
+    native = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if device.type == "cuda" \
+        else device.type == "cpu" and cpu_has_native_bf16()
+    if name == "auto":
+        return torch.bfloat16 if native else torch.float32
+    if name == "bfloat16" and not native:
+        notice(f"this {device.type.upper()} has no native bfloat16; computing in float32")
+        return torch.float32
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantized linear layers
+
+
+def _bf16_values(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+class _QuantizedLinear(nn.Module):
+    """The kernels take their scales in bfloat16 whatever the model's dtype: model.to(float32) moves them (to
+    another device, say) but keeps them bfloat16."""
+    SCALES = ""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        setattr(self, self.SCALES, getattr(self, self.SCALES).to(torch.bfloat16))
+        return self
+
+
+class Int4Linear(_QuantizedLinear):
+    """y = x W^T + b with W held as 4-bit integers, one bfloat16 (scale, zero) per group of `group_size` weights
+    of a row: W[n, k] = (q[n, k] - 8) * scale[n, k // g] + zero[n, k // g]."""
+    SCALES = "scale_zero"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        out_features, in_features = q.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = in_features // scale.shape[1]
+        # The kernel packs rows in tiles of 16: pad with zero rows, and cut the padding off the output.
+        pad = -out_features % 16
+        if pad:
+            q, scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (q, scale, zero))
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        # (groups, rows, 2): the kernel's layout.
+        self.register_buffer("scale_zero", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = 32, bias: torch.Tensor | None = None):
+        """Quantize a float weight (out, in): per group, the 16 levels spread from its minimum to its maximum."""
+        return cls(*cls.quantize(weight, group_size), bias)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, scale, zero) of a float weight; rows are independent, so a big matrix can go in slices."""
+        n, k = weight.shape
+        if k % group_size:
+            raise LmlabError(f"int4 with group size {group_size} needs input widths divisible by it ({k} is not); "
+                             "choose --group-size 32 or --quantize int8")
+        w = weight.detach().float().reshape(n, k // group_size, group_size)
+        low, high = w.amin(-1), w.amax(-1)
+        # Rounded to bfloat16 first, as the kernel will hold them, so that q is the nearest level of those.
+        scale = _bf16_values(((high - low) / 15).clamp(min=1e-12))
+        zero = _bf16_values(low + 8 * scale)
+        q = ((w - (zero - 8 * scale)[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+        return q.reshape(n, k), scale, zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_zero)
+        y = y[:, :self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight (out, in) that this layer multiplies by (for tests and the fp32 reference)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scale_zero)
+        return w[:, :self.out_features].t().float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class Int8Linear(_QuantizedLinear):
+    """y = x W^T + b with W held as int8, one scale per row: W[n, k] = q[n, k] * scale[n]."""
+    SCALES = "scale"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        return cls(*cls.quantize(weight), bias)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, scale) of a float weight; rows are independent, so a big matrix can go in slices."""
+        w = weight.detach().float()
+        scale = _bf16_values((w.abs().amax(dim=1) / 127).clamp(min=1e-12))
+        return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.q.float() * self.scale.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+QUANTIZED = (Int4Linear, Int8Linear)
+
+
+def quantized_linear(rows: torch.Tensor | Iterable[torch.Tensor], mode: str, group_size: int = 32,
+                     head: bool = False) -> nn.Module:
+    """An Int4Linear or Int8Linear of a float weight (out, in), or of its slices of rows one after the other (so
+    that a float copy of a big matrix never exists whole); the vocabulary projection (head) is int8 under int4
+    too."""
+    slices = [rows] if isinstance(rows, torch.Tensor) else rows
+    if mode == "int4" and not head:
+        return Int4Linear(*(torch.cat(parts) for parts in zip(*(Int4Linear.quantize(w, group_size)
+                                                                  for w in slices))))
+    return Int8Linear(*(torch.cat(parts) for parts in zip(*(Int8Linear.quantize(w) for w in slices))))
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The linear layers that quantization replaces: those of the blocks, and the LM head."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (name.startswith("blocks.") or name == "lm_head")]
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
+    """Replace the model's linear layers (blocks and head) by int8 or int4 ones, in place; returns the model.
+    A head tied to the embedding gets its own quantized copy: the embedding itself stays a float lookup table."""
+    if mode not in ("int8", "int4"):
+        raise LmlabError(f"unknown quantization {mode!r} (choose int8 or int4)")
+    for name in linear_names(model):
+        linear = model.get_submodule(name)
+        replace_module(model, name, quantized_linear(linear.weight, mode, group_size, head=name == "lm_head")
+                       if linear.bias is None else _with_bias(linear, mode, group_size))
+    return model
+
+
+def _with_bias(linear: nn.Linear, mode: str, group_size: int) -> nn.Module:
+    bias = linear.bias.detach().clone()
+    if mode == "int4":
+        return Int4Linear.from_float(linear.weight, group_size, bias)
+    return Int8Linear.from_float(linear.weight, bias)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QUANTIZED) for m in model.modules())
+
+
+def weight_format(model: nn.Module) -> str:
+    """What the linear layers hold: "int4", "int8", "int4+int8" (an int4 model's 8-bit head), or the float dtype."""
+    kinds = {"int4" if isinstance(m, Int4Linear) else "int8" for m in model.modules() if isinstance(m, QUANTIZED)}
+    if kinds:
+        return "+".join(sorted(kinds))
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers, a tied tensor counted once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def prepare_model(model: nn.Module, settings: InferenceSettings, device: str | torch.device = "cpu") -> nn.Module:
+    """A float model (eval mode) as the settings ask: quantized on load (quantize int8/int4; auto and none
+    leave a float model float), the rest cast to the compute dtype, on `device`."""
+    settings.validate()
+    device = torch.device(device)
+    dtype = compute_dtype(settings.dtype, device)
+    if settings.quantize in ("int8", "int4") and not is_quantized(model):
+        quantize_model(model, settings.quantize, settings.group_size)
+    check_device(model, device)
+    return model.to(device=device, dtype=dtype)
+
+
+def check_device(model: nn.Module, device: torch.device) -> None:
+    if device.type != "cpu" and is_quantized(model):
+        raise LmlabError(f"int4/int8 weights run on PyTorch's CPU kernels; on {device.type} use --quantize none "
+                         "(with --dtype bfloat16 for speed)")

@@ -1,0 +1,200 @@
+"""Weights at inference (lmlab.models.quantize, the GGUF loader's quantized path): each kernel path against the
+float32 reference on the same numbers.
+
+Tolerances, and why: the int8/int4 kernels take bfloat16 activations (8 significant bits, a relative rounding of
+at most 2^-9 per element) and bfloat16 scales, so a layer's output differs from the float32 product of the same
+dequantized weights by about 1e-2 relative to its size; whole-model logits of a tiny model stay within a few
+percent of their spread. Quantization itself (float -> int4) is bounded by half a step per weight."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.models.gguf import load_gguf, q4_blocks, read_gguf
+from lmlab.models.quantize import (InferenceSettings, Int4Linear, Int8Linear, compute_dtype, is_quantized,
+                                   prepare_model, quantize_model)
+from lmlab.models.transformer import Transformer, TransformerConfig
+from tests.test_pretrained import _tiny_llama, byte_bpe, write_gguf  # noqa: F401 - byte_bpe is a fixture
+
+Q = gguf.GGMLQuantizationType
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("rows", [48, 65])  # 65: not a multiple of the kernel's 16-row tiles (a char vocabulary)
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_linear_is_its_dequantized_weight(rows, group):
+    torch.manual_seed(0)
+    w, x = torch.randn(rows, 256), torch.randn(5, 3, 256)
+    layer = Int4Linear.from_float(w, group)
+    deq = layer.dequantized()
+    # Rounding to 16 levels per group: at most half a step, (max - min) / 30, from the original weight.
+    step = (w.reshape(rows, -1, group).amax(-1) - w.reshape(rows, -1, group).amin(-1)) / 15
+    assert ((deq - w).abs().reshape(rows, -1, group) <= step[..., None] * 0.51 + 1e-2).all()
+    y = layer(x)
+    assert y.shape == (5, 3, rows) and y.dtype == torch.float32
+    assert _relative(y, x @ deq.t()) < 2e-2
+    assert _relative(layer(x.bfloat16()), x @ deq.t()) < 2e-2
+
+
+def test_int8_linear_is_its_dequantized_weight():
+    torch.manual_seed(0)
+    w, x, b = torch.randn(70, 96), torch.randn(4, 96), torch.randn(70)
+    layer = Int8Linear.from_float(w, bias=b)
+    assert ((layer.dequantized() - w).abs() <= w.abs().amax(1, keepdim=True) / 254 * 1.01).all()
+    assert _relative(layer(x), x @ layer.dequantized().t() + b) < 2e-2
+
+
+def test_int4_width_not_divisible_by_the_group_is_one_line():
+    with pytest.raises(LmlabError, match="divisible"):
+        Int4Linear.from_float(torch.randn(16, 48), 32)
+
+
+def _tiny(seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    c = TransformerConfig(vocab_size=80, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                          intermediate_size=128, bias=False, norm="rmsnorm", position="rope", mlp="swiglu")
+    return Transformer(c).eval()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_model_against_float32_on_the_same_weights(mode, dtype):
+    """The quantized model and a float32 model holding its dequantized weights: the same function up to the
+    bf16 rounding of activations."""
+    model = _tiny()
+    quantized = prepare_model(_tiny(), InferenceSettings(dtype=dtype, quantize=mode))
+    assert is_quantized(quantized) and quantized.tok_emb.weight.dtype == getattr(torch, dtype)
+    assert quantized.lm_head.__class__ is Int8Linear  # the head stays 8-bit under int4 too
+    for name, module in quantized.named_modules():
+        if isinstance(module, (Int4Linear, Int8Linear)):
+            model.get_submodule(name).weight = torch.nn.Parameter(module.dequantized())
+    idx = torch.randint(0, 80, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref, _ = model(idx)
+        got, _ = quantized(idx)
+    assert got.dtype == getattr(torch, dtype)
+    assert _relative(got, ref) < 5e-2
+
+
+def test_quantize_on_load_keeps_greedy_decoding_consistent():
+    """Prefill + cached decoding through the quantized layers gives the logits of one full forward pass."""
+    from lmlab.models.transformer import KVCache
+
+    model = quantize_model(_tiny().to(torch.bfloat16), "int4")
+    idx = torch.randint(0, 80, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full, _ = model(idx)
+        cache = KVCache(model.config, 1, 20, dtype=torch.bfloat16)
+        first, _ = model(idx[:, :12], cache=cache)
+        steps = [model(idx[:, i:i + 1], cache=cache)[0] for i in range(12, 20)]
+    stepped = torch.cat([first, *steps], dim=1)
+    assert _relative(stepped, full) < 3e-2
+
+
+def test_compute_dtype_auto_follows_the_cpu(monkeypatch, capsys):
+    from lmlab.models import quantize
+
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: False)
+    assert compute_dtype("auto") == torch.float32
+    assert compute_dtype("bfloat16") == torch.float32  # not native: a notice, and float32
+    assert "no native bfloat16" in capsys.readouterr().err
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: True)
+    assert compute_dtype("auto") == torch.bfloat16 and compute_dtype("float32") == torch.float32
+
+
+def test_bad_settings_are_one_line():
+    with pytest.raises(LmlabError, match="--group-size 48"):
+        InferenceSettings(group_size=48).validate()
+    with pytest.raises(LmlabError, match="CPU kernels"):
+        prepare_model(_tiny(), InferenceSettings(quantize="int4"), device="meta")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GGUF: the file's own blocks kept as they are
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_q4_blocks_are_the_files_numbers(tmp_path, byte_bpe, qtype):  # noqa: F811
+    """Q4 blocks unpacked into Int4Linear's terms give what gguf's own dequantize gives (scales to bf16)."""
+    path = write_gguf(tmp_path / "q4.gguf", _tiny_llama(True, vocab=byte_bpe.get_vocab_size()), byte_bpe,
+                      qtype=qtype)
+    t = next(t for t in read_gguf(path).tensors if t.name == "blk.0.ffn_up.weight")
+    q, scale, zero = q4_blocks(t)
+    rows, cols = q.shape
+    ours = ((q.float() - 8).reshape(rows, -1, 32) * scale[..., None] + zero[..., None]).reshape(rows, cols)
+    theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(rows, cols)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    layer = Int4Linear(q, scale, zero)
+    assert _relative(layer.dequantized(), theirs) < 1e-2  # bf16 scale and zero: 2^-9 relative each
+
+
+@pytest.mark.parametrize("qtype,kind", [(Q.Q4_1, Int4Linear), (Q.Q4_0, Int4Linear), (Q.Q8_0, Int8Linear)])
+def test_gguf_kept_quantized_against_its_dequantized_load(tmp_path, byte_bpe, qtype, kind):  # noqa: F811
+    """--quantize auto keeps Q4_0/Q4_1 as int4 and Q8_0 as int8; the logits match the float32 load of the same
+    file (gguf's dequantize, the reference) within the kernels' bf16 rounding, and greedy next tokens agree."""
+    path = write_gguf(tmp_path / "q.gguf", _tiny_llama(False, vocab=byte_bpe.get_vocab_size()), byte_bpe,
+                      qtype=qtype)
+    reference, _, _ = load_gguf(path)
+    kept, _, _ = load_gguf(path, InferenceSettings(dtype="float32", quantize="auto"))
+    assert isinstance(kept.blocks[0].attn.qkv, kind) and isinstance(kept.blocks[1].mlp.proj, kind)
+    idx = torch.randint(0, reference.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, _ = reference(idx)
+        got, _ = kept(idx)
+    assert _relative(got, ref) < 3e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+
+
+def test_gguf_type_that_cannot_stay_quantized(tmp_path, byte_bpe, capsys):  # noqa: F811
+    """Q5_0: auto dequantizes it with a one-line notice; --quantize int4 asked for explicitly refuses."""
+    path = write_gguf(tmp_path / "q5.gguf", _tiny_llama(True, vocab=byte_bpe.get_vocab_size()), byte_bpe,
+                      qtype=Q.Q5_0)
+    model, _, _ = load_gguf(path, InferenceSettings(dtype="float32", quantize="auto"))
+    assert not isinstance(model.blocks[0].attn.qkv, (Int4Linear, Int8Linear))
+    assert "Q5_0 weights cannot be kept quantized" in capsys.readouterr().err
+    with pytest.raises(LmlabError, match="stored as Q5_0.*cannot keep as int4"):
+        load_gguf(path, InferenceSettings(quantize="int4"))
+    int8, _, _ = load_gguf(path, InferenceSettings(dtype="float32", quantize="int8"))  # 5 -> 8 bits is allowed
+    assert isinstance(int8.blocks[0].attn.qkv, Int8Linear)
+
+
+def test_smollm2_q4_1_kept_as_int4_against_float32(smollm, smollm_path):
+    """The registry's Q4_1 file as shipped (int4 blocks, Q8_0 head as int8, bf16 compute) against its float32
+    dequantized load: next-token logits over a real prompt within 3 % of their range, the same greedy tokens."""
+    from lmlab.models.hub import load_pretrained
+
+    prompt = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is"
+    ids = torch.tensor([smollm.tokenizer.encode(prompt).ids])
+    with torch.inference_mode():
+        ref, _ = smollm.model(ids)
+        kept = load_pretrained(smollm_path, inference=InferenceSettings(dtype="bfloat16", quantize="auto"))
+        got, _ = kept.model(ids)
+    assert isinstance(kept.model.blocks[0].mlp.fc, Int4Linear) and isinstance(kept.model.lm_head, Int8Linear)
+    assert _relative(got, ref) < 5e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    assert got[0, -1].argmax() == ref[0, -1].argmax()
+
+
+def test_readme_greedy_chat_example_unchanged_by_the_default_formats(smollm, smollm_path):
+    """The README's greedy example (lmlab generate --chat --prompt "What is the capital of France?"
+    --temperature 0) answers the same with the command line's defaults (--dtype auto --quantize auto: here the
+    file's int4 blocks and bf16) as in float32. (The dequantized model cast to bf16 does not: its first token
+    differs, fp32's top two being close; see the README.)"""
+    from lmlab.inference.generate import SamplingParams, generate
+    from lmlab.models.hub import load_pretrained
+
+    default = load_pretrained(smollm_path, inference=InferenceSettings())
+    answers = []
+    for pre in (smollm, default):
+        ids = pre.tokenizer.encode(pre.chat_prompt([{"role": "user", "content": "What is the capital of France?"}]),
+                                   add_special_tokens=False).ids
+        answers.append(generate(pre.model, pre.tokenizer, [ids], SamplingParams(max_new_tokens=24, temperature=0),
+                                eos_ids=pre.eos_ids)[0].text)
+    assert answers[0] == answers[1] and "Paris" in answers[0]
