@@ -44,7 +44,7 @@ from lmlab.errors import LmlabError
 from lmlab.models.hf import LLAMA_TOP, gemma3_from_hf, llama_block, llama_config
 from lmlab.models.quantize import FLOAT32, InferenceSettings, Int4Linear, compute_dtype, notice, quantized_linear, \
     replace_module
-from lmlab.models.transformer import Transformer, rotary_tables
+from lmlab.models.transformer import Transformer
 
 # GGUF tensor name -> Hugging Face Llama name. Block tensors are "blk.{i}.<key>.weight".
 _GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -477,6 +477,6 @@ def load_gguf(path: str | Path, settings: InferenceSettings = FLOAT32
         _stream_into(model, TensorSource(reader, hf, where), settings, dtype)
     except RuntimeError as e:  # shape mismatches: the metadata and the tensors disagree
         raise LmlabError(f"{where}: tensors do not match the metadata ({str(e).splitlines()[-1].strip()})") from None
-    model.rope_cos, model.rope_sin = (t.to(dtype) for t in rotary_tables(config.head_dim, config.block_size,
-                                                                          config.rope_theta))
+    model.fill_rotary_tables()
+    model.rope_cos, model.rope_sin = model.rope_cos.to(dtype), model.rope_sin.to(dtype)
     return model.eval(), gguf_tokenizer(meta, where), meta

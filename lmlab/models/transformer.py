@@ -350,7 +350,7 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", torch.empty(0), persistent=False)
             self.register_buffer("rope_local_cos", torch.empty(0), persistent=False)
             self.register_buffer("rope_local_sin", torch.empty(0), persistent=False)
-            self._fill_rotary_tables()
+            self.fill_rotary_tables()
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer), so the
         # residual's variance does not grow with depth (each block adds two such terms).
@@ -367,17 +367,20 @@ class Transformer(nn.Module):
         model.to_empty(device="cpu")
         if config.tie_embeddings:  # to_empty gives every module its own new tensor, which unties a shared one
             model.lm_head.weight = model.tok_emb.weight
-        model._fill_rotary_tables()
+        model.fill_rotary_tables()
         model.load_weights(state)
         return model
 
-    def _fill_rotary_tables(self) -> None:
+    def fill_rotary_tables(self) -> None:
+        """The rotary cos/sin tables of the config (buffers, not weights: also after building on the meta device)."""
         if self.config.position == "rope":
             c = self.config
             self.rope_cos, self.rope_sin = rotary_tables(c.head_dim, c.block_size, c.rope_theta)
             if self._local_layers():  # Gemma 3: the local layers rotate with their own base (10k vs 1M)
                 self.rope_local_cos, self.rope_local_sin = rotary_tables(c.head_dim, c.block_size,
                                                                          c.rope_local_theta)
+            else:  # unused, but a real (empty) tensor also in a model built on the meta device
+                self.rope_local_cos, self.rope_local_sin = torch.empty(0), torch.empty(0)
 
     def _local_layers(self) -> bool:
         return any(self.config.is_local(i) for i in range(self.config.n_layer))
