@@ -12,6 +12,8 @@ BERT    (BertModel, and the `bert.` body of BertFor* checkpoints, e.g. all-MiniL
         fused the same way; post-norm blocks, normalised embeddings, token-type embeddings and the pooler are
         switches of the same Transformer. Task heads (MLM, classifiers) are not read: lmlab.training.classification adds its own.
         A WordPiece tokenizer is read from tokenizer.json, or built from vocab.txt as BertTokenizerFast does.
+T5      (T5ForConditionalGeneration, T5 1.0 and 1.1 / Flan-T5 shapes) as lmlab.models.t5.EncoderDecoder; its
+        names and config live in lmlab.models.hf_t5.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lmlab.errors import LmlabError
+from lmlab.models.hf_t5 import t5_from_hf, t5_to_hf
+from lmlab.models.t5 import EncoderDecoder
 from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.util import atomic_write_text, save_safetensors_atomic
 
@@ -325,12 +329,12 @@ def bert_tokenizer(folder: str | Path) -> Tokenizer:
     return tok
 
 
-_LOADERS = {"gpt2": _gpt2_from_hf, "llama": llama_from_hf, "bert": _bert_from_hf}
+_LOADERS = {"gpt2": _gpt2_from_hf, "llama": llama_from_hf, "bert": _bert_from_hf, "t5": t5_from_hf}
 
 
-def load_hf(folder: str | Path) -> Transformer:
-    """Load a Hugging Face folder (config.json + model.safetensors, or sharded *.safetensors) of a GPT-2 or
-    Llama model as an lmlab Transformer, in eval mode."""
+def load_hf(folder: str | Path) -> Transformer | EncoderDecoder:
+    """Load a Hugging Face folder (config.json + model.safetensors, or sharded *.safetensors) of a GPT-2, Llama,
+    BERT or T5 model as an lmlab Transformer (EncoderDecoder for T5), in eval mode."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     weight_files = sorted(folder.glob("*.safetensors"))
@@ -369,6 +373,8 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer_json: str | Pat
     """Write a folder that `transformers` loads: GPT2LMHeadModel for GPT-2-shaped models, LlamaForCausalLM for
     Llama-shaped ones (`chat` passes chat_template / bos_token / eos_token on to export_hf_llama)."""
     c = model.config
+    if isinstance(model, EncoderDecoder):
+        return export_hf_t5(model, out_dir, tokenizer_json)
     if is_llama_shaped(c):
         return export_hf_llama(model, out_dir, tokenizer_json, **chat)
     if is_bert_shaped(c):
@@ -457,4 +463,20 @@ def export_hf_bert(model: Transformer, out_dir: str | Path, tokenizer: str | Pat
         named = (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"), ("mask", "[MASK]"), ("unk", "[UNK]"))
         specials = {f"{w}_token": t for w, t in named if tok.token_to_id(t) is not None}
         _write_tokenizer(out, tok, c.block_size, **specials)
+    return out
+
+
+def export_hf_t5(model: EncoderDecoder, out_dir: str | Path, tokenizer: str | Path | Tokenizer | None = None) -> Path:
+    """Write a folder that `transformers.T5ForConditionalGeneration.from_pretrained` (and AutoTokenizer, given a
+    tokenizer with T5's <pad>, </s> and <unk>) loads."""
+    config, tensors = t5_to_hf(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
+    if tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_str(_tokenizer_text(tokenizer))
+        named = (("pad", "<pad>"), ("eos", "</s>"), ("unk", "<unk>"))
+        specials = {f"{w}_token": t for w, t in named if tok.token_to_id(t) is not None}
+        _write_tokenizer(out, tok, model.config.block_size, **specials)
     return out

@@ -6,6 +6,10 @@ A single `Block` serves every model in lmlab; `TransformerConfig` switches pick 
     Llama-style  rmsnorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases
     BERT-style   post-norm (which also normalises the embeddings), bidirectional attention (causal=False),
                  token-type embeddings (type_vocab_size), a pooler (dense + tanh on the first token)
+    T5           (T5 switches below) an encoder stack and a decoder stack of these blocks whose decoder blocks
+                 gain cross-attention (lmlab.models.t5.EncoderDecoder composes them): rmsnorm, no biases, no
+                 1/sqrt(d) attention scaling, a relative position bias added to the scores, ReLU (T5 1.0) or
+                 gated-GELU (mlp="gated", T5 1.1) feed-forward, heads narrower than n_embd / n_head (head_size)
 
 `Transformer` is the decoder-only language model trained by next-token prediction,
 P(w_0..n) = prod_i P(w_i | w_<i): `forward(idx, targets)` returns the logits and the mean cross-entropy of
@@ -54,11 +58,20 @@ class TransformerConfig:
     tie_embeddings: bool = True
     type_vocab_size: int = 0  # BERT: token-type (segment) embeddings, sentence A = 0 / B = 1; 0 = none
     pooler: bool = False  # BERT: dense + tanh on the first ([CLS]) token's final hidden state
+    # --- T5 switches (lmlab.models.t5) ---
+    encoder_decoder: bool = False  # T5: an encoder of n_layer blocks and a decoder of n_decoder_layer blocks
+    n_decoder_layer: int | None = None  # None means n_layer
+    head_size: int | None = None  # width of each attention head; None means n_embd // n_head (T5: d_kv)
+    scale_attention: bool = True  # False: scores are q.k without the 1/sqrt(head_dim) (T5 folds it into init)
+    relative_buckets: int = 32  # position="relative": T5's bucketed relative position bias, buckets...
+    relative_max_distance: int = 128  # ...and the distance from which all positions share the last bucket
+    cross_attention: bool = False  # set by EncoderDecoder on its decoder blocks: attend over the encoder output
+    head_scale: bool | None = None  # decoder output x n_embd^-0.5 before the head; None: when tied (T5 1.0)
 
     def __post_init__(self):
         n_kv = self.n_kv_head or self.n_head
         problems = []
-        if self.n_embd % self.n_head:
+        if self.n_embd % self.n_head and self.head_size is None:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % n_kv:
             problems.append(f"n_head={self.n_head} is not divisible by n_kv_head={n_kv}")
@@ -66,13 +79,15 @@ class TransformerConfig:
             problems.append(f"norm={self.norm!r} (choose layernorm or rmsnorm)")
         if self.norm_placement not in ("pre", "post"):
             problems.append(f"norm_placement={self.norm_placement!r} (choose pre or post)")
-        if self.position not in ("learned", "rope"):
-            problems.append(f"position={self.position!r} (choose learned or rope)")
-        if self.mlp not in ("gelu", "swiglu"):
-            problems.append(f"mlp={self.mlp!r} (choose gelu or swiglu)")
+        if self.position not in ("learned", "rope", "relative"):
+            problems.append(f"position={self.position!r} (choose learned, rope or relative)")
+        if self.position == "relative" and not self.encoder_decoder:
+            problems.append("position='relative' needs encoder_decoder: true (the T5 stacks add the bias)")
+        if self.mlp not in ("gelu", "swiglu", "gated"):
+            problems.append(f"mlp={self.mlp!r} (choose gelu, swiglu or gated)")
         if self.activation not in _ACTIVATIONS:
             problems.append(f"activation={self.activation!r} (choose one of {', '.join(_ACTIVATIONS)})")
-        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+        if self.position == "rope" and self.head_dim % 2:
             problems.append("rotary positions need an even head dimension")
         if self.type_vocab_size < 0:
             problems.append(f"type_vocab_size={self.type_vocab_size} (must be >= 0)")
@@ -83,7 +98,7 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,32 +152,53 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, cross: bool = False):
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
         self.head_dim = config.head_dim
-        self.causal = config.causal
+        self.causal = config.causal and not cross
         self.dropout = config.dropout
-        # One fused projection for queries, keys and values: one matmul instead of three.
-        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.scale = None if config.scale_attention else 1.0  # None: SDPA's 1/sqrt(head_dim)
+        inner = self.n_head * self.head_dim
+        if cross:  # T5's cross-attention: queries from the decoder, keys and values from the encoder's output
+            self.q = nn.Linear(config.n_embd, inner, bias=config.bias)
+            self.kv = nn.Linear(config.n_embd, 2 * self.n_kv_head * self.head_dim, bias=config.bias)
+        else:  # one fused projection for queries, keys and values: one matmul instead of three
+            self.qkv = nn.Linear(config.n_embd, inner + 2 * self.n_kv_head * self.head_dim, bias=config.bias)
+        self.proj = nn.Linear(inner, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary=None, attn_mask=None, cache: "KVCache | None" = None, layer: int = 0):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, n, self.head_dim).transpose(1, 2)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention's keys and values of the encoder output (B, S, n_embd): computed once per input and
+        reused at every decoding step."""
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+
+    def forward(self, x, rotary=None, attn_mask=None, cache: "KVCache | None" = None, layer: int = 0, memory_kv=None):
+        """Self-attention over x (and the cache), or with memory_kv (from project_memory) cross-attention over it.
+        attn_mask is boolean (True = may attend) or a float bias added to the scores (T5's position bias)."""
+        B, T, _ = x.shape
+        if memory_kv is not None:
+            q, (k, v) = self._heads(self.q(x), self.n_head), memory_kv
+            cache = None  # the encoder's keys are all there already
+        else:
+            q, k, v = self.qkv(x).split(
+                [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+            )
+            q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        if T == 1 and cache is not None:
+        if attn_mask is not None and attn_mask.is_floating_point():  # a score bias, in the scores' dtype
+            attn_mask = attn_mask.to(q.dtype)
+        if T == 1 and cache is not None and (attn_mask is None or attn_mask.dtype == torch.bool):
             y = self._one_query(q, k, v, attn_mask)
         else:
             with self._kernel(q, k):
@@ -173,8 +209,9 @@ class Attention(nn.Module):
                     # The causal shortcut is only right when queries and keys start together (no cached prefix).
                     is_causal=self.causal and attn_mask is None and T > 1 and k.shape[2] == T,
                     enable_gqa=self.n_kv_head != self.n_head,
+                    scale=self.scale,
                 )
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.proj(y))
 
     # Scores of at most this many elements per layer (16 MB in fp32) are small enough to keep for backward.
@@ -199,7 +236,8 @@ class Attention(nn.Module):
         Query heads are grouped under the key/value head they share, as grouped-query attention defines."""
         B, H, _, D = q.shape
         groups = q.reshape(B, self.n_kv_head, H // self.n_kv_head, D)
-        scores = (groups @ k.transpose(-1, -2)) * D ** -0.5  # (B, n_kv_head, group, keys)
+        scale = D ** -0.5 if self.scale is None else self.scale
+        scores = (groups @ k.transpose(-1, -2)) * scale  # (B, n_kv_head, group, keys)
         if attn_mask is not None:  # (B, 1, 1, keys): padding is not attended to
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         return (scores.softmax(dim=-1) @ v).reshape(B, H, 1, D)
@@ -241,9 +279,9 @@ class MLP(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         hidden = config.intermediate_size or 4 * config.n_embd
-        self.gated = config.mlp == "swiglu"
-        self.act = _ACTIVATIONS["silu" if self.gated else config.activation]
-        # SwiGLU: act(x W_gate) * (x W_up), fused into one matrix of twice the width.
+        self.gated = config.mlp in ("swiglu", "gated")
+        self.act = _ACTIVATIONS["silu" if config.mlp == "swiglu" else config.activation]
+        # SwiGLU (and T5 1.1's gated-GELU): act(x W_gate) * (x W_up), fused into one matrix of twice the width.
         self.fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -259,19 +297,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Attention then MLP, each with a residual connection; norms before (pre) or after (post) each."""
+    """Attention then MLP, each with a residual connection; norms before (pre) or after (post) each. With
+    config.cross_attention (T5's decoder) a cross-attention over the encoder output sits between them."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.pre_norm = config.norm_placement == "pre"
         self.norm1 = make_norm(config)
         self.attn = Attention(config)
+        if config.cross_attention:
+            self.norm_cross = make_norm(config)
+            self.cross = Attention(config, cross=True)
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rotary=None, attn_mask=None, cache=None, layer: int = 0):
+    def forward(self, x, rotary=None, attn_mask=None, cache=None, layer: int = 0, memory_kv=None, memory_mask=None):
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), rotary, attn_mask, cache, layer)
+            if memory_kv is not None:  # pre-norm only: T5 is the one encoder-decoder here
+                x = x + self.cross(self.norm_cross(x), attn_mask=memory_mask, memory_kv=memory_kv)
             return x + self.mlp(self.norm2(x))
         x = self.norm1(x + self.attn(x, rotary, attn_mask, cache, layer))
         return self.norm2(x + self.mlp(x))
