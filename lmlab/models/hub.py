@@ -310,7 +310,8 @@ def _from_hf(path: Path):
 
 def _from_lmlab(path: Path):
     model, tok = checkpoint.load_run(path)
-    eos = (ENDOFTEXT, tok.token_to_id(ENDOFTEXT)) if tok.token_to_id(ENDOFTEXT) is not None else (None, None)
+    end = ENDOFTEXT if tok.token_to_id(ENDOFTEXT) is not None else "</s>"  # lmlab's BPE, else T5's
+    eos = (end, tok.token_to_id(end)) if tok.token_to_id(end) is not None else (None, None)
     return model, tok, None, {"bos": (None, None), "eos": eos}
 
 

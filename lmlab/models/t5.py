@@ -127,11 +127,13 @@ class EncoderDecoder(nn.Module):
 
     def _init_t5(self) -> None:
         """T5's initialisation (Mesh TensorFlow): each matrix ~ N(0, 1/fan_in), the query's also over head_dim,
-        because the scores are not scaled by 1/sqrt(head_dim); embeddings ~ N(0, 1)."""
+        because the scores are not scaled by 1/sqrt(head_dim); embeddings ~ N(0, 1). An untied head ~ N(0, 1/n_embd)
+        (Hugging Face draws N(0, 1), which starts at logits of std sqrt(n_embd), a loss of 20 at n_embd 256, that
+        Adafactor survives and a short AdamW run does not)."""
         c = self.config
         nn.init.normal_(self.tok_emb.weight, std=1.0)
         if not c.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=1.0)
+            nn.init.normal_(self.lm_head.weight, std=c.n_embd ** -0.5)
         for name, p in self.named_parameters():
             if p.dim() < 2 or name in ("tok_emb.weight", "lm_head.weight"):
                 continue
