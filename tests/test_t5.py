@@ -148,3 +148,12 @@ def test_untied_t5_v1_1_head_exports_to_transformers(tmp_path):
         logits, loss = ours(inputs, targets, input_mask=mask)
     torch.testing.assert_close(logits, want.logits, atol=1e-4, rtol=1e-4)
     assert load_hf(tmp_path).config == config
+
+
+def test_a_folder_with_only_spiece_model_says_how_to_get_tokenizer_json(pair, tmp_path):
+    from lmlab.models.hub import load_pretrained
+    _, ours = pair
+    export_hf(ours, tmp_path)
+    (tmp_path / "spiece.model").write_bytes(b"\x00")
+    with pytest.raises(LmlabError, match="spiece.model but no tokenizer.json"):
+        load_pretrained(tmp_path)

@@ -114,3 +114,11 @@ def test_bad_input_one_line_exit_2(tmp_path):
         done = subprocess.run([sys.executable, "-m", "lmlab", "t5-finetune", *args], capture_output=True, text=True)
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1 and message in done.stderr and done.stderr.startswith("lmlab t5-finetune: error:")
+
+
+def test_loglikelihood_tasks_refuse_an_encoder_decoder():
+    from lmlab.data.tokenizers import t5_tokenizer
+    from lmlab.evaluate.lm import LM
+    lm = LM(_tiny_t5(300), t5_tokenizer(["a b c"] * 10, 300, 2), progress=False)
+    with pytest.raises(LmlabError, match="scores it by generation"):
+        lm.loglikelihood([("a", " b")])

@@ -177,6 +177,9 @@ class LM:
     def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]], desc: str = "loglikelihood",
                              examples: int | None = None) -> list[tuple[float, bool]]:
         """The scorer behind loglikelihood and loglikelihood_rolling, on token ids."""
+        if is_encoder_decoder(self.model):
+            raise LmlabError(f"{self.name} is an encoder-decoder (T5): the harness scores it by generation; use the "
+                             "text-to-text tasks (t5_sst2, t5_rte, t5_mrpc, t5_cola, t5_stsb)")
         limit = self.max_length
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         by_context: dict[tuple[int, ...], list[int]] = {}

@@ -296,6 +296,9 @@ def _from_hf(path: Path):
     if config.get("model_type") == "bert":
         # WordPiece: [CLS] A [SEP] B [SEP] with token types; from tokenizer.json, or built from vocab.txt.
         return model, bert_tokenizer(path), None, {"bos": (None, None), "eos": (None, None)}
+    if not (path / "tokenizer.json").is_file() and (path / "spiece.model").is_file():
+        raise LmlabError(f"{path} has a SentencePiece spiece.model but no tokenizer.json; write one with transformers "
+                         "(pip install sentencepiece; AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
     if not (path / "tokenizer.json").is_file():
         raise LmlabError(f"{path} has no tokenizer.json; lmlab reads fast (tokenizers) tokenizers only")
     # Special tokens typed in a chat prompt must become their ids, so no load_tokenizer() "text is text" here.

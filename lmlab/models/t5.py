@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.models.transformer import Block, KVCache, TransformerConfig, make_norm
+from lmlab.models.transformer import Block, KVCache, TiedWeights, TransformerConfig, make_norm
 
 DECODER_START = 0  # T5: the decoder's first input is the pad token, id 0 (also the id of padding)
 
@@ -100,7 +100,7 @@ def shift_right(targets: torch.Tensor) -> torch.Tensor:
     return inputs
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(TiedWeights, nn.Module):
     """T5: an encoder and a decoder stack of the shared Block over one token embedding, and an LM head."""
 
     def __init__(self, config: TransformerConfig):
@@ -161,18 +161,6 @@ class EncoderDecoder(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The state dict as saved to safetensors: a tied head is stored once, as the token embedding."""
-        state = self.state_dict()
-        if self.config.tie_embeddings:
-            del state["lm_head.weight"]
-        return state
-
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        if self.config.tie_embeddings:
-            state = {**state, "lm_head.weight": state["tok_emb.weight"]}
-        self.load_state_dict(state, strict=True)
 
     def _check_length(self, n: int, what: str) -> None:
         if n > self.config.block_size:

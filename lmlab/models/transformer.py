@@ -321,7 +321,24 @@ class Block(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
-class Transformer(nn.Module):
+class TiedWeights:
+    """Saving and loading of a model whose LM head may share the token embedding (config.tie_embeddings): the
+    Transformer here and T5's EncoderDecoder."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The state dict as saved to safetensors: a tied head is stored once, as the token embedding."""
+        state = self.state_dict()
+        if self.config.tie_embeddings:
+            del state["lm_head.weight"]
+        return state
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        if self.config.tie_embeddings:
+            state = {**state, "lm_head.weight": state["tok_emb.weight"]}
+        self.load_state_dict(state, strict=True)
+
+
+class Transformer(TiedWeights, nn.Module):
     """Decoder-only language model: token (+ position) embeddings, a stack of Blocks, a final norm, an LM head."""
 
     def __init__(self, config: TransformerConfig):
@@ -384,18 +401,6 @@ class Transformer(nn.Module):
         if non_embedding and self.pos_emb is not None:
             n -= self.pos_emb.weight.numel()
         return n
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The state dict as saved to safetensors: a tied head is stored once, as the token embedding."""
-        state = self.state_dict()
-        if self.config.tie_embeddings:
-            del state["lm_head.weight"]
-        return state
-
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        if self.config.tie_embeddings:
-            state = {**state, "lm_head.weight": state["tok_emb.weight"]}
-        self.load_state_dict(state, strict=True)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
