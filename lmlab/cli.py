@@ -34,6 +34,7 @@ from lmlab.errors import LmlabError
 from lmlab.evaluate import run_eval
 from lmlab.experiments.demo import demo
 from lmlab.experiments.paradigms import GLUE_TASKS, paradigms
+from lmlab.experiments.t5 import run_t5_experiment
 from lmlab.inference.chat import answer, chat_loop
 from lmlab.inference.embed import embed
 from lmlab.inference.generate import SamplingParams, beam_search, stream
@@ -46,6 +47,7 @@ from lmlab.training.classification import finetune
 from lmlab.training.config import load_config
 from lmlab.training.pretrain import train as pretrain
 from lmlab.training.sft import run_dpo, run_sft
+from lmlab.training.text_to_text import t5_finetune
 from lmlab.util import check_writable, command_line, pick_device, settings_from
 
 
@@ -319,7 +321,7 @@ def export(model: str, out: str, format: str = "hf") -> str:
         model: run folder, checkpoint folder, registry name, .gguf file or Hugging Face folder
         out: the folder to write
         format: hf: a Hugging Face folder (config.json, model.safetensors, tokenizer.json) that transformers loads
-            (GPT-2, Llama or BERT)
+            (GPT-2, Llama, BERT or T5)
     """
     if format != "hf":
         raise LmlabError(f"unknown export format {format!r} (supported: hf)")
@@ -351,6 +353,8 @@ VERBS = [
     Verb("demo", demo, argparse={"set": {"metavar": "KEY=VALUE"}}),
     Verb("eval", run_eval, hidden=("tokenizer", "echo"), defaults={"shots": "0"}),
     Verb("finetune", finetune),
+    Verb("t5-finetune", t5_finetune),
+    Verb("t5-experiment", run_t5_experiment),
     Verb("sft", run_sft),
     Verb("dpo", run_dpo),
     Verb("serve", serve),

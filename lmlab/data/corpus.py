@@ -42,6 +42,8 @@ dtype: "auto" stores ids as uint16 when every id fits (ids < 65536), else uint32
 Tokenizers (all saved as tokenizer.json):
     ``char``  one token per character seen in the corpus (ids by code point, then [UNK]); vocab_size is ignored
     ``bpe``   byte-level BPE with ``vocab_size`` tokens, GPT-2 style: round-trips any Unicode text
+    ``t5``    the same BPE with T5's specials (<pad> = 0, </s> = 1) and 100 sentinels (<extra_id_N>) for span
+              corruption, ``vocab_size`` tokens in all (lmlab.data.tokenizers.t5_tokenizer)
     a path    an existing tokenizer.json, reused as is
 """
 
@@ -64,7 +66,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from lmlab.data.sources import DOC_SEPARATOR, StreamStats, open_source, text_chunks
-from lmlab.data.tokenizers import ENDOFTEXT, _bpe_tokenizer, _bpe_trainer, _char_tokenizer, _CharEncoder, _hf_encoder, load_tokenizer
+from lmlab.data.tokenizers import (ENDOFTEXT, _bpe_tokenizer, _bpe_trainer, _char_tokenizer, _CharEncoder, _hf_encoder,
+                                   load_tokenizer, t5_tokenizer)
 from lmlab.errors import LmlabError
 from lmlab.util import atomic_replace, atomic_write_json, check_writable, publish, write_error
 
@@ -76,14 +79,14 @@ UINT16_MAX_VOCAB = 1 << 16
 
 
 def _resolve_tokenizer_arg(tokenizer: str) -> tuple[str, Path | None]:
-    if tokenizer in ("char", "bpe"):
+    if tokenizer in ("char", "bpe", "t5"):
         return tokenizer, None
     path = Path(tokenizer).expanduser()
     if path.is_file():
         return "file", path
     if path.suffix.lower() == ".json" or "/" in tokenizer:
         raise LmlabError(f"no such tokenizer file: {tokenizer}")
-    raise LmlabError(f"unknown tokenizer '{tokenizer}': use char, bpe or the path to a tokenizer.json")
+    raise LmlabError(f"unknown tokenizer '{tokenizer}': use char, bpe, t5 or the path to a tokenizer.json")
 
 
 def _resolve_dtype(dtype: str, vocab_size: int) -> np.dtype:
@@ -261,6 +264,8 @@ def _learn_vocabulary(src, kind: str, tok: Tokenizer | None, vocab_size: int, ch
             tok = _bpe_tokenizer()
             # The trainer's own progress bars would interleave with ours; ours covers the reading.
             tok.train_from_iterator(chunks, trainer=_bpe_trainer(vocab_size, progress=False))
+        elif kind == "t5":
+            tok = t5_tokenizer(chunks, vocab_size)
         else:
             for _ in chunks:
                 pass

@@ -95,3 +95,34 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                          f"the Hugging Face tokenizers library") from None
 
 
+
+
+# T5's special tokens: padding (also the decoder's start) is id 0 and the end of a sequence id 1, as in T5's
+# SentencePiece vocabulary; the sentinels <extra_id_0>, <extra_id_1>, ... come last (span corruption, T5 paper 3.1.4).
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+SENTINEL = "<extra_id_{}>"
+
+
+def t5_tokenizer(texts: Iterable[str], vocab_size: int, n_sentinels: int = 100, progress: bool = False) -> Tokenizer:
+    """Byte-level BPE with T5's specials first (<pad> = 0, </s> = 1, <unk> = 2) and n_sentinels sentinels last,
+    descending as in T5 (<extra_id_0> has the highest id). vocab_size counts the sentinels."""
+    if vocab_size <= 256 + len(T5_SPECIALS) + n_sentinels:
+        raise LmlabError(f"vocab_size {vocab_size} leaves no room for merges next to the 256 bytes, 3 specials and "
+                         f"{n_sentinels} sentinels; use a larger vocab_size")
+    tok = _bpe_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_sentinels, special_tokens=list(T5_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([SENTINEL.format(i) for i in reversed(range(n_sentinels))])
+    return tok
+
+
+def sentinel_ids(tok: Tokenizer) -> list[int]:
+    """The ids of <extra_id_0>, <extra_id_1>, ... (T5's and lmlab's T5 tokenizers); refused when there are none."""
+    ids = []
+    while (i := tok.token_to_id(SENTINEL.format(len(ids)))) is not None:
+        ids.append(i)
+    if not ids:
+        raise LmlabError("this tokenizer has no sentinel tokens (<extra_id_0>, ...), which span corruption needs; "
+                         "use a T5 tokenizer (lmlab.data.tokenizers.t5_tokenizer builds one)")
+    return ids

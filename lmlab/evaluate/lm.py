@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from lmlab.errors import LmlabError
 from lmlab.inference.generate import SamplingParams, left_pad, generate
+from lmlab.models.t5 import is_encoder_decoder
 from lmlab.models.transformer import KVCache, Transformer
 
 # Memory budgets, chosen to stay near 1 GiB on a laptop.
@@ -151,15 +152,20 @@ class LM:
                        and (tuple(requests[order[start + len(batch)]][1]), requests[order[start + len(batch)]][2])
                        == (stops, max_tokens)):
                     batch.append(order[start + len(batch)])
-                keep = max(1, self.max_length - max_tokens)  # room for the answer: cut the prompt from the left
                 params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop=stops)
-                done = generate(self.model, self.tokenizer, [prompts[i][-keep:] or [self._any_token()]
-                                                             for i in batch], params, eos_ids=self.eos_ids)
+                done = generate(self.model, self.tokenizer, [self._prompt(prompts[i], max_tokens) for i in batch],
+                                params, eos_ids=self.eos_ids)
                 for i, completion in zip(batch, done):
                     out[i] = completion.text
                 bar.update(len(batch))
                 start += len(batch)
         return out
+
+    def _prompt(self, ids: list[int], max_tokens: int) -> list[int]:
+        if is_encoder_decoder(self.model):  # T5 reads its input whole (cut at the end), ended by its EOS
+            return ids[:self.max_length - 1] + list(self.eos_ids)[:1]
+        keep = max(1, self.max_length - max_tokens)  # room for the answer: cut the prompt from the left
+        return ids[-keep:] or [self._any_token()]
 
     def _any_token(self) -> int:
         if self.prefix_token_id is None:
@@ -172,6 +178,9 @@ class LM:
     def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]], desc: str = "loglikelihood",
                              examples: int | None = None) -> list[tuple[float, bool]]:
         """The scorer behind loglikelihood and loglikelihood_rolling, on token ids."""
+        if is_encoder_decoder(self.model):
+            raise LmlabError(f"{self.name} is an encoder-decoder (T5): the harness scores it by generation; use the "
+                             "text-to-text tasks (t5_sst2, t5_rte, t5_mrpc, t5_cola, t5_stsb)")
         limit = self.max_length
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         by_context: dict[tuple[int, ...], list[int]] = {}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
 from lmlab.util import option
+from lmlab.models.t5 import is_encoder_decoder
 from lmlab.models.transformer import KVCache, Transformer
 
 
@@ -145,14 +146,21 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: SamplingP
         generator = torch.Generator(device=device).manual_seed(params.seed)
     B = len(prompts)
     ids, positions, key_mask = left_pad([p[-config.block_size:] for p in prompts], device)
-    capacity = min(config.block_size, ids.shape[1] + params.max_new_tokens)
-    cache = KVCache(config, B, capacity, device, model.tok_emb.weight.dtype)
+    encoder_decoder = is_encoder_decoder(model)
+    if encoder_decoder:  # the prompt is the encoder's input; the decoder starts from its start token
+        if slide:
+            raise LmlabError("a sliding context is for decoder-only models; an encoder-decoder reads its whole input")
+        cache, ids = model.start_decoding(ids, key_mask, min(config.block_size, params.max_new_tokens))
+        positions = key_mask = None
+    else:
+        capacity = min(config.block_size, ids.shape[1] + params.max_new_tokens)
+        cache = KVCache(config, B, capacity, device, model.tok_emb.weight.dtype)
     if key_mask is not None:
         key_mask = torch.cat([key_mask, torch.ones(B, capacity - ids.shape[1], dtype=torch.bool, device=device)], 1)
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
-        for row, p in enumerate(prompts):  # the prompt's own tokens, not the left padding
+        for row, p in enumerate(prompts if not encoder_decoder else ()):  # the prompt's tokens, not the padding
             seen[row, p] = True
     history = [list(p) for p in prompts] if slide else None
     eos = set(eos_ids) if params.stop_at_eos else set()
@@ -415,11 +423,15 @@ def beam_search(model: Transformer, prompt: list[int], num_beams: int = 4, max_n
         raise LmlabError(f"num_beams must be >= 1 (got {num_beams})")
     config = model.config
     device = model.tok_emb.weight.device
-    if len(prompt) + max_new_tokens > config.block_size:
-        raise LmlabError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed the model's context "
-                         f"({config.block_size})")
-    cache = KVCache(config, 1, len(prompt) + max_new_tokens, device, model.tok_emb.weight.dtype)
-    logits, _ = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)
+    if is_encoder_decoder(model):  # the encoder reads the prompt once; the decoder starts from its start token
+        cache, first = model.start_decoding(torch.tensor([prompt], device=device), None, max_new_tokens)
+    else:
+        if len(prompt) + max_new_tokens > config.block_size:
+            raise LmlabError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                             f"context ({config.block_size})")
+        cache = KVCache(config, 1, len(prompt) + max_new_tokens, device, model.tok_emb.weight.dtype)
+        first = torch.tensor([prompt], device=device)
+    logits, _ = model(first, cache=cache, last_only=True)
     beams: list[tuple[list[int], float]] = [([], 0.0)]
     finished: list[tuple[list[int], float]] = []
     eos = set(eos_ids)

@@ -28,6 +28,7 @@ import torch.nn as nn
 from lmlab.data.corpus import load_tokenizer
 from lmlab.errors import LmlabError
 from lmlab.models.peft import FULL, load_peft, merge_peft, save_peft
+from lmlab.models.t5 import EncoderDecoder
 from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.util import (atomic_write_json, atomic_write_text, fsync_folder, load_safetensors, load_torch_safe,
                         save_safetensors_atomic, save_torch_atomic, write_error)
@@ -192,8 +193,9 @@ def load_module(model: nn.Module, folder: Path, skip: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading a run
 
-def load_model(path: str | Path, device="cpu") -> Transformer:
-    """A pretrained Transformer from a checkpoint folder, or from a run folder (its latest checkpoint)."""
+def load_model(path: str | Path, device="cpu") -> Transformer | EncoderDecoder:
+    """A pretrained Transformer (an EncoderDecoder for T5) from a checkpoint folder, or from a run folder (its
+    latest checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise LmlabError(f"no such run or checkpoint folder: {path}")
@@ -203,7 +205,8 @@ def load_model(path: str | Path, device="cpu") -> Transformer:
             raise LmlabError(f"{path} has no checkpoint yet (no ckpt/latest); train first with `lmlab train`")
         path = ckpt
     config = TransformerConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    model = Transformer.from_weights(config, load_safetensors(path / MODEL_FILE))
+    family = EncoderDecoder if config.encoder_decoder else Transformer
+    model = family.from_weights(config, load_safetensors(path / MODEL_FILE))
     return model.to(device).eval()
 
 

@@ -15,6 +15,8 @@ BERT    (BertModel, and the `bert.` body of BertFor* checkpoints, e.g. all-MiniL
 Gemma 3 (Gemma3ForCausalLM, model_type gemma3_text) is Llama's table plus the query/key norms and the norms after
         attention and MLP; its `post_attention_layernorm` is such an after-norm, not Llama's pre-MLP norm (that is
         `pre_feedforward_layernorm`). Norm weights are stored as Gemma stores them (the model adds 1).
+T5      (T5ForConditionalGeneration, T5 1.0 and 1.1 / Flan-T5 shapes) as lmlab.models.t5.EncoderDecoder; its
+        names and config live in lmlab.models.hf_t5.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lmlab.errors import LmlabError
+from lmlab.models.hf_t5 import t5_from_hf, t5_to_hf
+from lmlab.models.t5 import EncoderDecoder
 from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.util import atomic_write_text, load_safetensors, save_safetensors_atomic
 
@@ -115,7 +119,7 @@ def gemma3_config(hf: dict, where: str = "config.json") -> TransformerConfig:
     config = dict(
         vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 32768), n_layer=n_layer,
         n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads"), n_embd=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], attn_head_dim=hf.get("head_dim", 256), dropout=0.0,
+        intermediate_size=hf["intermediate_size"], head_size=hf.get("head_dim", 256), dropout=0.0,
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(full.get("rope_theta", hf.get("rope_theta", 1e6))),
         rope_local_theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))),
         query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256), sliding_window=hf.get("sliding_window") or 0,
@@ -407,12 +411,13 @@ def bert_tokenizer(folder: str | Path) -> Tokenizer:
     return tok
 
 
-_LOADERS = {"gpt2": _gpt2_from_hf, "llama": llama_from_hf, "bert": _bert_from_hf, "gemma3_text": gemma3_from_hf}
+_LOADERS = {"gpt2": _gpt2_from_hf, "llama": llama_from_hf, "bert": _bert_from_hf, "gemma3_text": gemma3_from_hf,
+            "t5": t5_from_hf}
 
 
-def load_hf(folder: str | Path) -> Transformer:
-    """Load a Hugging Face folder (config.json + model.safetensors, or sharded *.safetensors) of a GPT-2 or
-    Llama model as an lmlab Transformer, in eval mode."""
+def load_hf(folder: str | Path) -> Transformer | EncoderDecoder:
+    """Load a Hugging Face folder (config.json + model.safetensors, or sharded *.safetensors) of a GPT-2, Llama,
+    BERT or T5 model as an lmlab Transformer (EncoderDecoder for T5), in eval mode."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     weight_files = sorted(folder.glob("*.safetensors"))
@@ -451,6 +456,8 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer_json: str | Pat
     """Write a folder that `transformers` loads: GPT2LMHeadModel for GPT-2-shaped models, LlamaForCausalLM for
     Llama-shaped ones (`chat` passes chat_template / bos_token / eos_token on to export_hf_llama)."""
     c = model.config
+    if isinstance(model, EncoderDecoder):
+        return export_hf_t5(model, out_dir, tokenizer_json)
     if is_llama_shaped(c) or is_gemma3_shaped(c):
         return export_hf_llama(model, out_dir, tokenizer_json, **chat)
     if is_bert_shaped(c):
@@ -544,4 +551,20 @@ def export_hf_bert(model: Transformer, out_dir: str | Path, tokenizer: str | Pat
         named = (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"), ("mask", "[MASK]"), ("unk", "[UNK]"))
         specials = {f"{w}_token": t for w, t in named if tok.token_to_id(t) is not None}
         _write_tokenizer(out, tok, c.block_size, **specials)
+    return out
+
+
+def export_hf_t5(model: EncoderDecoder, out_dir: str | Path, tokenizer: str | Path | Tokenizer | None = None) -> Path:
+    """Write a folder that `transformers.T5ForConditionalGeneration.from_pretrained` (and AutoTokenizer, given a
+    tokenizer with T5's <pad>, </s> and <unk>) loads."""
+    config, tensors = t5_to_hf(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
+    if tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_str(_tokenizer_text(tokenizer))
+        named = (("pad", "<pad>"), ("eos", "</s>"), ("unk", "<unk>"))
+        specials = {f"{w}_token": t for w, t in named if tok.token_to_id(t) is not None}
+        _write_tokenizer(out, tok, model.config.block_size, **specials)
     return out

@@ -380,6 +380,9 @@ def _from_hf(path: Path, settings: InferenceSettings):
     if config.get("model_type") == "bert":
         # WordPiece: [CLS] A [SEP] B [SEP] with token types; from tokenizer.json, or built from vocab.txt.
         return model, bert_tokenizer(path), None, {"bos": (None, None), "eos": (None, None)}
+    if not (path / "tokenizer.json").is_file() and (path / "spiece.model").is_file():
+        raise LmlabError(f"{path} has a SentencePiece spiece.model but no tokenizer.json; write one with transformers "
+                         "(pip install sentencepiece; AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
     if not (path / "tokenizer.json").is_file():
         raise LmlabError(f"{path} has no tokenizer.json; lmlab reads fast (tokenizers) tokenizers only")
     # Special tokens typed in a chat prompt must become their ids, so no load_tokenizer() "text is text" here.
@@ -394,7 +397,8 @@ def _from_hf(path: Path, settings: InferenceSettings):
 
 def _from_lmlab(path: Path, settings: InferenceSettings):
     model, tok = checkpoint.load_run(path)
-    eos = (ENDOFTEXT, tok.token_to_id(ENDOFTEXT)) if tok.token_to_id(ENDOFTEXT) is not None else (None, None)
+    end = ENDOFTEXT if tok.token_to_id(ENDOFTEXT) is not None else "</s>"  # lmlab's BPE, else T5's
+    eos = (end, tok.token_to_id(end)) if tok.token_to_id(end) is not None else (None, None)
     return model, tok, None, {"bos": (None, None), "eos": eos}
 
 

@@ -8,9 +8,13 @@ A single `Block` serves every model in lmlab; `TransformerConfig` switches pick 
                  token-type embeddings (type_vocab_size), a pooler (dense + tanh on the first token)
     Gemma 3      Llama's switches plus: embeddings scaled by sqrt(n_embd), RMSNorm as (1 + w) (norm_offset), query
                  and key RMSNorm before rotary (qk_norm), norms before and after attention and MLP ("sandwich"),
-                 a tanh-GELU gated MLP ("geglu"), heads wider than n_embd / n_head (attn_head_dim), the attention
-                 scale query_pre_attn_scalar^-0.5, and local layers that attend within a sliding window with their
-                 own rotary base, every `global_every`-th layer attending to everything
+                 a tanh-GELU gated MLP (mlp="geglu"), heads wider than n_embd / n_head
+                 (head_size), the attention scale query_pre_attn_scalar^-0.5, and local layers that attend within
+                 a sliding window with their own rotary base, every `global_every`-th layer attending to everything
+    T5           (T5 switches below) an encoder stack and a decoder stack of these blocks whose decoder blocks
+                 gain cross-attention (lmlab.models.t5.EncoderDecoder composes them): rmsnorm, no biases, no
+                 1/sqrt(d) attention scaling, a relative position bias added to the scores, ReLU (T5 1.0) or
+                 gated-GELU (mlp="gated", T5 1.1) feed-forward, heads narrower than n_embd / n_head (head_size)
 
 `Transformer` is the decoder-only language model trained by next-token prediction,
 P(w_0..n) = prod_i P(w_i | w_<i): `forward(idx, targets)` returns the logits and the mean cross-entropy of
@@ -54,20 +58,29 @@ class TransformerConfig:
     norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): Gemma stores w around 0 and adds 1
     position: str = "learned"  # "learned" | "rope"
     rope_theta: float = 10000.0
-    mlp: str = "gelu"  # "gelu" (two matrices) | "swiglu" / "geglu" (gated by silu / tanh-GELU, three matrices)
+    mlp: str = "gelu"  # "gelu" (two matrices) | "swiglu" / "geglu" (gated by silu / tanh-GELU, three matrices) |
+    # "gated" (gated by `activation`: T5 1.1)
     activation: str = "gelu_tanh"  # GPT-2 uses the tanh approximation of GELU; "gelu" | "silu" | "relu"
     causal: bool = True
     tie_embeddings: bool = True
     type_vocab_size: int = 0  # BERT: token-type (segment) embeddings, sentence A = 0 / B = 1; 0 = none
     pooler: bool = False  # BERT: dense + tanh on the first ([CLS]) token's final hidden state
-    # Gemma 3 (see the module docstring); the defaults change nothing.
-    attn_head_dim: int | None = None  # head width when it is not n_embd / n_head (Gemma 3 270M: 256, n_embd 640)
+    head_size: int | None = None  # width of each attention head; None: n_embd // n_head (T5: d_kv; Gemma 3: 256)
+    # --- Gemma 3 switches (see the module docstring); the defaults change nothing ---
     qk_norm: bool = False  # RMSNorm of each query and key head before rotary
     embed_scale: bool = False  # token embeddings times sqrt(n_embd)
     query_pre_attn_scalar: float | None = None  # attention scores times this^-0.5; None: head_dim^-0.5
     sliding_window: int = 0  # local layers attend to the last this many positions (their own included); 0: none
     global_every: int = 0  # with a sliding window, every global_every-th layer attends globally; 0: none does
     rope_local_theta: float = 10000.0  # the rotary base of the local layers
+    # --- T5 switches (lmlab.models.t5) ---
+    encoder_decoder: bool = False  # T5: an encoder of n_layer blocks and a decoder of n_decoder_layer blocks
+    n_decoder_layer: int | None = None  # None means n_layer
+    scale_attention: bool = True  # False: scores are q.k without the 1/sqrt(head_dim) (T5 folds it into init)
+    relative_buckets: int = 32  # position="relative": T5's bucketed relative position bias, buckets...
+    relative_max_distance: int = 128  # ...and the distance from which all positions share the last bucket
+    cross_attention: bool = False  # set by EncoderDecoder on its decoder blocks: attend over the encoder output
+    head_scale: bool | None = None  # decoder output x n_embd^-0.5 before the head; None: when tied (T5 1.0)
 
     def __post_init__(self):
         sizes = {"vocab_size": self.vocab_size, "block_size": self.block_size, "n_layer": self.n_layer,
@@ -80,7 +93,7 @@ class TransformerConfig:
         if problems:  # the divisibility checks below would only confuse (n_embd=-1 "is not divisible")
             raise LmlabError("invalid model config: " + "; ".join(problems))
         n_kv = self.n_kv_head or self.n_head
-        if self.n_embd % self.n_head and self.attn_head_dim is None:
+        if self.n_embd % self.n_head and self.head_size is None:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % n_kv:
             problems.append(f"n_head={self.n_head} is not divisible by n_kv_head={n_kv}")
@@ -88,10 +101,12 @@ class TransformerConfig:
             problems.append(f"norm={self.norm!r} (choose layernorm or rmsnorm)")
         if self.norm_placement not in ("pre", "post", "sandwich"):
             problems.append(f"norm_placement={self.norm_placement!r} (choose pre, post or sandwich)")
-        if self.position not in ("learned", "rope"):
-            problems.append(f"position={self.position!r} (choose learned or rope)")
-        if self.mlp not in ("gelu", "swiglu", "geglu"):
-            problems.append(f"mlp={self.mlp!r} (choose gelu, swiglu or geglu)")
+        if self.position not in ("learned", "rope", "relative"):
+            problems.append(f"position={self.position!r} (choose learned, rope or relative)")
+        if self.position == "relative" and not self.encoder_decoder:
+            problems.append("position='relative' needs encoder_decoder: true (the T5 stacks add the bias)")
+        if self.mlp not in ("gelu", "swiglu", "geglu", "gated"):
+            problems.append(f"mlp={self.mlp!r} (choose gelu, swiglu, geglu or gated)")
         if self.activation not in _ACTIVATIONS:
             problems.append(f"activation={self.activation!r} (choose one of {', '.join(_ACTIVATIONS)})")
         if self.position == "rope" and self.head_dim % 2:
@@ -107,7 +122,7 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.attn_head_dim or self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     def is_local(self, layer: int) -> bool:
         """Whether `layer` attends within the sliding window (Gemma 3: five local layers, then a global one)."""
@@ -167,32 +182,53 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: TransformerConfig, layer: int = 0):
+    def __init__(self, config: TransformerConfig, layer: int = 0, cross: bool = False):
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
         self.head_dim = config.head_dim
-        self.causal = config.causal
+        self.causal = config.causal and not cross
         self.dropout = config.dropout
-        self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
-        self.window = config.sliding_window if config.is_local(layer) else 0
-        # One fused projection for queries, keys and values: one matmul instead of three.
-        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
-        self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        if not config.scale_attention:  # T5 folds the 1/sqrt(d) into its initialisation
+            self.scale = 1.0
+        else:
+            self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.window = config.sliding_window if config.is_local(layer) and not cross else 0
+        inner = self.n_head * self.head_dim
+        if cross:  # T5's cross-attention: queries from the decoder, keys and values from the encoder's output
+            self.q = nn.Linear(config.n_embd, inner, bias=config.bias)
+            self.kv = nn.Linear(config.n_embd, 2 * self.n_kv_head * self.head_dim, bias=config.bias)
+        else:  # one fused projection for queries, keys and values: one matmul instead of three
+            self.qkv = nn.Linear(config.n_embd, inner + 2 * self.n_kv_head * self.head_dim, bias=config.bias)
+        self.proj = nn.Linear(inner, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         # Gemma 3: each head's query and key are RMS-normalised (one weight over head_dim), which bounds the
         # attention logits without Gemma 2's soft-capping.
         self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
 
-    def forward(self, x, rotary=None, attn_mask=None, cache: "KVCache | None" = None, layer: int = 0):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, n, self.head_dim).transpose(1, 2)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention's keys and values of the encoder output (B, S, n_embd): computed once per input and
+        reused at every decoding step."""
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+
+    def forward(self, x, rotary=None, attn_mask=None, cache: "KVCache | None" = None, layer: int = 0, memory_kv=None):
+        """Self-attention over x (and the cache), or with memory_kv (from project_memory) cross-attention over it.
+        attn_mask is boolean (True = may attend) or a float bias added to the scores (T5's position bias)."""
+        B, T, _ = x.shape
+        if memory_kv is not None:
+            q, (k, v) = self._heads(self.q(x), self.n_head), memory_kv
+            cache = None  # the encoder's keys are all there already
+        else:
+            q, k, v = self.qkv(x).split(
+                [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+            )
+            q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
@@ -200,7 +236,9 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        if T == 1 and cache is not None:
+        if attn_mask is not None and attn_mask.is_floating_point():  # a score bias, in the scores' dtype
+            attn_mask = attn_mask.to(q.dtype)
+        if T == 1 and cache is not None and (attn_mask is None or attn_mask.dtype == torch.bool):
             if self.window and k.shape[2] > self.window:
                 # A local layer's one new query sees only the window's last keys: the cache's other slots stay
                 # (the global layers' positions share its timeline) but cost nothing here.
@@ -285,9 +323,10 @@ class MLP(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         hidden = config.intermediate_size or 4 * config.n_embd
-        self.gated = config.mlp in ("swiglu", "geglu")
+        self.gated = config.mlp in ("swiglu", "geglu", "gated")
         self.act = _ACTIVATIONS[{"swiglu": "silu", "geglu": "gelu_tanh"}.get(config.mlp, config.activation)]
-        # SwiGLU / GeGLU: act(x W_gate) * (x W_up), fused into one matrix of twice the width.
+        # SwiGLU, and the GELU-gated MLPs of T5 1.1 and Gemma: act(x W_gate) * (x W_up), fused into one matrix of
+        # twice the width.
         self.fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -304,7 +343,8 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Attention then MLP, each with a residual connection; norms before (pre) or after (post) each, or
-    "sandwich" (Gemma 2 and 3): before each, and on its output before it joins the residual stream."""
+    "sandwich" (Gemma 2 and 3): before each, and on its output before it joins the residual stream. With
+    config.cross_attention (T5's decoder) a cross-attention over the encoder output sits between them."""
 
     def __init__(self, config: TransformerConfig, layer: int = 0):
         super().__init__()
@@ -313,19 +353,41 @@ class Block(nn.Module):
         self.norm1 = make_norm(config)
         self.attn = Attention(config, layer)
         self.post_attn_norm = make_norm(config) if sandwich else nn.Identity()
+        if config.cross_attention:
+            self.norm_cross = make_norm(config)
+            self.cross = Attention(config, cross=True)
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
         self.post_mlp_norm = make_norm(config) if sandwich else nn.Identity()
 
-    def forward(self, x, rotary=None, attn_mask=None, cache=None, layer: int = 0):
+    def forward(self, x, rotary=None, attn_mask=None, cache=None, layer: int = 0, memory_kv=None, memory_mask=None):
         if self.post_norm:
             x = self.norm1(x + self.attn(x, rotary, attn_mask, cache, layer))
             return self.norm2(x + self.mlp(x))
         x = x + self.post_attn_norm(self.attn(self.norm1(x), rotary, attn_mask, cache, layer))
+        if memory_kv is not None:  # pre-norm only: T5 is the one encoder-decoder here
+            x = x + self.cross(self.norm_cross(x), attn_mask=memory_mask, memory_kv=memory_kv)
         return x + self.post_mlp_norm(self.mlp(self.norm2(x)))
 
 
-class Transformer(nn.Module):
+class TiedWeights:
+    """Saving and loading of a model whose LM head may share the token embedding (config.tie_embeddings): the
+    Transformer here and T5's EncoderDecoder."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The state dict as saved to safetensors: a tied head is stored once, as the token embedding."""
+        state = self.state_dict()
+        if self.config.tie_embeddings:
+            del state["lm_head.weight"]
+        return state
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        if self.config.tie_embeddings:
+            state = {**state, "lm_head.weight": state["tok_emb.weight"]}
+        self.load_state_dict(state, strict=True)
+
+
+class Transformer(TiedWeights, nn.Module):
     """Decoder-only language model: token (+ position) embeddings, a stack of Blocks, a final norm, an LM head."""
 
     def __init__(self, config: TransformerConfig):
@@ -399,18 +461,6 @@ class Transformer(nn.Module):
         if non_embedding and self.pos_emb is not None:
             n -= self.pos_emb.weight.numel()
         return n
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The state dict as saved to safetensors: a tied head is stored once, as the token embedding."""
-        state = self.state_dict()
-        if self.config.tie_embeddings:
-            del state["lm_head.weight"]
-        return state
-
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        if self.config.tie_embeddings:
-            state = {**state, "lm_head.weight": state["tok_emb.weight"]}
-        self.load_state_dict(state, strict=True)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,

@@ -12,13 +12,16 @@ import numpy as np
 import torch
 import yaml
 
-from lmlab.data.corpus import load_tokens, prepare
+from lmlab.data.corpus import load_tokenizer, load_tokens, prepare
+from lmlab.data.tokenizers import sentinel_ids
 from lmlab.errors import LmlabError
+from lmlab.models.t5 import EncoderDecoder
 from lmlab.models.transformer import Transformer
 from lmlab.training.config import RunConfig, TrainConfig
 from lmlab.training.distributed import Dist
 from lmlab.training.loop import Objective
 from lmlab.training.run import TrainingRun
+from lmlab.training.span_corruption import SpanCorruption
 from lmlab.util import device_memory
 
 
@@ -118,7 +121,8 @@ def ensure_data(cfg: RunConfig, world: Dist) -> dict:
 
 
 def train(cfg: RunConfig, resume: bool = False, on_step=None, progress: bool = True) -> dict:
-    """Pretrain the model of `cfg` on its data (next-token, or masked-LM for an encoder); return a summary."""
+    """Pretrain the model of `cfg` on its data (next-token, masked-LM for an encoder, span corruption for an
+    encoder-decoder: model.encoder_decoder: true, with a T5 tokenizer, data.tokenizer: t5); return a summary."""
     t = cfg.train
     with TrainingRun(t, resume=resume, hint="choose another run folder (--set train.run_dir=...)") as run:
         meta = ensure_data(cfg, run.world)
@@ -128,9 +132,15 @@ def train(cfg: RunConfig, resume: bool = False, on_step=None, progress: bool = T
         _check_activation_memory(model_cfg, t.micro_batch_size, run.world.device)
         random.seed(t.seed)
         torch.manual_seed(t.seed)
-        model = Transformer(model_cfg).to(run.world.device)
-        objective = LanguageModeling(model, load_tokens(cfg.data.dir, "train"), load_tokens(cfg.data.dir, "val"),
-                                     t, run.world)
+        splits = load_tokens(cfg.data.dir, "train"), load_tokens(cfg.data.dir, "val")
+        if model_cfg.encoder_decoder:
+            model = EncoderDecoder(model_cfg).to(run.world.device)
+            tok = load_tokenizer(cfg.data.dir)
+            objective = SpanCorruption(model, *splits, sentinel_ids(tok), tok.token_to_id("</s>"), seed=t.seed,
+                                       eval_rows=t.eval_batches * t.micro_batch_size)
+        else:
+            model = Transformer(model_cfg).to(run.world.device)
+            objective = LanguageModeling(model, *splits, t, run.world)
         if run.main:
             run.run_dir.mkdir(parents=True, exist_ok=True)
             run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,83 @@
+"""T5 training throughput: lmlab's EncoderDecoder vs transformers' T5ForConditionalGeneration, same shape (the
+weights copied through the Hugging Face folder, so both compute the same loss), same batch, same machine.
+
+Times a full training step (forward, backward, AdamW) of span-corruption-shaped batches (inputs of --input-len
+tokens, targets of --target-len), in alternation (median of --steps), in fp32 and under bf16 autocast, and
+reports training tokens/s (input + target tokens) of each and their ratio.
+
+    python bench/t5_throughput.py [--threads 2] [--steps 6] [--warmup 2]   # defaults: configs/t5-small-cpu
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import make_step, median_step_times  # noqa: E402 - bench/ is on sys.path as a script
+
+from lmlab.models.hf import export_hf  # noqa: E402
+from lmlab.models.t5 import EncoderDecoder  # noqa: E402
+from lmlab.training.config import load_config  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="t5-small-cpu", help="the model shape: a T5 run config")
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--target-len", type=int, default=29)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from transformers import T5ForConditionalGeneration
+
+    config = load_config(args.config, []).model_config(args.vocab_size)
+    ours = EncoderDecoder(config)
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(ours, folder)
+        theirs = T5ForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa")
+    x = torch.randint(3, args.vocab_size, (args.batch_size, args.input_len))
+    y = torch.randint(3, args.vocab_size, (args.batch_size, args.target_len))
+    tokens = args.batch_size * (args.input_len + args.target_len)
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bfloat16")
+
+        def lmlab_loss(m, a, b):
+            with autocast:
+                return m(a, b)[1]
+
+        def hf_loss(m, a, b):
+            with autocast:
+                return m(input_ids=a, labels=b).loss
+
+        steps = {"lmlab": make_step(ours, lmlab_loss, (x, y)), "transformers": make_step(theirs, hf_loss, (x, y))}
+        med = median_step_times(steps, args.steps, args.warmup)
+        results[precision] = {"lmlab_tokens_per_s": round(tokens / med["lmlab"], 1),
+                              "transformers_tokens_per_s": round(tokens / med["transformers"], 1),
+                              "speedup": round(med["transformers"] / med["lmlab"], 3)}
+    print(json.dumps({
+        "benchmark": "t5_throughput", "config": args.config,
+        "shape": {"parameters": ours.num_params(), "n_layer": config.n_layer, "n_decoder_layer": config.n_decoder_layer,
+                  "n_embd": config.n_embd, "n_head": config.n_head, "head_size": config.head_dim,
+                  "intermediate_size": config.intermediate_size, "vocab_size": args.vocab_size,
+                  "batch_size": args.batch_size, "input_len": args.input_len, "target_len": args.target_len},
+        "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(), **results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

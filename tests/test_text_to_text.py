@@ -1,0 +1,124 @@
+"""Text-to-text fine-tuning and scoring: T5's renderings, examples-proportional mixing with a cap, the harness's
+exact match and GLUE metrics against their definitions, and `lmlab t5-finetune` end to end on real GLUE data."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.evaluate import run_eval
+from lmlab.evaluate.metrics import matthews_corrcoef, pearson
+from lmlab.evaluate.tasks.base import Doc
+from lmlab.evaluate.tasks.text_to_text import INVALID, rendering
+from lmlab.models.checkpoint import save_full
+from lmlab.models.hf import export_hf
+from lmlab.models.t5 import EncoderDecoder
+from lmlab.models.transformer import Transformer, TransformerConfig
+from lmlab.training.text_to_text import T5FinetuneSettings, mixture_rates, pad_pairs, t5_finetune
+from tests.conftest import SHARED_DATA, synthetic_corpus
+
+needs_glue = pytest.mark.skipif(not (SHARED_DATA / "glue/RTE/train.tsv").is_file(),
+                                reason="the GLUE copy in ../shared/data is absent")
+
+
+def test_t5_renderings():
+    pair = Doc("x", {"sentence1": "A man plays.", "sentence2": "A man is playing."}, gold=3.87)
+    assert rendering("stsb").source(pair) == "stsb sentence1: A man plays. sentence2: A man is playing."
+    assert rendering("stsb").target(pair) == "3.8"  # rounded to the nearest 0.2, as T5 does
+    assert rendering("stsb").target(Doc("y", {}, gold=4.5)) == "4.4"  # 4.5 / 0.2 = 22.5 -> 22 (banker's)
+    assert rendering("sst2").source(Doc("z", {"sentence": "fine ."})) == "sst2 sentence: fine ."
+    assert rendering("rte").target(Doc("w", {}, gold=1)) == "not_entailment"
+    assert rendering("cola").parse(" acceptable ") == 1 and rendering("cola").parse("maybe") == INVALID
+    assert rendering("stsb").parse("2.6") == 2.6 and rendering("stsb").parse("two") == INVALID
+    with pytest.raises(LmlabError, match="no text-to-text rendering"):
+        rendering("piqa")
+
+
+def test_examples_proportional_mixing_with_a_cap():
+    sizes = {"sst2": 67000, "rte": 2500, "stsb": 5700}
+    assert mixture_rates(sizes, None) == pytest.approx({k: v / 75200 for k, v in sizes.items()})
+    capped = mixture_rates(sizes, 4096)
+    assert capped == pytest.approx({"sst2": 4096 / 10692, "rte": 2500 / 10692, "stsb": 4096 / 10692})
+
+
+def test_padding_of_pairs():
+    batch = pad_pairs([([5, 6, 1], [7, 1]), ([5, 1], [8, 9, 1])])
+    assert batch["inputs"].tolist() == [[5, 6, 1], [5, 1, 0]]
+    assert batch["input_mask"].tolist() == [[True, True, True], [True, True, False]]
+    assert batch["targets"].tolist() == [[7, 1, -100], [8, 9, 1]]
+
+
+@needs_glue
+@pytest.mark.parametrize("task,metric", [("cola", "mcc"), ("stsb", "pearson")])
+def test_harness_scores_generations_with_the_glue_metric(monkeypatch, task, metric):
+    from lmlab.data.tokenizers import t5_tokenizer
+    from lmlab.evaluate.lm import LM
+    from lmlab.evaluate.tasks import get_task, load_split
+    docs = load_split(get_task(f"t5_{task}"), SHARED_DATA).docs[:60]
+    r = rendering(task)
+    rng = np.random.default_rng(0)
+    truth = {r.source(d): d for d in docs}
+    # Right two times in three, else a wrong answer or (for CoLA) no label at all.
+    wrong = {"cola": ["acceptable", "unacceptable", "perhaps"], "stsb": ["0.4", "5.0", "n/a"]}[task]
+    answers = {src: r.target(d) if rng.random() < 0.67 else rng.choice(wrong) for src, d in truth.items()}
+    lm = LM(_tiny_t5(300), t5_tokenizer(["a b c"] * 10, 300, 2), progress=False)
+    # The model's answers come from the table: the harness's scoring is what is tested.
+    monkeypatch.setattr(lm, "generate_until", lambda requests, desc="", examples=None:
+                        [answers[context] for context, _, _ in requests])
+    rows = run_eval(lm, f"t5_{task}", limit=60, data_dir=SHARED_DATA, echo=None, progress=False)["results"]
+    got = {row["metric"]: row["value"] for row in rows}
+    preds = [r.parse(answers[r.source(d)]) for d in docs]
+    golds = [d.gold for d in docs]
+    want = matthews_corrcoef(preds, golds) if task == "cola" else pearson(preds, golds)
+    assert got[metric] == pytest.approx(want)
+    if task == "cola":
+        assert got["exact_match"] == pytest.approx(np.mean([answers[r.source(d)] == r.target(d) for d in docs]))
+
+
+def _tiny_t5(vocab, block=160):
+    return EncoderDecoder(TransformerConfig(
+        vocab_size=vocab, block_size=block, n_layer=1, n_head=2, n_embd=32, intermediate_size=64, bias=False,
+        norm="rmsnorm", position="relative", relative_buckets=8, mlp="gated", activation="gelu_tanh",
+        encoder_decoder=True, scale_attention=False, tie_embeddings=True))
+
+
+@needs_glue
+def test_t5_finetune_learns_rte_labels_and_scores_through_the_harness(tmp_path):
+    from lmlab.data.tokenizers import t5_tokenizer
+    tok = t5_tokenizer(synthetic_corpus(300).splitlines() + ["entailment not_entailment"] * 50, 600, 10)
+    torch.manual_seed(0)
+    export_hf(_tiny_t5(tok.get_vocab_size()), tmp_path / "t5", tok)
+    s = T5FinetuneSettings(model=str(tmp_path / "t5"), tasks="rte", train_limit=64, eval_limit=40, max_steps=30,
+                           lr=3e-3, batch_size=16, max_source=64, data_dir=str(SHARED_DATA),
+                           out=str(tmp_path / "run"), threads=1, no_progress=True)
+    results = t5_finetune(s)
+    scores = {r["metric"]: r for r in results["eval"]}
+    assert scores["exact_match"]["n"] == 40
+    generations = [json.loads(line) for line in open(tmp_path / "run/eval.jsonl")]
+    # After 30 steps every answer is one of the two labels: the model learned the answer format.
+    assert all(g["generation"].strip() in ("entailment", "not_entailment") for g in generations)
+    assert scores["acc"]["value"] == pytest.approx(np.mean([g["pred"] == g["gold"] for g in generations]))
+    assert (tmp_path / "run/best/model.safetensors").is_file()
+
+
+def test_bad_input_one_line_exit_2(tmp_path):
+    gpt = Transformer(TransformerConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=16, block_size=32))
+    from tests.conftest import train_byte_bpe
+    export_hf(gpt, tmp_path / "gpt", train_byte_bpe(["abc def"] * 20, 300))
+    for args, message in ((["--model", str(tmp_path / "gpt")], "encoder-decoder"),
+                          (["--model", str(tmp_path / "gpt"), "--tasks", "piqa"], "no text-to-text rendering")):
+        done = subprocess.run([sys.executable, "-m", "lmlab", "t5-finetune", *args], capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and message in done.stderr and done.stderr.startswith("lmlab t5-finetune: error:")
+
+
+def test_loglikelihood_tasks_refuse_an_encoder_decoder():
+    from lmlab.data.tokenizers import t5_tokenizer
+    from lmlab.evaluate.lm import LM
+    lm = LM(_tiny_t5(300), t5_tokenizer(["a b c"] * 10, 300, 2), progress=False)
+    with pytest.raises(LmlabError, match="scores it by generation"):
+        lm.loglikelihood([("a", " b")])
