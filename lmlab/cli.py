@@ -42,6 +42,7 @@ from lmlab.training.classification import finetune
 from lmlab.training.config import load_config
 from lmlab.training.pretrain import train as pretrain
 from lmlab.training.sft import run_dpo, run_sft
+from lmlab.training.word2vec import word2vec
 from lmlab.util import command_line, pick_device, settings_from
 
 
@@ -339,6 +340,7 @@ VERBS = [
     Verb("sft", run_sft),
     Verb("dpo", run_dpo),
     Verb("serve", serve),
+    Verb("word2vec", word2vec),
 ]
 
 
