@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from lmlab.data.words import corpus_sentences, read_corpus
@@ -49,20 +50,52 @@ def gensim_own_scores(words, vectors) -> dict:
     return out
 
 
-def compare(model: str, epochs: int, corpus: str, threads: int) -> dict:
+HEADLINE = ("analogies_3cosadd", "analogies_3cosmul", "wordsim353", "simlex999")
+
+
+def headline(ev: dict) -> dict:
+    return {"analogies_3cosadd": ev["analogies"]["all"]["3cosadd"], "analogies_3cosmul": ev["analogies"]["all"]["3cosmul"],
+            "wordsim353": ev["wordsim353"]["spearman"], "simlex999": ev["simlex999"]["spearman"]}
+
+
+def compare(model: str, epochs: int, corpus: str, threads: int, seeds: list[int]) -> dict:
+    """Both trained once per seed (alternating); the first seed's full evaluation, every seed's headline."""
     s = Word2VecSettings(corpus=corpus, model=model, epochs=epochs)
     vocab, encoded = read_corpus(corpus, s.min_count)
     sentences = list(corpus_sentences(corpus))
-    row = {"model": model, "settings": s.recipe(), "words": len(encoded.ids), "vocabulary": len(vocab)}
-    for name, (wv, seconds) in (("lmlab", train_lmlab(vocab, encoded, s, threads)),
-                                ("gensim", train_gensim(sentences, s, threads))):
-        ev = evaluate_word_vectors(wv, FILES["analogies"], {k: FILES[k] for k in ("wordsim353", "simlex999")},
-                                   ("king", "france", "three", "music"))
-        row[name] = {"seconds": round(seconds, 1), "words_per_s": round(epochs * len(encoded.ids) / seconds),
-                     "evaluation": ev}
-        if name == "gensim":
-            row[name]["gensim_evaluators"] = gensim_own_scores(wv.words, wv.vectors)
+    row = {"model": model, "settings": s.recipe(), "words": len(encoded.ids), "vocabulary": len(vocab),
+           "seeds": seeds, "lmlab": {"per_seed": []}, "gensim": {"per_seed": []}}
+    for seed in seeds:
+        s.seed = seed
+        for name, (wv, seconds) in (("lmlab", train_lmlab(vocab, encoded, s, threads)),
+                                    ("gensim", train_gensim(sentences, s, threads))):
+            ev = evaluate_word_vectors(wv, FILES["analogies"], {k: FILES[k] for k in ("wordsim353", "simlex999")},
+                                       ("king", "france", "three", "music"))
+            row[name]["per_seed"].append({"seed": seed, "words_per_s": round(epochs * len(encoded.ids) / seconds),
+                                          **headline(ev)})
+            if seed == seeds[0]:
+                row[name]["evaluation"] = ev
+                if name == "gensim":
+                    row[name]["gensim_evaluators"] = gensim_own_scores(wv.words, wv.vectors)
+    for name in ("lmlab", "gensim"):
+        runs = row[name]["per_seed"]
+        row[name]["mean"] = {k: float(np.mean([r[k] for r in runs])) for k in HEADLINE + ("words_per_s",)}
+        row[name]["sd"] = {k: float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+                           for k in HEADLINE}
     return row
+
+
+def goals(row: dict) -> list[str]:
+    """The issue's quality goals, met or missed, on the means over seeds."""
+    lm, gs = row["lmlab"]["mean"], row["gensim"]["mean"]
+    out = []
+    for k, limit, scale, unit in (("analogies_3cosadd", 2, 100, " points"), ("analogies_3cosmul", 2, 100, " points"),
+                                  ("wordsim353", 0.03, 1, ""), ("simlex999", 0.03, 1, "")):
+        diff = (lm[k] - gs[k]) * scale
+        sd = max(row["lmlab"]["sd"][k], row["gensim"]["sd"][k]) * scale
+        out.append(f"| {k} | {lm[k] * scale:.3f} | {gs[k] * scale:.3f} | {diff:+.3f}{unit} | {sd:.3f} | "
+                   f"{'met' if abs(diff) <= limit else 'missed'} (within {limit}{unit}) |")
+    return out
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -72,6 +105,10 @@ def markdown(rows: list[dict], command: str) -> str:
         lines += [f"## {r['model']} ({r['words']:,} words x {r['settings']['epochs']} epochs, vocabulary "
                   f"{r['vocabulary']:,}, dim {r['settings']['dim']}, window {r['settings']['window']}, "
                   f"negative {r['settings']['negative']})", "",
+                  f"Means over seeds {', '.join(map(str, r['seeds']))} (analogies in %, over the covered questions):",
+                  "", "| figure | lmlab | gensim | lmlab - gensim | larger sd over seeds | goal |",
+                  "|---|---:|---:|---:|---:|---|", *goals(r), "",
+                  f"Seed {r['seeds'][0]}, per section:", "",
                   "| analogy section | covered | lmlab 3CosAdd | gensim 3CosAdd | lmlab 3CosMul | gensim 3CosMul |",
                   "|---|---:|---:|---:|---:|---:|"]
         for sec, a in lm["analogies"].items():
@@ -87,8 +124,10 @@ def markdown(rows: list[dict], command: str) -> str:
             lines.append(f"| {name} | {a['covered']}/{a['pairs']} | {a['spearman']:.3f} | {b['spearman']:.3f} | "
                          f"{a['spearman'] - b['spearman']:+.3f} |")
         own = r["gensim"]["gensim_evaluators"]
-        lines += ["", f"Training: lmlab {r['lmlab']['words_per_s']:,} words/s, gensim {r['gensim']['words_per_s']:,} "
-                  f"words/s (2 threads each, one after the other). gensim's own evaluators on gensim's vectors: "
+        lines += ["", f"Training: lmlab {r['lmlab']['mean']['words_per_s']:,.0f} words/s, gensim "
+                  f"{r['gensim']['mean']['words_per_s']:,.0f} words/s (mean over the seeds; 2 threads each, "
+                  f"alternating; bench/word2vec_throughput.py measures speed). gensim's own evaluators on gensim's "
+                  f"vectors (seed {r['seeds'][0]}): "
                   f"analogies {100 * own['analogies_3cosadd']:.1f}%, WS-353 {own['wordsim353']:.3f}, SimLex "
                   f"{own['simlex999']:.3f}.", ""]
         for w, near in lm["neighbours"].items():
@@ -105,14 +144,15 @@ def plot(rows: list[dict], path: Path) -> None:
         labels, lm, gs = [], [], []
         for name in ("all", "wordsim353", "simlex999"):
             for who, out in (("lmlab", lm), ("gensim", gs)):
-                ev = r[who]["evaluation"]
-                out.append(ev["analogies"]["all"]["3cosadd"] if name == "all" else ev[name]["spearman"])
+                out.append(r[who]["mean"]["analogies_3cosadd" if name == "all" else name])
             labels.append("analogies (3CosAdd, covered)" if name == "all" else f"{name} Spearman")
         x = range(len(labels))
-        ax.bar([i - 0.2 for i in x], lm, 0.4, label="lmlab")
-        ax.bar([i + 0.2 for i in x], gs, 0.4, label="gensim 4.4")
+        sd = {who: [r[who]["sd"]["analogies_3cosadd" if n == "all" else n] for n in ("all", "wordsim353", "simlex999")]
+              for who in ("lmlab", "gensim")}
+        ax.bar([i - 0.2 for i in x], lm, 0.4, yerr=sd["lmlab"], capsize=3, label="lmlab")
+        ax.bar([i + 0.2 for i in x], gs, 0.4, yerr=sd["gensim"], capsize=3, label="gensim 4.4")
         ax.set_xticks(list(x), labels, fontsize=7)
-        ax.set_title(f"{r['model']}: lmlab vs gensim, same corpus and settings", fontsize=9)
+        ax.set_title(f"{r['model']}: lmlab vs gensim (mean, sd over {len(r['seeds'])} seeds)", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -125,9 +165,11 @@ def main() -> None:
     ap.add_argument("--models", default="sg,cbow", help="comma-separated: sg, cbow")
     ap.add_argument("--epochs", type=int, default=5, help="passes over the corpus")
     ap.add_argument("--threads", type=int, default=2, help="threads of each")
+    ap.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (each trains both)")
     ap.add_argument("--out", default="docs/results/word2vec", help="results folder")
     args = ap.parse_args()
-    rows = [compare(m, args.epochs, args.corpus, args.threads) for m in args.models.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    rows = [compare(m, args.epochs, args.corpus, args.threads, seeds) for m in args.models.split(",")]
     out = Path(args.out)
     command = "python bench/word2vec_quality.py " + " ".join(sys.argv[1:])
     atomic_write_json(out / "word2vec.json", {"command": command, "rows": rows})

@@ -238,3 +238,72 @@ def test_bad_input_fails_in_one_line(tmp_path, capsys):
     with pytest.raises(LmlabError, match="another dimension"):
         load_word_vectors(tmp_path / "w.bin")
     assert read_corpus(str(corpus), 1)[0].words  # the good corpus reads
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Word vectors as the from-scratch BiLSTM's embeddings
+
+def _sentiment_data(root, seed=0):
+    """SST-2's layout; training sentences use only 'good'/'bad', dev sentences only 'great'/'awful': a model can
+    only get the dev set right through word vectors that place those words with them."""
+    rng = random.Random(seed)
+    filler = ["the", "film", "plot", "was", "is", "a", "very", "story", "and"]
+    (root / "sst2").mkdir(parents=True)
+    for name, words, n in (("train", ("bad", "good"), 64), ("dev", ("awful", "great"), 64)):
+        rows = []
+        for i in range(n):
+            s = [rng.choice(filler) for _ in range(rng.randint(3, 7))]
+            s.insert(rng.randrange(len(s) + 1), words[i % 2])
+            rows.append(f"{' '.join(s)}\t{i % 2}")
+        (root / "sst2" / f"{name}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def _sentiment_vectors(path):
+    rng = np.random.default_rng(0)
+    words = ["good", "great", "bad", "awful", "the", "film", "plot", "was", "is", "a", "very", "story", "and"]
+    vecs = rng.normal(scale=0.3, size=(len(words), 16)).astype(np.float32)
+    vecs[:2, 0] += 3  # the positive words share a direction, the negative ones its opposite
+    vecs[2:4, 0] -= 3
+    return WordVectors(words, vecs).save(path, "binary")
+
+
+def test_bilstm_starts_from_word_vectors_and_transfers_to_unseen_words(tmp_path):
+    from lmlab.models.baseline import build_baseline
+    from lmlab.training.classification import FinetuneSettings, finetune, load_task
+
+    data = _sentiment_data(tmp_path / "data")
+    vectors = load_word_vectors(_sentiment_vectors(tmp_path / "v.bin"))
+    model, tok, info = build_baseline("bilstm", load_task("sst2", data).train, 2, vectors=vectors,
+                                      freeze_vectors=True)
+    assert tok.token_to_id("great") is not None  # a vectors' word the training sentences never use
+    for w in ("great", "bad", "film"):
+        np.testing.assert_array_equal(model.emb.weight[tok.token_to_id(w)].detach().numpy(), vectors[w])
+    assert not model.emb.weight.requires_grad and info["train_words_with_vectors"] == 1.0
+
+    def run(name, **kw):
+        # One evaluation, at the end: each one also redraws the run's plot, which costs more than these steps.
+        return finetune(FinetuneSettings(model="bilstm", task="sst2", epochs=8, batch_size=16, lr=5e-3,
+                                         max_length=12, data_dir=str(data), out=str(tmp_path / name),
+                                         eval_every=1000, no_progress=True, threads=1, device="cpu", **kw),
+                        echo=None)
+
+    scratch = run("scratch")
+    frozen = run("frozen", vectors=str(tmp_path / "v.bin"), freeze_vectors=True)
+    assert scratch["metrics"]["acc"] < 0.7 < 0.9 < frozen["metrics"]["acc"]
+    assert frozen["info"]["frozen"] and frozen["trained_parameters"] < frozen["parameters"]
+    with pytest.raises(LmlabError, match="--vectors gives word embeddings to the from-scratch models"):
+        finetune(FinetuneSettings(model="minilm-l6", task="sst2", data_dir=str(data), out=str(tmp_path / "bert"),
+                                  vectors=str(tmp_path / "v.bin"), no_progress=True))
+
+
+def test_paradigms_has_a_bilstm_word2vec_row(tmp_path):
+    from lmlab.experiments.paradigms import WORD2VEC, run_paradigms
+
+    data = _sentiment_data(tmp_path / "data")
+    _sentiment_vectors(tmp_path / "v.bin")
+    summary = run_paradigms("sst2", "32", "", out=tmp_path / "out", work=tmp_path / "work", baselines="",
+                            methods="", data_dir=data, threads=1, progress=False, vectors=str(tmp_path / "v.bin"))
+    (row,) = summary["rows"]
+    assert row["model"] == WORD2VEC and row["method"] == "word2vec fine-tuned" and row["labels"] == 32
+    assert "--vectors" in row["command"] and "BiLSTM + word2vec" in (tmp_path / "out" / "paradigms.md").read_text()
