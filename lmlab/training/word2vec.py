@@ -173,9 +173,12 @@ class Trainer:
         cuts = np.searchsorted(corpus.starts, np.arange(0, words, self.CHUNK), side="left")
         self.chunks = np.unique(np.r_[cuts, corpus.sentences]).astype(np.int64)
 
+    SLICES_PER_THREAD = 4
+
     def seeds(self, epoch: int, chunk: int) -> np.ndarray:
+        """One random stream per slice of the chunk (a function of the seed, the position and the slice)."""
         base = (self.s.seed * 1_000_003 + epoch) * 1_000_003 + chunk
-        return np.array([base * 64 + t for t in range(self.threads)], dtype=np.uint64)
+        return np.array([base * 64 + t for t in range(self.threads * self.SLICES_PER_THREAD)], dtype=np.uint64)
 
     def run(self, at: Position, save, bar) -> Position:
         """Train from `at` to the end; `save(position)` is called every ckpt_every words."""
@@ -187,7 +190,7 @@ class Trainer:
                 lo, hi = int(self.chunks[k]), int(self.chunks[k + 1])
                 done = train_sentences(self.model.syn0, self.model.syn1neg, c.ids, c.starts, lo, hi, self.keep,
                                        self.cum, s.model == "cbow", s.window, s.negative, s.alpha, s.min_alpha,
-                                       at.words, self.total, self.seeds(epoch, k))
+                                       at.words, self.total, self.seeds(epoch, k), self.threads)
                 bar.update(int(done))
                 at = Position(epoch, k + 1, at.words + int(done), time.perf_counter() - started)
                 if at.words >= next_save and at.words < self.total:
@@ -227,6 +230,7 @@ def fit_word2vec(vocab: Vocabulary, corpus: EncodedCorpus, s: Word2VecSettings, 
     model = model or Word2Vec(len(vocab), s.dim, s.seed)
     at = at or Position()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_parallel_chunksize(1)  # slices are handed out one at a time, to whichever thread is free
     trainer = Trainer(model, vocab, corpus, s, threads)
     warm_up()
     with tqdm(total=trainer.total, initial=at.words, unit="word", unit_scale=True, dynamic_ncols=True,

@@ -124,33 +124,39 @@ def _train_slice(syn0, syn1, ids, starts, s_lo, s_hi, keep, cum, cbow, window, n
                 h[:] = 0.0
                 for j in range(lo, hi):
                     if j != i:
-                        h += syn0[sen[j]]
-                h /= count
-                grad[:] = 0.0
+                        for k in range(dim):
+                            h[k] += syn0[sen[j], k]
+                for k in range(dim):
+                    h[k] /= count
+                    grad[k] = 0.0
                 r = _predict(syn1, sen[i], cum, negative, a, r, h, grad)
                 for j in range(lo, hi):
                     if j != i:
-                        syn0[sen[j]] += grad
+                        for k in range(dim):
+                            syn0[sen[j], k] += grad[k]
             else:
                 for j in range(lo, hi):
                     if j == i:
                         continue
-                    h[:] = syn0[sen[j]]  # the context word's vector predicts the centre word
-                    grad[:] = 0.0
+                    for k in range(dim):  # the context word's vector predicts the centre word
+                        h[k] = syn0[sen[j], k]
+                        grad[k] = 0.0
                     r = _predict(syn1, sen[i], cum, negative, a, r, h, grad)
-                    syn0[sen[j]] += grad
+                    for k in range(dim):
+                        syn0[sen[j], k] += grad[k]
     return done
 
 
 @njit(parallel=True, cache=True)
 def train_sentences(syn0, syn1, ids, starts, s_lo, s_hi, keep, cum, cbow, window, negative, alpha, min_alpha,
-                    words_before, total_words, seeds):
-    """Sentences s_lo..s_hi-1 split into len(seeds) slices of about equal words, one thread each."""
-    threads = len(seeds)
-    bounds = np.searchsorted(starts[s_lo:s_hi + 1], np.linspace(starts[s_lo], starts[s_hi], threads + 1)) + s_lo
+                    words_before, total_words, seeds, threads):
+    """Sentences s_lo..s_hi-1 split into len(seeds) slices of about equal words, handed to `threads` threads
+    one slice at a time (more slices than threads: a thread slowed down by a busy machine holds up less)."""
+    slices = len(seeds)
+    bounds = np.searchsorted(starts[s_lo:s_hi + 1], np.linspace(starts[s_lo], starts[s_hi], slices + 1)) + s_lo
     bounds[0], bounds[-1] = s_lo, s_hi
-    done = np.zeros(threads, np.int64)
-    for t in prange(threads):
+    done = np.zeros(slices, np.int64)
+    for t in prange(slices):
         done[t] = _train_slice(syn0, syn1, ids, starts, bounds[t], bounds[t + 1], keep, cum, cbow, window,
                                negative, alpha, min_alpha, words_before, total_words, threads, np.uint64(seeds[t]))
     return done.sum()
@@ -161,4 +167,4 @@ def warm_up() -> None:
     syn0, syn1 = np.zeros((3, 2), np.float32), np.zeros((3, 2), np.float32)
     ids, starts = np.array([0, 1, 2], np.int32), np.array([0, 3], np.int64)
     train_sentences(syn0, syn1, ids, starts, 0, 1, np.ones(3), cumulative_table(np.full(3, 1 / 3)), False, 1, 1,
-                    0.025, 1e-4, 0, 3, np.array([1], np.uint64))
+                    0.025, 1e-4, 0, 3, np.array([1], np.uint64), 1)
