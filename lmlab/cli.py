@@ -48,6 +48,7 @@ from lmlab.training.config import load_config
 from lmlab.training.pretrain import train as pretrain
 from lmlab.training.sft import run_dpo, run_sft
 from lmlab.training.text_to_text import t5_finetune
+from lmlab.training.word2vec import word2vec
 from lmlab.util import check_writable, command_line, pick_device, settings_from
 
 
@@ -364,6 +365,7 @@ VERBS = [
     Verb("rag chat", rag_chat, positional=("index",), hidden=("stop_at_eos", "out"), defaults=_RAG_DEFAULTS),
     Verb("rag eval-retrieval", eval_retrieval, show=True),
     Verb("rag eval-answers", eval_answers, show=True),
+    Verb("word2vec", word2vec),
 ]
 
 

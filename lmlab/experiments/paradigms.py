@@ -3,7 +3,8 @@
     lmlab paradigms --task sst2 --labels 32,128,1024,all --out docs/results/paradigms
     lmlab paradigms --glue sst2,rte,mrpc,cola,stsb --out docs/results/glue-minilm
 
-1. specialized   a model trained from scratch on the task's labelled examples alone (BiLSTM, CNN: lmlab.models.baseline)
+1. specialized   a model trained from scratch on the task's labelled examples alone (BiLSTM, CNN: lmlab.models.baseline),
+                 and with --vectors the BiLSTM whose embeddings start from word2vec vectors (`lmlab word2vec`)
 2. fine-tuned    a pretrained encoder (all-MiniLM-L6-v2) plus a head, fine-tuned on them (full, and LoRA)
 3. prompted      a pretrained instruction-tuned LLM (SmolLM2-135M-Instruct) given k solved examples in its prompt,
                  no gradient update (lmlab.evaluate, contextual calibration reported next to the raw accuracy)
@@ -57,6 +58,7 @@ TASK_NAMES = {"sst2": "SST-2", "rte": "RTE", "mrpc": "MRPC", "cola": "CoLA", "st
 ERAS = {"baseline": "1 specialized (from scratch)", "full": "2 pretrain + fine-tune", "lora": "2 pretrain + fine-tune",
         "prompted": "3 pretrain + prompt"}
 NAMES = {"bilstm": "BiLSTM", "cnn": "CNN (Kim 2014)", ENCODER: "all-MiniLM-L6-v2", LLM: "SmolLM2-135M-Instruct"}
+WORD2VEC = "BiLSTM + word2vec"
 
 
 def schedule(n: int, kind: str) -> dict:
@@ -67,18 +69,21 @@ def schedule(n: int, kind: str) -> dict:
     return {"batch_size": batch_size, "epochs": epochs, "lr": DEFAULT_LR["finetune"][kind]}
 
 
-def _command(model: str, task: str, labels, method: str, s: dict, max_length: int, seed: int) -> str:
+def _command(model: str, task: str, labels, method: str, s: dict, max_length: int, seed: int,
+             vectors: str | None = None, freeze_vectors: bool = False) -> str:
     parts = ["lmlab", "finetune", "--model", model, "--task", task, "--labels", str(labels or "all"), "--epochs",
              f"{s['epochs']:g}", "--batch-size", str(s["batch_size"]), "--lr", f"{s['lr']:g}", "--max-length",
              str(max_length), "--seed", str(seed)]
     if method == "lora":
         parts += ["--method", "lora"]
+    if vectors:
+        parts += ["--vectors", str(vectors)] + (["--freeze-vectors"] if freeze_vectors else [])
     return " ".join(map(shlex.quote, parts))
 
 
 def _run(model: str, task: str, labels: int | None, method: str, n_train: int, work: Path, *, max_length: int,
          seed: int, data_dir, threads, keep_weights: bool, progress: bool, epochs: float | None = None,
-         collect: bool = False) -> dict | None:
+         collect: bool = False, vectors: str | None = None, freeze_vectors: bool = False) -> dict | None:
     """One fine-tuning (or from-scratch) run, or its results from an earlier invocation (collect: only those;
     None when it has not run)."""
     kind = "baseline" if model in ("bilstm", "cnn") else method
@@ -86,9 +91,10 @@ def _run(model: str, task: str, labels: int | None, method: str, n_train: int, w
     if epochs is not None:
         s["epochs"] = epochs
     steps = math.ceil(s["epochs"] * (labels or n_train) / s["batch_size"])
-    name = f"{task}-{Path(model).name}-{kind}-{labels or 'all'}"
+    w2v = ("-w2v-frozen" if freeze_vectors else "-w2v") if vectors else ""
+    name = f"{task}-{Path(model).name}{w2v}-{kind}-{labels or 'all'}"
     run_dir = work / name
-    command = _command(model, task, labels, method, s, max_length, seed)
+    command = _command(model, task, labels, method, s, max_length, seed, vectors, freeze_vectors)
     if (run_dir / "results.json").is_file():
         results = json.loads((run_dir / "results.json").read_text())
         if results.get("command") != command:
@@ -101,8 +107,8 @@ def _run(model: str, task: str, labels: int | None, method: str, n_train: int, w
         results = finetune(FinetuneSettings(
             model, task, labels=labels, method=method, epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"],
             max_length=max_length, seed=seed, data_dir=data_dir, out=run_dir, threads=threads,
-            resume=(run_dir / "ckpt").is_dir(), no_progress=not progress, eval_every=max(1, math.ceil(steps / 4))),
-            command=command)
+            resume=(run_dir / "ckpt").is_dir(), no_progress=not progress, eval_every=max(1, math.ceil(steps / 4)),
+            vectors=vectors, freeze_vectors=freeze_vectors), command=command)
         if not keep_weights:
             shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
             for f in (run_dir / "best").glob("*.safetensors"):
@@ -131,10 +137,11 @@ def run_paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: st
                   baselines: str = "bilstm,cnn", methods: str = "full,lora", encoder: str = ENCODER,
                   llm: str = LLM, prompt_limit: int | None = None,
                   seed: int = 0, data_dir=None, threads: int | None = None, keep_weights: bool = False,
-                  progress: bool = True, collect: bool = False, command: str | None = None) -> dict:
+                  progress: bool = True, collect: bool = False, vectors: str | None = None,
+                  freeze_vectors: bool = False, command: str | None = None) -> dict:
     """The three eras on one task: every (model, labels) run, the prompted LLM at each number of shots, and the
     table, plot and JSON in `out`. collect: train nothing, tabulate the runs that are finished (and say which
-    are missing)."""
+    are missing). vectors: also the BiLSTM with these word2vec vectors as its embeddings (frozen or not)."""
     if threads:
         torch.set_num_threads(threads)
     shot_list = _shot_counts(shots)
@@ -149,16 +156,19 @@ def run_paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: st
     metric = data.metrics[0]
     started = time.time()
     rows, missing = [], []
-    plan = [(m, "full") for m in baselines.split(",") if m] + [(encoder, m) for m in methods.split(",") if m]
-    for model, method in plan:
+    plan = [(m, "full", None) for m in baselines.split(",") if m]
+    plan += [("bilstm", "full", vectors)] if vectors else []
+    plan += [(encoder, m, None) for m in methods.split(",") if m]
+    for model, method, w2v in plan:
         for n in sizes:
             r = _run(model, task, n, method, len(data.train), work, max_length=max_length, seed=seed,
                      data_dir=data_dir, threads=threads, keep_weights=keep_weights, progress=progress,
-                     collect=collect)
+                     collect=collect, vectors=w2v, freeze_vectors=freeze_vectors)
+            name = WORD2VEC if w2v else NAMES.get(model, model)
             if r is None:
-                missing.append(f"{NAMES.get(model, model)} {method} with {n or 'all'} labels")
+                missing.append(f"{name} {method} with {n or 'all'} labels")
             else:
-                rows.append(_row(r, model, metric))
+                rows.append(_row(r, model, metric, w2v, freeze_vectors))
 
     if shot_list:
         rows += _prompted(llm, task, shot_list, metric, seed, prompt_limit, data_dir, out, work, progress)
@@ -219,13 +229,16 @@ def _majority(data) -> float:
     return sum(int(d.gold) == top for d in data.dev) / len(data.dev)
 
 
-def _row(r: dict, model: str, metric: str) -> dict:
+def _row(r: dict, model: str, metric: str, vectors: str | None = None, frozen: bool = False) -> dict:
     kind = r["method"]
-    return {"era": ERAS[kind], "model": NAMES.get(model, Path(model).name), "method": {"baseline": "from scratch",
-                                                                           "full": "full fine-tuning",
-                                                                           "lora": "LoRA r=8"}[kind],
+    method = {"baseline": "from scratch", "full": "full fine-tuning", "lora": "LoRA r=8"}[kind]
+    pretraining = PRETRAINING.get(model, "?")
+    if vectors:
+        method = "word2vec frozen" if frozen else "word2vec fine-tuned"
+        pretraining = f"word2vec vectors ({r['info'].get('vectors_words', 0):,} words), none otherwise"
+    return {"era": ERAS[kind], "model": WORD2VEC if vectors else NAMES.get(model, Path(model).name), "method": method,
             "parameters": r["parameters"], "trained_parameters": r["trained_parameters"],
-            "pretraining": PRETRAINING.get(model, "?"), "labels": r["labels"], "metric": metric,
+            "pretraining": pretraining, "labels": r["labels"], "metric": metric,
             "value": r["metrics"][metric], "best_during_training": r["best"].get(metric), "steps": r["steps"],
             "epochs": r["epochs"], "seconds": r["train_seconds"], "command": r["command"], "run": r["run"]}
 
@@ -376,7 +389,8 @@ def glue_markdown(summary: dict) -> str:
 
 def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = "0,4,32",
               baselines: str = "bilstm,cnn", methods: str = "full,lora", prompt_limit: int | None = None,
-              glue: str | None = None, epochs: float | None = None, collect: bool = False, out: str | None = None,
+              vectors: str | None = None, freeze_vectors: bool = False, glue: str | None = None,
+              epochs: float | None = None, collect: bool = False, out: str | None = None,
               work: str = "runs/paradigms", keep_weights: bool = False, seed: int = 0, data_dir: str | None = None,
               threads: int | None = None, progress: bool = True, command: str | None = None) -> dict:
     """Three eras on one task: from scratch, fine-tuned, prompted (table, learning curves); or --glue: a
@@ -389,6 +403,8 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
         baselines: from-scratch models ('' for none)
         methods: fine-tuning methods of the encoder ('' for none)
         prompt_limit: prompt on the first N dev examples only
+        vectors: also a BiLSTM whose embeddings start from these word vectors (word2vec file or lmlab word2vec run)
+        freeze_vectors: with --vectors: keep them fixed (default: fine-tuned)
         glue: instead: fine-tune MiniLM on these GLUE tasks with all labels and write the GLUE table
         epochs: with --glue: epochs for the tasks under 10,000 examples (default: the fixed budgets)
         collect: train nothing: tabulate the finished runs
@@ -406,4 +422,5 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
     if glue:
         return run_glue(glue, out=out or str(Path(work) / "glue"), epochs=epochs, **common)
     return run_paradigms(task, labels, shots, out=out or str(Path(work) / "results"), baselines=baselines,
-                         methods=methods, prompt_limit=prompt_limit, collect=collect, **common)
+                         methods=methods, prompt_limit=prompt_limit, collect=collect, vectors=vectors,
+                         freeze_vectors=freeze_vectors, **common)

@@ -4,9 +4,15 @@ Two classic sentence classifiers over word embeddings that are learned from the 
 pretrained vectors, no other text):
     bilstm   a bidirectional LSTM, max-pooled over time (Conneau et al. 2017's InferSent encoder, one layer)
     cnn      convolutions of widths 3, 4 and 5 with ReLU and max-pooling over time (Kim 2014)
-Words are lower-cased and split on whitespace and punctuation (BERT's pre-tokenizer); the vocabulary is every word
-of the training examples in use (so with 32 labels, the words of those 32 sentences), and a word first met at
-evaluation is [UNK]. A sentence pair is one sequence "A [SEP] B".
+Words are lower-cased and split on whitespace and punctuation (BERT's pre-tokenizer: lmlab.data.words); the
+vocabulary is every word of the training examples in use (so with 32 labels, the words of those 32 sentences), and
+a word first met at evaluation is [UNK]. A sentence pair is one sequence "A [SEP] B".
+
+The first transfer step (word2vec, 2013): the embeddings can start from pretrained word vectors (`lmlab word2vec`,
+or any word2vec file), `pretrained_embedding`. The vocabulary is then the training words plus every word of the
+vectors, so that a word the labelled examples never showed still has its vector; words without one start
+random at the vectors' scale. Frozen (the vectors stay as pretrained; words without one stay random) or
+fine-tuned with the rest.
 
 Both are trained by the same objective and loop as the fine-tuned models (lmlab.training.classification.Classification through
 lmlab.training.loop.fit): same splits, same batches, same metric. `lmlab finetune --model bilstm --task sst2` runs one.
@@ -16,19 +22,26 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, processors, trainers
 
+from lmlab.data.words import normalizer, pre_tokenizer
 from lmlab.errors import LmlabError
+from lmlab.models.word_vectors import WordVectors
 
 SPECIALS = ("[PAD]", "[UNK]", "[SEP]")  # ids 0, 1, 2
 
 
-def word_tokenizer(texts: list[str]) -> Tokenizer:
-    """A word-level tokenizer whose vocabulary is every word of `texts` (plus [PAD], [UNK], [SEP])."""
+def word_tokenizer(texts: list[str], extra_words: list[str] = ()) -> Tokenizer:
+    """A word-level tokenizer whose vocabulary is every word of `texts` (plus [PAD], [UNK], [SEP]), then the
+    `extra_words` it does not have yet."""
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.normalizer, tok.pre_tokenizer = normalizer(), pre_tokenizer()
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=list(SPECIALS), show_progress=False))
+    if extra_words:
+        vocab = tok.get_vocab()
+        for w in extra_words:
+            vocab.setdefault(w, len(vocab))
+        tok.model = models.WordLevel(vocab=vocab, unk_token="[UNK]")
     tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A [SEP] $B:1",
                                                        special_tokens=[("[SEP]", tok.token_to_id("[SEP]"))])
     return tok
@@ -75,9 +88,38 @@ class CNNClassifier(nn.Module):
 ARCHITECTURES = {"bilstm": BiLSTMClassifier, "cnn": CNNClassifier}
 
 
-def build_baseline(name: str, train_docs, num_labels: int, dropout: float = 0.5) -> tuple[nn.Module, Tokenizer]:
-    """A fresh model and the word tokenizer of the training examples."""
+def pretrained_embedding(tok: Tokenizer, vectors: WordVectors, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """An embedding matrix for the tokenizer's vocabulary: each word's pretrained vector where it has one, else
+    a normal draw with the vectors' standard deviation ([PAD]: zeros); and how many words had a vector."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.from_numpy(vectors.vectors).float()
+    weight = torch.randn(tok.get_vocab_size(), vectors.dim, generator=g) * table.std()
+    found = 0
+    for word, i in tok.get_vocab().items():
+        if word in vectors.index:
+            weight[i] = table[vectors.index[word]]
+            found += 1
+    weight[tok.token_to_id("[PAD]")] = 0
+    return weight, found
+
+
+def build_baseline(name: str, train_docs, num_labels: int, dropout: float = 0.5, vectors: WordVectors | None = None,
+                   freeze_vectors: bool = False) -> tuple[nn.Module, Tokenizer, dict]:
+    """A fresh model, the word tokenizer of the training examples (and of the vectors' words), and what the
+    embeddings started from."""
     if name not in ARCHITECTURES:
         raise LmlabError(f"unknown baseline {name!r}; choose one of {', '.join(ARCHITECTURES)}")
-    tok = word_tokenizer([text for d in train_docs for text in d.fields.values()])
-    return ARCHITECTURES[name](tok.get_vocab_size(), num_labels, dropout=dropout), tok
+    texts = [text for d in train_docs for text in d.fields.values()]
+    if vectors is None:
+        tok = word_tokenizer(texts)
+        return ARCHITECTURES[name](tok.get_vocab_size(), num_labels, dropout=dropout), tok, {}
+    tok = word_tokenizer(texts, vectors.words)
+    model = ARCHITECTURES[name](tok.get_vocab_size(), num_labels, emb=vectors.dim, dropout=dropout)
+    weight, found = pretrained_embedding(tok, vectors)
+    model.emb.weight.data.copy_(weight)
+    model.emb.weight.requires_grad_(not freeze_vectors)
+    train_words = word_tokenizer(texts).get_vocab()
+    covered = sum(w in vectors.index for w in train_words)
+    return model, tok, {"vectors_dim": vectors.dim, "vectors_words": len(vectors), "frozen": freeze_vectors,
+                        "embedding_rows_from_vectors": found,
+                        "train_words_with_vectors": round(covered / max(1, len(train_words) - len(SPECIALS)), 3)}

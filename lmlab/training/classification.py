@@ -57,6 +57,7 @@ from lmlab.models.baseline import build_baseline
 from lmlab.models.hub import load_pretrained, resolve
 from lmlab.models.peft import FULL, LoraConfig, add_lora, save_peft
 from lmlab.models.transformer import Transformer
+from lmlab.models.word_vectors import load_word_vectors
 from lmlab.training.config import DEFAULT_LR, TrainConfig
 from lmlab.training.loop import Objective
 from lmlab.training.run import TrainingRun
@@ -363,6 +364,9 @@ class FinetuneSettings:
     # lmlab finetune: LoRA with dropout 0.05 on its input (the paradigms and GLUE results were made so).
     lora: LoraConfig = option(lambda: LoraConfig(dropout=0.05), "LoRA's settings (--lora-r, --lora-alpha, "
                                                                 "--lora-dropout, --lora-targets)")
+    vectors: str | None = option(None, "bilstm/cnn: start the word embeddings from these word vectors (a word2vec "
+                                       ".txt/.bin file, or an lmlab word2vec run folder)")
+    freeze_vectors: bool = option(False, "with --vectors: keep the embeddings as pretrained", action="store_true")
     patience: int = option(0, "stop after N evaluations without a better dev metric")
     eval_every: int | None = option(None, "steps between dev evaluations (default: 10 a run)")
     seed: int = option(0, "seed of the label subset, the head, the batches")
@@ -381,15 +385,23 @@ def _count(model: nn.Module, trainable: bool = False) -> int:
 
 
 def build(model_spec: str, data: LabelledTask, train_docs: list[Doc], *, method: str, pooling: str | None,
-          dropout: float, seed: int, lora: dict) -> tuple[nn.Module, Tokenizer, bool, dict]:
+          dropout: float, seed: int, lora: dict, vectors: str | None = None,
+          freeze_vectors: bool = False) -> tuple[nn.Module, Tokenizer, bool, dict]:
     """The model to train, its tokenizer, whether pairs are joined into one text, and what it is (for results)."""
     torch.manual_seed(seed)
     if model_spec in BASELINES:
         if method != FULL or pooling is not None:
             raise LmlabError(f"--model {model_spec} is trained from scratch: --method lora and --pooling apply to "
                              "pretrained models only")
-        model, tokenizer = build_baseline(model_spec, train_docs, data.num_labels, dropout=max(dropout, 0.5))
-        return model, tokenizer, False, {"model": model_spec, "pretrained": False}
+        model, tokenizer, embedding = build_baseline(model_spec, train_docs, data.num_labels,
+                                                     dropout=max(dropout, 0.5),
+                                                     vectors=load_word_vectors(vectors) if vectors else None,
+                                                     freeze_vectors=freeze_vectors)
+        info = {"model": model_spec, "pretrained": False}
+        return model, tokenizer, False, {**info, "vectors": vectors, **embedding} if vectors else info
+    if vectors:
+        raise LmlabError(f"--vectors gives word embeddings to the from-scratch models ({', '.join(BASELINES)}); "
+                         f"{model_spec} has its own: leave --vectors out")
     pre = load_pretrained(model_spec)
     body = pre.model
     # Loaded models carry dropout 0 (inference); fine-tuning uses it as BERT does, so rebuild with it.
@@ -447,7 +459,8 @@ def finetune(s: FinetuneSettings, echo=print, command: str | None = None) -> dic
     t = _train_config(s, kind, len(train_docs), run_dir)
     with TrainingRun(t, resume=s.resume) as run:
         model, tokenizer, join_pairs, info = build(s.model, data, train_docs, method=s.method, pooling=s.pooling,
-                                                   dropout=s.dropout, seed=s.seed, lora=lora)
+                                                   dropout=s.dropout, seed=s.seed, lora=lora, vectors=s.vectors,
+                                                   freeze_vectors=s.freeze_vectors)
         pad_id = tokenizer.token_to_id("[PAD]") or 0
         enc = {name: encode(tokenizer, docs, s.max_length, data.regression, join_pairs, pad_id)
                for name, docs in (("train", train_docs), ("dev", data.dev))}
