@@ -23,7 +23,7 @@ from lmlab.errors import LmlabError
 from lmlab.evaluate import run_eval
 from lmlab.evaluate.lm import LM
 from lmlab.evaluate.tasks import data_root, get_task, load_split
-from lmlab.evaluate.tasks.text_to_text import MAX_TARGET_TOKENS, rendering
+from lmlab.evaluate.tasks.text_to_text import rendering
 from lmlab.models.hub import load_pretrained
 from lmlab.models.t5 import DECODER_START
 from lmlab.training.config import TrainConfig
