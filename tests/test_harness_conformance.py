@@ -188,6 +188,9 @@ NOT_IN_HARNESS = {
     "shakespeare": "the course's own validation text", "tinyshakespeare": "nanoGPT's split, not a harness task",
     **dict.fromkeys(("addsub", "singleeq", "aqua", "gsm8k", "svamp", "multiarith", "mawps"),
                     "scored as LLM-Adapters does (the Alpaca prompt, lmlab/evaluate/tasks/math.py)"),
+    **dict.fromkeys(("t5_sst2", "t5_rte", "t5_mrpc", "t5_cola", "t5_stsb"),
+                    "T5's text-to-text renderings (Raffel et al. 2020, lmlab/evaluate/tasks/text_to_text.py), not harness "
+                    "tasks; tests/test_text_to_text.py checks them against the paper's prefixes"),
 }
 
 
