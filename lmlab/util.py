@@ -261,3 +261,15 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
+
+def write_report(folder: str | Path, stem: str, summary: dict, markdown: str, plot=None) -> str:
+    """An experiment's results, the way every lmlab experiment leaves them: FOLDER/STEM.json (the summary),
+    STEM.md (the readable table) and, with `plot(summary, path)`, STEM.png; all written atomically. Returns the
+    markdown, for printing."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / f"{stem}.json", summary)
+    atomic_write_text(folder / f"{stem}.md", markdown)
+    if plot is not None:
+        plot(summary, folder / f"{stem}.png")
+    return markdown

@@ -42,7 +42,7 @@ from lmlab.evaluate.report import output_paths
 from lmlab.models.hub import load_pretrained
 from lmlab.training.classification import FinetuneSettings, finetune, load_task, parse_labels
 from lmlab.training.config import DEFAULT_LR
-from lmlab.util import atomic_replace, atomic_write_json, atomic_write_text
+from lmlab.util import atomic_replace, write_report
 
 ENCODER = "minilm-l6"
 LLM = "smollm2-135m-instruct"
@@ -176,11 +176,7 @@ def run_paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: st
     summary = {"task": task, "metric": metric, "train_size": len(data.train), "dev_size": len(data.dev),
                "command": command, "seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
                "rows": rows, "missing": missing, "majority": _majority(data), "prompt_limit": prompt_limit}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "paradigms.json", summary)
-    atomic_write_text(out / "paradigms.md", paradigms_markdown(summary))
-    plot_paradigms(summary, out / "paradigms.png")
-    print(paradigms_markdown(summary))
+    print(write_report(out, "paradigms", summary, paradigms_markdown(summary), plot_paradigms))
     return summary
 
 
@@ -347,11 +343,7 @@ def run_glue(tasks: str = GLUE_TASKS, *, model: str = ENCODER, method: str = "fu
         runs.append(r)
     summary = {"model": model, "method": method, "command": command, "threads": torch.get_num_threads(),
                "runs": runs}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "glue.json", summary)
-    atomic_write_text(out / "glue.md", glue_markdown(summary))
-    print(glue_markdown(summary))
+    print(write_report(out, "glue", summary, glue_markdown(summary)))
     return summary
 
 

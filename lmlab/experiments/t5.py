@@ -27,7 +27,7 @@ from lmlab.evaluate.tasks.text_to_text import rendering
 from lmlab.training.config import load_config
 from lmlab.training.pretrain import train
 from lmlab.training.text_to_text import T5FinetuneSettings, t5_finetune
-from lmlab.util import atomic_write_json, atomic_write_text, comma_list
+from lmlab.util import atomic_write_json, atomic_write_text, comma_list, write_report
 
 MAIN_METRIC = {"sst2": "acc", "rte": "acc", "mrpc": "acc", "cola": "mcc", "stsb": "pearson"}
 
@@ -135,11 +135,7 @@ def run_t5_experiment(out: str = "docs/results/t5", work: str = "runs/t5-experim
     summary = {"rows": rows, "corpus": counts, "pretrain": pre_info, "runs": {k: {"command": v["command"],
                "train": v["train"], "eval": v["eval"], "train_examples": v["train_examples"]}
                for k, v in runs.items()}, "command": command}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "t5.json", summary)
-    atomic_write_text(out_dir / "t5.md", t5_markdown(summary))
-    plot_t5(summary, out_dir / "t5.png")
-    print(t5_markdown(summary))
+    print(write_report(out_dir, "t5", summary, t5_markdown(summary), plot_t5))
     return summary
 
 
