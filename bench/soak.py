@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16, help="concurrent client threads")
     ap.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    ap.add_argument("--dtype", default="auto", help="the server's --dtype (auto: bf16 on CPUs that have it)")
     ap.add_argument("--rss-bound-mb", type=float, default=64.0, help="largest RSS growth that passes, in MiB")
     ap.add_argument("--seed", type=int, default=0, help="seed of the clients' choices")
     args = ap.parse_args()
@@ -224,7 +225,8 @@ def main() -> None:
         folder = tiny_model(Path(tmp) / MODEL_ID, context=512)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         proc = subprocess.Popen([sys.executable, "-m", "lmlab", "serve", "--model", str(folder), "--port", str(port),
-                                 "--max-batch", str(args.max_batch), "--max-queue", "64", "--context", "512"],
+                                 "--max-batch", str(args.max_batch), "--max-queue", "64", "--context", "512",
+                                 "--dtype", args.dtype],
                                 env=env, stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 120
