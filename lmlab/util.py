@@ -211,6 +211,19 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise Damaged(f"{path} is damaged ({first_line(e)}); download or rebuild it") from None
 
 
+# oneDNN, which runs bf16 matmuls on the CPU, compiles a kernel per matrix shape and keeps it in two caches of
+# 1,024 entries each (its primitive cache and ideep's LRU cache), about 0.66 MiB a shape here. A server sees a new
+# shape for every new prompt length, so at the defaults it grows by up to ~700 MiB before the caches are full
+# (bench/soak.py measured it). Both read their capacity from the environment when first used.
+KERNEL_CACHE_ENTRIES = 256  # a steady decode loop uses a few dozen shapes; training a GPT about 20
+
+
+def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> None:
+    """Cap oneDNN's per-shape kernel caches (unless the user set them), before this process's first bf16 matmul."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(entries))
+
+
 def pick_device(name: str = "auto"):
     """The torch device for a --device name; a one-line error for a device this torch build or machine lacks."""
     if name == "auto":

@@ -487,7 +487,41 @@ def test_engine_prefills_waiting_prompts_together(served):
         texts = asyncio.run(run())
     finally:
         engine.close()
-    assert max(passes) == len(prompts) * max(map(len, prompts))  # one padded pass for all six prompts
+    assert max(passes) == len(prompts) * engine._padded(max(map(len, prompts)))  # one padded pass for all six
+    assert texts == [c.text for c in generate(pre.model, pre.tokenizer, prompts, params)]
+
+
+def test_prompts_of_forty_lengths_give_few_matmul_shapes(served):
+    """bf16 matmuls on the CPU compile and keep a kernel per matrix shape (about 0.66 MiB each here), so a server
+    that saw every prompt length would keep growing: the engine pads prompts to a multiple of PREFILL_STEP. Forty
+    prompt lengths, one request at a time, reach the model's linear layers as a few shapes (plus one per row count
+    while decoding), and the answers are still lmlab.inference.generate's."""
+    from lmlab.inference.engine import Engine, Handle, Request, TokenEvent
+
+    pre = served.server.pretrained
+    text = " ".join(["alice sees bob and carol at the market with erin and frank"] * 20)
+    prompts = [pre.tokenizer.encode(text).ids[:n] for n in range(1, 41)]
+    lengths = {len(p) for p in prompts}
+    assert len(lengths) == 40
+    params = SamplingParams(max_new_tokens=3, temperature=0, stop_at_eos=False)
+    engine = Engine(pre.model, pre.tokenizer, max_batch=4, context=128)
+    rows_seen = set()
+    hooks = [m.register_forward_pre_hook(lambda _, args: rows_seen.add(args[0].shape[:-1].numel()))
+             for m in pre.model.blocks[0].modules() if isinstance(m, torch.nn.Linear)]
+
+    async def one(ids):
+        loop = asyncio.get_running_loop()
+        handle = engine.submit(Request(ids, params), loop)
+        return "".join([e.text async for e in handle if isinstance(e, TokenEvent)])
+
+    try:
+        texts = [asyncio.run(one(ids)) for ids in prompts]
+    finally:
+        engine.close()
+        for h in hooks:
+            h.remove()
+    prefill = {m for m in rows_seen if m > engine.max_batch}  # the rest are decode steps' row counts
+    assert prefill == {engine._padded(n) for n in lengths} == {32, 64}  # unpadded: 36 shapes
     assert texts == [c.text for c in generate(pre.model, pre.tokenizer, prompts, params)]
 
 

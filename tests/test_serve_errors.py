@@ -8,6 +8,7 @@ property-based fuzz of the request schema (hypothesis) never gets a 5xx.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -250,3 +251,15 @@ def test_fuzzed_bodies_get_a_2xx_or_an_openai_4xx(served, path, body):
     assert status < 500, (body, answer)
     if status >= 400:
         assert set(answer["error"]) == ERROR_KEYS, answer
+
+
+def test_serve_bounds_the_cpu_kernel_caches_unless_the_user_chose(monkeypatch):
+    """oneDNN keeps a compiled kernel per matmul shape in two caches of 1,024 entries (~0.66 MiB each): lmlab
+    serve caps both, and leaves a capacity the user set alone."""
+    from lmlab.util import KERNEL_CACHE_ENTRIES, bound_kernel_caches
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "4096")
+    bound_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(KERNEL_CACHE_ENTRIES)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "4096"

@@ -378,14 +378,14 @@ class Engine:
             n_prompt = len(job.handle.request.prompt)
             if job.done or job.handle.request.prompt_logprobs or n_prompt > self.prefill_chunk:
                 continue
-            if jobs and (len(jobs) + 1) * max(longest, n_prompt) > self.prefill_budget:
+            if jobs and (len(jobs) + 1) * self._padded(max(longest, n_prompt)) > self.prefill_budget:
                 break
             jobs.append(job)
             longest = max(longest, n_prompt)
         if len(jobs) < 2:
             return 0
         prompts = [job.handle.request.prompt for job in jobs]
-        ids, positions, key_mask = left_pad(prompts, self.device)
+        ids, positions, key_mask = left_pad(prompts, self.device, length=self._padded(longest))
         cache = KVCache(self.model.config, len(jobs), ids.shape[1], self.device, self.cache.k.dtype)
         logits, _ = self.model(ids, cache=cache, positions=positions, key_mask=key_mask, last_only=True)
         for row, job in enumerate(jobs):
@@ -396,24 +396,38 @@ class Engine:
         return ids.numel()
 
     def _prefill_chunk(self, job: _Prefill) -> int:
-        """Run the next chunk of a prompt; after the last one, sample each choice's first token and join."""
+        """Run the next chunk of a prompt; after the last one, sample each choice's first token and join. A short
+        last chunk is padded on the right (causal attention: no prompt token sees the padding)."""
         request = job.handle.request
         prompt = request.prompt
         if job.cache is None:
-            job.cache = KVCache(self.model.config, 1, len(prompt), self.device, self.cache.k.dtype)
+            job.cache = KVCache(self.model.config, 1, len(prompt) + self.PREFILL_STEP, self.device,
+                                self.cache.k.dtype)
         end = min(job.done + self.prefill_chunk, len(prompt))
-        ids = torch.tensor([prompt[job.done:end]], device=self.device)
-        logits, _ = self.model(ids, cache=job.cache, last_only=not request.prompt_logprobs)
+        n = end - job.done
+        width = max(n, min(self._padded(n), self.prefill_chunk, self.model.config.block_size - job.done))
+        ids = torch.tensor([prompt[job.done:end] + [0] * (width - n)], device=self.device)
         if request.prompt_logprobs:
+            logits, _ = self.model(ids, cache=job.cache)
             if job.done == 0:
                 job.prompt_infos.append(TokenInfo(prompt[0], None))
             targets = prompt[job.done + 1:end + 1]  # the next token of each position, inside the prompt
             job.prompt_infos += _token_infos(logits[0, :len(targets)], targets, request.logprobs or 0)
+            last = logits[:, n - 1]
+        else:  # the vocabulary-sized head only at the last prompt token
+            last = self.model.lm_head(self.model(ids, cache=job.cache, return_hidden=True)[:, n - 1])
         job.done = end
         if end == len(prompt):
             self.prefilling.remove(job)
-            self._start(job, logits[:, -1].float(), job.cache.k[:, 0], job.cache.v[:, 0])
-        return ids.shape[1]
+            self._start(job, last.float(), job.cache.k[:, 0, :, :end], job.cache.v[:, 0, :, :end])
+        return width
+
+    # Prompt lengths are padded to a multiple of this: bf16 matmuls on the CPU compile and keep a kernel per shape
+    # (lmlab.util.bound_kernel_caches), so a server must see a few shapes, not one per prompt length.
+    PREFILL_STEP = 32
+
+    def _padded(self, n: int) -> int:
+        return -(-n // self.PREFILL_STEP) * self.PREFILL_STEP
 
     def _start(self, job: _Prefill, last: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """A prompt is prefilled: sample each choice's first token from `last` (1, V), and let the unfinished

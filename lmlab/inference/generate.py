@@ -106,10 +106,12 @@ def pick_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(ids, positions, key_mask) for a batch; positions/key_mask are None when no row needs padding."""
+def left_pad(prompts: list[list[int]], device, length: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(ids, positions, key_mask) for a batch padded on the left to `length` (default: the longest prompt);
+    positions/key_mask are None when no row needs padding."""
     lengths = [len(p) for p in prompts]
-    longest = max(lengths)
+    longest = max(lengths) if length is None else length
     if all(n == longest for n in lengths):
         return torch.tensor(prompts, dtype=torch.long, device=device), None, None
     ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)

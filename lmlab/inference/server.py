@@ -41,7 +41,7 @@ from lmlab.inference.protocol import (ApiError, Limits, TokenNames, check_model,
                                       parse_completion, usage)
 from lmlab.models.hub import REGISTRY, load_pretrained
 from lmlab.models.quantize import FLOAT32, InferenceSettings, check_device
-from lmlab.util import option, pick_device
+from lmlab.util import bound_kernel_caches, option, pick_device
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a context of 100k tokens is about 400 kB of text: 4 MiB leaves room
@@ -520,6 +520,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         port: TCP port to listen on
     """
     sock = listen(host, port)
+    bound_kernel_caches()  # a server runs for days: its memory must not grow with the prompt lengths it has seen
     try:
         server = build(model, settings, inference)
     except BaseException:
