@@ -50,7 +50,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16
+    dtype: str = "auto"  # auto (bf16 autocast where bf16 is native: CUDA, AVX512-BF16/AMX CPUs) | float32 | bfloat16
     compile: bool = False
     time_limit: float | None = None  # seconds: the LR decay follows the clock too, and the run stops (checkpointed) then
     threads: int | None = None  # CPU threads for torch; None keeps torch's default

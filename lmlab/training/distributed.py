@@ -9,6 +9,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from lmlab.models.quantize import compute_dtype
 from lmlab.util import pick_device
 
 
@@ -27,10 +28,10 @@ class Dist:
         self.device = device
         if self.enabled and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        self.bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+        self.bf16 = training_precision(dtype, device) == "bfloat16"
 
     def autocast(self):
-        """bf16 autocast where asked for (the default on CUDA); full precision otherwise."""
+        """bf16 autocast where train.dtype asks for it (auto: where bf16 is native); full precision otherwise."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     @property
@@ -62,13 +63,12 @@ class Dist:
             dist.destroy_process_group()
 
 
-def training_precision(t) -> str:
-    """train.dtype for lmlab sft and dpo: "auto" is bf16 autocast where the hardware multiplies bf16 natively
-    (CUDA; a CPU with AMX or AVX512-BF16, where bf16 matmuls run several times faster than fp32), fp32 elsewhere.
-    The trained weights keep fp32 master copies either way, so small updates are not lost to bf16 rounding."""
-    if t.dtype != "auto":
-        return t.dtype
-    device = pick_device(t.device)
-    native = device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available()
-                                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return "bfloat16" if native else "float32"
+def training_precision(dtype: str, device: torch.device) -> str:
+    """What train.dtype means on `device`, for every training command (lmlab train, finetune, sft, dpo, t5): "auto"
+    is bf16 autocast where the hardware multiplies bf16 natively (CUDA; a CPU with AVX512-BF16 or AMX, where bf16
+    matmuls run 2-4x faster than fp32), fp32 elsewhere; the test of native bf16 is inference's
+    (lmlab.models.quantize.compute_dtype). The trained weights keep fp32 master copies either way (autocast
+    casts them per matmul), so small updates are not lost to bf16 rounding."""
+    if dtype != "auto":  # asked for by name: bfloat16 autocasts even where it is emulated (slower, same numbers)
+        return dtype
+    return "bfloat16" if compute_dtype("auto", device) == torch.bfloat16 else "float32"

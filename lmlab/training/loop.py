@@ -271,14 +271,15 @@ def fit(objective: Objective, t: TrainConfig, run_dir: str | Path, *, world: Dis
     """Train `objective` as `t` says and return a summary.
 
     AdamW over the parameters that require gradients, warmup then cosine decay, gradient accumulation, clipping,
-    DDP under torchrun, bf16 autocast on CUDA, torch.compile. Every eval_interval steps (and at the end) it
-    evaluates; with `objective.best_metric` it keeps the best evaluation in run_dir/best/ and stops after
+    DDP under torchrun, bf16 autocast where bf16 is native (train.dtype auto), torch.compile. Every
+    eval_interval steps (and at the end) it evaluates; with `objective.best_metric` it keeps the best evaluation
+    in run_dir/best/ and stops after
     `t.patience` evaluations without improvement (0: never). Checkpoints in run_dir/ckpt/ are written atomically
     and `resume` continues from the newest intact one on the same curve. SIGINT or SIGTERM finishes the step,
     saves a checkpoint and raises lmlab.errors.Interrupted (StopSignals). `on_step(step, loss)` is called after
     each optimizer step (the tests use it to kill a run part-way)."""
     own_world = world is None
-    world = world or Dist(t.device)
+    world = world or Dist(t.device, t.dtype)
     try:
         return _fit(objective, t, Path(run_dir), world, resume, on_step, progress)
     finally:
@@ -373,7 +374,7 @@ def _print_setup(objective: Objective, t: TrainConfig, world: Dist, accum_steps:
 def _summary(objective, run_dir, world, done: Progress, best: BestTracker, loss_value, last_eval, stopped) -> dict:
     summary = {"run_dir": str(run_dir), "steps": done.step, "train_loss": loss_value, **last_eval,
                "elapsed_s": round(done.elapsed(), 1), "stopped": stopped, "processes": world.world,
-               "device": str(world.device)}
+               "device": str(world.device), "precision": "bf16 autocast" if world.bf16 else "fp32"}
     if objective.tokens_per_row:
         summary["tokens"] = done.tokens
     if objective.best_metric is not None:
