@@ -123,6 +123,44 @@ def test_ddp_two_processes_match_one(char_data, tmp_path):
         assert torch.allclose(p1, p2, atol=1e-5), name
 
 
+def test_fsdp_two_processes_match_one_and_resume(char_data, tmp_path):
+    """train.parallel=fsdp (FSDP2's fully_shard) under torchrun with 2 CPU processes on gloo: the per-step loss
+    of one process within 1e-5 for the same global batch (float32: in bf16 the order of the reduce-scatter's sums
+    moved it by 2e-5 in a check), a checkpoint of the full weights that the single-process loader reads, and a
+    resume from the step-4 checkpoint that ends on the uninterrupted run's weights."""
+    import shutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    steps = dict(max_steps=8, ckpt_interval=4, time_limit=1e9, dtype="float32")
+    train(load_config(None, tiny_overrides(char_data, tmp_path / "single", **steps)), progress=False)
+    config = _write_config(tmp_path / "fsdp.yaml", tiny_overrides(char_data, tmp_path / "fsdp", parallel="fsdp",
+                                                                   **steps))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "lmlab", "train", str(config), "--no-progress"]
+    done = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) (FSDP)" in done.stdout
+    one, two = _losses(tmp_path / "single"), _losses(tmp_path / "fsdp")
+    assert sorted(two) == list(range(1, 9))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    w1, w2 = load_model(tmp_path / "single"), load_model(tmp_path / "fsdp")  # the run folder's format
+    for (name, p1), (_, p2) in zip(w1.state_dict().items(), w2.state_dict().items()):
+        assert torch.allclose(p1, p2, atol=1e-5), name
+    # Killed after step 4's checkpoint: resume with the sharded optimizer state it saved.
+    shutil.rmtree(tmp_path / "fsdp" / "ckpt" / "step_0000008")
+    (tmp_path / "fsdp" / "ckpt" / "latest").write_text("step_0000004\n")
+    done = subprocess.run(torchrun + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = _losses(tmp_path / "fsdp")
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(two[step], abs=1e-6), step
+    w3 = load_model(tmp_path / "fsdp")
+    for (name, p2), (_, p3) in zip(w2.state_dict().items(), w3.state_dict().items()):
+        assert torch.allclose(p2, p3, atol=1e-6), name
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = load_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=10", "train.max_steps=110"])
     t = cfg.train

@@ -27,7 +27,7 @@ class TrainingRun:
             torch.set_num_threads(t.threads)
         self.t, self.resume, self.run_dir = t, resume, Path(t.run_dir)
         refuse_existing_run(self.run_dir, resume, hint)
-        self.world = Dist(t.device, t.dtype)
+        self.world = Dist(t.device, t.dtype, t.parallel)
         if self.world.main and not resume:  # (a resumed run's folder exists; a mistyped one must not appear)
             check_writable(self.run_dir)  # before the data and the model load
 
