@@ -50,8 +50,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16
+    dtype: str = "auto"  # auto (bf16 autocast where bf16 is native: CUDA, AVX512-BF16/AMX CPUs) | float32 | bfloat16
     compile: bool = False
+    parallel: str = "ddp"  # under torchrun: ddp (a copy per process) | fsdp (FSDP2 shards; lmlab.training.distributed)
     time_limit: float | None = None  # seconds: the LR decay follows the clock too, and the run stops (checkpointed) then
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
     patience: int = 0  # fine-tuning: stop after this many evaluations without a better dev metric (0: never)
@@ -68,7 +69,8 @@ class TrainConfig:
                    ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
                    ("time_limit", self.time_limit is None or self.time_limit > 0, "a positive number of seconds"),
                    ("threads", self.threads is None or self.threads >= 1, "at least 1"),
-                   ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16")]
+                   ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
+                   ("parallel", self.parallel in ("ddp", "fsdp"), "ddp or fsdp")]
         for key, holds, must in checks:
             if not holds:
                 raise LmlabError(f"train.{key}={getattr(self, key)!r} is invalid: it must be {must} "

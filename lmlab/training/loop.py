@@ -3,9 +3,10 @@
 `fit(objective, train_config, run_dir)` trains whatever an `Objective` describes (its model, batches, loss and
 evaluation): next-token and masked-LM pretraining (lmlab.training.pretrain), classification fine-tuning
 (lmlab.training.classification), instruction and preference tuning (lmlab.training.instruction, .preference).
-Under `torchrun --nproc_per_node N` it wraps the model in DDP (lmlab.training.distributed). Every process draws
-the same global batch from the same seeded generator and takes its own rows, so N processes compute exactly what
-one process computes with the same global batch (and gradient accumulation).
+Under `torchrun --nproc_per_node N` it wraps the model in DDP or shards it with FSDP (train.parallel, owned by
+lmlab.training.distributed). Every process draws the same global batch from the same seeded generator and takes
+its own rows, so N processes compute exactly what one process computes with the same global batch (and gradient
+accumulation).
 
 `fit` is a short loop that hands off to named pieces, as torchtitan's Trainer.train: the LR schedule
 (lmlab.training.schedule), a `Checkpointer` (the run folder's checkpoints through lmlab.models.checkpoint, whose
@@ -17,7 +18,6 @@ an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import signal
 import threading
@@ -130,14 +130,26 @@ class BestTracker:
 
 class Checkpointer:
     """The run's checkpoints: ckpt/step_N with everything needed to resume (weights through the objective, the
-    optimizer, the data position, every RNG, the progress and the best evaluation), and best/."""
+    optimizer, the data position, every RNG, the progress and the best evaluation), and best/. The weights are
+    restored before the model is wrapped for parallel training, the optimizer's state after (`attach`): under
+    FSDP the optimizer holds the shards. Saving is a collective (FSDP gathers to rank 0, which writes)."""
 
-    def __init__(self, run_dir: Path, objective: Objective, optimizer, world: Dist, keep: int):
-        self.run_dir, self.objective, self.optimizer = run_dir, objective, optimizer
+    def __init__(self, run_dir: Path, objective: Objective, world: Dist, keep: int):
+        self.run_dir, self.objective, self.optimizer = run_dir, objective, None
         self.world, self.keep = world, keep
+        self._optimizer_state = None
 
-    def _write_weights(self, folder: Path) -> None:
-        self.objective.save(self.objective.model, folder)
+    def attach(self, optimizer) -> None:
+        """The optimizer of the wrapped model, with the resumed checkpoint's state if there is one."""
+        self.optimizer = optimizer
+        if self._optimizer_state is not None:
+            self.world.load_optimizer_state(self.objective.model, optimizer, self._optimizer_state)
+            self._optimizer_state = None
+
+    def _weights_writer(self):
+        """Gather the weights (every process), and return what writes them into a folder (rank 0)."""
+        model = self.world.gathered_model(self.objective.model)
+        return lambda folder: self.objective.save(model, folder)
 
     def resume(self, resume: bool) -> tuple[Progress, dict | None] | None:
         """Restore the newest intact checkpoint (resume) and return its progress and best-evaluation state; None
@@ -166,7 +178,10 @@ class Checkpointer:
                          "start a new run in another folder")
 
     def _restore(self, state: dict) -> tuple[Progress, dict | None]:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("fsdp", False) != self.world.fsdp:
+            raise LmlabError(f"--resume: {self.run_dir} was saved with train.parallel="
+                             f"{'fsdp' if state.get('fsdp') else 'ddp'} under torchrun; resume it the same way")
+        self._optimizer_state = state["optimizer"]
         self.objective.load_data_state(state["data"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -175,18 +190,21 @@ class Checkpointer:
         return Progress(state["step"], state["tokens"], state["elapsed"]), state.get("best")
 
     def save_step(self, progress: Progress, best: BestTracker) -> None:
+        write_weights = self._weights_writer()
+        optimizer_state = self.world.optimizer_state(self.objective.model, self.optimizer)
         if self.world.main:
             device = self.world.device
             state = {"step": progress.step, "elapsed": progress.elapsed(), "tokens": progress.tokens,
-                     "optimizer": self.optimizer.state_dict(), "data": self.objective.data_state(),
+                     "optimizer": optimizer_state, "fsdp": self.world.fsdp, "data": self.objective.data_state(),
                      "best": dict(best.state), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            checkpoint.save_step(self.run_dir, self._write_weights, state, self.keep)
+            checkpoint.save_step(self.run_dir, write_weights, state, self.keep)
         self.world.barrier()
 
     def save_best(self, step: int, figures: dict) -> None:
+        write_weights = self._weights_writer()
         if self.world.main:
-            checkpoint.save_best(self.run_dir, self._write_weights, {"step": step, **figures})
+            checkpoint.save_best(self.run_dir, write_weights, {"step": step, **figures})
 
 
 class StopSignals:
@@ -234,7 +252,7 @@ def _train_step(objective: Objective, forward, optimizer, t: TrainConfig, world:
         chunk = {k: v[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size] for k, v in mine.items()}
         # Under DDP, only the last micro-batch all-reduces gradients.
         sync = micro == accum_steps - 1 or not world.enabled
-        with (contextlib.nullcontext() if sync else forward.no_sync()), world.autocast():
+        with world.no_sync(forward, sync), world.autocast():
             loss = objective.loss(forward, chunk)
         (loss / accum_steps).backward()
         loss_sum += loss.detach()
@@ -254,15 +272,6 @@ def _evaluate(objective: Objective, world: Dist) -> dict:
     return figures
 
 
-def _forward(model, t: TrainConfig, world: Dist):
-    """The module the loss calls: the model, compiled and wrapped in DDP as the run asks."""
-    forward = torch.compile(model) if t.compile else model
-    if world.enabled:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[world.device.index] if world.device.type == "cuda" else None)
-    return forward
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -271,14 +280,15 @@ def fit(objective: Objective, t: TrainConfig, run_dir: str | Path, *, world: Dis
     """Train `objective` as `t` says and return a summary.
 
     AdamW over the parameters that require gradients, warmup then cosine decay, gradient accumulation, clipping,
-    DDP under torchrun, bf16 autocast on CUDA, torch.compile. Every eval_interval steps (and at the end) it
-    evaluates; with `objective.best_metric` it keeps the best evaluation in run_dir/best/ and stops after
+    DDP under torchrun, bf16 autocast where bf16 is native (train.dtype auto), torch.compile. Every
+    eval_interval steps (and at the end) it evaluates; with `objective.best_metric` it keeps the best evaluation
+    in run_dir/best/ and stops after
     `t.patience` evaluations without improvement (0: never). Checkpoints in run_dir/ckpt/ are written atomically
     and `resume` continues from the newest intact one on the same curve. SIGINT or SIGTERM finishes the step,
     saves a checkpoint and raises lmlab.errors.Interrupted (StopSignals). `on_step(step, loss)` is called after
     each optimizer step (the tests use it to kill a run part-way)."""
     own_world = world is None
-    world = world or Dist(t.device)
+    world = world or Dist(t.device, t.dtype, t.parallel)
     try:
         return _fit(objective, t, Path(run_dir), world, resume, on_step, progress)
     finally:
@@ -292,12 +302,13 @@ def _fit(objective: Objective, t: TrainConfig, run_dir: Path, world: Dist, resum
     accum_steps = _accumulation_steps(t, world)
     if not any(p.requires_grad for p in model.parameters()):
         raise LmlabError("the model has no trainable parameters (everything is frozen)")
-    optimizer = make_optimizer(model, t, world.device)
-    checkpointer = Checkpointer(run_dir, objective, optimizer, world, t.keep_checkpoints)
+    checkpointer = Checkpointer(run_dir, objective, world, t.keep_checkpoints)
     restored = checkpointer.resume(resume)
     done, best_state = restored if restored is not None else (Progress(), None)
     best = BestTracker(objective.best_metric, objective.higher_is_better, t.patience, best_state)
-    forward = _forward(model, t, world)
+    forward = world.parallel(model, t.compile)
+    optimizer = make_optimizer(model, t, world.device)
+    checkpointer.attach(optimizer)
     if world.main:
         _print_setup(objective, t, world, accum_steps)
     log = MetricsLog(run_dir, world.main, progress, t.max_steps, done.step, resumed=restored is not None)
@@ -365,7 +376,8 @@ def _save_and_stop(checkpointer: Checkpointer, done: Progress, best: BestTracker
 
 def _print_setup(objective: Objective, t: TrainConfig, world: Dist, accum_steps: int) -> None:
     trainable = sum(p.numel() for p in objective.model.parameters() if p.requires_grad)
-    print(f"model: {objective.describe()} ({trainable / 1e6:.3g}M trainable) | {world.world} process(es) on "
+    print(f"model: {objective.describe()} ({trainable / 1e6:.3g}M trainable) | {world.world} process(es) "
+          f"{'(FSDP) ' if world.fsdp else ''}on "
           f"{world.device} | {t.batch_size} rows/step ({accum_steps} micro-batch(es) of {t.micro_batch_size}) | "
           f"{'bf16 autocast' if world.bf16 else 'fp32'}{' | compiled' if t.compile else ''}")
 
@@ -373,7 +385,7 @@ def _print_setup(objective: Objective, t: TrainConfig, world: Dist, accum_steps:
 def _summary(objective, run_dir, world, done: Progress, best: BestTracker, loss_value, last_eval, stopped) -> dict:
     summary = {"run_dir": str(run_dir), "steps": done.step, "train_loss": loss_value, **last_eval,
                "elapsed_s": round(done.elapsed(), 1), "stopped": stopped, "processes": world.world,
-               "device": str(world.device)}
+               "device": str(world.device), "precision": "bf16 autocast" if world.bf16 else "fp32"}
     if objective.tokens_per_row:
         summary["tokens"] = done.tokens
     if objective.best_metric is not None:

@@ -20,16 +20,14 @@ class TrainingRun:
             summary = run.fit(objective)
             run.write_json("results.json", results)
 
-    `dtype` overrides t.dtype for the precision (lmlab sft's "auto" differs: lmlab.training.distributed);
     `hint` ends the message that refuses a run folder holding a run."""
 
-    def __init__(self, t: TrainConfig, *, resume: bool = False, dtype: str | None = None,
-                 hint: str = "choose another run folder"):
+    def __init__(self, t: TrainConfig, *, resume: bool = False, hint: str = "choose another run folder"):
         if t.threads:
             torch.set_num_threads(t.threads)
         self.t, self.resume, self.run_dir = t, resume, Path(t.run_dir)
         refuse_existing_run(self.run_dir, resume, hint)
-        self.world = Dist(t.device, dtype or t.dtype)
+        self.world = Dist(t.device, t.dtype, t.parallel)
         if self.world.main and not resume:  # (a resumed run's folder exists; a mistyped one must not appear)
             check_writable(self.run_dir)  # before the data and the model load
 

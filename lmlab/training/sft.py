@@ -28,7 +28,6 @@ from lmlab.models.hub import load_pretrained, load_tuned
 from lmlab.models.peft import ADAPTER_ACTIVATIONS, FULL, METHODS, LoraConfig, method_settings
 from lmlab.training.config import DEFAULT_LR, TrainConfig, _coerce, apply_overrides
 from lmlab.training.decontaminate import decontaminate
-from lmlab.training.distributed import training_precision
 from lmlab.training.examples import (FORMATS, Example, Pair, encode_all, load_examples, load_pairs,
                                      prompt_and_reference, split_examples)
 from lmlab.training.instruction import InstructionTuning
@@ -282,7 +281,7 @@ def format_results(r: dict) -> str:
 def run_sft(s: SftSettings, echo=print, command: str | None = None) -> dict:
     """`lmlab sft`: instruction tuning of s.model on s.data with s.method. Returns results.json's content."""
     t = _train_config(s)
-    with TrainingRun(t, resume=s.resume, dtype=training_precision(t), hint=RUN_DIR_HINT) as run:
+    with TrainingRun(t, resume=s.resume, hint=RUN_DIR_HINT) as run:
         pretrained, train, val, info = _prepare(s, "sft", echo)
         context = pretrained.model.config.block_size
         encoded_train, skipped_train = encode_all(train, pretrained.tokenizer, pretrained.eos_token_id, s.seq_len,
@@ -358,7 +357,7 @@ def run_dpo(s: DpoSettings, echo=print, command: str | None = None) -> dict:
     if s.beta <= 0:
         raise LmlabError(f"--beta must be positive (got {s.beta})")
     t = _train_config(s)
-    with TrainingRun(t, resume=s.resume, dtype=training_precision(t), hint=RUN_DIR_HINT) as run:
+    with TrainingRun(t, resume=s.resume, hint=RUN_DIR_HINT) as run:
         pretrained, train, val, info = _prepare(s, "dpo", echo)
         if s.max_pairs:
             train = train[:s.max_pairs]

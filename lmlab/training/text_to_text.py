@@ -134,7 +134,7 @@ class T5FinetuneSettings:
     out: str = option("runs/t5-finetune", "run folder")
     threads: int | None = option(None, "CPU threads for torch")
     device: str = option("auto", "auto | cpu | cuda | mps")
-    dtype: str = option("auto", "auto (bf16 autocast on CUDA) | float32 | bfloat16")
+    dtype: str = option("auto", "auto (bf16 autocast where bf16 is native) | float32 | bfloat16")
     resume: bool = option(False, "continue the run in --out from its last checkpoint", action="store_true")
     no_progress: bool = option(False, "no progress bars", action="store_true")
 
