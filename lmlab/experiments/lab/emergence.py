@@ -1,6 +1,6 @@
 """Experiment 2, emergence and its mirage: `lmlab lab emergence`.
 
-    lmlab lab emergence                    # six GPT sizes on 3-digit addition, about 8 minutes on 2 cores
+    lmlab lab emergence                    # six GPT sizes on 3-digit addition, under 10 minutes on an idle core
     lmlab lab emergence --quick            # tiny sizes, 2-digit operands, under 2 minutes (the tests)
     lmlab lab emergence --scale gpu        # the GPU ladder, 4-digit operands, more steps
 
@@ -35,7 +35,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from lmlab.errors import LmlabError
-from lmlab.experiments.lab.common import LADDERS, RowsObjective, crossing, gpt_config, run_settings, train_once, verdict
+from lmlab.experiments.lab.common import (LADDERS, RowsObjective, crossing, gpt_config, run_record, run_settings,
+                                          settings_record, train_once, verdict)
 from lmlab.models.transformer import Transformer
 from lmlab.training.config import TrainConfig
 from lmlab.util import write_report
@@ -150,7 +151,7 @@ def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Litera
     Args:
         digits: operand digits (default: 3 on the CPU, 4 on a GPU, 2 with --quick)
         reverse: write the sum least significant digit first (--no-reverse: the usual order)
-        scale: cpu (about 12 minutes on 2 cores) or gpu (the GPU ladder, more steps)
+        scale: cpu (under 10 minutes on an idle core) or gpu (the GPU ladder, more steps)
         quick: tiny sizes, 2-digit operands and 80 steps, under 2 minutes (the tests)
         out: folder for emergence.json, emergence.md and emergence.png
         work: folder for the runs (a finished run is read back, not trained again)
@@ -176,17 +177,13 @@ def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Litera
             return RowsObjective(model, train_rows, held_out, t.seed, score=answer_scores)
 
         summary = train_once(t, build, progress)
-        runs.append({"name": size.name, "n_layer": size.n_layer, "n_embd": size.n_embd, "params": summary["params"],
-                     **{k: summary[k] for k in ("exact_match", "token_accuracy", "answer_logprob", "val_loss",
-                                                "elapsed_s")},
-                     "curve": [{k: p[k] for k in ("step", "exact_match", "token_accuracy")} for p in summary["curve"]]})
+        figures = ("exact_match", "token_accuracy", "answer_logprob", "val_loss", "elapsed_s")
+        runs.append(run_record(size, summary, figures, ("step", "exact_match", "token_accuracy")))
     sizes = [r["params"] for r in runs]
     record = emergence_verdict(sizes, [r["exact_match"] for r in runs], [r["token_accuracy"] for r in runs])
     summary = {"experiment": "emergence", "verdict": record, "runs": runs,
                "settings": {"scale": level, "digits": digits, "reverse": reverse, "answer_digits": digits + 1,
-                            "train_pairs": n_train, "held_out_pairs": n_held_out, "steps": base.max_steps,
-                            "batch_size": base.batch_size, "lr": base.lr, "dtype": t.dtype, "threads": threads,
-                            "seed": seed},
+                            "train_pairs": n_train, "held_out_pairs": n_held_out, **settings_record(t, threads, seed)},
                "command": command}
     print(write_report(out, "emergence", summary, emergence_markdown(summary), plot_emergence))
     return summary
@@ -227,7 +224,7 @@ def plot_emergence(summary: dict, path: Path) -> None:
     if v["value"] is not None:
         left.axvline(v["value"], linestyle="--", color="C3", linewidth=0.8, label=f"50 % at N = {v['value']:,.0f}")
     left.set(xlabel="non-embedding parameters N", ylabel="accuracy on held-out sums", ylim=(-0.02, 1.02),
-             title=f"{s['digits']}-digit addition: the metric makes the jump")
+             title=f"{s['digits']}-digit addition: three metrics of the same models")
     loglik = left.twinx()
     loglik.semilogx(sizes, [r["answer_logprob"] for r in runs], "^--", color="C2", label="answer log-prob (right)")
     loglik.set_ylabel("log-likelihood of the answer (nats)")

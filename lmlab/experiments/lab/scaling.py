@@ -1,10 +1,10 @@
 """Experiment 1, the scaling law: `lmlab lab scaling`.
 
-    lmlab lab scaling                      # six GPTs on Shakespeare (BPE 2048), about 12 minutes on 2 cores
+    lmlab lab scaling                      # six GPTs on Shakespeare (BPE 2048), under 10 minutes on an idle core
     lmlab lab scaling --quick              # six tiny GPTs, under 2 minutes (the tests)
     lmlab lab scaling --scale gpu          # a ladder 12x to 38M non-embedding parameters, for a GPU
 
-Six GPTs of the shared Block (lmlab.experiments.lab.common.LADDERS), from 12.8k to 1.78M non-embedding parameters
+Six GPTs of the shared Block (lmlab.experiments.lab.common.LADDERS), from 12.8k to 456k non-embedding parameters
 on the CPU ladder, train on the same tokens (the same seed draws the same windows, so every size sees the same
 batches) for the same number of steps through the one training loop. The final validation loss L of each size N
 is fitted by L(N) = E + A / N^alpha (Kaplan et al. 2020; E is the irreducible loss) by least squares: alpha on a
@@ -29,7 +29,8 @@ from matplotlib.figure import Figure
 
 from lmlab.data.corpus import load_meta, load_tokens, prepare
 from lmlab.errors import LmlabError
-from lmlab.experiments.lab.common import LADDERS, gpt_config, run_settings, train_once, verdict
+from lmlab.experiments.lab.common import (LADDERS, gpt_config, run_record, run_settings, settings_record, train_once,
+                                          verdict)
 from lmlab.models.transformer import Transformer
 from lmlab.training.config import TrainConfig
 from lmlab.training.pretrain import LanguageModeling
@@ -166,7 +167,7 @@ def lab_scaling(source: str = "shakespeare", tokenizer: str = "bpe", vocab_size:
         source: the corpus, anything lmlab prepare reads ('shakespeare', a .txt file or folder, .jsonl, .parquet)
         tokenizer: bpe | char | path to a tokenizer.json
         vocab_size: the BPE vocabulary size
-        scale: cpu (about 12 minutes on 2 cores) or gpu (a ladder up to 38M non-embedding parameters)
+        scale: cpu (under 10 minutes on an idle core) or gpu (a ladder up to 38M non-embedding parameters)
         quick: six tiny sizes and 60 steps, under 2 minutes (the tests)
         out: folder for scaling.json, scaling.md and scaling.png
         work: folder for the prepared data and the runs (a finished run is read back, not trained again)
@@ -191,17 +192,14 @@ def lab_scaling(source: str = "shakespeare", tokenizer: str = "bpe", vocab_size:
             return LanguageModeling(model, *splits, t, world)
 
         summary = train_once(t, build, progress)
-        runs.append({"name": size.name, "n_layer": size.n_layer, "n_embd": size.n_embd, "params": summary["params"],
-                     "tokens": summary["tokens"], "val_loss": summary["val_loss"], "elapsed_s": summary["elapsed_s"],
-                     "curve": [{"tokens": p["tokens"], "val_loss": p["val_loss"]} for p in summary["curve"]]})
+        runs.append(run_record(size, summary, ("tokens", "val_loss", "elapsed_s"), ("tokens", "val_loss")))
     result = scaling_verdict([r["params"] for r in runs], [r["val_loss"] for r in runs])
     summary = {"experiment": "scaling", "verdict": {k: result[k] for k in ("appeared", "criterion", "value",
                                                                              "reading")},
                "fit": result["fit"], "isoflop": isoflop(runs), "runs": runs,
                "settings": {"scale": level, "source": source, "tokenizer": meta["tokenizer"],
-                            "vocab_size": meta["vocab_size"], "block_size": block_size, "batch_size": base.batch_size,
-                            "steps": base.max_steps, "lr": base.lr, "dtype": t.dtype, "threads": threads,
-                            "seed": seed},
+                            "vocab_size": meta["vocab_size"], "block_size": block_size,
+                            **settings_record(t, threads, seed)},
                "command": command}
     print(write_report(out, "scaling", summary, scaling_markdown(summary), plot_scaling))
     return summary
