@@ -33,6 +33,8 @@ from lmlab.data.corpus import prepare
 from lmlab.errors import LmlabError
 from lmlab.evaluate import run_eval
 from lmlab.experiments.demo import demo
+from lmlab.experiments.lab.emergence import lab_emergence
+from lmlab.experiments.lab.scaling import lab_scaling
 from lmlab.experiments.paradigms import GLUE_TASKS, paradigms
 from lmlab.experiments.t5 import run_t5_experiment
 from lmlab.inference.chat import answer, chat_loop
@@ -366,6 +368,8 @@ VERBS = [
     Verb("rag eval-retrieval", eval_retrieval, show=True),
     Verb("rag eval-answers", eval_answers, show=True),
     Verb("word2vec", word2vec),
+    Verb("lab scaling", lab_scaling),
+    Verb("lab emergence", lab_emergence),
 ]
 
 

@@ -1,0 +1,243 @@
+"""Experiment 2, emergence and its mirage: `lmlab lab emergence`.
+
+    lmlab lab emergence                    # six GPT sizes on 3-digit addition, under 10 minutes on an idle core
+    lmlab lab emergence --quick            # tiny sizes, 2-digit operands, under 2 minutes (the tests)
+    lmlab lab emergence --scale gpu        # the GPU ladder, 4-digit operands, more steps
+
+The task: "123+489=" followed by the sum's digits, zero-padded to digits + 1 of them and, by default, written
+least significant digit first ("2160" for 0612): then each answer digit depends on the two operand digits at its
+place and on the carry out of the digit just written, which the model has already produced, while the usual
+order needs the whole carry chain before the first digit (Lee et al. 2023 find reversed sums learnt with far
+fewer examples). The six sizes of the ladder (lmlab.experiments.lab.common.LADDERS) train on the same examples
+for the same steps; each is scored on held-out pairs never trained on, in one teacher-forced pass:
+
+    exact match       every answer digit the argmax (the same as greedy decoding the whole answer: when each
+                      digit is the argmax given the true digits before it, greedy decoding writes exactly those)
+    token accuracy    the share of answer digits that are the argmax
+    answer log-prob   the log-likelihood of the whole answer, in nats
+
+Schaeffer et al. (2023): exact match is a harsh, nonlinear function of the per-token quality (about p^k for k
+answer tokens), so it can jump between two sizes while the per-token metrics improve smoothly. The verdict reads
+both curves: the size where exact match crosses 50 % (interpolated in log N), and whether exact match is sharper
+than token accuracy, measured as the share of its total rise that falls between one pair of neighbouring sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
+from lmlab.errors import LmlabError
+from lmlab.experiments.lab.common import (LADDERS, RowsObjective, crossing, gpt_config, run_record, run_settings,
+                                          settings_record, train_once, verdict)
+from lmlab.models.transformer import Transformer
+from lmlab.training.config import TrainConfig
+from lmlab.util import write_report
+
+VOCAB = "0123456789+="
+SHARPER_BY = 0.1  # exact match is "sharper" when its largest step's share exceeds token accuracy's by this much
+
+# Per scale: operand digits, training pairs, held-out pairs, and the settings every size shares.
+SCALES = {
+    "quick": (2, 3000, 300, TrainConfig(batch_size=64, micro_batch_size=64, max_steps=80, lr=3e-3, min_lr=3e-4,
+                                        warmup_steps=8, eval_interval=40, log_interval=20, ckpt_interval=80)),
+    "cpu": (3, 100_000, 2000, TrainConfig(batch_size=128, micro_batch_size=128, max_steps=800, lr=3e-3,
+                                          min_lr=3e-4, warmup_steps=50, eval_interval=100, log_interval=50,
+                                          ckpt_interval=400)),
+    "gpu": (4, 500_000, 5000, TrainConfig(batch_size=256, micro_batch_size=256, max_steps=10_000, lr=1e-3,
+                                          min_lr=1e-4, warmup_steps=300, eval_interval=500, log_interval=100,
+                                          ckpt_interval=2000)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task
+
+def addition_text(a: int, b: int, digits: int, reverse: bool) -> str:
+    """"a+b=" with zero-padded operands, then the sum in digits + 1 digits (least significant first if reverse)."""
+    answer = str(a + b).zfill(digits + 1)
+    return f"{a:0{digits}d}+{b:0{digits}d}=" + (answer[::-1] if reverse else answer)
+
+
+def addition_rows(pairs: np.ndarray, digits: int, reverse: bool) -> dict[str, torch.Tensor]:
+    """Next-token rows of the pairs: inputs are the text but its last character, targets the text shifted by one,
+    -100 everywhere but at the answer's digits (the loss and the scores are the answer's alone)."""
+    ids = torch.tensor([[VOCAB.index(c) for c in addition_text(int(a), int(b), digits, reverse)] for a, b in pairs])
+    targets = ids[:, 1:].clone()
+    targets[:, :2 * digits + 1] = -100  # the prompt "a+b" (the target at "=" is the first answer digit)
+    return {"inputs": ids[:, :-1], "targets": targets}
+
+
+def addition_pairs(digits: int, train: int, held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint sets of distinct (a, b) pairs of operands below 10^digits: `train` to learn, `held_out` to score."""
+    space = 10 ** (2 * digits)
+    if train + held_out > space:
+        raise LmlabError(f"{digits}-digit addition has {space:,} pairs, fewer than {train + held_out:,} asked for; "
+                         "use more digits or fewer examples")
+    codes = np.random.default_rng(seed).choice(space, size=train + held_out, replace=False)
+    pairs = np.stack([codes // 10 ** digits, codes % 10 ** digits], axis=1)
+    return pairs[:train], pairs[train:]
+
+
+def answer_scores(model, rows: dict[str, torch.Tensor], chunk: int = 512) -> dict[str, float]:
+    """Exact match, token accuracy and the answer's log-likelihood (nats) over the rows, in one teacher-forced
+    pass (chunked)."""
+    exact, correct, digits, logprob = 0, 0, 0, 0.0
+    for start in range(0, len(rows["inputs"]), chunk):
+        inputs, targets = rows["inputs"][start:start + chunk], rows["targets"][start:start + chunk]
+        logits = model(inputs)[0].float()
+        scored = targets != -100
+        hits = (logits.argmax(-1) == targets) & scored
+        exact += int((hits.sum(1) == scored.sum(1)).sum())
+        correct, digits = correct + int(hits.sum()), digits + int(scored.sum())
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        logprob -= float(nll)
+    rows_n = len(rows["inputs"])
+    return {"exact_match": exact / rows_n, "token_accuracy": correct / digits, "answer_logprob": logprob / rows_n}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The verdict: a pure function of the measured curves
+
+def sharpness(sizes: list[float], values: list[float]) -> float:
+    """The share of a curve's total rise (max - min over the sizes) taken by its largest rise between two
+    neighbouring sizes: 1 for a step, 1/(k-1) for k sizes evenly spaced on a straight line; 0 for a flat curve
+    (a rise under 0.01)."""
+    ordered = [v for _, v in sorted(zip(sizes, values))]
+    total = max(ordered) - min(ordered)
+    if total < 0.01:
+        return 0.0
+    return max(0.0, max(b - a for a, b in zip(ordered, ordered[1:]))) / total
+
+
+def emergence_verdict(sizes: list[float], exact_match: list[float], token_accuracy: list[float]) -> dict:
+    """Emergence and its mirage, read from the curves: exact match crosses 50 % within the ladder, and it is
+    sharper than token accuracy (its largest step between neighbouring sizes takes a larger share of its rise, by
+    at least SHARPER_BY)."""
+    n50 = crossing(sizes, exact_match, 0.5)
+    sharp_em, sharp_tok = sharpness(sizes, exact_match), sharpness(sizes, token_accuracy)
+    sharper = bool(sharp_em >= sharp_tok + SHARPER_BY)
+    if n50 is None:
+        where = (f"exact match never reaches 50 % (best {max(exact_match):.1%})" if max(exact_match) < 0.5
+                 else "exact match is above 50 % already at the smallest size")
+    else:
+        where = f"exact match crosses 50 % at N = {n50:,.0f}"
+    how = ("sharper than" if sharper else "no sharper than")
+    reading = (f"{where[0].upper() + where[1:]}; it is {how} token accuracy (largest step {sharp_em:.2f} of its "
+               f"rise against {sharp_tok:.2f}).")
+    record = verdict(n50 is not None and sharper,
+                     f"exact match crosses 50 % within the ladder and its largest step between neighbouring sizes "
+                     f"takes a share of its rise >= token accuracy's + {SHARPER_BY}", n50, reading)
+    return {**record, "sharpness": {"exact_match": float(sharp_em), "token_accuracy": float(sharp_tok)},
+            "sharper": sharper}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The experiment
+
+def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Literal["cpu", "gpu"] = "cpu",
+                  quick: bool = False, out: str = "runs/lab/emergence", work: str = "runs/lab/emergence-work",
+                  threads: int | None = None, seed: int = 0, dtype: str = "auto", device: str = "auto",
+                  progress: bool = True, command: str | None = None) -> dict:
+    """Emergence and its mirage: six GPT sizes on multi-digit addition, exact match against per-token metrics.
+
+    Args:
+        digits: operand digits (default: 3 on the CPU, 4 on a GPU, 2 with --quick)
+        reverse: write the sum least significant digit first (--no-reverse: the usual order)
+        scale: cpu (under 10 minutes on an idle core) or gpu (the GPU ladder, more steps)
+        quick: tiny sizes, 2-digit operands and 80 steps, under 2 minutes (the tests)
+        out: folder for emergence.json, emergence.md and emergence.png
+        work: folder for the runs (a finished run is read back, not trained again)
+        threads: CPU threads for torch (1 is fastest on a busy machine)
+        seed: the seed of the examples, the initialisation and the batches
+        dtype: auto (bf16 autocast where the hardware has bf16, else fp32) | float32 | bfloat16
+        device: auto | cpu | cuda | mps
+        progress: show each run's progress bar
+    """
+    level = "quick" if quick else scale
+    default_digits, n_train, n_held_out, base = SCALES[level]
+    digits = digits or default_digits
+    train_pairs, held_out_pairs = addition_pairs(digits, n_train, n_held_out, seed)
+    train_rows, held_out = addition_rows(train_pairs, digits, reverse), addition_rows(held_out_pairs, digits, reverse)
+    block_size = train_rows["inputs"].shape[1]
+    runs = []
+    for size in LADDERS[level]:
+        folder = Path(work) / f"{level}-{digits}d{'-reversed' if reverse else ''}" / size.name
+        t = run_settings(replace(base, device=device, eval_batches=1), folder, threads, seed, dtype)
+
+        def build(world, size=size, t=t):
+            model = Transformer(gpt_config(size, len(VOCAB), block_size)).to(world.device)
+            return RowsObjective(model, train_rows, held_out, t.seed, score=answer_scores)
+
+        summary = train_once(t, build, progress)
+        figures = ("exact_match", "token_accuracy", "answer_logprob", "val_loss", "elapsed_s")
+        runs.append(run_record(size, summary, figures, ("step", "exact_match", "token_accuracy")))
+    sizes = [r["params"] for r in runs]
+    record = emergence_verdict(sizes, [r["exact_match"] for r in runs], [r["token_accuracy"] for r in runs])
+    summary = {"experiment": "emergence", "verdict": record, "runs": runs,
+               "settings": {"scale": level, "digits": digits, "reverse": reverse, "answer_digits": digits + 1,
+                            "train_pairs": n_train, "held_out_pairs": n_held_out, **settings_record(t, threads, seed)},
+               "command": command}
+    print(write_report(out, "emergence", summary, emergence_markdown(summary), plot_emergence))
+    return summary
+
+
+def emergence_markdown(summary: dict) -> str:
+    s, v = summary["settings"], summary["verdict"]
+    order = "least significant digit first" if s["reverse"] else "most significant digit first"
+    lines = [f"{s['digits']}-digit addition, the {s['answer_digits']}-digit sum {order}; {s['train_pairs']:,} training "
+             f"pairs, {s['held_out_pairs']:,} held-out pairs scored; {s['steps']} steps of {s['batch_size']} "
+             f"examples, {s['dtype']}.", "",
+             "| size | layers | width | N (non-embedding) | exact match | token accuracy | token acc.^k | "
+             "answer log-prob (nats) | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["runs"]:
+        lines.append(f"| {r['name']} | {r['n_layer']} | {r['n_embd']} | {r['params']:,} | {r['exact_match']:.3f} | "
+                     f"{r['token_accuracy']:.3f} | {r['token_accuracy'] ** s['answer_digits']:.3f} | "
+                     f"{r['answer_logprob']:.3f} | {r['elapsed_s'] / 60:.1f} |")
+    n50 = f"N = {v['value']:,.0f}" if v["value"] is not None else "none"
+    lines += ["", f"token acc.^k: exact match if the k = {s['answer_digits']} answer digits were right independently.",
+              "", f"Sharpness (largest step between neighbouring sizes / total rise): exact match "
+              f"{v['sharpness']['exact_match']:.2f}, token accuracy {v['sharpness']['token_accuracy']:.2f}.",
+              f"Exact match crosses 50 %: {n50}.", "",
+              f"Verdict ({v['criterion']}): {'appeared' if v['appeared'] else 'did not appear'}. {v['reading']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_emergence(summary: dict, path: Path) -> None:
+    """Left: the three metrics against N on one figure (log-likelihood on its own axis); right: exact match over
+    training for each size."""
+    runs, s, v = summary["runs"], summary["settings"], summary["verdict"]
+    fig = Figure(figsize=(12, 4.6))
+    left, right = fig.subplots(1, 2)
+    sizes = [r["params"] for r in runs]
+    left.semilogx(sizes, [r["exact_match"] for r in runs], "o-", color="C3", linewidth=2, label="exact match")
+    left.semilogx(sizes, [r["token_accuracy"] for r in runs], "s-", color="C0", label="token accuracy")
+    left.semilogx(sizes, [r["token_accuracy"] ** s["answer_digits"] for r in runs], ":", color="C0",
+                  label=f"token accuracy^{s['answer_digits']} (independent digits)")
+    if v["value"] is not None:
+        left.axvline(v["value"], linestyle="--", color="C3", linewidth=0.8, label=f"50 % at N = {v['value']:,.0f}")
+    left.set(xlabel="non-embedding parameters N", ylabel="accuracy on held-out sums", ylim=(-0.02, 1.02),
+             title=f"{s['digits']}-digit addition: three metrics of the same models")
+    loglik = left.twinx()
+    loglik.semilogx(sizes, [r["answer_logprob"] for r in runs], "^--", color="C2", label="answer log-prob (right)")
+    loglik.set_ylabel("log-likelihood of the answer (nats)")
+    handles = [h for ax in (left, loglik) for h in ax.get_legend_handles_labels()[0]]
+    left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left")
+    for i, r in enumerate(runs):
+        right.plot([p["step"] for p in r["curve"]], [p["exact_match"] for p in r["curve"]], "-", color=f"C{i}",
+                   label=f"{r['name']} ({r['params']:,})")
+    right.set(xlabel="optimizer step", ylabel="exact match (held out)", ylim=(-0.02, 1.02),
+              title="exact match during training")
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
