@@ -33,6 +33,9 @@ from lmlab.data.corpus import prepare
 from lmlab.errors import LmlabError
 from lmlab.evaluate import run_eval
 from lmlab.experiments.demo import demo
+from lmlab.experiments.lab.grokking import grokking
+from lmlab.experiments.lab.induction import induction
+from lmlab.experiments.lab.shots import zero_vs_few_shot
 from lmlab.experiments.paradigms import GLUE_TASKS, paradigms
 from lmlab.experiments.t5 import run_t5_experiment
 from lmlab.inference.chat import answer, chat_loop
@@ -366,6 +369,9 @@ VERBS = [
     Verb("rag eval-retrieval", eval_retrieval, show=True),
     Verb("rag eval-answers", eval_answers, show=True),
     Verb("word2vec", word2vec),
+    Verb("lab induction", induction, show=True),
+    Verb("lab grokking", grokking, show=True),
+    Verb("lab shots", zero_vs_few_shot, show=True),
 ]
 
 
