@@ -35,6 +35,9 @@ from lmlab.evaluate import run_eval
 from lmlab.experiments.demo import demo
 from lmlab.experiments.lab.emergence import lab_emergence
 from lmlab.experiments.lab.scaling import lab_scaling
+from lmlab.experiments.lab.grokking import grokking
+from lmlab.experiments.lab.induction import induction
+from lmlab.experiments.lab.shots import zero_vs_few_shot
 from lmlab.experiments.paradigms import GLUE_TASKS, paradigms
 from lmlab.experiments.t5 import run_t5_experiment
 from lmlab.inference.chat import answer, chat_loop
@@ -370,6 +373,9 @@ VERBS = [
     Verb("word2vec", word2vec),
     Verb("lab scaling", lab_scaling),
     Verb("lab emergence", lab_emergence),
+    Verb("lab induction", induction, show=True),
+    Verb("lab grokking", grokking, show=True),
+    Verb("lab shots", zero_vs_few_shot, show=True),
 ]
 
 

@@ -59,7 +59,7 @@ class TransformerConfig:
     position: str = "learned"  # "learned" | "rope"
     rope_theta: float = 10000.0
     mlp: str = "gelu"  # "gelu" (two matrices) | "swiglu" / "geglu" (gated by silu / tanh-GELU, three matrices) |
-    # "gated" (gated by `activation`: T5 1.1)
+    # "gated" (gated by `activation`: T5 1.1) | "none" (attention-only blocks: Olsson et al.'s induction-head models)
     activation: str = "gelu_tanh"  # GPT-2 uses the tanh approximation of GELU; "gelu" | "silu" | "relu"
     causal: bool = True
     tie_embeddings: bool = True
@@ -105,8 +105,8 @@ class TransformerConfig:
             problems.append(f"position={self.position!r} (choose learned, rope or relative)")
         if self.position == "relative" and not self.encoder_decoder:
             problems.append("position='relative' needs encoder_decoder: true (the T5 stacks add the bias)")
-        if self.mlp not in ("gelu", "swiglu", "geglu", "gated"):
-            problems.append(f"mlp={self.mlp!r} (choose gelu, swiglu, geglu or gated)")
+        if self.mlp not in ("gelu", "swiglu", "geglu", "gated", "none"):
+            problems.append(f"mlp={self.mlp!r} (choose gelu, swiglu, geglu, gated or none)")
         if self.activation not in _ACTIVATIONS:
             problems.append(f"activation={self.activation!r} (choose one of {', '.join(_ACTIVATIONS)})")
         if self.position == "rope" and self.head_dim % 2:
@@ -333,7 +333,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Attention then MLP, each with a residual connection; norms before (pre) or after (post) each, or
     "sandwich" (Gemma 2 and 3): before each, and on its output before it joins the residual stream. With
-    config.cross_attention (T5's decoder) a cross-attention over the encoder output sits between them."""
+    config.cross_attention (T5's decoder) a cross-attention over the encoder output sits between them. With
+    mlp="none" the block is attention alone (no MLP, nor its norms): the residual stream is then a sum of
+    attention heads' outputs, which is what makes induction heads readable (Elhage et al. 2021)."""
 
     def __init__(self, config: TransformerConfig, layer: int = 0):
         super().__init__()
@@ -345,18 +347,19 @@ class Block(nn.Module):
         if config.cross_attention:
             self.norm_cross = make_norm(config)
             self.cross = Attention(config, cross=True)
-        self.norm2 = make_norm(config)
-        self.mlp = MLP(config)
-        self.post_mlp_norm = make_norm(config) if sandwich else nn.Identity()
+        feed_forward = config.mlp != "none"
+        self.norm2 = make_norm(config) if feed_forward else None
+        self.mlp = MLP(config) if feed_forward else None
+        self.post_mlp_norm = make_norm(config) if sandwich and feed_forward else nn.Identity()
 
     def forward(self, x, rotary=None, attn_mask=None, cache=None, layer: int = 0, memory_kv=None, memory_mask=None):
         if self.post_norm:
             x = self.norm1(x + self.attn(x, rotary, attn_mask, cache, layer))
-            return self.norm2(x + self.mlp(x))
+            return x if self.mlp is None else self.norm2(x + self.mlp(x))
         x = x + self.post_attn_norm(self.attn(self.norm1(x), rotary, attn_mask, cache, layer))
         if memory_kv is not None:  # pre-norm only: T5 is the one encoder-decoder here
             x = x + self.cross(self.norm_cross(x), attn_mask=memory_mask, memory_kv=memory_kv)
-        return x + self.post_mlp_norm(self.mlp(self.norm2(x)))
+        return x if self.mlp is None else x + self.post_mlp_norm(self.mlp(self.norm2(x)))
 
 
 class TiedWeights:
@@ -407,7 +410,8 @@ class Transformer(TiedWeights, nn.Module):
         # residual's variance does not grow with depth (each block adds two such terms).
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                writes = 2 if config.mlp != "none" else 1
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(writes * config.n_layer))
 
     @classmethod
     def from_weights(cls, config: TransformerConfig, state: dict[str, torch.Tensor]) -> "Transformer":
