@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import dataclasses
+import importlib
 import inspect
 import json as _json
 import re
@@ -27,33 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from lmlab.apps.rag import rag_ask, rag_chat, rag_index
-from lmlab.apps.rag_eval import eval_answers, eval_retrieval
 from lmlab.data.corpus import prepare
 from lmlab.errors import LmlabError
-from lmlab.evaluate import run_eval
-from lmlab.experiments.demo import demo
-from lmlab.experiments.lab.emergence import lab_emergence
-from lmlab.experiments.lab.scaling import lab_scaling
-from lmlab.experiments.lab.grokking import grokking
-from lmlab.experiments.lab.induction import induction
-from lmlab.experiments.lab.shots import zero_vs_few_shot
-from lmlab.experiments.paradigms import GLUE_TASKS, paradigms
-from lmlab.experiments.t5 import run_t5_experiment
 from lmlab.inference.chat import answer, chat_loop
-from lmlab.inference.embed import embed
 from lmlab.inference.generate import SamplingParams, beam_search, stream
 from lmlab.inference.sample import prompt_ids
-from lmlab.inference.server import serve
 from lmlab.models.hf import export_hf
 from lmlab.models.hub import list_models, load_pretrained, pull
 from lmlab.models.quantize import InferenceSettings, check_device
-from lmlab.training.classification import finetune
 from lmlab.training.config import load_config
 from lmlab.training.pretrain import train as pretrain
-from lmlab.training.sft import run_dpo, run_sft
-from lmlab.training.text_to_text import t5_finetune
-from lmlab.training.word2vec import word2vec
 from lmlab.util import check_writable, command_line, pick_device, settings_from
 
 
@@ -62,7 +46,7 @@ class Verb:
     """A command of `lmlab`: the function it runs, and what the command line changes about its parameters."""
 
     name: str
-    function: Callable
+    function: Callable | str  # or "module:function", imported only when the command line names this verb
     help: str = ""  # default: the first line of the function's docstring
     defaults: dict[str, Any] = field(default_factory=dict)  # other defaults on the command line than in Python
     names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # more flag names for a parameter
@@ -70,6 +54,13 @@ class Verb:
     hidden: tuple[str, ...] = ()  # parameters the command line does not set
     positional: tuple[str, ...] = ()  # parameters given as positional arguments (the rest are --flags)
     show: bool = False  # print the returned value (JSON for a dict)
+
+    def resolve(self) -> Callable:
+        """The verb's function, imported now if it was named as "module:function"."""
+        if isinstance(self.function, str):
+            module, _, attribute = self.function.partition(":")
+            self.function = getattr(importlib.import_module(module), attribute)
+        return self.function
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,7 +177,7 @@ def _add_settings(parser, verb: Verb, cls, prefix: str = "", instance=None) -> N
 
 
 def add_verb(sub, verb: Verb, name: str | None = None) -> None:
-    fn = verb.function
+    fn = verb.resolve()
     hints = typing.get_type_hints(fn)
     helps = docstring_args(fn)
     doc = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
@@ -355,31 +346,35 @@ VERBS = [
     Verb("export", export, names={"model": ("--run",)}, show=True),
     Verb("models", models),
     Verb("pull", pull, positional=("name",), show=True),
-    Verb("paradigms", paradigms, argparse={"glue": {"nargs": "?", "const": GLUE_TASKS}}),
-    Verb("demo", demo, argparse={"set": {"metavar": "KEY=VALUE"}}),
-    Verb("eval", run_eval, hidden=("tokenizer", "echo"), defaults={"shots": "0"}),
-    Verb("finetune", finetune),
-    Verb("t5-finetune", t5_finetune),
-    Verb("t5-experiment", run_t5_experiment),
-    Verb("sft", run_sft),
-    Verb("dpo", run_dpo),
-    Verb("serve", serve),
-    Verb("embed", embed, show=True),
-    Verb("rag index", rag_index, positional=("docs",), show=True),
-    Verb("rag ask", rag_ask, positional=("index", "question"), hidden=("stop_at_eos",), defaults=_RAG_DEFAULTS),
-    Verb("rag chat", rag_chat, positional=("index",), hidden=("stop_at_eos", "out"), defaults=_RAG_DEFAULTS),
-    Verb("rag eval-retrieval", eval_retrieval, show=True),
-    Verb("rag eval-answers", eval_answers, show=True),
-    Verb("word2vec", word2vec),
-    Verb("lab scaling", lab_scaling),
-    Verb("lab emergence", lab_emergence),
-    Verb("lab induction", induction, show=True),
-    Verb("lab grokking", grokking, show=True),
-    Verb("lab shots", zero_vs_few_shot, show=True),
+    Verb("paradigms", "lmlab.experiments.paradigms:paradigms", argparse={"glue": {"nargs": "?", "const": "all"}}),
+    Verb("demo", "lmlab.experiments.demo:demo", argparse={"set": {"metavar": "KEY=VALUE"}}),
+    Verb("eval", "lmlab.evaluate:run_eval", hidden=("tokenizer", "echo"), defaults={"shots": "0"}),
+    Verb("finetune", "lmlab.training.classification:finetune"),
+    Verb("t5-finetune", "lmlab.training.text_to_text:t5_finetune"),
+    Verb("t5-experiment", "lmlab.experiments.t5:run_t5_experiment"),
+    Verb("sft", "lmlab.training.sft:run_sft"),
+    Verb("dpo", "lmlab.training.sft:run_dpo"),
+    Verb("serve", "lmlab.inference.server:serve"),
+    Verb("embed", "lmlab.inference.embed:embed", show=True),
+    Verb("rag index", "lmlab.apps.rag:rag_index", positional=("docs",), show=True),
+    Verb("rag ask", "lmlab.apps.rag:rag_ask", positional=("index", "question"), hidden=("stop_at_eos",), defaults=_RAG_DEFAULTS),
+    Verb("rag chat", "lmlab.apps.rag:rag_chat", positional=("index",), hidden=("stop_at_eos", "out"), defaults=_RAG_DEFAULTS),
+    Verb("rag eval-retrieval", "lmlab.apps.rag_eval:eval_retrieval", show=True),
+    Verb("rag eval-answers", "lmlab.apps.rag_eval:eval_answers", show=True),
+    Verb("word2vec", "lmlab.training.word2vec:word2vec"),
+    Verb("lab scaling", "lmlab.experiments.lab.scaling:lab_scaling"),
+    Verb("lab emergence", "lmlab.experiments.lab.emergence:lab_emergence"),
+    Verb("lab induction", "lmlab.experiments.lab.induction:induction", show=True),
+    Verb("lab grokking", "lmlab.experiments.lab.grokking:grokking", show=True),
+    Verb("lab shots", "lmlab.experiments.lab.shots:zero_vs_few_shot", show=True),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every verb; given the command line, only the verb it names is imported and gets its flags
+    (the others are names in the list), so that `lmlab serve` does not import numba, matplotlib or faiss."""
+    names = {verb.name.split()[0] for verb in VERBS}
+    wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     parser = argparse.ArgumentParser(prog="lmlab", description="A hands-on laboratory for language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
     groups: dict[str, Any] = {}  # "rag index" is the verb index of the command group rag
@@ -388,8 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
         if group and group not in groups:
             groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(
                 dest="subcommand", required=True, metavar="SUBCOMMAND", help=f"what {group} does")
-        add_verb(groups[group] if group else sub, verb, name)
+        if wanted not in names or verb.name.split()[0] == wanted:
+            add_verb(groups[group] if group else sub, verb, name)
+        else:
+            (groups[group] if group else sub).add_parser(name, help=verb.help)
     return parser
+
 
 TRAINING_VERBS = ("train", "finetune", "sft", "dpo", "demo")
 
@@ -400,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmlab {argv[0]}: error: --quantize is a flag of inference (generate, chat, serve, eval): training "
               "updates float weights; train first, then load the result with --quantize", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         result = call_verb(args)
     except LmlabError as e:

@@ -143,3 +143,13 @@ def test_flags_come_from_the_signature_docstring_and_settings_fields():
     assert knobs == Knobs(width=3, names=["p", "q"], inner=Inner(depth=5)) and command.startswith("lmlab")
     with pytest.raises(SystemExit):
         parser.parse_args(["verb", "x", "--mode", "c"])
+
+
+def test_a_command_imports_only_its_own_verb():
+    """`lmlab serve` builds the flags of serve alone: word2vec's numba, RAG's faiss and bm25s stay unimported (they
+    cost seconds and ~50 MiB at every start); without a command line every verb is built, as --help lists them."""
+    code = ("import sys; from lmlab.cli import build_parser; build_parser(['serve', '--model', 'x']); "
+            "print(sorted(m for m in ('numba', 'faiss', 'bm25s', 'lmlab.training.word2vec', 'lmlab.apps.rag') "
+            "if m in sys.modules)); build_parser(); print('lmlab.training.word2vec' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "True"

@@ -397,7 +397,7 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
         prompt_limit: prompt on the first N dev examples only
         vectors: also a BiLSTM whose embeddings start from these word vectors (word2vec file or lmlab word2vec run)
         freeze_vectors: with --vectors: keep them fixed (default: fine-tuned)
-        glue: instead: fine-tune MiniLM on these GLUE tasks with all labels and write the GLUE table
+        glue: instead: fine-tune MiniLM on these GLUE tasks (all: the five) with all labels and write the GLUE table
         epochs: with --glue: epochs for the tasks under 10,000 examples (default: the fixed budgets)
         collect: train nothing: tabulate the finished runs
         out: results folder (default runs/paradigms/results, or runs/paradigms/glue with --glue; the committed
@@ -412,7 +412,8 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
     common = dict(work=work, seed=seed, data_dir=data_dir, threads=threads, keep_weights=keep_weights,
                   progress=progress, command=command)
     if glue:
-        return run_glue(glue, out=out or str(Path(work) / "glue"), epochs=epochs, **common)
+        tasks = GLUE_TASKS if glue == "all" else glue
+        return run_glue(tasks, out=out or str(Path(work) / "glue"), epochs=epochs, **common)
     return run_paradigms(task, labels, shots, out=out or str(Path(work) / "results"), baselines=baselines,
                          methods=methods, prompt_limit=prompt_limit, collect=collect, vectors=vectors,
                          freeze_vectors=freeze_vectors, **common)

@@ -19,6 +19,7 @@ from lmlab.training.distributed import Dist, training_precision
 from lmlab.training.loop import Objective
 from lmlab.training.metrics import read_metrics
 from lmlab.training.run import TrainingRun
+from lmlab.util import pick_device
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def non_embedding_params(model: Transformer) -> int:
 def lab_precision(dtype: str, device: str = "auto") -> str:
     """train.dtype for the lab's runs: "auto" is bf16 autocast where the hardware multiplies bf16 natively (a CPU
     with AVX512-BF16 or AMX, CUDA), fp32 elsewhere (lmlab.training.distributed.training_precision)."""
-    return training_precision(TrainConfig(dtype=dtype, device=device))
+    return training_precision(dtype, pick_device(device))
 
 
 def train_once(t: TrainConfig, build: Callable[[Dist], Objective], progress: bool = True) -> dict:
