@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from lmlab.data.corpus import load_meta, load_tokens, prepare
 from lmlab.errors import LmlabError
@@ -254,5 +255,8 @@ def plot_scaling(summary: dict, path: Path) -> None:
     for ax in (law, curves, profiles):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log x: label the decades only
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))  # log y spans less than a decade: plain numbers
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
