@@ -17,7 +17,7 @@ Verdict (`judge`, a pure function of the curves): both reach 99 % and the test s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -117,8 +117,8 @@ def model_config(size: Size) -> TransformerConfig:
 
 def grokking(quick: bool = False, size: Literal["default", "gpu"] = "default", out: str = "runs/lab/grokking",
              work: str = "runs/lab/grokking/work", threads: int | None = None, seed: int = 0, device: str = "cpu",
-             dtype: Literal["float32", "bfloat16"] = "float32", minutes: float | None = None,
-             progress: bool = True, command: str | None = None) -> str:
+             dtype: Literal["float32", "bfloat16"] = "float32", steps: int | None = None,
+             minutes: float | None = None, progress: bool = True, command: str | None = None) -> str:
     """Experiment 4: grokking on modular addition, train accuracy long before test accuracy.
 
     Args:
@@ -131,10 +131,13 @@ def grokking(quick: bool = False, size: Literal["default", "gpu"] = "default", o
         seed: seed of the split and the model
         device: cpu | cuda | mps | auto
         dtype: float32, or bfloat16 autocast (fp32 master weights)
+        steps: training steps instead of the size's (3,000; quick: 400)
         minutes: stop training after this many minutes (a loaded machine); the report covers the steps made
         progress: show the progress bar
     """
     chosen = QUICK if quick else SIZES[size]
+    if steps is not None:
+        chosen = replace(chosen, steps=steps)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -215,8 +215,9 @@ def judge(curves: dict[str, dict], shots: dict[str, dict], total_steps: int) -> 
                + f"; at {two['shots']} shots it gains {two['gain']:+.2f} accuracy over 0 shots, the 1-layer "
                f"control {one['gain']:+.2f}: induction heads {'appeared' if appeared else 'did not appear'}.")
     criterion = (f"2-layer ICL score falls >= {MIN_DROP_NATS:g} nat, its 20%-80% fall taking <= "
-                 f"{MAX_WINDOW_FRACTION:.0%} of the steps and no more steps than came before it, and at the most shots few-shot - 0-shot accuracy > "
-                 f"{MIN_GAIN} and > {GAIN_SES:g} SE for the 2-layer model, not for the 1-layer control")
+                 f"{MAX_WINDOW_FRACTION:.0%} of the steps and no more steps than came before it, and at the most "
+                 f"shots few-shot - 0-shot accuracy > {MIN_GAIN} and > {GAIN_SES:g} SE for the 2-layer model, "
+                 "not for the 1-layer control")
     return verdict(appeared, criterion, {"phase_change": change, "max_window": MAX_WINDOW_FRACTION * total_steps,
                                          "few_shot_2_layer": two, "few_shot_1_layer": one}, reading)
 
