@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from lmlab.experiments.lab.runs import first_step, train_run, verdict
 from lmlab.models.transformer import Transformer, TransformerConfig
@@ -160,6 +161,12 @@ def grokking(quick: bool = False, size: Literal["default", "gpu"] = "default", o
     return write_report(out, NAME, summary, markdown(summary), plot)
 
 
+def trained(summary: dict) -> str:
+    """The steps trained, and the plan when a time limit stopped the run before it."""
+    done, planned = summary["curves"]["step"][-1], summary["size"]["steps"]
+    return f"{done:,} steps" + (f" (of {planned:,} planned; stopped by the time limit)" if done < planned else "")
+
+
 def markdown(summary: dict) -> str:
     s, v = summary["size"], summary["verdict"]
     value = v["value"]
@@ -167,7 +174,7 @@ def markdown(summary: dict) -> str:
     lines = [f"# Grokking: (a + b) mod {s['p']}", "",
              f"{summary['train_examples']:,} training pairs ({s['train_fraction']:.0%}), "
              f"{summary['test_examples']:,} test pairs; {summary['parameters']:,} parameters, AdamW lr {s['lr']:g}, "
-             f"weight decay {s['weight_decay']:g}, full batch, {s['steps']:,} steps ({summary['dtype']}).", "",
+             f"weight decay {s['weight_decay']:g}, full batch, {trained(summary)} ({summary['dtype']}).", "",
              "| | step of 99 % | most reached |", "| --- | ---: | ---: |",
              f"| train accuracy | {steps(value['train_step'])} | {value['max_train_accuracy']:.3f} |",
              f"| test accuracy | {steps(value['test_step'])} | {value['max_test_accuracy']:.3f} |",
@@ -199,5 +206,6 @@ def plot(summary: dict, path: Path) -> None:
     acc.legend(fontsize=8)
     for ax in (acc, ce):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # under a decade of steps the minor labels collide
     fig.tight_layout()
     fig.savefig(path, dpi=110)

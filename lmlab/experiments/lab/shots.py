@@ -186,7 +186,7 @@ def plot(summary: dict, path: Path) -> None:
                         yerr=[r["se"] for r in rows.values()], marker="s", capsize=3, label=f"{model} attn-only")
         ax.set(title="experiment 3: key->value in context", xlabel="shots", ylabel="accuracy", ylim=(0, 1))
     for ax in axes:
-        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(sorted({int(x) for line in ax.get_lines() for x in line.get_xdata()}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
