@@ -30,7 +30,7 @@ from lmlab.experiments.lab.runs import first_step, train_run, verdict
 from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.training.config import TrainConfig
 from lmlab.training.loop import Objective
-from lmlab.util import write_report
+from lmlab.util import pick_device, write_report
 
 NAME = "grokking"
 REACHED, MIN_RATIO = 0.99, 5.0
@@ -83,7 +83,9 @@ class ModularAddition(Objective):
 
     def evaluate(self, model) -> dict[str, float]:
         figures = {}
+        device = model.tok_emb.weight.device
         for name, (inputs, answers) in (("train", self.train), ("test", self.test)):
+            inputs, answers = inputs.to(device), answers.to(device)
             logits = model(inputs, last_only=True)[0][:, -1].float()
             figures[f"{name}_accuracy"] = float((logits.argmax(-1) == answers).float().mean())
             figures[f"{name}_ce"] = float(F.cross_entropy(logits, answers))
@@ -142,7 +144,7 @@ def grokking(quick: bool = False, size: Literal["default", "gpu"] = "default", o
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = Transformer(model_config(chosen))
+    model = Transformer(model_config(chosen)).to(pick_device(device))
     objective = ModularAddition(model, chosen, seed)
     n_train = len(objective.train[1])
     t = TrainConfig(run_dir=str(Path(work) / f"p{chosen.p}"), batch_size=n_train, micro_batch_size=n_train,
