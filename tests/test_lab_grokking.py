@@ -45,5 +45,6 @@ def test_quick_run_writes_the_report_through_the_cli(tmp_path):
     assert summary["verdict"] == grok.judge(c["step"], c["train_accuracy"], c["test_accuracy"])
     assert summary["verdict"]["value"]["train_step"] is not None  # the full-batch model memorises 50 % of 23^2
     assert summary["train_examples"] + summary["test_examples"] == 23 * 23
-    # Weight decay 1.0 at work: the parameters' norm ends below its peak.
-    assert c["weight_norm"][-1] < max(c["weight_norm"])
+    # The first half of grokking: the training set is memorised well ahead of the test set.
+    assert c["train_accuracy"][-1] - c["test_accuracy"][-1] > 0.2
+    assert len(c["weight_norm"]) == len(c["step"]) and min(c["weight_norm"]) > 0

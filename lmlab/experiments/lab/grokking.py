@@ -17,19 +17,20 @@ Verdict (`judge`, a pure function of the curves): both reach 99 % and the test s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from lmlab.experiments.lab.runs import first_step, train_run, verdict
 from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.training.config import TrainConfig
 from lmlab.training.loop import Objective
-from lmlab.util import write_report
+from lmlab.util import pick_device, write_report
 
 NAME = "grokking"
 REACHED, MIN_RATIO = 0.99, 5.0
@@ -82,7 +83,9 @@ class ModularAddition(Objective):
 
     def evaluate(self, model) -> dict[str, float]:
         figures = {}
+        device = model.tok_emb.weight.device
         for name, (inputs, answers) in (("train", self.train), ("test", self.test)):
+            inputs, answers = inputs.to(device), answers.to(device)
             logits = model(inputs, last_only=True)[0][:, -1].float()
             figures[f"{name}_accuracy"] = float((logits.argmax(-1) == answers).float().mean())
             figures[f"{name}_ce"] = float(F.cross_entropy(logits, answers))
@@ -117,8 +120,8 @@ def model_config(size: Size) -> TransformerConfig:
 
 def grokking(quick: bool = False, size: Literal["default", "gpu"] = "default", out: str = "runs/lab/grokking",
              work: str = "runs/lab/grokking/work", threads: int | None = None, seed: int = 0, device: str = "cpu",
-             dtype: Literal["float32", "bfloat16"] = "float32", minutes: float | None = None,
-             progress: bool = True, command: str | None = None) -> str:
+             dtype: Literal["float32", "bfloat16"] = "float32", steps: int | None = None,
+             minutes: float | None = None, progress: bool = True, command: str | None = None) -> str:
     """Experiment 4: grokking on modular addition, train accuracy long before test accuracy.
 
     Args:
@@ -131,14 +134,17 @@ def grokking(quick: bool = False, size: Literal["default", "gpu"] = "default", o
         seed: seed of the split and the model
         device: cpu | cuda | mps | auto
         dtype: float32, or bfloat16 autocast (fp32 master weights)
+        steps: training steps instead of the size's (3,000; quick: 400)
         minutes: stop training after this many minutes (a loaded machine); the report covers the steps made
         progress: show the progress bar
     """
     chosen = QUICK if quick else SIZES[size]
+    if steps is not None:
+        chosen = replace(chosen, steps=steps)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = Transformer(model_config(chosen))
+    model = Transformer(model_config(chosen)).to(pick_device(device))
     objective = ModularAddition(model, chosen, seed)
     n_train = len(objective.train[1])
     t = TrainConfig(run_dir=str(Path(work) / f"p{chosen.p}"), batch_size=n_train, micro_batch_size=n_train,
@@ -157,6 +163,12 @@ def grokking(quick: bool = False, size: Literal["default", "gpu"] = "default", o
     return write_report(out, NAME, summary, markdown(summary), plot)
 
 
+def trained(summary: dict) -> str:
+    """The steps trained, and the plan when a time limit stopped the run before it."""
+    done, planned = summary["curves"]["step"][-1], summary["size"]["steps"]
+    return f"{done:,} steps" + (f" (of {planned:,} planned; stopped by the time limit)" if done < planned else "")
+
+
 def markdown(summary: dict) -> str:
     s, v = summary["size"], summary["verdict"]
     value = v["value"]
@@ -164,7 +176,7 @@ def markdown(summary: dict) -> str:
     lines = [f"# Grokking: (a + b) mod {s['p']}", "",
              f"{summary['train_examples']:,} training pairs ({s['train_fraction']:.0%}), "
              f"{summary['test_examples']:,} test pairs; {summary['parameters']:,} parameters, AdamW lr {s['lr']:g}, "
-             f"weight decay {s['weight_decay']:g}, full batch, {s['steps']:,} steps ({summary['dtype']}).", "",
+             f"weight decay {s['weight_decay']:g}, full batch, {trained(summary)} ({summary['dtype']}).", "",
              "| | step of 99 % | most reached |", "| --- | ---: | ---: |",
              f"| train accuracy | {steps(value['train_step'])} | {value['max_train_accuracy']:.3f} |",
              f"| test accuracy | {steps(value['test_step'])} | {value['max_test_accuracy']:.3f} |",
@@ -196,5 +208,6 @@ def plot(summary: dict, path: Path) -> None:
     acc.legend(fontsize=8)
     for ax in (acc, ce):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # under a decade of steps the minor labels collide
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -43,7 +43,7 @@ from lmlab.experiments.lab.runs import train_run, verdict
 from lmlab.models.transformer import Transformer, TransformerConfig, apply_rotary
 from lmlab.training.config import TrainConfig
 from lmlab.training.loop import Objective
-from lmlab.util import write_report
+from lmlab.util import pick_device, write_report
 
 NAME = "induction"
 MIN_DROP_NATS, MAX_WINDOW_FRACTION, MIN_GAIN, GAIN_SES = 1.0, 0.2, 0.25, 3.0
@@ -90,9 +90,9 @@ def attention_patterns(model: Transformer, idx: torch.Tensor) -> list[torch.Tens
     """Each layer's attention probabilities (B, H, T, T), recomputed from the blocks' own projections (the fused
     SDPA kernel does not return them). For the pre-norm models of this experiment (rotary or learned positions)."""
     B, T = idx.shape
-    x = model.tok_emb(idx) + (model.pos_emb(torch.arange(T)) if model.pos_emb is not None else 0)
+    x = model.tok_emb(idx) + (model.pos_emb(torch.arange(T, device=idx.device)) if model.pos_emb is not None else 0)
     rotary = (model.rope_cos[:T], model.rope_sin[:T]) if model.config.position == "rope" else None
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
     patterns = []
     for block in model.blocks:
         attn = block.attn
@@ -112,7 +112,7 @@ def prefix_matching(patterns: list[torch.Tensor], idx: torch.Tensor) -> list[lis
     T = idx.shape[1]
     # after[b, i, j]: key j follows an earlier occurrence of query i's token (idx[j-1] == idx[i], j <= i)
     previous = torch.cat([torch.full_like(idx[:, :1], -1), idx[:, :-1]], dim=1)
-    after = (previous[:, None, :] == idx[:, :, None]) & torch.ones(T, T, dtype=torch.bool).tril()
+    after = (previous[:, None, :] == idx[:, :, None]) & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
     queries = after.any(-1)  # (B, T)
     scores = []
     for p in patterns:
@@ -139,7 +139,7 @@ class RepeatedRuns(Objective):
         return module(tokens[:, :-1], tokens[:, 1:])[1]
 
     def evaluate(self, model) -> dict[str, float]:
-        tokens = self.held_out
+        tokens = self.held_out.to(model.tok_emb.weight.device)
         logits, _ = model(tokens[:, :-1])
         per_token = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none").mean(0)
         early, late = positions(self.size)
@@ -215,8 +215,9 @@ def judge(curves: dict[str, dict], shots: dict[str, dict], total_steps: int) -> 
                + f"; at {two['shots']} shots it gains {two['gain']:+.2f} accuracy over 0 shots, the 1-layer "
                f"control {one['gain']:+.2f}: induction heads {'appeared' if appeared else 'did not appear'}.")
     criterion = (f"2-layer ICL score falls >= {MIN_DROP_NATS:g} nat, its 20%-80% fall taking <= "
-                 f"{MAX_WINDOW_FRACTION:.0%} of the steps and no more steps than came before it, and at the most shots few-shot - 0-shot accuracy > "
-                 f"{MIN_GAIN} and > {GAIN_SES:g} SE for the 2-layer model, not for the 1-layer control")
+                 f"{MAX_WINDOW_FRACTION:.0%} of the steps and no more steps than came before it, and at the most "
+                 f"shots few-shot - 0-shot accuracy > {MIN_GAIN} and > {GAIN_SES:g} SE for the 2-layer model, "
+                 "not for the 1-layer control")
     return verdict(appeared, criterion, {"phase_change": change, "max_window": MAX_WINDOW_FRACTION * total_steps,
                                          "few_shot_2_layer": two, "few_shot_1_layer": one}, reading)
 
@@ -256,7 +257,7 @@ def induction(quick: bool = False, size: Literal["default", "gpu"] = "default", 
     for n_layer in (2, 1):
         name = f"{n_layer}-layer"
         torch.manual_seed(seed)
-        model = Transformer(model_config(chosen, n_layer))
+        model = Transformer(model_config(chosen, n_layer)).to(pick_device(device))
         t = _train_config(chosen, Path(work) / name, seed, threads, device)
         records = train_run(RepeatedRuns(model, chosen, seed), t, {**asdict(chosen), "n_layer": n_layer,
                                                                    "seed": seed}, progress)

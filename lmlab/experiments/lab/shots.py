@@ -136,7 +136,8 @@ def zero_vs_few_shot(models: str | None = None, tasks: str = "sst2,arc_easy", sh
                               data_dir=data_dir, out=done, progress=progress, echo=None, inference=inference)
         tables[name], seconds[name] = table(result["results"]), result["seconds"]
     summary = {"experiment": NAME, "command": command, "quick": quick, "models": names,
-               "tasks": list(comma_list(tasks)), "shots": shot_list, "limit": limit, "seed": seed, "metric": METRIC, "dtype": inference.dtype,
+               "tasks": list(comma_list(tasks)), "shots": shot_list, "limit": limit, "seed": seed, "metric": METRIC,
+               "dtype": inference.dtype,
                "seconds": seconds, "tables": tables, "synthetic": synthetic(induction), "verdict": judge(tables)}
     return write_report(out, NAME, summary, markdown(summary), plot)
 
@@ -154,7 +155,8 @@ def markdown(summary: dict) -> str:
                 f"{rows[str(k)]['accuracy']:.3f} ± {rows[str(k)]['se']:.3f}" for k in shot_list) + " |")
     if summary["synthetic"]:
         lines += ["", "Beside them, experiment 3's synthetic task (a random key->value mapping given only in the "
-                  "prompt; the tiny attention-only models there were trained on repeated random runs, never on this task):", "",
+                  "prompt; the tiny attention-only models there were trained on repeated random runs, never on "
+                  "this task):", "",
                   "| model | " + " | ".join(f"{k}-shot" for k in next(iter(summary["synthetic"].values()))) + " |",
                   "| --- | " + " | ".join("---:" for _ in next(iter(summary["synthetic"].values()))) + " |"]
         for model, rows in summary["synthetic"].items():
@@ -184,7 +186,7 @@ def plot(summary: dict, path: Path) -> None:
                         yerr=[r["se"] for r in rows.values()], marker="s", capsize=3, label=f"{model} attn-only")
         ax.set(title="experiment 3: key->value in context", xlabel="shots", ylabel="accuracy", ylim=(0, 1))
     for ax in axes:
-        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(sorted({int(x) for line in ax.get_lines() for x in line.get_xdata()}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
