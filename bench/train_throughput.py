@@ -1,28 +1,45 @@
-"""Training throughput: lmlab's GPT vs transformers' GPT2LMHeadModel, same shape, same batch, same machine.
+"""Training throughput: lmlab's GPT vs transformers' GPT2LMHeadModel vs litgpt's GPT, same shape, same batch.
 
-Measures tokens/s of a full training step (forward, backward, AdamW step) in fp32 on the CPU, and the model
-FLOP/s as a fraction of this machine's fp32 matmul peak (torch.mm of 2048x2048 measured in the same run).
+A full training step (forward, cross-entropy in fp32, backward, fused AdamW) of each model, in fp32 and under
+bf16 autocast (fp32 master weights, what `train.dtype: auto` runs where bf16 is native), the three models timed
+in alternation in one process so that a change of the machine's load hits all alike. The model FLOP
+utilization (MFU) is the model's training FLOP/s over the torch.mm peak of the same dtype (2048^3, measured in
+the same process at the start and the end, the best of both).
 
-    python bench/train_throughput.py [--threads 2] [--steps 10] [--warmup 3]
+Shape (GPT-2 small's family): 6 layers, 384 wide, 6 heads, 8 x 256 tokens, vocab 50,304 (GPT-2's 50,257 padded
+to a multiple of 64, as nanoGPT does); litgpt and transformers get the same widths (litgpt: GPT-NeoX MLP and
+LayerNorm, sequential residual, rotary on all of each head, since it has no learned positions). Every model
+does the same FLOPs per token up to position encoding: lmlab's count (6N + 12 L T C, PaLM) is used for all three.
 
-Prints one JSON object.
+    python bench/train_throughput.py [--threads 2] [--steps 8] [--warmup 2] [--dtypes float32,bfloat16]
+                                     [--profile]   # + torch.profiler's top ops of lmlab's step, per dtype
+
+Prints one JSON object. litgpt comes from the `bench` extra (pip install 'lmlab[bench]'; litgpt's own pins
+would change installed packages, so `pip install --no-deps litgpt lightning lightning-utilities torchmetrics`
+is enough for the model class); without it the bench says so and times the other two.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import time
 
 import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from lmlab.models.transformer import Transformer, TransformerConfig
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 20) -> float:
-    """Best time of torch.mm on n x n fp32 matrices, as FLOP/s (the most the machine showed us)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+
+def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Best time of torch.mm on n x n matrices of `dtype`, as FLOP/s (the most the machine showed us)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b)
     best = float("inf")
@@ -33,7 +50,12 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 20) -> float:
     return 2 * n**3 / best
 
 
-def make_step(model, forward_loss, batch):
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """lmlab's objective for the other two: logits at t predict targets[t], cross-entropy in fp32."""
+    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+
+
+def make_step(model, forward_loss, batch, dtype: str):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -41,7 +63,8 @@ def make_step(model, forward_loss, batch):
     model.train()
 
     def step():
-        loss = forward_loss(model, *batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext():
+            loss = forward_loss(model, *batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -50,8 +73,7 @@ def make_step(model, forward_loss, batch):
 
 
 def median_step_times(steps: dict, n: int, warmup: int) -> dict:
-    """Median seconds per training step of each contender, measured in alternation so that a change in the
-    machine's load or clock during the run hits all of them alike."""
+    """Median seconds per training step of each contender, measured in alternation."""
     times = {name: [] for name in steps}
     for i in range(warmup + n):
         for name, step in steps.items():
@@ -62,74 +84,97 @@ def median_step_times(steps: dict, n: int, warmup: int) -> dict:
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+def contenders(args, dtype: str) -> tuple[dict, float, str | None]:
+    """The training step of each model (fresh weights, seed 0), lmlab's FLOPs per token, and why litgpt is
+    missing (None when it is there)."""
+    torch.manual_seed(0)
+    x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size))
+    y = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size))
+    cfg = TransformerConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                            n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+    ours = Transformer(cfg)
+    steps = {"lmlab": make_step(ours, lambda m, a, b: m(a, b)[1], (x, y), dtype)}
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_cfg = GPT2Config(vocab_size=args.vocab_size, n_positions=args.block_size, n_embd=args.n_embd,
+                        n_layer=args.n_layer, n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=None, eos_token_id=None)
+    steps["transformers"] = make_step(GPT2LMHeadModel(hf_cfg), lambda m, a, b: lm_loss(m(a).logits, b), (x, y),
+                                      dtype)
+    try:
+        from litgpt.config import Config
+        from litgpt.model import GPT
+    except ImportError as e:
+        return steps, ours.flops_per_token(), f"litgpt is not installed ({e}): pip install 'lmlab[bench]'"
+    lit_cfg = Config(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                     vocab_size=args.vocab_size, padded_vocab_size=args.vocab_size, bias=True,
+                     parallel_residual=False, rotary_percentage=1.0, norm_class_name="LayerNorm",
+                     mlp_class_name="GptNeoxMLP", intermediate_size=4 * args.n_embd)
+    steps["litgpt"] = make_step(GPT(lit_cfg), lambda m, a, b: lm_loss(m(a), b), (x, y), dtype)
+    return steps, ours.flops_per_token(), None
+
+
+def profile_step(step, rows: int = 12) -> list[dict]:
+    """torch.profiler's top ops of one step by self CPU time: where the step's time goes."""
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1),
+             "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in events[:rows]]
+
+
+def measure(args, dtype: str) -> dict:
+    peak = matmul_peak_flops(DTYPES[dtype])
+    steps, flops_per_token, missing = contenders(args, dtype)
+    medians = median_step_times(steps, args.steps, args.warmup)
+    peak = max(peak, matmul_peak_flops(DTYPES[dtype]))  # again at the end: the clock may have changed
+    tokens = args.batch_size * args.block_size
+    tps = {name: tokens / seconds for name, seconds in medians.items()}
+    result = {"matmul_peak_flops": round(peak), "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+              "model_flops_utilization": {k: round(v * flops_per_token / peak, 3) for k, v in tps.items()},
+              "lmlab_vs_transformers": round(tps["lmlab"] / tps["transformers"], 3)}
+    if "litgpt" in tps:
+        result["lmlab_vs_litgpt"] = round(tps["lmlab"] / tps["litgpt"], 3)
+    else:
+        result["litgpt_missing"] = missing
+    result["goals"] = {"lmlab >= 1.3x transformers": result["lmlab_vs_transformers"] >= 1.3,
+                       "lmlab >= litgpt": result.get("lmlab_vs_litgpt", 0) >= 1.0,
+                       "MFU >= 0.7": result["model_flops_utilization"]["lmlab"] >= 0.7}
+    if args.profile:
+        result["lmlab_profile"] = profile_step(steps["lmlab"])
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per model and dtype (the median is kept)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     ap.add_argument("--n-layer", type=int, default=6)
     ap.add_argument("--n-head", type=int, default=6)
     ap.add_argument("--n-embd", type=int, default=384)
     ap.add_argument("--block-size", type=int, default=256)
-    ap.add_argument("--vocab-size", type=int, default=65)
+    ap.add_argument("--vocab-size", type=int, default=50304)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--compile", action="store_true", help="also time lmlab's model under torch.compile "
-                                                           "(train.compile: true); compiling takes about a minute")
+    ap.add_argument("--profile", action="store_true", help="add torch.profiler's top ops of lmlab's step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = TransformerConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                            n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
-    x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size))
-    y = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size))
-    tokens = args.batch_size * args.block_size
-
-    peak = matmul_peak_flops()
-    ours = Transformer(cfg)
-    flops_per_token = ours.flops_per_token()
-    hf_cfg = GPT2Config(vocab_size=args.vocab_size, n_positions=args.block_size, n_embd=args.n_embd,
-                        n_layer=args.n_layer, n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=None, eos_token_id=None)
-    theirs = GPT2LMHeadModel(hf_cfg)
-
-    def hf_loss(m, a, b):
-        # Same objective as ours: logits at t predict b[t] (GPT2LMHeadModel's `labels` would shift by one).
-        logits = m(a).logits
-        return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), b.view(-1))
-
-    steps = {"lmlab": make_step(ours, lambda m, a, b: m(a, b)[1], (x, y)),
-             "transformers": make_step(theirs, hf_loss, (x, y))}
-    if args.compile:
-        compiled = Transformer(cfg)
-        steps["lmlab_compiled"] = make_step(torch.compile(compiled), lambda m, a, b: m(a, b)[1], (x, y))
-        steps["lmlab_compiled"]()  # compile outside the timed steps
-    medians = median_step_times(steps, args.steps, args.warmup)
-    t_ours, t_hf = medians["lmlab"], medians["transformers"]
-    peak = max(peak, matmul_peak_flops())  # again at the end: the clock may have changed during the run
-
-    ours_tps, hf_tps = tokens / t_ours, tokens / t_hf
-    extra = {}
-    if args.compile:
-        compiled_tps = tokens / medians["lmlab_compiled"]
-        extra = {"lmlab_compiled_tokens_per_s": round(compiled_tps, 1),
-                 "compiled_speedup": round(compiled_tps / hf_tps, 3),
-                 "lmlab_compiled_model_flops_utilization": round(compiled_tps * flops_per_token / peak, 3)}
+    load_before = os.getloadavg()
+    results = {dtype: measure(args, dtype) for dtype in args.dtypes.split(",")}
     print(json.dumps({
         "benchmark": "train_throughput",
         "shape": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
                   "block_size": args.block_size, "vocab_size": args.vocab_size, "batch_size": args.batch_size},
-        "threads": args.threads, "dtype": "float32", "torch": torch.__version__, "machine": platform.machine(),
-        "lmlab_tokens_per_s": round(ours_tps, 1),
-        "transformers_tokens_per_s": round(hf_tps, 1),
-        "speedup": round(ours_tps / hf_tps, 3),
-        "model_flops_per_token": flops_per_token,
-        "matmul_peak_flops": round(peak),
-        "lmlab_model_flops_utilization": round(ours_tps * flops_per_token / peak, 3),
-        "transformers_model_flops_utilization": round(hf_tps * flops_per_token / peak, 3),
-        **extra,
+        "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(),
+        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "model_flops_per_token": Transformer(TransformerConfig(
+            vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+            n_embd=args.n_embd)).flops_per_token(),
+        **results,
     }, indent=2))
 
 
