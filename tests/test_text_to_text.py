@@ -122,3 +122,22 @@ def test_loglikelihood_tasks_refuse_an_encoder_decoder():
     lm = LM(_tiny_t5(300), t5_tokenizer(["a b c"] * 10, 300, 2), progress=False)
     with pytest.raises(LmlabError, match="scores it by generation"):
         lm.loglikelihood([("a", " b")])
+
+
+def test_experiment_steps_one_count_or_one_per_task(tmp_path):
+    from lmlab.experiments.t5 import task_steps
+    names = ("sst2", "rte", "stsb")
+    assert task_steps("800", names) == {"sst2": 800, "rte": 800, "stsb": 800}
+    assert task_steps("sst2=800,rte=200,stsb=300", names) == {"sst2": 800, "rte": 200, "stsb": 300}
+    assert task_steps("300,sst2=800", names) == {"sst2": 800, "rte": 300, "stsb": 300}  # a default, then overrides
+    for spec, message in (("sst2=800", "no steps for rte, stsb"), ("cola=5,100", "cola not in --tasks"),
+                          ("sst2=0,100", "not a positive step count"), ("many", "not a positive step count")):
+        with pytest.raises(LmlabError, match=message):
+            task_steps(spec, names)
+    # the CLI refuses before it writes anything
+    done = subprocess.run([sys.executable, "-m", "lmlab", "t5-experiment", "--tasks", "sst2,rte", "--finetune-steps",
+                           "sst2=800", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("lmlab t5-experiment: error:")
+    assert "no steps for rte" in done.stderr and not (tmp_path / "work").exists()

@@ -78,6 +78,24 @@ def _finetune(base: T5FinetuneSettings, name: str, **changes) -> dict:
     return t5_finetune(s, command="lmlab t5-finetune " + " ".join(flags) + (" --random-init" if s.random_init else ""))
 
 
+def task_steps(spec: str, names) -> dict[str, int]:
+    """--finetune-steps: one count for every task ("800") or one per task ("sst2=800,rte=200,..."), since a task
+    of 2.5k examples (RTE) overfits in the steps a task of 67k (SST-2) needs to be learnt from random weights."""
+    steps = {}
+    for item in comma_list(spec):
+        task, _, count = item.rpartition("=")
+        if not count.isdigit() or int(count) < 1:
+            raise LmlabError(f"--finetune-steps {spec!r}: {item!r} is not a positive step count; write 800 or "
+                             f"sst2=800,rte=200")
+        for name in ([task] if task else names):
+            steps[name] = int(count)
+    unknown, missing = sorted(set(steps) - set(names)), [n for n in names if n not in steps]
+    if unknown or missing:
+        raise LmlabError(f"--finetune-steps {spec!r}: " + (f"{', '.join(unknown)} not in --tasks" if unknown else
+                         f"no steps for {', '.join(missing)}") + "; give one count, or one per task of --tasks")
+    return steps
+
+
 def _score(results: dict, task: str) -> float:
     for row in results["eval"]:
         if row["task"] == f"t5_{task}" and row["metric"] == MAIN_METRIC[task]:
@@ -86,9 +104,9 @@ def _score(results: dict, task: str) -> float:
 
 
 def run_t5_experiment(out: str = "docs/results/t5", work: str = "runs/t5-experiment", tasks: str = "sst2,rte,stsb,cola",
-                      config: str = "t5-small-cpu", pretrain_minutes: float = 8.0, finetune_steps: int = 150,
+                      config: str = "t5-small-cpu", pretrain_minutes: float = 8.0, finetune_steps: str = "150",
                       mixture_steps: int = 300, batch_size: int = 32, lr: float = 2e-3, mixing_cap: int = 2000,
-                      eval_limit: int | None = 500, data_dir: str | None = None, threads: int | None = None,
+                      eval_limit: int | None = None, data_dir: str | None = None, threads: int | None = None,
                       command: str | None = None) -> dict:
     """Pretrain a small T5 by span corruption, fine-tune it text to text on each task and on their mixture, and
     the same architecture from random weights; write t5.json, t5.md and t5.png to `out`.
@@ -99,18 +117,20 @@ def run_t5_experiment(out: str = "docs/results/t5", work: str = "runs/t5-experim
         tasks: comma-separated GLUE tasks with a text-to-text rendering
         config: the pretraining config (a name in lmlab/configs or a YAML file)
         pretrain_minutes: span-corruption pretraining time
-        finetune_steps: optimizer steps of each single-task fine-tuning
+        finetune_steps: optimizer steps of each single-task fine-tuning: one count, or one per task
+            (sst2=800,rte=200,stsb=300,cola=300); the random-init baseline gets the same
         mixture_steps: optimizer steps of the multi-task fine-tuning
         batch_size: examples per fine-tuning step
         lr: fine-tuning peak learning rate
         mixing_cap: examples-proportional mixing cap of the multi-task run
-        eval_limit: dev examples scored per task (None: all)
+        eval_limit: dev examples scored per task (default: the full dev sets)
         data_dir: folder with the data (default: $LMLAB_DATA, else $LMLAB_HOME/data)
         threads: CPU threads for torch
     """
     names = comma_list(tasks)
     for name in names:
         rendering(name)
+    steps = task_steps(finetune_steps, names)
     work_dir, out_dir = Path(work), Path(out)
     work_dir.mkdir(parents=True, exist_ok=True)
     corpus = work_dir / "corpus.txt"
@@ -118,13 +138,14 @@ def run_t5_experiment(out: str = "docs/results/t5", work: str = "runs/t5-experim
         (work_dir / "corpus.json").read_text())
     atomic_write_json(work_dir / "corpus.json", counts)
     pretrained, pre_info = _pretrain(work_dir, corpus, pretrain_minutes, config, threads)
-    base = T5FinetuneSettings(model=str(pretrained), max_steps=finetune_steps, batch_size=batch_size, lr=lr,
+    base = T5FinetuneSettings(model=str(pretrained), max_steps=max(steps.values()), batch_size=batch_size, lr=lr,
                               eval_limit=eval_limit, data_dir=data_dir, out=str(work_dir), threads=threads,
                               max_source=128, dtype="bfloat16", no_progress=False)
     runs = {}
     for name in names:
         for init in ("pretrained", "random"):
-            runs[f"{name}-{init}"] = _finetune(base, f"{name}-{init}", tasks=name, random_init=init == "random")
+            runs[f"{name}-{init}"] = _finetune(base, f"{name}-{init}", tasks=name, max_steps=steps[name],
+                                               random_init=init == "random")
     runs["mixture"] = _finetune(base, "mixture", tasks=",".join(names), mixing_cap=mixing_cap,
                                 max_steps=mixture_steps)
     rows = [{"task": n, "metric": MAIN_METRIC[n], "random": _score(runs[f"{n}-random"], n),
