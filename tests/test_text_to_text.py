@@ -141,3 +141,15 @@ def test_experiment_steps_one_count_or_one_per_task(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("lmlab t5-experiment: error:")
     assert "no steps for rte" in done.stderr and not (tmp_path / "work").exists()
+
+
+def test_experiment_table_gives_steps_dev_size_and_standard_errors(tmp_path):
+    from lmlab.experiments.t5 import plot_t5, t5_markdown
+    pre = {"params": 9.97e6, "steps": 298, "tokens": 1.5e6, "elapsed_s": 1800.0, "val_loss": 5.54}
+    rows = [{"task": "sst2", "metric": "acc", "random": 0.516, "pretrained": 0.6, "multi_task": 0.55, "gain": 0.084,
+             "steps": 800, "dev_examples": 872, "stderr": {"random": 0.0169, "pretrained": 0.0166, "multi_task": None}}]
+    table = t5_markdown({"pretrain": {"summary": pre}, "rows": rows})
+    assert "| sst2 | acc | 872 | 800 | 51.6 ± 1.7 | 60.0 ± 1.7 | +8.4 | 55.0 |" in table
+    assert "10.0M parameters, 298 steps, 1.50M tokens in 30.0 min, validation loss 5.54" in table
+    plot_t5({"rows": rows}, tmp_path / "t5.png")
+    assert (tmp_path / "t5.png").stat().st_size > 1000

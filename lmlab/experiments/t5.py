@@ -96,10 +96,10 @@ def task_steps(spec: str, names) -> dict[str, int]:
     return steps
 
 
-def _score(results: dict, task: str) -> float:
+def _score(results: dict, task: str, key: str = "value") -> float:
     for row in results["eval"]:
         if row["task"] == f"t5_{task}" and row["metric"] == MAIN_METRIC[task]:
-            return row["value"]
+            return row[key]
     raise LmlabError(f"no {MAIN_METRIC[task]} of t5_{task} in the results")
 
 
@@ -149,8 +149,10 @@ def run_t5_experiment(out: str = "docs/results/t5", work: str = "runs/t5-experim
     runs["mixture"] = _finetune(base, "mixture", tasks=",".join(names), mixing_cap=mixing_cap,
                                 max_steps=mixture_steps)
     rows = [{"task": n, "metric": MAIN_METRIC[n], "random": _score(runs[f"{n}-random"], n),
-             "pretrained": _score(runs[f"{n}-pretrained"], n), "multi_task": _score(runs["mixture"], n)}
-            for n in names]
+             "pretrained": _score(runs[f"{n}-pretrained"], n), "multi_task": _score(runs["mixture"], n),
+             "steps": steps[n], "dev_examples": _score(runs[f"{n}-random"], n, "n"),
+             "stderr": {k: _score(runs[run], n, "stderr") for k, run in (("random", f"{n}-random"),
+                        ("pretrained", f"{n}-pretrained"), ("multi_task", "mixture"))}} for n in names]
     for r in rows:
         r["gain"] = r["pretrained"] - r["random"]
     summary = {"rows": rows, "corpus": counts, "pretrain": pre_info, "runs": {k: {"command": v["command"],
@@ -165,13 +167,18 @@ def t5_markdown(summary: dict) -> str:
     lines = [f"Span-corruption pretraining: {pre['params'] / 1e6:.1f}M parameters, {pre['steps']} steps, "
              f"{pre['tokens'] / 1e6:.2f}M tokens in {pre['elapsed_s'] / 60:.1f} min, validation loss "
              f"{pre['val_loss']:.2f}.", "",
-             "| task | metric | random init | pretrained | gain (points) | multi-task (pretrained) |",
-             "|---|---|---|---|---|---|"]
+             "| task | metric | dev examples | steps | random init | pretrained | gain (points) | "
+             "multi-task (pretrained) |", "|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
-        lines.append(f"| {r['task']} | {r['metric']} | {100 * r['random']:.1f} | {100 * r['pretrained']:.1f} | "
-                     f"{100 * r['gain']:+.1f} | {100 * r['multi_task']:.1f} |")
-    lines += ["", "Metrics x 100 on the dev sets, scored by generation through the evaluation harness "
-              "(exact match of the answer text; the GLUE metric of the parsed answers)."]
+        err = r.get("stderr", {})
+
+        def cell(key):
+            return f"{100 * r[key]:.1f}" + (f" ± {100 * err[key]:.1f}" if err.get(key) is not None else "")
+        lines.append(f"| {r['task']} | {r['metric']} | {r.get('dev_examples', '')} | {r.get('steps', '')} | "
+                     f"{cell('random')} | {cell('pretrained')} | {100 * r['gain']:+.1f} | {cell('multi_task')} |")
+    lines += ["", "Metrics x 100 (± the harness's standard error) on the dev sets, scored by generation through the "
+              "evaluation harness (exact match of the answer text; the GLUE metric of the parsed answers); steps: "
+              "the fine-tuning steps of both single-task runs."]
     return "\n".join(lines) + "\n"
 
 
