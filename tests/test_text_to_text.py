@@ -153,3 +153,30 @@ def test_experiment_table_gives_steps_dev_size_and_standard_errors(tmp_path):
     assert "10.0M parameters, 298 steps, 1.50M tokens in 30.0 min, validation loss 5.54" in table
     plot_t5({"rows": rows}, tmp_path / "t5.png")
     assert (tmp_path / "t5.png").stat().st_size > 1000
+
+
+def test_experiment_collect_reports_the_finished_runs_only(tmp_path):
+    from lmlab.experiments.t5 import run_t5_experiment
+    work = tmp_path / "work"
+    with pytest.raises(LmlabError, match="has not finished"):
+        run_t5_experiment(out=str(tmp_path / "out"), work=str(work), tasks="sst2,rte", collect=True)
+    pre = {"params": 9.97e6, "steps": 298, "tokens": 1.5e6, "elapsed_s": 1804.7, "val_loss": 5.54}
+    (work / "pretrain").mkdir(parents=True)
+    (work / "pretrain/params.json").write_text(json.dumps({"summary": pre, "command": "lmlab train ..."}))
+    (work / "corpus.json").write_text(json.dumps({"wikitext-2/valid.txt": 10}))
+    for run, task, acc in (("sst2-random", "sst2", 0.516), ("sst2-pretrained", "sst2", 0.518),
+                           ("rte-pretrained", "rte", 0.448)):
+        (work / run).mkdir()
+        (work / run / "results.json").write_text(json.dumps({
+            "command": f"lmlab t5-finetune --out {run}", "train": {}, "train_examples": {task: 1},
+            "eval": [{"task": f"t5_{task}", "metric": "acc", "value": acc, "stderr": 0.017, "n": 872}]}))
+    summary = run_t5_experiment(out=str(tmp_path / "out"), work=str(work), tasks="sst2,rte",
+                                finetune_steps="sst2=800,rte=200", collect=True)
+    sst2, rte = summary["rows"]
+    assert sst2["gain"] == pytest.approx(0.002) and sst2["multi_task"] is None and sst2["steps"] == 800
+    assert rte["random"] is None and rte["gain"] is None and rte["pretrained"] == 0.448
+    table = (tmp_path / "out/t5.md").read_text()
+    assert "| sst2 | acc | 872 | 800 | 51.6 ± 1.7 | 51.8 ± 1.7 | +0.2 | not run |" in table
+    assert "| rte | acc | 872 | 200 | not run | 44.8 ± 1.7 |  | not run |" in table
+    assert sorted(summary["runs"]) == ["rte-pretrained", "sst2-pretrained", "sst2-random"]
+    assert (tmp_path / "out/t5.png").is_file()
