@@ -6,14 +6,16 @@ tokens, targets of --target-len), in alternation (median of --steps), in fp32 an
 reports training tokens/s (input + target tokens) of each and their ratio.
 
     python bench/t5_throughput.py [--threads 2] [--steps 6] [--warmup 2]   # defaults: configs/t5-small-cpu
+    python bench/t5_throughput.py --config t5-10m-cpu                      # the experiment's 10M shape
 
-Prints one JSON object.
+Prints one JSON object, with the load average before and after (the machine is shared: only the ratios hold).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -52,7 +54,7 @@ def main():
     x = torch.randint(3, args.vocab_size, (args.batch_size, args.input_len))
     y = torch.randint(3, args.vocab_size, (args.batch_size, args.target_len))
     tokens = args.batch_size * (args.input_len + args.target_len)
-    results = {}
+    results, load_before = {}, os.getloadavg()
     for precision in ("float32", "bfloat16"):
         autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bfloat16")
 
@@ -75,7 +77,9 @@ def main():
                   "n_embd": config.n_embd, "n_head": config.n_head, "head_size": config.head_dim,
                   "intermediate_size": config.intermediate_size, "vocab_size": args.vocab_size,
                   "batch_size": args.batch_size, "input_len": args.input_len, "target_len": args.target_len},
-        "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(), **results,
+        "threads": args.threads, "load_average": {"before": [round(v, 2) for v in load_before],
+                                                    "after": [round(v, 2) for v in os.getloadavg()]},
+        "torch": torch.__version__, "machine": platform.machine(), **results,
     }, indent=2))
 
 

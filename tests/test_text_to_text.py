@@ -122,3 +122,61 @@ def test_loglikelihood_tasks_refuse_an_encoder_decoder():
     lm = LM(_tiny_t5(300), t5_tokenizer(["a b c"] * 10, 300, 2), progress=False)
     with pytest.raises(LmlabError, match="scores it by generation"):
         lm.loglikelihood([("a", " b")])
+
+
+def test_experiment_steps_one_count_or_one_per_task(tmp_path):
+    from lmlab.experiments.t5 import task_steps
+    names = ("sst2", "rte", "stsb")
+    assert task_steps("800", names) == {"sst2": 800, "rte": 800, "stsb": 800}
+    assert task_steps("sst2=800,rte=200,stsb=300", names) == {"sst2": 800, "rte": 200, "stsb": 300}
+    assert task_steps("300,sst2=800", names) == {"sst2": 800, "rte": 300, "stsb": 300}  # a default, then overrides
+    for spec, message in (("sst2=800", "no steps for rte, stsb"), ("cola=5,100", "cola not in --tasks"),
+                          ("sst2=0,100", "not a positive step count"), ("many", "not a positive step count")):
+        with pytest.raises(LmlabError, match=message):
+            task_steps(spec, names)
+    # the CLI refuses before it writes anything
+    done = subprocess.run([sys.executable, "-m", "lmlab", "t5-experiment", "--tasks", "sst2,rte", "--finetune-steps",
+                           "sst2=800", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("lmlab t5-experiment: error:")
+    assert "no steps for rte" in done.stderr and not (tmp_path / "work").exists()
+
+
+def test_experiment_table_gives_steps_dev_size_and_standard_errors(tmp_path):
+    from lmlab.experiments.t5 import plot_t5, t5_markdown
+    pre = {"params": 9.97e6, "steps": 298, "tokens": 1.5e6, "elapsed_s": 1800.0, "val_loss": 5.54}
+    rows = [{"task": "sst2", "metric": "acc", "random": 0.516, "pretrained": 0.6, "multi_task": 0.55, "gain": 0.084,
+             "steps": 800, "dev_examples": 872, "stderr": {"random": 0.0169, "pretrained": 0.0166, "multi_task": None}}]
+    table = t5_markdown({"pretrain": {"summary": pre}, "rows": rows})
+    assert "| sst2 | acc | 872 | 800 | 51.6 ± 1.7 | 60.0 ± 1.7 | +8.4 | 55.0 |" in table
+    assert "10.0M parameters, 298 steps, 1.50M tokens in 30.0 min, validation loss 5.54" in table
+    plot_t5({"rows": rows}, tmp_path / "t5.png")
+    assert (tmp_path / "t5.png").stat().st_size > 1000
+
+
+def test_experiment_collect_reports_the_finished_runs_only(tmp_path):
+    from lmlab.experiments.t5 import run_t5_experiment
+    work = tmp_path / "work"
+    with pytest.raises(LmlabError, match="has not finished"):
+        run_t5_experiment(out=str(tmp_path / "out"), work=str(work), tasks="sst2,rte", collect=True)
+    pre = {"params": 9.97e6, "steps": 298, "tokens": 1.5e6, "elapsed_s": 1804.7, "val_loss": 5.54}
+    (work / "pretrain").mkdir(parents=True)
+    (work / "pretrain/params.json").write_text(json.dumps({"summary": pre, "command": "lmlab train ..."}))
+    (work / "corpus.json").write_text(json.dumps({"wikitext-2/valid.txt": 10}))
+    for run, task, acc in (("sst2-random", "sst2", 0.516), ("sst2-pretrained", "sst2", 0.518),
+                           ("rte-pretrained", "rte", 0.448)):
+        (work / run).mkdir()
+        (work / run / "results.json").write_text(json.dumps({
+            "command": f"lmlab t5-finetune --out {run}", "train": {}, "train_examples": {task: 1},
+            "eval": [{"task": f"t5_{task}", "metric": "acc", "value": acc, "stderr": 0.017, "n": 872}]}))
+    summary = run_t5_experiment(out=str(tmp_path / "out"), work=str(work), tasks="sst2,rte",
+                                finetune_steps="sst2=800,rte=200", collect=True)
+    sst2, rte = summary["rows"]
+    assert sst2["gain"] == pytest.approx(0.002) and sst2["multi_task"] is None and sst2["steps"] == 800
+    assert rte["random"] is None and rte["gain"] is None and rte["pretrained"] == 0.448
+    table = (tmp_path / "out/t5.md").read_text()
+    assert "| sst2 | acc | 872 | 800 | 51.6 ± 1.7 | 51.8 ± 1.7 | +0.2 | not run |" in table
+    assert "| rte | acc | 872 | 200 | not run | 44.8 ± 1.7 |  | not run |" in table
+    assert sorted(summary["runs"]) == ["rte-pretrained", "sst2-pretrained", "sst2-random"]
+    assert (tmp_path / "out/t5.png").is_file()

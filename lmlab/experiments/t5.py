@@ -78,18 +78,48 @@ def _finetune(base: T5FinetuneSettings, name: str, **changes) -> dict:
     return t5_finetune(s, command="lmlab t5-finetune " + " ".join(flags) + (" --random-init" if s.random_init else ""))
 
 
-def _score(results: dict, task: str) -> float:
+def task_steps(spec: str, names) -> dict[str, int]:
+    """--finetune-steps: one count for every task ("800") or one per task ("sst2=800,rte=200,..."), since a task
+    of 2.5k examples (RTE) overfits in the steps a task of 67k (SST-2) needs to be learnt from random weights."""
+    steps = {}
+    for item in comma_list(spec):
+        task, _, count = item.rpartition("=")
+        if not count.isdigit() or int(count) < 1:
+            raise LmlabError(f"--finetune-steps {spec!r}: {item!r} is not a positive step count; write 800 or "
+                             f"sst2=800,rte=200")
+        for name in ([task] if task else names):
+            steps[name] = int(count)
+    unknown, missing = sorted(set(steps) - set(names)), [n for n in names if n not in steps]
+    if unknown or missing:
+        raise LmlabError(f"--finetune-steps {spec!r}: " + (f"{', '.join(unknown)} not in --tasks" if unknown else
+                         f"no steps for {', '.join(missing)}") + "; give one count, or one per task of --tasks")
+    return steps
+
+
+def _score(results: dict, task: str, key: str = "value") -> float:
     for row in results["eval"]:
         if row["task"] == f"t5_{task}" and row["metric"] == MAIN_METRIC[task]:
-            return row["value"]
+            return row[key]
     raise LmlabError(f"no {MAIN_METRIC[task]} of t5_{task} in the results")
 
 
+def _row(runs: dict, task: str, steps: int) -> dict:
+    """One task's row of the table; a run that has not finished (--collect) leaves its cells None."""
+    keys = {"random": f"{task}-random", "pretrained": f"{task}-pretrained", "multi_task": "mixture"}
+    done = {k: runs[run] for k, run in keys.items() if run in runs}
+    row = {"task": task, "metric": MAIN_METRIC[task], "steps": steps,
+           **{k: _score(done[k], task) if k in done else None for k in keys},
+           "stderr": {k: _score(done[k], task, "stderr") if k in done else None for k in keys},
+           "dev_examples": next((_score(r, task, "n") for r in done.values()), None)}
+    row["gain"] = None if None in (row["random"], row["pretrained"]) else row["pretrained"] - row["random"]
+    return row
+
+
 def run_t5_experiment(out: str = "docs/results/t5", work: str = "runs/t5-experiment", tasks: str = "sst2,rte,stsb,cola",
-                      config: str = "t5-small-cpu", pretrain_minutes: float = 8.0, finetune_steps: int = 150,
+                      config: str = "t5-small-cpu", pretrain_minutes: float = 8.0, finetune_steps: str = "150",
                       mixture_steps: int = 300, batch_size: int = 32, lr: float = 2e-3, mixing_cap: int = 2000,
-                      eval_limit: int | None = 500, data_dir: str | None = None, threads: int | None = None,
-                      command: str | None = None) -> dict:
+                      eval_limit: int | None = None, data_dir: str | None = None, threads: int | None = None,
+                      collect: bool = False, command: str | None = None) -> dict:
     """Pretrain a small T5 by span corruption, fine-tune it text to text on each task and on their mixture, and
     the same architecture from random weights; write t5.json, t5.md and t5.png to `out`.
 
@@ -99,39 +129,39 @@ def run_t5_experiment(out: str = "docs/results/t5", work: str = "runs/t5-experim
         tasks: comma-separated GLUE tasks with a text-to-text rendering
         config: the pretraining config (a name in lmlab/configs or a YAML file)
         pretrain_minutes: span-corruption pretraining time
-        finetune_steps: optimizer steps of each single-task fine-tuning
+        finetune_steps: optimizer steps of each single-task fine-tuning: one count, or one per task
+            (sst2=800,rte=200,stsb=300,cola=300); the random-init baseline gets the same
         mixture_steps: optimizer steps of the multi-task fine-tuning
         batch_size: examples per fine-tuning step
         lr: fine-tuning peak learning rate
         mixing_cap: examples-proportional mixing cap of the multi-task run
-        eval_limit: dev examples scored per task (None: all)
+        eval_limit: dev examples scored per task (default: the full dev sets)
         data_dir: folder with the data (default: $LMLAB_DATA, else $LMLAB_HOME/data)
         threads: CPU threads for torch
+        collect: run nothing: write the report from the runs in --work that have finished (the others blank)
     """
     names = comma_list(tasks)
     for name in names:
         rendering(name)
+    steps = task_steps(finetune_steps, names)
     work_dir, out_dir = Path(work), Path(out)
     work_dir.mkdir(parents=True, exist_ok=True)
     corpus = work_dir / "corpus.txt"
-    counts = write_corpus(corpus, names, data_dir) if not corpus.is_file() else json.loads(
-        (work_dir / "corpus.json").read_text())
-    atomic_write_json(work_dir / "corpus.json", counts)
-    pretrained, pre_info = _pretrain(work_dir, corpus, pretrain_minutes, config, threads)
-    base = T5FinetuneSettings(model=str(pretrained), max_steps=finetune_steps, batch_size=batch_size, lr=lr,
-                              eval_limit=eval_limit, data_dir=data_dir, out=str(work_dir), threads=threads,
-                              max_source=128, dtype="bfloat16", no_progress=False)
-    runs = {}
-    for name in names:
-        for init in ("pretrained", "random"):
-            runs[f"{name}-{init}"] = _finetune(base, f"{name}-{init}", tasks=name, random_init=init == "random")
-    runs["mixture"] = _finetune(base, "mixture", tasks=",".join(names), mixing_cap=mixing_cap,
-                                max_steps=mixture_steps)
-    rows = [{"task": n, "metric": MAIN_METRIC[n], "random": _score(runs[f"{n}-random"], n),
-             "pretrained": _score(runs[f"{n}-pretrained"], n), "multi_task": _score(runs["mixture"], n)}
-            for n in names]
-    for r in rows:
-        r["gain"] = r["pretrained"] - r["random"]
+    if collect:
+        if not (work_dir / "pretrain" / "params.json").is_file():
+            raise LmlabError(f"--collect: {work_dir / 'pretrain'} has not finished; run without --collect first")
+        pre_info = json.loads((work_dir / "pretrain" / "params.json").read_text())
+        runs = {k: json.loads((work_dir / k / "results.json").read_text()) for k in
+                [f"{n}-{init}" for n in names for init in ("pretrained", "random")] + ["mixture"]
+                if (work_dir / k / "results.json").is_file()}
+        counts = json.loads((work_dir / "corpus.json").read_text())
+    else:
+        counts = write_corpus(corpus, names, data_dir) if not corpus.is_file() else json.loads(
+            (work_dir / "corpus.json").read_text())
+        atomic_write_json(work_dir / "corpus.json", counts)
+        pre_info, runs = _run_all(work_dir, corpus, names, steps, pretrain_minutes, config, threads, batch_size, lr,
+                                  eval_limit, data_dir, mixing_cap, mixture_steps)
+    rows = [_row(runs, n, steps[n]) for n in names]
     summary = {"rows": rows, "corpus": counts, "pretrain": pre_info, "runs": {k: {"command": v["command"],
                "train": v["train"], "eval": v["eval"], "train_examples": v["train_examples"]}
                for k, v in runs.items()}, "command": command}
@@ -139,18 +169,43 @@ def run_t5_experiment(out: str = "docs/results/t5", work: str = "runs/t5-experim
     return summary
 
 
+def _run_all(work_dir, corpus, names, steps, pretrain_minutes, config, threads, batch_size, lr, eval_limit,
+             data_dir, mixing_cap, mixture_steps) -> tuple[dict, dict]:
+    """Pretrain, then every fine-tune; runs that have finished are read back, not run again."""
+    pretrained, pre_info = _pretrain(work_dir, corpus, pretrain_minutes, config, threads)
+    base = T5FinetuneSettings(model=str(pretrained), max_steps=max(steps.values()), batch_size=batch_size, lr=lr,
+                              eval_limit=eval_limit, data_dir=data_dir, out=str(work_dir), threads=threads,
+                              max_source=128, dtype="bfloat16", no_progress=False)
+    runs = {}
+    for name in names:
+        for init in ("pretrained", "random"):
+            runs[f"{name}-{init}"] = _finetune(base, f"{name}-{init}", tasks=name, max_steps=steps[name],
+                                               random_init=init == "random")
+    runs["mixture"] = _finetune(base, "mixture", tasks=",".join(names), mixing_cap=mixing_cap,
+                                max_steps=mixture_steps)
+    return pre_info, runs
+
+
 def t5_markdown(summary: dict) -> str:
     pre = summary["pretrain"]["summary"]
     lines = [f"Span-corruption pretraining: {pre['params'] / 1e6:.1f}M parameters, {pre['steps']} steps, "
              f"{pre['tokens'] / 1e6:.2f}M tokens in {pre['elapsed_s'] / 60:.1f} min, validation loss "
              f"{pre['val_loss']:.2f}.", "",
-             "| task | metric | random init | pretrained | gain (points) | multi-task (pretrained) |",
-             "|---|---|---|---|---|---|"]
+             "| task | metric | dev examples | steps | random init | pretrained | gain (points) | "
+             "multi-task (pretrained) |", "|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
-        lines.append(f"| {r['task']} | {r['metric']} | {100 * r['random']:.1f} | {100 * r['pretrained']:.1f} | "
-                     f"{100 * r['gain']:+.1f} | {100 * r['multi_task']:.1f} |")
-    lines += ["", "Metrics x 100 on the dev sets, scored by generation through the evaluation harness "
-              "(exact match of the answer text; the GLUE metric of the parsed answers)."]
+        err = r.get("stderr", {})
+
+        def cell(key):
+            if r[key] is None:
+                return "not run"
+            return f"{100 * r[key]:.1f}" + (f" ± {100 * err[key]:.1f}" if err.get(key) is not None else "")
+        gain = "" if r["gain"] is None else f"{100 * r['gain']:+.1f}"
+        lines.append(f"| {r['task']} | {r['metric']} | {r.get('dev_examples', '')} | {r.get('steps', '')} | "
+                     f"{cell('random')} | {cell('pretrained')} | {gain} | {cell('multi_task')} |")
+    lines += ["", "Metrics x 100 (± the harness's standard error) on the dev sets, scored by generation through the "
+              "evaluation harness (exact match of the answer text; the GLUE metric of the parsed answers); steps: "
+              "the fine-tuning steps of both single-task runs."]
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +216,8 @@ def plot_t5(summary: dict, path: Path) -> None:
     width = 0.27
     for k, (key, label) in enumerate((("random", "random init"), ("pretrained", "pretrained"),
                                       ("multi_task", "pretrained, multi-task"))):
-        ax.bar([i + (k - 1) * width for i in range(len(rows))], [100 * r[key] for r in rows], width, label=label)
+        heights = [float("nan") if r[key] is None else 100 * r[key] for r in rows]  # a run not finished: no bar
+        ax.bar([i + (k - 1) * width for i in range(len(rows))], heights, width, label=label)
     ax.set_xticks(range(len(rows)), [f"{r['task']}\n({r['metric']})" for r in rows])
     ax.set_ylabel("dev metric x 100")
     ax.set_title("T5 text to text: span-corruption pretraining vs random weights")
