@@ -45,6 +45,7 @@ from lmlab.models.hub import list_models, load_pretrained, pull
 from lmlab.models.quantize import InferenceSettings, check_device
 from lmlab.training.classification import finetune
 from lmlab.training.config import load_config
+from lmlab.training.elmo import elmo
 from lmlab.training.pretrain import train as pretrain
 from lmlab.training.sft import run_dpo, run_sft
 from lmlab.training.text_to_text import t5_finetune
@@ -366,6 +367,7 @@ VERBS = [
     Verb("rag eval-retrieval", eval_retrieval, show=True),
     Verb("rag eval-answers", eval_answers, show=True),
     Verb("word2vec", word2vec),
+    Verb("elmo", elmo, hidden=("on_step",)),
 ]
 
 
