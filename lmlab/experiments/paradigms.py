@@ -345,13 +345,14 @@ LECTURE = {"BiLSTM+ELMo+Attn": {"sst2": 90.4, "cola": 36.0, "stsb": 73.3, "mrpc"
 @dataclass(frozen=True)
 class GlueRow:
     """A row of the GLUE table and its budget, chosen in advance: labels (None: all; else a seeded, balanced
-    subset), epochs and batch size (None: paradigms' `schedule`)."""
+    subset), epochs and batch size (None: paradigms' `schedule`); capped: whether --glue-labels applies."""
     name: str
     model: str
     method: str = "full"
     labels: int | None = None
     epochs: float | None = None
     batch_size: int | None = None
+    capped: bool = True
 
 
 GLUE_ROWS = {
@@ -360,8 +361,9 @@ GLUE_ROWS = {
     "elmo": GlueRow("BiLSTM + ELMo + Attn", "bilstm"),
     # SmolLM2 with a classification head (the last token) and LoRA: 135M parameters through every step on a CPU,
     # so 1,000 labels per task, one epoch, batches of 16.
-    "gpt": GlueRow("SmolLM2-135M-Instruct + head (LoRA)", LLM, "lora", labels=1000, epochs=1.0, batch_size=16),
-    "bert": GlueRow("all-MiniLM-L6-v2 (full)", ENCODER, epochs=1.0),
+    "gpt": GlueRow("SmolLM2-135M-Instruct + head (LoRA)", LLM, "lora", labels=1000, epochs=1.0, batch_size=16,
+                   capped=False),
+    "bert": GlueRow("all-MiniLM-L6-v2 (full)", ENCODER, epochs=1.0, capped=False),
 }
 
 
@@ -394,7 +396,7 @@ def run_glue(tasks: str = GLUE_TASKS, rows: str = ",".join(GLUE_ROWS), *, vector
              out: str | Path = "runs/paradigms/glue", work: str | Path = "runs/paradigms", seed: int = 0,
              epochs: float | None = None, data_dir=None, threads: int | None = None, keep_weights: bool = False,
              progress: bool = True, collect: bool = False, command: str | None = None) -> dict:
-    """The lecture's GLUE table: each row (GLUE_ROWS, its budget; `labels` caps every row's labels, `epochs` sets
+    """The lecture's GLUE table: each row (GLUE_ROWS, its budget; `labels` caps the BiLSTM rows' labels, `epochs` sets
     the epochs of the tasks under 10,000 examples) on each task, and the table, plot and JSON in `out`."""
     if threads:
         torch.set_num_threads(threads)
@@ -405,7 +407,7 @@ def run_glue(tasks: str = GLUE_TASKS, rows: str = ",".join(GLUE_ROWS), *, vector
     for key, row in plan:
         for task in names:
             data = load_task(task, data_dir)
-            n = min(x for x in (row.labels, labels, len(data.train)) if x is not None)
+            n = min(x for x in (row.labels, labels if row.capped else None, len(data.train)) if x is not None)
             r = _run(row.model, task, None if n == len(data.train) else n, row.method, len(data.train), work,
                      max_length=_max_length(task, data_dir), seed=seed, data_dir=data_dir, threads=threads,
                      keep_weights=keep_weights, progress=progress, collect=collect,
@@ -513,7 +515,7 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
         glue: instead: the GLUE table on these tasks (default sst2,rte,mrpc,cola,stsb)
         rows: with --glue: its rows, of bilstm, word2vec (needs --vectors), elmo (needs --elmo), gpt, bert
         elmo: with --glue: the biLM run (lmlab elmo) of the elmo row
-        glue_labels: with --glue: at most N labelled examples per run (default: each row's budget)
+        glue_labels: with --glue: at most N labelled examples per run of the BiLSTM rows (default: all)
         reuse: with --glue: take the finished runs of an earlier glue.json (same commands: not run again)
         epochs: with --glue: epochs for the tasks under 10,000 examples (default: the fixed budgets)
         collect: train nothing: tabulate the finished runs
