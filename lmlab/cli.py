@@ -357,8 +357,10 @@ VERBS = [
     Verb("serve", "lmlab.inference.server:serve"),
     Verb("embed", "lmlab.inference.embed:embed", show=True),
     Verb("rag index", "lmlab.apps.rag:rag_index", positional=("docs",), show=True),
-    Verb("rag ask", "lmlab.apps.rag:rag_ask", positional=("index", "question"), hidden=("stop_at_eos",), defaults=_RAG_DEFAULTS),
-    Verb("rag chat", "lmlab.apps.rag:rag_chat", positional=("index",), hidden=("stop_at_eos", "out"), defaults=_RAG_DEFAULTS),
+    Verb("rag ask", "lmlab.apps.rag:rag_ask", positional=("index", "question"), hidden=("stop_at_eos",),
+         defaults=_RAG_DEFAULTS),
+    Verb("rag chat", "lmlab.apps.rag:rag_chat", positional=("index",), hidden=("stop_at_eos", "out"),
+         defaults=_RAG_DEFAULTS),
     Verb("rag eval-retrieval", "lmlab.apps.rag_eval:eval_retrieval", show=True),
     Verb("rag eval-answers", "lmlab.apps.rag_eval:eval_answers", show=True),
     Verb("word2vec", "lmlab.training.word2vec:word2vec"),
@@ -367,6 +369,7 @@ VERBS = [
     Verb("lab induction", "lmlab.experiments.lab.induction:induction", show=True),
     Verb("lab grokking", "lmlab.experiments.lab.grokking:grokking", show=True),
     Verb("lab shots", "lmlab.experiments.lab.shots:zero_vs_few_shot", show=True),
+    Verb("elmo", "lmlab.training.elmo:elmo", hidden=("on_step",)),
 ]
 
 

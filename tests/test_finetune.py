@@ -343,16 +343,38 @@ def test_paradigms_table_and_plot(tmp_path):
 
 def test_glue_table_uses_glues_figures_per_task():
     """MRPC shows F1 then accuracy, CoLA its MCC alone; the average is GLUE's: each task's figures averaged,
-    then the tasks."""
+    then the tasks; a row without every task has no average; the lecture's rows are listed."""
     from lmlab.experiments.paradigms import glue_markdown
 
-    def run(task, metrics):
-        return {"task": task, "metrics": metrics, "main_metric": next(iter(metrics)), "parameters": 22_713_986,
-                "best": {"step": 10}, "labels": 100, "epochs": 1, "steps": 10, "train_seconds": 5.0,
-                "command": f"lmlab finetune --task {task}"}
+    def run(row, task, metrics):
+        return {"row": row, "task": task, "metrics": metrics, "main_metric": next(iter(metrics)),
+                "parameters": 22_713_986, "best": {"step": 10}, "labels": 100, "epochs": 1, "steps": 10,
+                "train_seconds": 5.0, "command": f"lmlab finetune --task {task}"}
 
-    table = glue_markdown({"model": "minilm-l6", "method": "full", "runs": [
-        run("mrpc", {"acc": 0.75, "f1": 0.83}), run("cola", {"mcc": 0.30, "acc": 0.70}),
-        run("stsb", {"pearson": 0.80, "spearman": 0.78})]})
+    table = glue_markdown({"tasks": ["mrpc", "cola", "stsb"], "rows": ["bert", "bilstm"], "runs": [
+        run("bert", "mrpc", {"acc": 0.75, "f1": 0.83}), run("bert", "cola", {"mcc": 0.30, "acc": 0.70}),
+        run("bert", "stsb", {"pearson": 0.80, "spearman": 0.78}), run("bilstm", "cola", {"mcc": 0.1, "acc": 0.7})],
+        "missing": ["BiLSTM (from scratch) on MRPC"]})
     assert "| MRPC (F1 / acc) | CoLA (MCC) | STS-B (Pearson / Spearman) | average |" in table
-    assert "| 83.0 / 75.0 | 30.0 | 80.0 / 78.0 | 62.7 |" in table  # (79 + 30 + 79) / 3
+    assert "| all-MiniLM-L6-v2 (full) | 83.0 / 75.0 | 30.0 | 80.0 / 78.0 | 62.7 |" in table  # (79 + 30 + 79) / 3
+    assert "| BiLSTM (from scratch) | not run | 10.0 | not run | - |" in table
+    assert "| *lecture: BERT-base* (GLUE test) | 88.9 | 52.1 | 85.8 | |" in table
+    assert "Not run (time): BiLSTM (from scratch) on MRPC." in table
+
+
+def test_glue_rows_need_their_inputs_and_adopt_earlier_runs(tmp_path):
+    from lmlab.experiments.paradigms import run_glue
+    data = _synthetic_stsb(_synthetic_sst2(tmp_path / "data"))
+    with pytest.raises(LmlabError, match="--rows elmo needs --elmo"):
+        run_glue("sst2", "bilstm,elmo", data_dir=data)
+    with pytest.raises(LmlabError, match="--rows nosuch: unknown row"):
+        run_glue("sst2", "nosuch", data_dir=data)
+    common = dict(out=tmp_path / "out", work=tmp_path / "work", data_dir=data, threads=1, progress=False)
+    first = run_glue("sst2", "bilstm", **common)
+    assert first["runs"][0]["metrics"]["acc"] > 0.9 and not any((tmp_path / "work").glob("*/ckpt"))
+    assert (tmp_path / "out" / "glue.png").stat().st_size > 10_000
+    again = run_glue("sst2", "bilstm", **{**common, "work": tmp_path / "work2"}, reuse=tmp_path / "out" / "glue.json")
+    assert again["runs"][0]["metrics"] == first["runs"][0]["metrics"]  # adopted, not trained again
+    assert not (tmp_path / "work2" / first["runs"][0]["run"] / "metrics.jsonl").exists()
+    collected = run_glue("sst2,stsb", "bilstm", **{**common, "work": tmp_path / "work"}, collect=True)
+    assert len(collected["runs"]) == 1 and collected["missing"] == ["BiLSTM (from scratch) on STS-B"]

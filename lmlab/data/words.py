@@ -37,19 +37,21 @@ def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 class WordSplitter:
-    """Text into word2vec's words (see the module's docstring)."""
+    """Text into word2vec's words (see the module's docstring); punctuation=True keeps the punctuation tokens,
+    as the baselines' tokenizer does (the words ELMo's biLM reads)."""
 
-    def __init__(self):
-        self.norm, self.pre = normalizer(), pre_tokenizer()
+    def __init__(self, punctuation: bool = False):
+        self.norm, self.pre, self.punctuation = normalizer(), pre_tokenizer(), punctuation
 
     def __call__(self, text: str) -> list[str]:
         pieces = self.pre.pre_tokenize_str(self.norm.normalize_str(text))
-        return [w for w, _ in pieces if any(ch.isalnum() for ch in w)]
+        return [w for w, _ in pieces if self.punctuation or any(ch.isalnum() for ch in w)]
 
 
-def corpus_sentences(source: str, text_field: str = "text", chunk_chars: int = 1 << 20) -> Iterator[list[str]]:
+def corpus_sentences(source: str, text_field: str = "text", chunk_chars: int = 1 << 20,
+                     punctuation: bool = False) -> Iterator[list[str]]:
     """The corpus's sentences (lines, cut at MAX_SENTENCE words) as lists of words; empty lines are skipped."""
-    split = WordSplitter()
+    split = WordSplitter(punctuation)
     src = open_source(source, text_field, chunk_chars)
     for chunk in text_chunks(src, chunk_chars, StreamStats()):
         for line in chunk.splitlines():

@@ -1,7 +1,7 @@
 """Three eras of NLP on the same task and data: `lmlab paradigms`.
 
     lmlab paradigms --task sst2 --labels 32,128,1024,all --out docs/results/paradigms
-    lmlab paradigms --glue sst2,rte,mrpc,cola,stsb --out docs/results/glue-minilm
+    lmlab paradigms --glue sst2,rte,mrpc,cola,stsb --rows bilstm,elmo,bert --elmo runs/elmo --out runs/glue
 
 1. specialized   a model trained from scratch on the task's labelled examples alone (BiLSTM, CNN: lmlab.models.baseline),
                  and with --vectors the BiLSTM whose embeddings start from word2vec vectors (`lmlab word2vec`)
@@ -21,7 +21,12 @@ and the run's metrics stay).
 
 Outputs in --out: paradigms.json (every row, its run's settings and the exact `lmlab finetune` command),
 paradigms.md (the table in the lecture's shape and who wins where), paradigms.png (dev metric against labelled
-examples, log x-axis); prompting/ holds the evaluation harness's own files. With --glue: glue.json, glue.md.
+examples, log x-axis); prompting/ holds the evaluation harness's own files.
+
+With --glue: the lecture's GLUE table (Devlin et al. 2019's Table 1 shape): rows BiLSTM from scratch, BiLSTM +
+word2vec, BiLSTM + ELMo + attention, SmolLM2 + a classification head with LoRA (the "OpenAI GPT" row), MiniLM
+fine-tuned (the BERT row), each with its budget fixed in advance (GLUE_ROWS), GLUE's metrics per task and the
+average; glue.json, glue.md, glue.png, next to the lecture's figures.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import math
 import shlex
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +48,7 @@ from lmlab.evaluate.report import output_paths
 from lmlab.models.hub import load_pretrained
 from lmlab.training.classification import FinetuneSettings, finetune, load_task, parse_labels
 from lmlab.training.config import DEFAULT_LR
-from lmlab.util import atomic_replace, write_report
+from lmlab.util import atomic_replace, atomic_write_json, write_report
 
 ENCODER = "minilm-l6"
 LLM = "smollm2-135m-instruct"
@@ -70,7 +76,7 @@ def schedule(n: int, kind: str) -> dict:
 
 
 def _command(model: str, task: str, labels, method: str, s: dict, max_length: int, seed: int,
-             vectors: str | None = None, freeze_vectors: bool = False) -> str:
+             vectors: str | None = None, freeze_vectors: bool = False, elmo: str | None = None) -> str:
     parts = ["lmlab", "finetune", "--model", model, "--task", task, "--labels", str(labels or "all"), "--epochs",
              f"{s['epochs']:g}", "--batch-size", str(s["batch_size"]), "--lr", f"{s['lr']:g}", "--max-length",
              str(max_length), "--seed", str(seed)]
@@ -78,23 +84,28 @@ def _command(model: str, task: str, labels, method: str, s: dict, max_length: in
         parts += ["--method", "lora"]
     if vectors:
         parts += ["--vectors", str(vectors)] + (["--freeze-vectors"] if freeze_vectors else [])
+    if elmo:
+        parts += ["--elmo", str(elmo), "--attention"]
     return " ".join(map(shlex.quote, parts))
 
 
 def _run(model: str, task: str, labels: int | None, method: str, n_train: int, work: Path, *, max_length: int,
          seed: int, data_dir, threads, keep_weights: bool, progress: bool, epochs: float | None = None,
-         collect: bool = False, vectors: str | None = None, freeze_vectors: bool = False) -> dict | None:
+         collect: bool = False, vectors: str | None = None, freeze_vectors: bool = False,
+         elmo: str | None = None, batch_size: int | None = None) -> dict | None:
     """One fine-tuning (or from-scratch) run, or its results from an earlier invocation (collect: only those;
-    None when it has not run)."""
+    None when it has not run). elmo: the BiLSTM + attention over this biLM's ELMo vectors."""
     kind = "baseline" if model in ("bilstm", "cnn") else method
     s = schedule(labels or n_train, kind)
     if epochs is not None:
         s["epochs"] = epochs
+    if batch_size is not None:
+        s["batch_size"] = batch_size
     steps = math.ceil(s["epochs"] * (labels or n_train) / s["batch_size"])
     w2v = ("-w2v-frozen" if freeze_vectors else "-w2v") if vectors else ""
-    name = f"{task}-{Path(model).name}{w2v}-{kind}-{labels or 'all'}"
+    name = f"{task}-{Path(model).name}{w2v}{'-elmo-attn' if elmo else ''}-{kind}-{labels or 'all'}"
     run_dir = work / name
-    command = _command(model, task, labels, method, s, max_length, seed, vectors, freeze_vectors)
+    command = _command(model, task, labels, method, s, max_length, seed, vectors, freeze_vectors, elmo)
     if (run_dir / "results.json").is_file():
         results = json.loads((run_dir / "results.json").read_text())
         if results.get("command") != command:
@@ -108,7 +119,7 @@ def _run(model: str, task: str, labels: int | None, method: str, n_train: int, w
             model, task, labels=labels, method=method, epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"],
             max_length=max_length, seed=seed, data_dir=data_dir, out=run_dir, threads=threads,
             resume=(run_dir / "ckpt").is_dir(), no_progress=not progress, eval_every=max(1, math.ceil(steps / 4)),
-            vectors=vectors, freeze_vectors=freeze_vectors), command=command)
+            vectors=vectors, freeze_vectors=freeze_vectors, elmo=elmo, attention=bool(elmo)), command=command)
         if not keep_weights:
             shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
             for f in (run_dir / "best").glob("*.safetensors"):
@@ -325,55 +336,158 @@ GLUE_METRICS = {"sst2": ("acc",), "rte": ("acc",), "mrpc": ("f1", "acc"), "cola"
 METRIC_NAMES = {"acc": "acc", "f1": "F1", "mcc": "MCC", "pearson": "Pearson", "spearman": "Spearman"}
 
 
-def run_glue(tasks: str = GLUE_TASKS, *, model: str = ENCODER, method: str = "full",
+# The lecture's rows (Devlin et al. 2019, Table 1: GLUE test-server figures; MRPC F1, STS-B Spearman).
+LECTURE = {"BiLSTM+ELMo+Attn": {"sst2": 90.4, "cola": 36.0, "stsb": 73.3, "mrpc": 84.9, "rte": 56.8},
+           "OpenAI GPT": {"sst2": 91.3, "cola": 45.4, "stsb": 80.0, "mrpc": 82.3, "rte": 56.0},
+           "BERT-base": {"sst2": 93.5, "cola": 52.1, "stsb": 85.8, "mrpc": 88.9, "rte": 66.4}}
+
+
+@dataclass(frozen=True)
+class GlueRow:
+    """A row of the GLUE table and its budget, chosen in advance: labels (None: all; else a seeded, balanced
+    subset), epochs and batch size (None: paradigms' `schedule`); capped: whether --glue-labels applies."""
+    name: str
+    model: str
+    method: str = "full"
+    labels: int | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    capped: bool = True
+
+
+GLUE_ROWS = {
+    "bilstm": GlueRow("BiLSTM (from scratch)", "bilstm"),
+    "word2vec": GlueRow("BiLSTM + word2vec", "bilstm"),
+    "elmo": GlueRow("BiLSTM + ELMo + Attn", "bilstm"),
+    # SmolLM2 with a classification head (the last token) and LoRA: 135M parameters through every step on a CPU,
+    # so 1,000 labels per task, one epoch, batches of 16.
+    "gpt": GlueRow("SmolLM2-135M-Instruct + head (LoRA)", LLM, "lora", labels=1000, epochs=1.0, batch_size=16,
+                   capped=False),
+    "bert": GlueRow("all-MiniLM-L6-v2 (full)", ENCODER, epochs=1.0, capped=False),
+}
+
+
+def _glue_plan(rows: str, vectors: str | None, elmo: str | None) -> list[tuple[str, GlueRow]]:
+    plan = []
+    for key in (r.strip() for r in rows.split(",") if r.strip()):
+        if key not in GLUE_ROWS:
+            raise LmlabError(f"--rows {key}: unknown row; choose from {', '.join(GLUE_ROWS)}")
+        if key == "word2vec" and not vectors:
+            raise LmlabError("--rows word2vec needs --vectors (word2vec vectors: lmlab word2vec), or leave the row out")
+        if key == "elmo" and not elmo:
+            raise LmlabError("--rows elmo needs --elmo (a biLM run: lmlab elmo), or leave the row out")
+        plan.append((key, GLUE_ROWS[key]))
+    return plan
+
+
+def _adopt(reuse: str | None, work: Path) -> None:
+    """Finished runs of an earlier glue.json into WORK (a run of the same command is then not run again)."""
+    if not reuse:
+        return
+    for r in json.loads(Path(reuse).read_text())["runs"]:
+        folder = work / r["run"]
+        if not (folder / "results.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder / "results.json", r)
+
+
+def run_glue(tasks: str = GLUE_TASKS, rows: str = ",".join(GLUE_ROWS), *, vectors: str | None = None,
+             elmo: str | None = None, labels: int | None = None, reuse: str | None = None,
              out: str | Path = "runs/paradigms/glue", work: str | Path = "runs/paradigms", seed: int = 0,
              epochs: float | None = None, data_dir=None, threads: int | None = None, keep_weights: bool = False,
-             progress: bool = True, command: str | None = None) -> dict:
-    """Fine-tune `model` on each GLUE task with all its labels (budgets from `schedule`, or `epochs` for the
-    tasks under 10,000 examples) and write the table."""
+             progress: bool = True, collect: bool = False, command: str | None = None) -> dict:
+    """The lecture's GLUE table: each row (GLUE_ROWS, its budget; `labels` caps the BiLSTM rows' labels, `epochs` sets
+    the epochs of the tasks under 10,000 examples) on each task, and the table, plot and JSON in `out`."""
     if threads:
         torch.set_num_threads(threads)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    runs = []
-    for task in names:
-        data = load_task(task, data_dir)
-        r = _run(model, task, None, method, len(data.train), Path(work), max_length=_max_length(task, data_dir),
-                 seed=seed, data_dir=data_dir, threads=threads, keep_weights=keep_weights, progress=progress,
-                 epochs=epochs if len(data.train) <= 10_000 else None)
-        runs.append(r)
-    summary = {"model": model, "method": method, "command": command, "threads": torch.get_num_threads(),
-               "runs": runs}
-    print(write_report(out, "glue", summary, glue_markdown(summary)))
+    plan, work = _glue_plan(rows, vectors, elmo), Path(work)
+    _adopt(reuse, work)
+    runs, missing = [], []
+    for key, row in plan:
+        for task in names:
+            data = load_task(task, data_dir)
+            n = min(x for x in (row.labels, labels if row.capped else None, len(data.train)) if x is not None)
+            r = _run(row.model, task, None if n == len(data.train) else n, row.method, len(data.train), work,
+                     max_length=_max_length(task, data_dir), seed=seed, data_dir=data_dir, threads=threads,
+                     keep_weights=keep_weights, progress=progress, collect=collect,
+                     epochs=row.epochs if row.epochs is not None else epochs if len(data.train) <= 10_000 else None,
+                     vectors=vectors if key == "word2vec" else None, elmo=elmo if key == "elmo" else None,
+                     batch_size=row.batch_size)
+            if r is None:
+                missing.append(f"{row.name} on {TASK_NAMES.get(task, task)}")
+            else:
+                runs.append({**r, "row": key})
+    summary = {"tasks": names, "rows": [k for k, _ in plan], "command": command, "threads": torch.get_num_threads(),
+               "runs": runs, "missing": missing, "labels_cap": labels}
+    print(write_report(out, "glue", summary, glue_markdown(summary), plot_glue))
     return summary
 
 
+def glue_scores(r: dict) -> tuple[list[float], float]:
+    """A run's GLUE figures (x 100) and its task score (their mean)."""
+    values = [100 * r["metrics"][m] for m in GLUE_METRICS.get(r["task"], (r["main_metric"],))]
+    return values, sum(values) / len(values)
+
+
 def glue_markdown(summary: dict) -> str:
-    """The lecture's BERT table shape: one row per model, one column per task; the average is GLUE's (each task
-    the mean of its metrics, then the mean over tasks)."""
-    by_task = {r["task"]: r for r in summary["runs"]}
-    cells, scores, headings = [], [], []
-    for task, r in by_task.items():
-        names = GLUE_METRICS.get(task, (r["main_metric"],))
-        values = [r["metrics"][m] for m in names]
-        scores.append(sum(values) / len(values))
-        cells.append(" / ".join(f"{100 * v:.1f}" for v in values))
-        headings.append(f"{TASK_NAMES.get(task, task)} ({' / '.join(METRIC_NAMES.get(m, m) for m in names)})")
-    model = NAMES.get(summary["model"], summary["model"])
-    lines = [f"# {model} fine-tuned on GLUE (dev sets)", "",
-             "| model | " + " | ".join(headings) + " | average |", "|---|" + "---:|" * (len(headings) + 1),
-             f"| {model} ({summary['method']}, {_millions(summary['runs'][0]['parameters'])}) | "
-             + " | ".join(cells) + f" | {100 * sum(scores) / len(scores):.1f} |", "",
-             "| task | train examples | epochs | steps | training time | best during training |",
-             "|---|---:|---:|---:|---:|---|"]
-    for task, r in by_task.items():
-        best = ", ".join(f"{m} {v:.3f}" for m, v in r["best"].items() if m != "step" and v is not None)
-        lines.append(f"| {task} | {r['labels']:,} | {r['epochs']:g} | {r['steps']:,} | "
-                     f"{_duration(r['train_seconds'])} | {best} (step {r['best'].get('step')}) |")
-    lines += ["", "Figures at the end of training (the dev set picks no checkpoint). Commands:", ""]
+    """The lecture's table shape: one row per system, one column per task; the average is GLUE's (each task the
+    mean of its metrics, then the mean over tasks), over the tasks the row has."""
+    tasks = summary["tasks"]
+    headings = [f"{TASK_NAMES.get(t, t)} ({' / '.join(METRIC_NAMES.get(m, m) for m in GLUE_METRICS.get(t, ('acc',)))})"
+                for t in tasks]
+    lines = ["# The lecture's GLUE table on this machine (dev sets)", "",
+             "| system | " + " | ".join(headings) + " | average |", "|---|" + "---:|" * (len(tasks) + 1)]
+    for key in summary["rows"]:
+        by_task = {r["task"]: r for r in summary["runs"] if r["row"] == key}
+        cells, scores = [], []
+        for t in tasks:
+            if t in by_task:
+                values, score = glue_scores(by_task[t])
+                cells.append(" / ".join(f"{v:.1f}" for v in values))
+                scores.append(score)
+            else:
+                cells.append("not run")
+        average = f"{sum(scores) / len(scores):.1f}" if scores and len(scores) == len(tasks) else "-"
+        lines.append(f"| {GLUE_ROWS[key].name} | " + " | ".join(cells) + f" | {average} |")
+    for name, figures in LECTURE.items():
+        cells = [f"{figures[t]:.1f}" if t in figures else "" for t in tasks]
+        lines.append(f"| *lecture: {name}* (GLUE test) | " + " | ".join(cells) + " | |")
+    lines += ["", "| system | task | labels | epochs | steps | training time |", "|---|---|---:|---:|---:|---:|"]
+    for r in summary["runs"]:
+        lines.append(f"| {GLUE_ROWS[r['row']].name} | {r['task']} | {r['labels']:,} | {r['epochs']:g} | "
+                     f"{r['steps']:,} | {_duration(r['train_seconds'])} |")
+    if summary.get("missing"):
+        lines += ["", "Not run (time): " + "; ".join(summary["missing"]) + "."]
+    lines += ["", "Figures at the end of training (the dev set picks no checkpoint); the lecture's rows are GLUE "
+              "test-server figures of Devlin et al. (2019), Table 1 (MRPC F1, STS-B Spearman). Commands:", ""]
     lines += [f"    {r['command']}" for r in summary["runs"]]
     if summary.get("command"):
         lines += ["", f"All of it: `{summary['command']}`"]
     return "\n".join(lines) + "\n"
+
+
+def plot_glue(summary: dict, path: Path) -> None:
+    """Grouped bars: each task's GLUE score per system, the lecture's rows as markers."""
+    tasks = summary["tasks"]
+    fig = Figure(figsize=(10, 4.4), dpi=110)
+    ax = fig.subplots()
+    keys = summary["rows"]
+    width = 0.8 / max(1, len(keys))
+    for i, key in enumerate(keys):
+        by_task = {r["task"]: glue_scores(r)[1] for r in summary["runs"] if r["row"] == key}
+        xs = [j + (i - (len(keys) - 1) / 2) * width for j, t in enumerate(tasks) if t in by_task]
+        ax.bar(xs, [by_task[t] for t in tasks if t in by_task], width, label=GLUE_ROWS[key].name)
+    for marker, (name, figures) in zip("*Dx", LECTURE.items()):
+        ax.plot([j for j, t in enumerate(tasks) if t in figures], [figures[t] for t in tasks if t in figures],
+                marker, color="black", linestyle="none", label=f"lecture: {name} (test)")
+    ax.set_xticks(range(len(tasks)), [TASK_NAMES.get(t, t) for t in tasks])
+    ax.set_ylabel("GLUE score (x 100; MCC for CoLA)")
+    ax.set_title("GLUE dev sets: this machine's budgets vs the lecture's table")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    atomic_replace(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,11 +496,12 @@ def glue_markdown(summary: dict) -> str:
 def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = "0,4,32",
               baselines: str = "bilstm,cnn", methods: str = "full,lora", prompt_limit: int | None = None,
               vectors: str | None = None, freeze_vectors: bool = False, glue: str | None = None,
-              epochs: float | None = None, collect: bool = False, out: str | None = None,
+              rows: str = ",".join(GLUE_ROWS), elmo: str | None = None, glue_labels: int | None = None,
+              reuse: str | None = None, epochs: float | None = None, collect: bool = False, out: str | None = None,
               work: str = "runs/paradigms", keep_weights: bool = False, seed: int = 0, data_dir: str | None = None,
               threads: int | None = None, progress: bool = True, command: str | None = None) -> dict:
-    """Three eras on one task: from scratch, fine-tuned, prompted (table, learning curves); or --glue: a
-    fine-tuned MiniLM on GLUE.
+    """Three eras on one task: from scratch, fine-tuned, prompted (table, learning curves); or --glue: the
+    lecture's GLUE table (BiLSTM, + word2vec, + ELMo + attention, SmolLM2 LoRA, MiniLM).
 
     Args:
         task: the classification task of the three eras
@@ -397,7 +512,11 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
         prompt_limit: prompt on the first N dev examples only
         vectors: also a BiLSTM whose embeddings start from these word vectors (word2vec file or lmlab word2vec run)
         freeze_vectors: with --vectors: keep them fixed (default: fine-tuned)
-        glue: instead: fine-tune MiniLM on these GLUE tasks (all: the five) with all labels and write the GLUE table
+        glue: instead: the GLUE table on these tasks (all: sst2,rte,mrpc,cola,stsb)
+        rows: with --glue: its rows, of bilstm, word2vec (needs --vectors), elmo (needs --elmo), gpt, bert
+        elmo: with --glue: the biLM run (lmlab elmo) of the elmo row
+        glue_labels: with --glue: at most N labelled examples per run of the BiLSTM rows (default: all)
+        reuse: with --glue: take the finished runs of an earlier glue.json (same commands: not run again)
         epochs: with --glue: epochs for the tasks under 10,000 examples (default: the fixed budgets)
         collect: train nothing: tabulate the finished runs
         out: results folder (default runs/paradigms/results, or runs/paradigms/glue with --glue; the committed
@@ -413,7 +532,8 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
                   progress=progress, command=command)
     if glue:
         tasks = GLUE_TASKS if glue == "all" else glue
-        return run_glue(tasks, out=out or str(Path(work) / "glue"), epochs=epochs, **common)
+        return run_glue(tasks, rows, vectors=vectors, elmo=elmo, labels=glue_labels, reuse=reuse,
+                        out=out or str(Path(work) / "glue"), epochs=epochs, collect=collect, **common)
     return run_paradigms(task, labels, shots, out=out or str(Path(work) / "results"), baselines=baselines,
                          methods=methods, prompt_limit=prompt_limit, collect=collect, vectors=vectors,
                          freeze_vectors=freeze_vectors, **common)

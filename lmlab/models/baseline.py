@@ -14,6 +14,12 @@ vectors, so that a word the labelled examples never showed still has its vector;
 random at the vectors' scale. Frozen (the vectors stay as pretrained; words without one stay random) or
 fine-tuned with the rest.
 
+The second (ELMo, 2018): the BiLSTM's embedding input replaced by ELMo vectors (lmlab.models.elmo.ElmoEmbedder: a
+frozen biLM of `lmlab elmo`, its layers mixed by a learned ScalarMix), `elmo`; with `attention` the BiLSTM's states
+are pooled by learned attention (a softmax over the positions of v . tanh(W h_t)) instead of max-pooling. The
+vocabulary is then the training words plus the biLM's, so a dev word the biLM read has its own bytes rather than
+[UNK]'s; [SEP] is read as the biLM's end of a line. The control (`elmo_random`): the same biLM with random weights.
+
 Both are trained by the same objective and loop as the fine-tuned models (lmlab.training.classification.Classification through
 lmlab.training.loop.fit): same splits, same batches, same metric. `lmlab finetune --model bilstm --task sst2` runs one.
 """
@@ -26,6 +32,7 @@ from tokenizers import Tokenizer, models, processors, trainers
 
 from lmlab.data.words import normalizer, pre_tokenizer
 from lmlab.errors import LmlabError
+from lmlab.models.elmo import SPECIAL_WORDS, ElmoEmbedder, load_bilm
 from lmlab.models.word_vectors import WordVectors
 
 SPECIALS = ("[PAD]", "[UNK]", "[SEP]")  # ids 0, 1, 2
@@ -48,11 +55,17 @@ def word_tokenizer(texts: list[str], extra_words: list[str] = ()) -> Tokenizer:
 
 
 class BiLSTMClassifier(nn.Module):
-    def __init__(self, vocab_size: int, num_labels: int, emb: int = 128, hidden: int = 128, dropout: float = 0.5):
+    """`embedding`: a module that maps the ids to vectors of width embedding.dim (ELMo) instead of a table."""
+
+    def __init__(self, vocab_size: int, num_labels: int, emb: int = 128, hidden: int = 128, dropout: float = 0.5,
+                 attention: bool = False, embedding: nn.Module | None = None):
         super().__init__()
-        self.emb = nn.Embedding(vocab_size, emb, padding_idx=0)
+        self.emb = embedding if embedding is not None else nn.Embedding(vocab_size, emb, padding_idx=0)
+        emb = embedding.dim if embedding is not None else emb
         self.lstm = nn.LSTM(emb, hidden, batch_first=True, bidirectional=True)
         self.dropout = nn.Dropout(dropout)
+        self.attend = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1)) if attention \
+            else None
         self.score = nn.Linear(2 * hidden, num_labels)
 
     def forward(self, ids, type_ids, mask, lengths):
@@ -61,7 +74,11 @@ class BiLSTMClassifier(nn.Module):
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.lstm(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
-        pooled = out.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+        if self.attend is not None:
+            weights = torch.softmax(self.attend(out).squeeze(-1).masked_fill(~mask, float("-inf")), dim=1)
+            pooled = (weights.unsqueeze(-1) * out).sum(dim=1)
+        else:
+            pooled = out.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
         return self.score(self.dropout(pooled))
 
 
@@ -103,13 +120,43 @@ def pretrained_embedding(tok: Tokenizer, vectors: WordVectors, seed: int = 0) ->
     return weight, found
 
 
+def elmo_baseline(run: str, texts: list[str], num_labels: int, dropout: float, attention: bool, random_weights: bool,
+                  seed: int = 0) -> tuple[nn.Module, Tokenizer, dict]:
+    """The BiLSTM over ELMo vectors of the biLM in `run` (or, random_weights, of the same biLM untrained, its
+    weights drawn from `seed`)."""
+    bilm, words = load_bilm(run, random_weights, seed)
+    tok = word_tokenizer(texts, [w for w in words if w not in SPECIAL_WORDS])
+    by_id = {i: w for w, i in tok.get_vocab().items()}
+    text_of = {"[PAD]": "", "[SEP]": "</s>"}
+    embedder = ElmoEmbedder(bilm, [text_of.get(by_id[i], by_id[i]) for i in range(len(by_id))])
+    model = BiLSTMClassifier(tok.get_vocab_size(), num_labels, dropout=dropout, attention=attention,
+                             embedding=embedder)
+    return model, tok, {"elmo": str(run), "elmo_weights": "random" if random_weights else "pretrained",
+                        "attention": attention}
+
+
+def trained_info(model: nn.Module) -> dict:
+    """What training learned that results should show: an ELMo model's layer weights and gamma."""
+    return {"scalar_mix": model.emb.mix.describe()} if isinstance(getattr(model, "emb", None), ElmoEmbedder) else {}
+
+
 def build_baseline(name: str, train_docs, num_labels: int, dropout: float = 0.5, vectors: WordVectors | None = None,
-                   freeze_vectors: bool = False) -> tuple[nn.Module, Tokenizer, dict]:
-    """A fresh model, the word tokenizer of the training examples (and of the vectors' words), and what the
-    embeddings started from."""
+                   freeze_vectors: bool = False, elmo: str | None = None, elmo_random: bool = False,
+                   attention: bool = False, seed: int = 0) -> tuple[nn.Module, Tokenizer, dict]:
+    """A fresh model, the word tokenizer of the training examples (and of the vectors' or the biLM's words), and
+    what the embeddings started from."""
     if name not in ARCHITECTURES:
         raise LmlabError(f"unknown baseline {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if (elmo or attention) and name != "bilstm":
+        raise LmlabError(f"--elmo and --attention apply to --model bilstm, not {name}")
+    if elmo and vectors is not None:
+        raise LmlabError("--elmo replaces the word embeddings that --vectors would start: give one of them")
     texts = [text for d in train_docs for text in d.fields.values()]
+    if elmo:
+        return elmo_baseline(elmo, texts, num_labels, dropout, attention, elmo_random, seed)
+    if vectors is None and attention:
+        tok = word_tokenizer(texts)
+        return BiLSTMClassifier(tok.get_vocab_size(), num_labels, dropout=dropout, attention=True), tok, {}
     if vectors is None:
         tok = word_tokenizer(texts)
         return ARCHITECTURES[name](tok.get_vocab_size(), num_labels, dropout=dropout), tok, {}

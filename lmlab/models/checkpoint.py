@@ -5,6 +5,7 @@ lmlab.models.hub and `lmlab sample` read it back:
 
     config.yaml, tokenizer.json, meta.json   the run's config and tokenizer (pretraining; finetune: tokenizer)
     sft.json               a tuned run (lmlab sft / dpo): the base model, the method and its settings
+    elmo.json, vocab.txt   a biLM run (lmlab elmo): its config and words (lmlab.models.elmo)
     ckpt/step_0000500/     weights + train_state.pt (optimizer, RNG, data position, best evaluation so far)
     ckpt/latest            name of the newest complete checkpoint
     best/                  the weights of the best evaluation (+ eval.json)
@@ -37,6 +38,7 @@ CKPT, LATEST, BEST = "ckpt", "latest", "best"
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.pt"
 PEFT_FILE = "peft.safetensors"  # a tuned run's PEFT weights
 TUNED_FILE = "sft.json"  # in a run folder of lmlab sft or dpo: the base model, the method and its settings
+ELMO_FILE = "elmo.json"  # in a run folder of lmlab elmo: the biLM's config (lmlab.models.elmo), next to vocab.txt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,15 +178,15 @@ def load_weights(model, folder: Path, method: str, peft_file: str = PEFT_FILE) -
         load_peft(model, folder / peft_file, apply=False)
 
 
-def save_module(model: nn.Module, folder: Path, skip: str) -> None:
+def save_module(model: nn.Module, folder: Path, skip: str | None = None) -> None:
     """A module's state dict, less the tensors whose name ends with `skip` (a tied head)."""
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(skip)}
+    state = {k: v for k, v in model.state_dict().items() if skip is None or not k.endswith(skip)}
     save_safetensors_atomic(state, folder / MODEL_FILE)
 
 
-def load_module(model: nn.Module, folder: Path, skip: str) -> None:
+def load_module(model: nn.Module, folder: Path, skip: str | None = None) -> None:
     missing, unexpected = model.load_state_dict(load_safetensors(folder / MODEL_FILE), strict=False)
-    missing = [k for k in missing if not k.endswith(skip)]
+    missing = [k for k in missing if skip is None or not k.endswith(skip)]
     if unexpected or missing:
         raise LmlabError(f"{folder} does not fit this model ({(unexpected or missing)[0]}); resume with the "
                          "settings the run was started with")

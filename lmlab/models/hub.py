@@ -270,6 +270,10 @@ def _kind(path: Path) -> str:
     if path.is_file() and (piece := _GGUF_PIECE.fullmatch(path.name)):
         raise _split_gguf_error(path.with_name(piece[1]))
     if path.is_dir():
+        if any((p / checkpoint.ELMO_FILE).is_file() for p in (path, path.parent.parent)):
+            raise LmlabError(f"{path} is an ELMo biLM (lmlab elmo), not a causal language model: it cannot generate "
+                             f"or be scored as one; use its representations: lmlab finetune --model bilstm --elmo "
+                             f"{path}")
         if checkpoint.checkpoint_dir(path).is_dir():
             return "lmlab"
         config = path / "config.json"

@@ -53,7 +53,7 @@ from lmlab.errors import LmlabError
 from lmlab.evaluate import metrics as M
 from lmlab.evaluate.tasks import TASKS, Doc, Task, data_root, get_task, load_split
 from lmlab.models import checkpoint
-from lmlab.models.baseline import build_baseline
+from lmlab.models.baseline import build_baseline, trained_info
 from lmlab.models.hub import load_pretrained, resolve
 from lmlab.models.peft import FULL, LoraConfig, add_lora, save_peft
 from lmlab.models.transformer import Transformer
@@ -367,6 +367,12 @@ class FinetuneSettings:
     vectors: str | None = option(None, "bilstm/cnn: start the word embeddings from these word vectors (a word2vec "
                                        ".txt/.bin file, or an lmlab word2vec run folder)")
     freeze_vectors: bool = option(False, "with --vectors: keep the embeddings as pretrained", action="store_true")
+    elmo: str | None = option(None, "bilstm: ELMo vectors of this biLM run (lmlab elmo) replace its word embeddings "
+                                    "(the biLM frozen, its layers mixed by a learned ScalarMix)")
+    elmo_random: bool = option(False, "with --elmo: the same biLM with random weights (the control)",
+                               action="store_true")
+    attention: bool = option(False, "bilstm: pool its states with learned attention instead of max-pooling",
+                             action="store_true")
     patience: int = option(0, "stop after N evaluations without a better dev metric")
     eval_every: int | None = option(None, "steps between dev evaluations (default: 10 a run)")
     seed: int = option(0, "seed of the label subset, the head, the batches")
@@ -385,8 +391,9 @@ def _count(model: nn.Module, trainable: bool = False) -> int:
 
 
 def build(model_spec: str, data: LabelledTask, train_docs: list[Doc], *, method: str, pooling: str | None,
-          dropout: float, seed: int, lora: dict, vectors: str | None = None,
-          freeze_vectors: bool = False) -> tuple[nn.Module, Tokenizer, bool, dict]:
+          dropout: float, seed: int, lora: dict, vectors: str | None = None, freeze_vectors: bool = False,
+          elmo: str | None = None, elmo_random: bool = False,
+          attention: bool = False) -> tuple[nn.Module, Tokenizer, bool, dict]:
     """The model to train, its tokenizer, whether pairs are joined into one text, and what it is (for results)."""
     torch.manual_seed(seed)
     if model_spec in BASELINES:
@@ -396,12 +403,13 @@ def build(model_spec: str, data: LabelledTask, train_docs: list[Doc], *, method:
         model, tokenizer, embedding = build_baseline(model_spec, train_docs, data.num_labels,
                                                      dropout=max(dropout, 0.5),
                                                      vectors=load_word_vectors(vectors) if vectors else None,
-                                                     freeze_vectors=freeze_vectors)
-        info = {"model": model_spec, "pretrained": False}
-        return model, tokenizer, False, {**info, "vectors": vectors, **embedding} if vectors else info
-    if vectors:
-        raise LmlabError(f"--vectors gives word embeddings to the from-scratch models ({', '.join(BASELINES)}); "
-                         f"{model_spec} has its own: leave --vectors out")
+                                                     freeze_vectors=freeze_vectors, elmo=elmo,
+                                                     elmo_random=elmo_random, attention=attention, seed=seed)
+        info = {"model": model_spec, "pretrained": False, **embedding}
+        return model, tokenizer, False, {**info, "vectors": vectors} if vectors else info
+    if vectors or elmo or attention:
+        raise LmlabError(f"--vectors, --elmo and --attention apply to the from-scratch models "
+                         f"({', '.join(BASELINES)}); {model_spec} has its own embeddings and pooling: leave them out")
     pre = load_pretrained(model_spec)
     body = pre.model
     # Loaded models carry dropout 0 (inference); fine-tuning uses it as BERT does, so rebuild with it.
@@ -460,7 +468,8 @@ def finetune(s: FinetuneSettings, echo=print, command: str | None = None) -> dic
     with TrainingRun(t, resume=s.resume) as run:
         model, tokenizer, join_pairs, info = build(s.model, data, train_docs, method=s.method, pooling=s.pooling,
                                                    dropout=s.dropout, seed=s.seed, lora=lora, vectors=s.vectors,
-                                                   freeze_vectors=s.freeze_vectors)
+                                                   freeze_vectors=s.freeze_vectors, elmo=s.elmo,
+                                                   elmo_random=s.elmo_random, attention=s.attention)
         pad_id = tokenizer.token_to_id("[PAD]") or 0
         enc = {name: encode(tokenizer, docs, s.max_length, data.regression, join_pairs, pad_id)
                for name, docs in (("train", train_docs), ("dev", data.dev))}
@@ -475,6 +484,7 @@ def finetune(s: FinetuneSettings, echo=print, command: str | None = None) -> dic
             run.write_text("tokenizer.json", tokenizer.to_str())
         started = time.perf_counter()
         summary = run.fit(objective, progress=not s.no_progress)
+        info.update(trained_info(model))
         results = _results(s, data, train_docs, labels, kind, info, summary, trained, _count(model), t, run,
                            time.perf_counter() - started, lora, command)
         if run.main:
