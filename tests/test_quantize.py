@@ -51,6 +51,32 @@ def test_int8_linear_is_its_dequantized_weight():
     assert _relative(layer(x), x @ layer.dequantized().t() + b) < 2e-2
 
 
+@pytest.mark.parametrize("rows,group", [(192, 32), (65, 64), (128, 128)])  # 65: the kernel's short tail block
+def test_int4_bf16_weight_is_the_kernels_own_dequantization(rows, group):
+    """The prefill path's bf16 weight, unpacked from the kernel's packing, equals bit for bit what the kernel
+    multiplies by (its product with the identity)."""
+    torch.manual_seed(0)
+    layer = Int4Linear.from_float(torch.randn(rows, 256), group)
+    assert torch.equal(layer.bf16_weight()[:, :rows].t().float(), layer.dequantized())
+
+
+@pytest.mark.parametrize("make", [lambda w: Int4Linear.from_float(w, 32), Int8Linear.from_float],
+                         ids=["int4", "int8"])
+def test_prefill_rows_go_through_bf16_against_float32(make):
+    """Many rows (a prefill) take the dequantize + bf16 GEMM path, few rows (decoding) the kernel; both give the
+    float32 product of the same dequantized weight within bf16 rounding (activations and, for the GEMM, the
+    weight: 2^-9 relative each), and agree with each other."""
+    torch.manual_seed(0)
+    layer = make(torch.randn(192, 256))
+    x = torch.randn(2, max(Int4Linear.BF16_FROM_ROWS, Int8Linear.BF16_FROM_ROWS), 256)
+    reference = x @ layer.dequantized().t()
+    with torch.inference_mode():
+        prefill = layer(x)
+        decode = torch.cat([layer(x[:, i:i + 1]) for i in range(x.shape[1])], 1)  # one row at a time: the kernel
+    assert _relative(prefill, reference) < 1e-2 and _relative(decode, reference) < 1e-2
+    assert _relative(prefill, decode) < 1e-2
+
+
 def test_int4_width_not_divisible_by_the_group_is_one_line():
     with pytest.raises(LmlabError, match="divisible"):
         Int4Linear.from_float(torch.randn(16, 48), 32)
