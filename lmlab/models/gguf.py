@@ -28,6 +28,8 @@ sixth layer is global.
 
 from __future__ import annotations
 
+import gc
+import mmap
 import os
 import re
 from pathlib import Path
@@ -45,6 +47,7 @@ from lmlab.models.hf import LLAMA_TOP, gemma3_block, gemma3_config, llama_block,
 from lmlab.models.quantize import FLOAT32, InferenceSettings, Int4Linear, compute_dtype, notice, quantized_linear, \
     replace_module
 from lmlab.models.transformer import Transformer
+from lmlab.util import return_freed_memory
 
 # GGUF tensor name -> Hugging Face Llama name. Block tensors are "blk.{i}.<key>.weight".
 _GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -293,7 +296,7 @@ class TensorSource:
                              "block; this model variant is not supported")
         self.tensors = {names[t.name]: t for t in reader.tensors}
         self.heads = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
-        self.hf, self.where = hf, where
+        self.hf, self.where, self.reader = hf, where, reader
 
     def raw(self, name: str):
         try:
@@ -314,6 +317,7 @@ class TensorSource:
         step = rows if any(name.endswith(proj) for proj in self.heads) else SLICE_ROWS
         for start in range(0, rows, step):
             yield self._rows(name, _dequantized(t, self.where, start, start + step))
+            return_freed_memory()  # the slice and what was computed from it are freed by now
 
     def float(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = tuple(int(d) for d in reversed(self.raw(name).shape))
@@ -322,6 +326,20 @@ class TensorSource:
             out[start:start + part.shape[0]] = part
             start += part.shape[0]
         return out
+
+    def release(self, names: list[str]) -> None:
+        """Drop these tensors' pages of the memory-mapped file from memory (they are read again from the file if
+        needed): touched pages count in the resident set until the map is closed, i.e. a whole file's worth
+        next to the model at the end of a load."""
+        data = self.reader.data
+        for name in names:
+            t = self.raw(name)
+            start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+            try:
+                data._mmap.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+            except (AttributeError, OSError, ValueError):  # not a plain numpy memmap, or no madvise here
+                break
+        return_freed_memory()  # this tensor's temporaries (float32 slices, quantization) too
 
     def int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(self._rows(name, part) for part in int4_blocks(self.raw(name)))
@@ -400,11 +418,13 @@ def _stream_into(model: Transformer, source: TensorSource, settings: InferenceSe
             layer = _linear(source, parts, settings, head=module_name == "lm_head")
             if layer is not None:
                 replace_module(model, module_name, layer)
+                source.release(parts)
                 continue
             if name == "lm_head.weight" and c.tie_embeddings:
                 model.lm_head.weight = model.tok_emb.weight
                 continue
         _set_tensor(model, name, torch.cat([source.float(n, dtype) for n in parts]))
+        source.release(parts)
 
 
 def gguf_tokenizer(meta: dict, where: str = "GGUF file") -> Tokenizer:
@@ -482,6 +502,11 @@ def load_gguf(path: str | Path, settings: InferenceSettings = FLOAT32
     where = str(path)
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
+    # The reader's parsed fields (a numpy view per vocabulary entry and merge: ~160 MB for SmolLM2's 49k) are in
+    # `meta` now as plain Python values; only the tensor table is needed from here on.
+    reader.fields.clear()
+    gc.collect()
+    return_freed_memory()
     shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
     if "token_embd.weight" not in shapes:
         raise LmlabError(f"{where}: no token_embd.weight tensor; this is not a language model GGUF")
