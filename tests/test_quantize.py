@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.models.gguf import load_gguf, q4_blocks, read_gguf
+from lmlab.models.gguf import load_gguf, q4_blocks, q4_k_blocks, read_gguf
 from lmlab.models.quantize import (InferenceSettings, Int4Linear, Int8Linear, compute_dtype, is_quantized,
                                    prepare_model, quantize_model)
 from lmlab.models.transformer import Transformer, TransformerConfig
@@ -49,6 +49,32 @@ def test_int8_linear_is_its_dequantized_weight():
     layer = Int8Linear.from_float(w, bias=b)
     assert ((layer.dequantized() - w).abs() <= w.abs().amax(1, keepdim=True) / 254 * 1.01).all()
     assert _relative(layer(x), x @ layer.dequantized().t() + b) < 2e-2
+
+
+@pytest.mark.parametrize("rows,group", [(192, 32), (65, 64), (128, 128)])  # 65: the kernel's short tail block
+def test_int4_bf16_weight_is_the_kernels_own_dequantization(rows, group):
+    """The prefill path's bf16 weight, unpacked from the kernel's packing, equals bit for bit what the kernel
+    multiplies by (its product with the identity)."""
+    torch.manual_seed(0)
+    layer = Int4Linear.from_float(torch.randn(rows, 256), group)
+    assert torch.equal(layer.bf16_weight()[:, :rows].t().float(), layer.dequantized())
+
+
+@pytest.mark.parametrize("make", [lambda w: Int4Linear.from_float(w, 32), Int8Linear.from_float],
+                         ids=["int4", "int8"])
+def test_prefill_rows_go_through_bf16_against_float32(make):
+    """Many rows (a prefill) take the dequantize + bf16 GEMM path, few rows (decoding) the kernel; both give the
+    float32 product of the same dequantized weight within bf16 rounding (activations and, for the GEMM, the
+    weight: 2^-9 relative each), and agree with each other."""
+    torch.manual_seed(0)
+    layer = make(torch.randn(192, 256))
+    x = torch.randn(2, max(Int4Linear.BF16_FROM_ROWS, Int8Linear.BF16_FROM_ROWS), 256)
+    reference = x @ layer.dequantized().t()
+    with torch.inference_mode():
+        prefill = layer(x)
+        decode = torch.cat([layer(x[:, i:i + 1]) for i in range(x.shape[1])], 1)  # one row at a time: the kernel
+    assert _relative(prefill, reference) < 1e-2 and _relative(decode, reference) < 1e-2
+    assert _relative(prefill, decode) < 1e-2
 
 
 def test_int4_width_not_divisible_by_the_group_is_one_line():
@@ -133,6 +159,72 @@ def test_q4_blocks_are_the_files_numbers(tmp_path, byte_bpe, qtype):  # noqa: F8
     assert torch.allclose(ours, theirs, atol=1e-6)
     layer = Int4Linear(q, scale, zero)
     assert _relative(layer.dequantized(), theirs) < 1e-2  # bf16 scale and zero: 2^-9 relative each
+
+
+def _q4_k_bytes(w: np.ndarray) -> np.ndarray:
+    """Q4_K blocks of a float (rows, cols) matrix, written as llama.cpp's block_q4_K lays them out (an encoder
+    written here from ggml's struct: d, dmin, 12 bytes of packed 6-bit scales and mins, 4 runs of 32 bytes)."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // 256, 8, 32).astype(np.float32)
+    low, high = np.minimum(g.min(-1), 0), g.max(-1)
+    step = (high - low) / 15
+    d = (step.max(-1) / 63).astype(np.float16)
+    dmin = ((-low).max(-1) / 63).astype(np.float16)
+    sc = np.clip(np.round(step / np.maximum(d.astype(np.float32), 1e-8)[..., None]), 0, 63).astype(np.uint8)
+    m = np.clip(np.round(-low / np.maximum(dmin.astype(np.float32), 1e-8)[..., None]), 0, 63).astype(np.uint8)
+    scale, mins = d.astype(np.float32)[..., None] * sc, dmin.astype(np.float32)[..., None] * m
+    q = np.clip(np.round((g + mins[..., None]) / np.maximum(scale, 1e-8)[..., None]), 0, 15).astype(np.uint8)
+    packed = np.concatenate([(sc[..., :4] & 63) | (sc[..., 4:] >> 4) << 6, (m[..., :4] & 63) | (m[..., 4:] >> 4) << 6,
+                             (sc[..., 4:] & 15) | (m[..., 4:] & 15) << 4], -1)
+    qs = (q[:, :, 0::2] | q[:, :, 1::2] << 4).reshape(rows, -1, 128)
+    return np.concatenate([d[..., None].view(np.uint8), dmin[..., None].view(np.uint8), packed, qs],
+                          -1).reshape(rows, -1)
+
+
+@pytest.fixture
+def q4_k_file(tmp_path, byte_bpe, monkeypatch):  # noqa: F811
+    """A Llama GGUF whose matrices are Q4_K (widths of 256: a K-quant super-block) and norms F32."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=byte_bpe.get_vocab_size(), hidden_size=256, intermediate_size=256,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=None,
+                                      eos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    encode = gguf.quants.quantize
+    monkeypatch.setattr(gguf.quants, "quantize", lambda a, qtype: _q4_k_bytes(a) if qtype == Q.Q4_K
+                        else encode(a, qtype))
+    return write_gguf(tmp_path / "q4_k.gguf", model, byte_bpe, qtype=Q.Q4_K)
+
+
+def test_q4_k_blocks_are_the_files_numbers(q4_k_file):
+    """Q4_K super-blocks unpacked into int4 groups of 32 give gguf's own dequantization of the same tensor
+    (float32, to rounding: (q - 8) * scale + zero is d * sc * q - dmin * m regrouped); the Int4Linear built
+    from them holds those numbers up to the bf16 rounding of scale and zero (2^-9 relative each)."""
+    for t in read_gguf(q4_k_file).tensors:
+        if t.tensor_type != Q.Q4_K:
+            continue
+        q, scale, zero = q4_k_blocks(t)
+        rows, cols = q.shape
+        ours = ((q.float() - 8).reshape(rows, -1, 32) * scale[..., None] + zero[..., None]).reshape(rows, cols)
+        theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(rows, cols)
+        assert (ours - theirs).abs().max() <= 1e-6 * theirs.abs().max(), t.name
+        assert _relative(Int4Linear(q, scale, zero).dequantized(), theirs) < 1e-2
+
+
+def test_q4_k_gguf_kept_as_int4_against_its_dequantized_load(q4_k_file):
+    """--quantize auto keeps Q4_K matrices as int4 (the head as int8); logits within the kernels' bf16 rounding
+    of the float32 load of the same file."""
+    reference, _, _ = load_gguf(q4_k_file)
+    kept, _, _ = load_gguf(q4_k_file, InferenceSettings(dtype="float32", quantize="auto"))
+    assert isinstance(kept.blocks[0].attn.qkv, Int4Linear) and isinstance(kept.blocks[0].mlp.proj, Int4Linear)
+    assert isinstance(kept.lm_head, Int8Linear)
+    idx = torch.randint(0, reference.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, _ = reference(idx)
+        got, _ = kept(idx)
+    assert _relative(got, ref) < 3e-2
 
 
 @pytest.mark.parametrize("qtype,kind", [(Q.Q4_1, Int4Linear), (Q.Q4_0, Int4Linear), (Q.Q8_0, Int8Linear)])

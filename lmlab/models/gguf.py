@@ -28,6 +28,8 @@ sixth layer is global.
 
 from __future__ import annotations
 
+import gc
+import mmap
 import os
 import re
 from pathlib import Path
@@ -41,10 +43,11 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lmlab.errors import LmlabError
-from lmlab.models.hf import LLAMA_TOP, gemma3_from_hf, llama_block, llama_config
+from lmlab.models.hf import LLAMA_TOP, gemma3_block, gemma3_config, llama_block, llama_config
 from lmlab.models.quantize import FLOAT32, InferenceSettings, Int4Linear, compute_dtype, notice, quantized_linear, \
     replace_module
 from lmlab.models.transformer import Transformer
+from lmlab.util import return_freed_memory
 
 # GGUF tensor name -> Hugging Face Llama name. Block tensors are "blk.{i}.<key>.weight".
 _GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -226,21 +229,12 @@ def _dequantized(t, where: str, start: int = 0, stop: int | None = None) -> torc
     return torch.from_numpy(values).reshape(shape if len(shape) == 1 else (-1, *shape[1:]))
 
 
-def gguf_tensors(reader, hf: dict, where: str) -> dict[str, torch.Tensor]:
-    """All tensors, dequantized to float32, under Hugging Face names and in Hugging Face's layout."""
-    arch = "gemma3" if hf["model_type"] == "gemma3_text" else "llama"
-    names = {t.name: _hf_name(t.name, arch) for t in reader.tensors}
-    unknown = [n for n, hf_name in names.items() if hf_name is None]
-    if unknown:  # rope_freqs (Llama 3.1 rope scaling), biases, ...: things lmlab's block does not have
-        raise LmlabError(f"{where}: tensors {', '.join(unknown[:4])} have no place in lmlab's {arch} block; "
-                         "this model variant is not supported")
-    return {names[t.name]: _hf_layout(names[t.name], _dequantized(t, where), hf) for t in reader.tensors}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Tensors, one at a time: kept quantized where the kernels take the file's blocks, else dequantized
 
 Q4_TYPES = {gguf.GGMLQuantizationType.Q4_0: 18, gguf.GGMLQuantizationType.Q4_1: 20}  # bytes per 32 weights
+Q4_K, Q4_K_BYTES = gguf.GGMLQuantizationType.Q4_K, 144  # bytes per super-block of 256 weights
+INT4_TYPES = (*Q4_TYPES, Q4_K)
 Q8_TYPES = (gguf.GGMLQuantizationType.Q8_0,)
 FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
 
@@ -262,32 +256,57 @@ def q4_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero)
 
 
+def q4_k_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_K tensor's own numbers in Int4Linear's terms (groups of 32). A super-block of 256 weights holds d and
+    dmin (float16), 12 bytes of 6-bit scales sc and mins m for its 8 sub-blocks of 32, then 128 bytes of 4-bit q:
+    w = d * sc * q - dmin * m, i.e. scale = d * sc and zero = 8 * scale - dmin * m. The 6-bit numbers are packed
+    as ggml's get_scale_min_k4 reads them: sub-blocks 0..3 in the low 6 bits of bytes 0..3 (sc) and 4..7 (m);
+    4..7 in the nibbles of bytes 8..11 (low: sc, high: m) plus the top 2 bits of bytes 0..3 (sc) and 4..7 (m).
+    The q bytes come in 4 runs of 32: the low nibbles are sub-block 2j, the high ones 2j + 1."""
+    rows = int(t.shape[1])
+    blocks = np.asarray(t.data).reshape(rows, -1, Q4_K_BYTES)
+    d, dmin = (blocks[..., i:i + 2].copy().view(np.float16)[..., 0].astype(np.float32)[..., None] for i in (0, 2))
+    packed = blocks[..., 4:16]
+    low, high, nibbles = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([low & 0x3F, (nibbles & 0x0F) | (low >> 6) << 4], axis=-1).astype(np.float32)
+    m = np.concatenate([high & 0x3F, (nibbles >> 4) | (high >> 6) << 4], axis=-1).astype(np.float32)
+    runs = blocks[..., 16:].reshape(rows, -1, 4, 1, 32)
+    q = np.concatenate([runs & 0x0F, runs >> 4], axis=3).reshape(rows, -1)
+    scale = d * sc
+    zero = 8 * scale - dmin * m
+    return torch.from_numpy(q), torch.from_numpy(scale.reshape(rows, -1)), torch.from_numpy(zero.reshape(rows, -1))
+
+
+def int4_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, scale, zero) of a Q4_0, Q4_1 or Q4_K tensor, groups of 32 (Int4Linear's terms)."""
+    return q4_k_blocks(t) if t.tensor_type == Q4_K else q4_blocks(t)
+
+
 class TensorSource:
-    """The file's tensors under Hugging Face Llama names, each read when asked for (the file stays memory-mapped),
-    query and key rows put back in Hugging Face's rotary order."""
+    """The file's tensors under Hugging Face Llama or Gemma 3 names, each read when asked for (the file stays
+    memory-mapped), in Hugging Face's layout (_hf_layout: Llama's query and key rows in rotary order, Gemma's
+    norms without llama.cpp's added 1)."""
 
     def __init__(self, reader, hf: dict, where: str):
-        names = {t.name: _hf_name(t.name) for t in reader.tensors}
+        self.arch = "gemma3" if hf["model_type"] == "gemma3_text" else "llama"
+        names = {t.name: _hf_name(t.name, self.arch) for t in reader.tensors}
         unknown = [n for n, hf_name in names.items() if hf_name is None]
-        if unknown:  # rope_freqs (Llama 3.1 rope scaling), biases, ...: things lmlab's Llama block does not have
-            raise LmlabError(f"{where}: tensors {', '.join(unknown[:4])} have no place in lmlab's Llama block; "
-                             "this model variant is not supported")
+        if unknown:  # rope_freqs (Llama 3.1 rope scaling), biases, ...: things lmlab's block does not have
+            raise LmlabError(f"{where}: tensors {', '.join(unknown[:4])} have no place in lmlab's {self.arch} "
+                             "block; this model variant is not supported")
         self.tensors = {names[t.name]: t for t in reader.tensors}
-        self.heads = {"self_attn.q_proj.weight": hf["num_attention_heads"],
-                      "self_attn.k_proj.weight": hf["num_key_value_heads"]}
-        self.where = where
+        self.heads = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
+        self.hf, self.where, self.reader = hf, where, reader
 
     def raw(self, name: str):
         try:
             return self.tensors[name]
         except KeyError:
-            raise LmlabError(f"{self.where} lacks tensor {name!r}; is it a complete Llama checkpoint?") from None
+            raise LmlabError(f"{self.where} lacks tensor {name!r}; is it a complete {self.arch} checkpoint?") \
+                from None
 
     def _rows(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        for proj, n_head in self.heads.items():
-            if name.endswith(proj):
-                return unpermute_rotary(w, n_head)
-        return w
+        return _hf_layout(name, w, self.hf)
 
     def slices(self, name: str) -> Iterator[torch.Tensor]:
         """The tensor dequantized to float32 in slices of SLICE_ROWS rows (a rotary projection whole: its rows
@@ -298,6 +317,7 @@ class TensorSource:
         step = rows if any(name.endswith(proj) for proj in self.heads) else SLICE_ROWS
         for start in range(0, rows, step):
             yield self._rows(name, _dequantized(t, self.where, start, start + step))
+            return_freed_memory()  # the slice and what was computed from it are freed by now
 
     def float(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = tuple(int(d) for d in reversed(self.raw(name).shape))
@@ -307,8 +327,22 @@ class TensorSource:
             start += part.shape[0]
         return out
 
+    def release(self, names: list[str]) -> None:
+        """Drop these tensors' pages of the memory-mapped file from memory (they are read again from the file if
+        needed): touched pages count in the resident set until the map is closed, i.e. a whole file's worth
+        next to the model at the end of a load."""
+        data = self.reader.data
+        for name in names:
+            t = self.raw(name)
+            start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+            try:
+                data._mmap.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+            except (AttributeError, OSError, ValueError):  # not a plain numpy memmap, or no madvise here
+                break
+        return_freed_memory()  # this tensor's temporaries (float32 slices, quantization) too
+
     def int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(self._rows(name, part) for part in q4_blocks(self.raw(name)))
+        return tuple(self._rows(name, part) for part in int4_blocks(self.raw(name)))
 
 
 def _kept_as(types: set, quantize: str, head: bool) -> str:
@@ -317,12 +351,12 @@ def _kept_as(types: set, quantize: str, head: bool) -> str:
     if quantize == "none":
         return "float"
     if quantize == "auto":
-        if types <= set(Q4_TYPES) and not head:
+        if types <= set(INT4_TYPES) and not head:
             return "int4"
-        if types <= set(Q8_TYPES) or (head and types <= set(Q4_TYPES)):
+        if types <= set(Q8_TYPES) or (head and types <= set(INT4_TYPES)):
             return "int8"
         return "float"
-    if quantize == "int4" and types <= set(Q4_TYPES) and not head:
+    if quantize == "int4" and types <= set(INT4_TYPES) and not head:
         return "int4"
     return "requantize"
 
@@ -331,23 +365,26 @@ def _linear(source: TensorSource, parts: list[str], settings: InferenceSettings,
     """The quantized layer of these stacked Hugging Face tensors, or None where the layer stays float."""
     types = {source.raw(n).tensor_type for n in parts}
     kept = _kept_as(types, settings.quantize, head)
-    odd = sorted(t.name for t in types if t not in (*Q4_TYPES, *Q8_TYPES, *FLOAT_TYPES))
+    odd = sorted(t.name for t in types if t not in (*INT4_TYPES, *Q8_TYPES, *FLOAT_TYPES))
     if kept == "int4":
         q, scale, zero = (torch.cat(pieces) for pieces in zip(*(source.int4(n) for n in parts)))
         return Int4Linear(q, scale, zero)
     if odd and settings.quantize == "auto":
-        _notice_once(f"{source.where}: {', '.join(odd)} weights cannot be kept quantized (lmlab keeps Q4_0, Q4_1 "
-                     "and Q8_0); they are dequantized to the compute dtype")
+        _notice_once(f"{source.where}: {', '.join(odd)} weights cannot be kept quantized (lmlab keeps Q4_0, Q4_1, "
+                     f"Q4_K and Q8_0{_WHY_NOT.get(odd[0], '')}); they are dequantized to the compute dtype")
     if odd and kept == "requantize" and settings.quantize == "int4":  # to 8 bits a second rounding costs little
         raise LmlabError(f"{source.where}: {source.raw(parts[0]).name} is stored as {odd[0]}, which lmlab cannot "
-                         "keep as int4 (it keeps Q4_0 and Q4_1) and will not round twice; use --quantize auto "
-                         "(dequantized), --quantize int8, or a Q4_0/Q4_1 file")
+                         "keep as int4 (it keeps Q4_0, Q4_1 and Q4_K) and will not round twice; use --quantize auto "
+                         "(dequantized), --quantize int8, or a Q4_0/Q4_1/Q4_K_S file")
     if kept == "float":
         return None
     rows = (piece for n in parts for piece in source.slices(n))
     return quantized_linear(rows, "int8" if kept == "int8" else settings.quantize, settings.group_size, head)
 
 
+# Why a type has no kernel layout (said in the notice).
+_WHY_NOT = {"Q6_K": "; Q6_K's 6-bit values with a scale per 16 weights fit neither int4 nor int8's one scale per "
+                    "row"}
 _NOTICES: set[str] = set()
 
 
@@ -368,10 +405,11 @@ def _stream_into(model: Transformer, source: TensorSource, settings: InferenceSe
     c = model.config
     top = {name: [hf_name] for name, hf_name in LLAMA_TOP.items() if not (name == "lm_head.weight" and
                                                                            c.tie_embeddings)}
+    block = gemma3_block(c) if source.arch == "gemma3" else llama_block(c)
     tensors = [(name, parts) for name, parts in top.items()]
     for i in range(c.n_layer):
         tensors += [(f"blocks.{i}.{name}", [f"model.layers.{i}.{n}" for n, _ in parts])
-                    for name, parts in llama_block(c).items()]
+                    for name, parts in block.items()]
     if c.tie_embeddings:  # the head is the embedding matrix; quantized, it gets its own copy
         tensors.append(("lm_head.weight", top["tok_emb.weight"]))
     for name, parts in tensors:
@@ -380,11 +418,13 @@ def _stream_into(model: Transformer, source: TensorSource, settings: InferenceSe
             layer = _linear(source, parts, settings, head=module_name == "lm_head")
             if layer is not None:
                 replace_module(model, module_name, layer)
+                source.release(parts)
                 continue
             if name == "lm_head.weight" and c.tie_embeddings:
                 model.lm_head.weight = model.tok_emb.weight
                 continue
         _set_tensor(model, name, torch.cat([source.float(n, dtype) for n in parts]))
+        source.release(parts)
 
 
 def gguf_tokenizer(meta: dict, where: str = "GGUF file") -> Tokenizer:
@@ -462,14 +502,17 @@ def load_gguf(path: str | Path, settings: InferenceSettings = FLOAT32
     where = str(path)
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
+    # The reader's parsed fields (a numpy view per vocabulary entry and merge: ~160 MB for SmolLM2's 49k) are in
+    # `meta` now as plain Python values; only the tensor table is needed from here on.
+    reader.fields.clear()
+    gc.collect()
+    return_freed_memory()
     shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
     if "token_embd.weight" not in shapes:
         raise LmlabError(f"{where}: no token_embd.weight tensor; this is not a language model GGUF")
     hf = gguf_hf_config(meta, vocab_size=shapes["token_embd.weight"][1], tied="output.weight" not in shapes,
                         where=where)
-    if hf["model_type"] == "gemma3_text":  # dequantized whole (float32); load_pretrained then casts or quantizes
-        return gemma3_from_hf(hf, gguf_tensors(reader, hf, where), where), gguf_tokenizer(meta, where), meta
-    config = llama_config(hf, where)
+    config = gemma3_config(hf, where) if hf["model_type"] == "gemma3_text" else llama_config(hf, where)
     with torch.device("meta"):
         model = Transformer(config)
     dtype = compute_dtype(settings.dtype)
@@ -478,5 +521,6 @@ def load_gguf(path: str | Path, settings: InferenceSettings = FLOAT32
     except RuntimeError as e:  # shape mismatches: the metadata and the tensors disagree
         raise LmlabError(f"{where}: tensors do not match the metadata ({str(e).splitlines()[-1].strip()})") from None
     model.fill_rotary_tables()
-    model.rope_cos, model.rope_sin = model.rope_cos.to(dtype), model.rope_sin.to(dtype)
+    for name in ("rope_cos", "rope_sin", "rope_local_cos", "rope_local_sin"):
+        setattr(model, name, getattr(model, name).to(dtype))
     return model.eval(), gguf_tokenizer(meta, where), meta

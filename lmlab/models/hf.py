@@ -83,7 +83,7 @@ _GEMMA3_SHAPE = dict(norm="rmsnorm", norm_placement="sandwich", norm_offset=1.0,
                      bias=False, causal=True, qk_norm=True, embed_scale=True, tie_embeddings=True)
 
 
-def _gemma3_block(c: TransformerConfig) -> dict[str, list[tuple[str, int]]]:
+def gemma3_block(c: TransformerConfig) -> dict[str, list[tuple[str, int]]]:
     """lmlab name -> the Hugging Face Gemma 3 tensors under `model.layers.{i}.`; read both ways like llama_block."""
     table = llama_block(c)
     return {"norm1.weight": table["norm1.weight"], "attn.qkv.weight": table["attn.qkv.weight"],
@@ -156,7 +156,7 @@ def gemma3_from_hf(hf: dict, tensors: dict[str, torch.Tensor], where: str = "mod
     config = gemma3_config(hf, where)
     tensors = {k.replace("model.language_model.", "model."): v for k, v in tensors.items()}
     top = {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
-    return _stacked_model(config, top, _gemma3_block(config), "model.layers.", tensors, where, "Gemma 3")
+    return _stacked_model(config, top, gemma3_block(config), "model.layers.", tensors, where, "Gemma 3")
 
 
 def _check_shape(c: TransformerConfig, family: str, wanted: dict) -> None:
@@ -495,7 +495,7 @@ def export_hf_llama(model: Transformer, out_dir: str | Path, tokenizer: str | Pa
     ours = model.state_dict()
     tensors = {hf_name: ours[name] for name, hf_name in LLAMA_TOP.items()
                if not (name == "lm_head.weight" and c.tie_embeddings)}
-    tensors.update(_split_blocks(c, ours, _gemma3_block(c) if gemma else llama_block(c), "model.layers."))
+    tensors.update(_split_blocks(c, ours, gemma3_block(c) if gemma else llama_block(c), "model.layers."))
     save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
     tok = Tokenizer.from_str(_tokenizer_text(tokenizer)) if tokenizer is not None else None
     ids = {f"{k}_id": tok.token_to_id(v) if tok is not None and v is not None else None

@@ -12,8 +12,13 @@ The quantized linear layers call PyTorch's own CPU kernels, no hand-written ones
     int8   torch.ops.aten._weight_int8pack_mm: one int8 per weight and one scale per row (symmetric)
 
 Both take bfloat16 activations: with float32 ones the same kernels run 10-100x slower here, so a float32 model's
-activations are rounded to bf16 on the way in and back to float32 on the way out. The vocabulary projection is
-kept at 8 bits under int4, as llama.cpp keeps its output matrix (it is the one a wrong digit moves most).
+activations are rounded to bf16 on the way in and back to float32 on the way out. Both are matrix-vector kernels:
+fast for the few rows of a decode step, slower than float32 for a prompt's many. From BF16_FROM_ROWS rows on
+(a prefill) a layer dequantizes its weight to bfloat16 on the fly and multiplies with the bf16 GEMM instead
+(the crossover measured by bench/quantized_prefill.py); the bf16 copy lives for that one product only.
+
+The vocabulary projection is kept at 8 bits under int4, as llama.cpp keeps its output matrix (it is the one a
+wrong digit moves most).
 """
 
 from __future__ import annotations
@@ -99,13 +104,23 @@ def _bf16_values(t: torch.Tensor) -> torch.Tensor:
 
 class _QuantizedLinear(nn.Module):
     """The kernels take their scales in bfloat16 whatever the model's dtype: model.to(float32) moves them (to
-    another device, say) but keeps them bfloat16."""
+    another device, say) but keeps them bfloat16. Subclasses give the kernel's product (`_kernel`) and the
+    transposed weight in bfloat16 (`bf16_weight`); forward picks one by the number of rows."""
     SCALES = ""
+    # From this many rows (tokens times batch) on, dequantize-then-bf16-GEMM beats the kernel: measured by
+    # bench/quantized_prefill.py (SmolLM2's shapes, 1 thread, alternating; docs/results/quantized-inference/).
+    BF16_FROM_ROWS = 64
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         setattr(self, self.SCALES, getattr(self, self.SCALES).to(torch.bfloat16))
         return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = flat @ self.bf16_weight() if flat.shape[0] >= self.BF16_FROM_ROWS else self._kernel(flat)
+        y = y[:, :self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
 class Int4Linear(_QuantizedLinear):
@@ -147,11 +162,39 @@ class Int4Linear(_QuantizedLinear):
         q = ((w - (zero - 8 * scale)[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
         return q.reshape(n, k), scale, zero
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_zero)
-        y = y[:, :self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+    def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_zero)
+
+    def unpacked(self) -> torch.Tensor:
+        """q (padded rows, in) in 0..15 back out of the kernel's packing. The CPU kernel packs rows in blocks of
+        64, each stored column by column as 32 bytes, rows 0..31 in the low nibbles and 32..63 in the high ones;
+        the last rows (fewer than 64) column by column too, two neighbouring rows to a byte (low nibble first)."""
+        rows, k = self.packed.shape[0], self.in_features
+        full = rows // 64 * 64
+        blocks = self.packed[:full].reshape(-1, k, 32)
+        tail = self.packed[full:].reshape(k, -1)
+        return torch.cat([torch.cat([blocks & 0x0F, blocks >> 4], -1).transpose(1, 2).reshape(full, k),
+                          torch.stack([tail & 0x0F, tail >> 4], -1).reshape(k, -1).t()])
+
+    def bf16_weight(self) -> torch.Tensor:
+        """The weight transposed, (in, padded rows), in bfloat16: (q - 8) * scale + zero computed in float32 and
+        rounded once, as the kernel's own dequantization (tested equal). Built in the kernel's block order so
+        that every step runs along contiguous memory (bf16 ops on strided or mixed-dtype operands run 10x
+        slower here); q - 8 is taken in int8, where it is exact."""
+        rows, k = self.packed.shape[0], self.in_features
+        groups = k // self.group_size
+        if rows % 64:  # a vocabulary-sized tail block: the general (slower) unpacking
+            q = self.unpacked().view(torch.int8).sub(8).to(torch.bfloat16).reshape(rows, groups, -1)
+            scale, zero = (t.t()[..., None] for t in self.scale_zero.unbind(-1))
+            return torch.addcmul(zero, q, scale).reshape(rows, k).t()
+        blocks = self.packed.view(torch.int8).reshape(rows // 64, k, 32)
+        q = torch.empty(k, rows // 64, 64, dtype=torch.bfloat16)
+        q[..., :32] = (blocks & 0x0F).sub_(8).transpose(0, 1)
+        q[..., 32:] = (blocks >> 4 & 0x0F).sub_(8).transpose(0, 1)
+        scale, zero = (t.contiguous().view(groups, 1, -1, 64) for t in self.scale_zero.unbind(-1))
+        q = q.view(groups, -1, rows // 64, 64)
+        # Into a contiguous output: left to itself, addcmul lays its result out like the broadcast `zero`, 10x slower.
+        return torch.addcmul(zero, q, scale, out=torch.empty_like(q)).view(k, rows)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight (out, in) that this layer multiplies by (for tests and the fp32 reference)."""
@@ -166,6 +209,7 @@ class Int4Linear(_QuantizedLinear):
 class Int8Linear(_QuantizedLinear):
     """y = x W^T + b with W held as int8, one scale per row: W[n, k] = q[n, k] * scale[n]."""
     SCALES = "scale"
+    BF16_FROM_ROWS = 32  # its dequantization is one multiply: the bf16 GEMM wins sooner than int4's
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -185,11 +229,12 @@ class Int8Linear(_QuantizedLinear):
         scale = _bf16_values((w.abs().amax(dim=1) / 127).clamp(min=1e-12))
         return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+    def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale)
+
+    def bf16_weight(self) -> torch.Tensor:
+        """The weight transposed, (in, out), in bfloat16: q * scale, computed in float32 and rounded once."""
+        return self.q.to(torch.bfloat16).mul_(self.scale[:, None]).t()
 
     def dequantized(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[:, None]
