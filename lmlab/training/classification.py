@@ -407,9 +407,12 @@ def build(model_spec: str, data: LabelledTask, train_docs: list[Doc], *, method:
                                                      elmo_random=elmo_random, attention=attention, seed=seed)
         info = {"model": model_spec, "pretrained": False, **embedding}
         return model, tokenizer, False, {**info, "vectors": vectors} if vectors else info
-    if vectors or elmo or attention:
-        raise LmlabError(f"--vectors, --elmo and --attention apply to the from-scratch models "
-                         f"({', '.join(BASELINES)}); {model_spec} has its own embeddings and pooling: leave them out")
+    if vectors:
+        raise LmlabError(f"--vectors gives word embeddings to the from-scratch models ({', '.join(BASELINES)}); "
+                         f"{model_spec} has its own: leave --vectors out")
+    if elmo or attention:
+        raise LmlabError(f"--elmo and --attention apply to the from-scratch bilstm; {model_spec} has its own "
+                         "embeddings and pooling: leave them out")
     pre = load_pretrained(model_spec)
     body = pre.model
     # Loaded models carry dropout 0 (inference); fine-tuning uses it as BERT does, so rebuild with it.
