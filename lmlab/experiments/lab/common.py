@@ -1,6 +1,7 @@
-"""What the lab's experiments share: the ladder of GPT sizes, training a small model through the one training loop
-(`lmlab.training.loop.fit`, by way of TrainingRun) with a run folder that is reused or resumed, an Objective over
-a tensor of rows (a synthetic task: addition, ...), the verdict record, and the log-N interpolation that the
+"""What the lab's experiments share: the ladder of GPT sizes; training a small model through the one training
+loop (`lmlab.training.loop.fit`), either by way of TrainingRun with a run folder that is reused or resumed
+(train_once), or straight through fit for the experiments that log curves over steps (train_run); an Objective
+over a tensor of rows (a synthetic task: addition, ...); the verdict record; and the log-N interpolation that the
 verdicts read their crossings with."""
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from typing import Callable
 
 import torch
 
+from lmlab.errors import LmlabError
 from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.training.config import TrainConfig
 from lmlab.training.distributed import Dist, training_precision
-from lmlab.training.loop import Objective
+from lmlab.training.loop import Objective, fit
 from lmlab.training.metrics import read_metrics
 from lmlab.training.run import TrainingRun
-from lmlab.util import pick_device
+from lmlab.util import atomic_write_json, pick_device
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,7 @@ def train_once(t: TrainConfig, build: Callable[[Dist], Objective], progress: boo
             summary["tokens_per_step"] = t.batch_size * objective.tokens_per_row
             run.write_json("summary.json", summary)
     summary = json.loads(done.read_text())
-    evaluations = [r for r in read_metrics(run_dir) if "loss" not in r]
-    summary["curve"] = [{**r, "tokens": r["step"] * summary["tokens_per_step"]} for r in evaluations]
+    summary["curve"] = [{**r, "tokens": r["step"] * summary["tokens_per_step"]} for r in evaluations(run_dir)]
     return summary
 
 
@@ -153,3 +154,31 @@ def crossing(sizes: list[float], values: list[float], level: float) -> float | N
             share = (level - v0) / (v1 - v0)
             return math.exp(math.log(n0) + share * (math.log(n1) - math.log(n0)))
     return None
+
+
+SETTINGS_FILE = "lab-settings.json"
+
+
+def train_run(objective: Objective, t: TrainConfig, settings: dict, progress: bool = True) -> list[dict]:
+    """Train `objective` in t.run_dir and return its evaluation records (step + the objective's figures).
+
+    A folder with a checkpoint is resumed (a finished run is not trained again, an interrupted one continues on
+    the same curve); one made with other settings is refused, since its curves would mix two experiments."""
+    run_dir = Path(t.run_dir)
+    recorded = run_dir / SETTINGS_FILE
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        raise LmlabError(f"{run_dir} holds a run made with other settings; use another --work folder, or delete it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(recorded, settings)
+    fit(objective, t, run_dir, resume=(run_dir / "ckpt" / "latest").is_file(), progress=progress)
+    return evaluations(run_dir)
+
+
+def evaluations(run_dir: str | Path) -> list[dict]:
+    """The evaluation records of a run's metrics.jsonl (the training-loss records have a "loss" key), by step."""
+    return sorted((r for r in read_metrics(run_dir) if "loss" not in r), key=lambda r: r["step"])
+
+
+def first_step(steps: list[int], values: list[float], threshold: float) -> int | None:
+    """The first step whose value reaches `threshold` (>=), or None."""
+    return next((s for s, v in zip(steps, values) if v >= threshold), None)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from lmlab.experiments.lab.runs import first_step, train_run, verdict
+from lmlab.experiments.lab.common import first_step, train_run, verdict
 from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.training.config import TrainConfig
 from lmlab.training.loop import Objective

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from lmlab.experiments.lab.runs import train_run, verdict
+from lmlab.experiments.lab.common import train_run, verdict
 from lmlab.models.transformer import Transformer, TransformerConfig, apply_rotary
 from lmlab.training.config import TrainConfig
 from lmlab.training.loop import Objective

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from lmlab.errors import LmlabError
 from lmlab.evaluate import run_eval
-from lmlab.experiments.lab.runs import verdict
+from lmlab.experiments.lab.common import verdict
 from lmlab.models.hub import list_models
 from lmlab.models.quantize import InferenceSettings
 from lmlab.util import comma_list, write_report
