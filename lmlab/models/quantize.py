@@ -109,7 +109,7 @@ class _QuantizedLinear(nn.Module):
     SCALES = ""
     # From this many rows (tokens times batch) on, dequantize-then-bf16-GEMM beats the kernel: measured by
     # bench/quantized_prefill.py (SmolLM2's shapes, 1 thread, alternating; docs/results/quantized-inference/).
-    BF16_FROM_ROWS = 64
+    BF16_FROM_ROWS = 96
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
