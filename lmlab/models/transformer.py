@@ -244,8 +244,8 @@ class Attention(nn.Module):
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
             attn_mask = None if attn_mask is None else attn_mask[..., -self.window:]
         # Decoding too (one query over the cache): in bf16, two plain matmuls there compiled a oneDNN kernel for
-        # every cache length (0.66 MiB each: a server grew by hundreds of MiB), and the fused kernel was as fast or
-        # faster at 32-1,500 keys in fp32 and bf16 (1 thread, SmolLM2's heads, batch 8).
+        # every cache length (551 MiB over 400 lengths, against 8 for SDPA: a server kept growing), and SDPA is
+        # faster in bf16 at 32-1,500 keys, 0.8-1.3x their speed in fp32 (python bench/cpu_kernel_shapes.py).
         with self._kernel(q, k):
             y = F.scaled_dot_product_attention(
                 q, k, v,
