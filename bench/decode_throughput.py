@@ -6,6 +6,8 @@ Loads SmolLM2-135M-Instruct from its Q4_1 GGUF in every format lmlab offers (lml
     bf16          dequantized, computed in bfloat16
     int8          per-row int8 weights (torch's _weight_int8pack_mm), bf16 activations
     int4 (Q4_1)   the file's own 4-bit blocks (torch's _weight_int4pack_mm_for_cpu), Q8_0 head as int8, bf16
+    +compile      with --compile: bf16 and int4 again with the decoding step torch.compile'd (--compile of
+                  generate/serve; compiled once before the timing, from the disk cache when it is warm)
 
 and, when llama-cpp-python is installed (the `bench` extra; it builds llama.cpp from source, about 15 minutes
 here), llama.cpp on the same file with the same threads. Then, in --rounds rounds, each engine in turn (so that
@@ -20,7 +22,7 @@ passage) and a free-text one, with the int4 model: tokens/s with and without, an
 Finally, in fresh processes, the peak resident memory of loading each format against the loaded weights' size
 and the runtime's own (torch and lmlab imported, nothing loaded).
 
-    python bench/decode_throughput.py [--threads 2] [--new-tokens 128] [--rounds 2] [--speculate 8]
+    python bench/decode_throughput.py [--threads 2] [--new-tokens 128] [--rounds 2] [--speculate 8] [--compile]
 
 Targets (issue 14): int4 decode at batch 1 at least llama.cpp's, prefill at least 2x; bf16 at least 1.5x fp32 at
 batch 1 and 8, int4 at least 4x; peak RSS at most 1.5x weights + runtime. Prints one JSON object; a table on
@@ -36,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -210,19 +213,24 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--speculate", type=int, default=8)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    ap.add_argument("--compile", action="store_true", help="also bf16 and int4 with the decoding step compiled")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = str(resolve(args.model))
 
-    models = {name: load_pretrained(path, inference=s) for name, s in FORMATS.items()}
+    formats = dict(FORMATS)
+    if args.compile:
+        formats.update({f"{name}+compile": replace(FORMATS[name], compile=True) for name in ("bf16", "int4")})
+    models = {name: load_pretrained(path, inference=s) for name, s in formats.items()}
     prompt = models["fp32"].tokenizer.encode(TEXT).ids[:args.prompt_tokens]
     engines = {name: lmlab_engine(pre, prompt) for name, pre in models.items()}
     llama_note = llama_cpp_problem(path)
     if llama_note is None:
         engines["llama.cpp"] = llama_cpp_engine(path, prompt, args.threads)
         llama_note = "llama-cpp-python " + __import__("llama_cpp").__version__
-    for _, (run, prefill, _) in engines.items():  # warm up
-        run(1, 2)
+    for _, (run, prefill, batches) in engines.items():  # warm up (and compile: the first steps of each batch)
+        for batch in batches:
+            run(batch, 3)
         prefill()
     results, tokens = {}, {}
     for i in range(args.rounds):

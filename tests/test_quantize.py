@@ -124,6 +124,45 @@ def test_quantize_on_load_keeps_greedy_decoding_consistent():
     assert _relative(stepped, full) < 3e-2
 
 
+def test_compiled_decoding_step_against_eager():
+    """--compile: the torch.compile'd one-token step gives eager's logits step after step, for left-padded rows
+    (positions and key masks), as the cache grows (its writes land in place), without recompiling for each new
+    cache length; decode_steps uses it. Traced with aot_eager (the graph capture and functionalization that
+    inductor compiles: seconds, where inductor's C++ takes minutes here); bench/decode_throughput.py --compile
+    checks inductor's greedy tokens on SmolLM2."""
+    from lmlab.models.quantize import compile_decoding
+    from lmlab.inference.generate import SamplingParams, decode_steps, left_pad
+    from lmlab.models.quantize import decoding_forward
+    from lmlab.models.transformer import KVCache
+
+    eager = prepare_model(_tiny(), InferenceSettings(dtype="bfloat16", quantize="int4"))
+    compiled = prepare_model(_tiny(), InferenceSettings(dtype="bfloat16", quantize="int4"))
+    compile_decoding(compiled, backend="aot_eager")
+    assert decoding_forward(eager) is eager and decoding_forward(compiled) is not compiled
+    prompts = [[3, 9, 27, 4, 50, 11, 7], [8, 1, 60]]
+    ids, positions, key_mask = left_pad(prompts, "cpu")
+    caches = [KVCache(m.config, 2, 20, dtype=torch.bfloat16) for m in (eager, compiled)]
+    key_mask = torch.cat([key_mask, torch.ones(2, 13, dtype=torch.bool)], 1)
+    torch._dynamo.utils.counters.clear()
+    with torch.inference_mode():
+        nxt = [m(ids, cache=c, positions=positions, key_mask=key_mask[:, :7], last_only=True)[0]
+               for m, c in zip((eager, compiled), caches)][0].argmax(-1)
+        for _ in range(6):
+            positions = positions[:, -1:] + 1
+            want, _ = eager(nxt, cache=caches[0], positions=positions, key_mask=key_mask[:, :caches[0].length + 1])
+            got, _ = decoding_forward(compiled)(nxt, cache=caches[1], positions=positions,
+                                                key_mask=key_mask[:, :caches[1].length + 1])
+            assert _relative(got, want) < 2e-2
+            nxt = want[:, -1:].argmax(-1)
+    assert caches[1].length == caches[0].length == 13
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # not one per cache length
+    params = SamplingParams(max_new_tokens=5, temperature=0, stop_at_eos=False)
+    real, steps = compiled.__dict__["compiled_forward"], []
+    compiled.__dict__["compiled_forward"] = lambda *args, **kwargs: steps.append(1) or real(*args, **kwargs)
+    assert len(list(decode_steps(compiled, prompts, params))) == 5
+    assert len(steps) == 4  # every step after the (eager) prefill
+
+
 def test_compute_dtype_auto_follows_the_cpu(monkeypatch, capsys):
     from lmlab.models import quantize
 

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
 from lmlab.inference.generate import CompletionText, SamplingParams, adjust_logits, left_pad, pick_tokens
+from lmlab.models.quantize import decoding_forward
 from lmlab.models.transformer import KVCache
 
 
@@ -525,7 +526,7 @@ class Engine:
         key_mask = torch.arange(end + 1, device=self.device)[None, :] >= starts[:, None]
         view = cache.first_rows(B)  # a view, so writes land in place
         t0 = time.perf_counter()
-        logits, _ = self.model(tokens, cache=view, positions=positions, key_mask=key_mask)
+        logits, _ = decoding_forward(self.model)(tokens, cache=view, positions=positions, key_mask=key_mask)
         cache.length = view.length
         logits = logits[:n, -1].float()
         greedy = logits.argmax(dim=-1).tolist()  # one host sync for every greedy row

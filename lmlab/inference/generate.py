@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
 from lmlab.util import option
+from lmlab.models.quantize import decoding_forward
 from lmlab.models.t5 import is_encoder_decoder
 from lmlab.models.transformer import KVCache, Transformer
 
@@ -174,14 +175,15 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: SamplingP
             raise LmlabError(f"speculative decoding takes one prompt at a time (got {B}); drop --speculate")
         yield from _speculative_steps(model, list(prompts[0]), params, eos, cache, logits, generator)
         return
-    for step in range(params.max_new_tokens):
+    step = decoding_forward(model)
+    for n in range(params.max_new_tokens):
         nxt = pick_tokens(adjust_logits(logits[:, -1].float(), params, seen), params, generator)
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
         tokens = nxt.tolist()  # the one host sync per step
         done = [d or t in eos for d, t in zip(done, tokens)]
         yield tokens
-        if step == params.max_new_tokens - 1 or all(done):
+        if n == params.max_new_tokens - 1 or all(done):
             return
         if cache.length >= cache.max_len:
             if not slide or cache.max_len < config.block_size:
@@ -197,8 +199,8 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: SamplingP
                 history[row].append(t)
         if positions is not None:
             positions = positions[:, -1:] + 1
-        logits, _ = model(nxt[:, None], cache=cache, positions=positions,
-                          key_mask=None if key_mask is None else key_mask[:, :cache.length + 1])
+        logits, _ = step(nxt[:, None], cache=cache, positions=positions,
+                         key_mask=None if key_mask is None else key_mask[:, :cache.length + 1])
 
 
 def lookup_draft(history: Sequence[int], n: int, max_ngram: int = 3) -> list[int]:

@@ -17,12 +17,19 @@ fast for the few rows of a decode step, slower than float32 for a prompt's many.
 (a prefill) a layer dequantizes its weight to bfloat16 on the fly and multiplies with the bf16 GEMM instead
 (the crossover measured by bench/quantized_prefill.py); the bf16 copy lives for that one product only.
 
+`--compile` compiles the decoding step (one new token per row) with torch.compile: a step of a small model is
+hundreds of small ops (norms, rotary, residual adds) whose dispatch costs as much as the matrix products, and
+inductor fuses them; with the weights frozen in it also hands bfloat16 linear layers prepacked oneDNN weights.
+Prompts (prefill) stay eager: their lengths vary, each would be a new graph.
+
 The vocabulary projection is kept at 8 bits under int4, as llama.cpp keeps its output matrix (it is the one a
 wrong digit moves most).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -49,6 +56,9 @@ class InferenceSettings:
         "auto", "keep weights quantized: int8 (per row), int4 (per group); auto keeps a GGUF file's own "
                 "Q4_0/Q4_1 (int4) and Q8_0 (int8) weights, none dequantizes")
     group_size: int = option(32, "int4: weights per scale and zero (32, 64 or 128; a GGUF's Q4 blocks are 32)")
+    compile: bool = option(False, "torch.compile the one-token decoding step (inductor, weights frozen in): "
+                                  "fewer, fused kernels per step; the first step compiles (a minute or more, "
+                                  "cached on disk after)")
 
     def validate(self) -> None:
         if self.group_size not in GROUP_SIZES:
@@ -319,7 +329,30 @@ def prepare_model(model: nn.Module, settings: InferenceSettings, device: str | t
     if settings.quantize in ("int8", "int4") and not is_quantized(model):
         quantize_model(model, settings.quantize, settings.group_size)
     check_device(model, device)
-    return model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype)
+    if settings.compile:
+        compile_decoding(model)
+    return model
+
+
+def compile_decoding(model: nn.Module, backend: str = "inductor") -> None:
+    """Give the model a torch.compile'd forward for one-token decoding steps (`decoding_forward` uses it).
+    dynamic=True: the cache length grows every step and the server's batch changes, so one graph with symbolic
+    sizes instead of a recompilation per length. Freezing treats the weights as constants (inference only:
+    weights that change later are not seen), which lets inductor fold and prepack them. (The tests trace with
+    backend="aot_eager": the same graph capture, without minutes of C++ compilation.)"""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    if backend == "inductor" and not compiler:
+        raise LmlabError("--compile needs a C++ compiler for inductor's CPU kernels (g++ or clang++, or CXX=...); "
+                         "install one or drop --compile")
+    options = {"freezing": True} if backend == "inductor" else None
+    # Stored in __dict__, not as a submodule: the compiled wrapper holds the model itself.
+    model.__dict__["compiled_forward"] = torch.compile(model, dynamic=True, backend=backend, options=options)
+
+
+def decoding_forward(model: nn.Module):
+    """The callable for one-token decoding steps: the compiled forward when the settings asked for --compile."""
+    return model.__dict__.get("compiled_forward", model)
 
 
 def check_device(model: nn.Module, device: torch.device) -> None:
