@@ -249,7 +249,8 @@ def main():
         "weights_mb": {name: round(weight_bytes(pre.model) / 2**20) for name, pre in models.items()},
         "medians": medians, "ratios": ratios,
         "greedy_tokens_equal_fp32": {n: t == tokens["fp32"] for n, t in tokens.items() if n != "fp32"},
-        "speculative": speculation(models["int4"], args.speculate, args.new_tokens, args.rounds),
+        "speculative": (speculation(models["int4"], args.speculate, args.new_tokens, args.rounds)
+                        if args.speculate else "not run (--speculate 0)"),
     }
     del models, engines
     if not args.no_memory:
