@@ -117,7 +117,7 @@ def _row(runs: dict, task: str, steps: int) -> dict:
 
 def run_t5_experiment(out: str = "docs/results/t5", work: str = "runs/t5-experiment", tasks: str = "sst2,rte,stsb,cola",
                       config: str = "t5-small-cpu", pretrain_minutes: float = 8.0, finetune_steps: str = "150",
-                      mixture_steps: int = 300, batch_size: int = 32, lr: float = 2e-3, mixing_cap: int = 2000,
+                      mixture_steps: int = 300, batch_size: int = 32, lr: float = 3e-4, mixing_cap: int = 2000,
                       eval_limit: int | None = None, data_dir: str | None = None, threads: int | None = None,
                       collect: bool = False, command: str | None = None) -> dict:
     """Pretrain a small T5 by span corruption, fine-tune it text to text on each task and on their mixture, and
@@ -133,7 +133,7 @@ def run_t5_experiment(out: str = "docs/results/t5", work: str = "runs/t5-experim
             (sst2=800,rte=200,stsb=300,cola=300); the random-init baseline gets the same
         mixture_steps: optimizer steps of the multi-task fine-tuning
         batch_size: examples per fine-tuning step
-        lr: fine-tuning peak learning rate
+        lr: fine-tuning peak learning rate (AdamW; see T5FinetuneSettings.lr for why not T5's 1e-3)
         mixing_cap: examples-proportional mixing cap of the multi-task run
         eval_limit: dev examples scored per task (default: the full dev sets)
         data_dir: folder with the data (default: $LMLAB_DATA, else $LMLAB_HOME/data)
