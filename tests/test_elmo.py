@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.models.elmo import BiLM, ElmoConfig, ElmoEmbedder, ScalarMix, WordSoftmax, reverse_rows, word_chars
+from lmlab.models.elmo import (MIX_LR_SCALE, BiLM, ElmoConfig, ElmoEmbedder, ScalarMix, WordSoftmax, reverse_rows,
+                               word_chars)
+from lmlab.training.config import TrainConfig
+from lmlab.training.schedule import make_optimizer, set_lr
 from lmlab.training.elmo import ElmoSettings, elmo, read_stream
 from tests.conftest import synthetic_corpus
 
@@ -120,6 +123,13 @@ def test_scalar_mix_is_allennlp_formula():
     assert mix.describe()["layer_weights"] == [round(v / sum(e), 4) for v in e]
     fresh = ScalarMix(3)  # AllenNLP's start: equal weights, gamma 1 -> the mean of the layers
     assert torch.allclose(fresh(layers), sum(layers) / 3, atol=1e-6)
+    # the mix learns at MIX_LR_SCALE x the LR, the rest of a model at the LR
+    model = torch.nn.ModuleDict({"mix": fresh, "head": torch.nn.Linear(6, 2)})
+    optimizer = make_optimizer(model, TrainConfig(run_dir="unused", lr=1e-3), torch.device("cpu"))
+    set_lr(optimizer, 1e-3)
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs[id(fresh.weights)] == lrs[id(fresh.gamma)] == pytest.approx(1e-3 * MIX_LR_SCALE) and MIX_LR_SCALE > 1
+    assert lrs[id(model["head"].weight)] == lrs[id(model["head"].bias)] == 1e-3
 
 
 def test_embedder_is_frozen_mixes_three_layers_and_caches_sentences():

@@ -223,13 +223,22 @@ class BiLM(nn.Module):
         return self.dropout(f), self.dropout(b)
 
 
-class ScalarMix(nn.Module):
-    """AllenNLP's ScalarMix: gamma * sum_j softmax(w)_j * layer_j, w starting at zeros and gamma at 1."""
+MIX_LR_SCALE = 10.0  # the ScalarMix's learning rate, in multiples of the task model's
 
-    def __init__(self, n_layers: int):
+
+class ScalarMix(nn.Module):
+    """AllenNLP's ScalarMix: gamma * sum_j softmax(w)_j * layer_j, w starting at zeros and gamma at 1.
+
+    Its parameters learn at `lr_scale` times the run's LR (the optimizer reads each parameter's `lr_scale`:
+    lmlab.training.schedule). Why: Adam moves a parameter by about the LR per step, so at a task's 2e-3 over ~200
+    steps the scalars can move 0.4 at most and the mix stays near uniform (it did: docs/results/elmo); 10x lets
+    them reach any mix within the run."""
+
+    def __init__(self, n_layers: int, lr_scale: float = MIX_LR_SCALE):
         super().__init__()
         self.weights = nn.Parameter(torch.zeros(n_layers))
         self.gamma = nn.Parameter(torch.ones(()))
+        self.weights.lr_scale = self.gamma.lr_scale = lr_scale
 
     def forward(self, layers: list[torch.Tensor]) -> torch.Tensor:
         s = torch.softmax(self.weights, dim=0)
