@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.models.elmo import BiLM, ElmoConfig, ElmoEmbedder, ScalarMix, reverse_rows, word_chars
+from lmlab.models.elmo import (MIX_LR_SCALE, BiLM, ElmoConfig, ElmoEmbedder, ScalarMix, WordSoftmax, reverse_rows,
+                               word_chars)
+from lmlab.training.config import TrainConfig
+from lmlab.training.schedule import make_optimizer, set_lr
 from lmlab.training.elmo import ElmoSettings, elmo, read_stream
 from tests.conftest import synthetic_corpus
 
@@ -64,6 +67,34 @@ def test_loss_scores_next_and_previous_word():
     assert by_hand_f in all_f and by_hand_b in all_b
 
 
+def test_adaptive_softmax_is_torchs_and_the_fast_biLM_keeps_its_sides():
+    """WordSoftmax with a cutoff gives torch.nn.AdaptiveLogSoftmaxWithLoss's log-probabilities and loss with the
+    same weights; the biLM with it and the plain-LSTM cell still scores the next and previous word."""
+    torch.manual_seed(0)
+    mine = WordSoftmax(16, 50, cutoff=10)
+    ref = torch.nn.AdaptiveLogSoftmaxWithLoss(16, 50, cutoffs=[10], div_value=4.0, head_bias=True)
+    with torch.no_grad():
+        ref.head.weight.copy_(mine.head.weight), ref.head.bias.copy_(mine.head.bias)
+        ref.tail[0][0].weight.copy_(mine.tail[0].weight), ref.tail[0][1].weight.copy_(mine.tail[1].weight)
+    h, targets = torch.randn(40, 16), torch.randint(0, 50, (40,))
+    assert (targets >= 10).any() and (targets < 10).any()
+    assert torch.allclose(mine.log_probs(h), ref.log_prob(h), atol=1e-5)
+    assert torch.isclose(mine.loss(h, targets), ref(h, targets).loss, atol=1e-5)
+    assert torch.allclose(mine.log_probs(h).exp().sum(-1), torch.ones(40), atol=1e-5)
+    fast = BiLM(ElmoConfig(**{**TINY.to_dict(), "softmax_cutoff": 10, "cell": "lstm"})).eval()
+    ids, table = _batch()
+    uniq, inverse = ids.unique(return_inverse=True)
+    f, b = fast.logits(table[uniq], inverse)
+    forward_loss, backward_loss = fast(table[uniq], inverse, ids)
+    assert torch.isclose(forward_loss, -f[:, :-1].gather(2, ids[:, 1:, None]).mean(), atol=1e-5)
+    assert torch.isclose(backward_loss, -b[:, 1:].gather(2, ids[:, :-1, None]).mean(), atol=1e-5)
+    changed = ids.clone()
+    changed[:, 4] = torch.where(ids[:, 4] == 3, 4, 3)
+    f1, b1 = _logits(fast, changed, table)
+    assert torch.allclose(f[:, :4], f1[:, :4], atol=1e-6) and not torch.allclose(f[:, 4:], f1[:, 4:], atol=1e-4)
+    assert torch.allclose(b[:, 5:], b1[:, 5:], atol=1e-6) and not torch.allclose(b[:, :5], b1[:, :5], atol=1e-4)
+
+
 def test_padded_rows_give_the_states_of_the_unpadded_row():
     """A row padded on the right has the layers of the same row alone (the backward LM starts at its last word)."""
     torch.manual_seed(0)
@@ -92,6 +123,13 @@ def test_scalar_mix_is_allennlp_formula():
     assert mix.describe()["layer_weights"] == [round(v / sum(e), 4) for v in e]
     fresh = ScalarMix(3)  # AllenNLP's start: equal weights, gamma 1 -> the mean of the layers
     assert torch.allclose(fresh(layers), sum(layers) / 3, atol=1e-6)
+    # the mix learns at MIX_LR_SCALE x the LR, the rest of a model at the LR
+    model = torch.nn.ModuleDict({"mix": fresh, "head": torch.nn.Linear(6, 2)})
+    optimizer = make_optimizer(model, TrainConfig(run_dir="unused", lr=1e-3), torch.device("cpu"))
+    set_lr(optimizer, 1e-3)
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs[id(fresh.weights)] == lrs[id(fresh.gamma)] == pytest.approx(1e-3 * MIX_LR_SCALE) and MIX_LR_SCALE > 1
+    assert lrs[id(model["head"].weight)] == lrs[id(model["head"].bias)] == 1e-3
 
 
 def test_embedder_is_frozen_mixes_three_layers_and_caches_sentences():

@@ -3,14 +3,15 @@
     word -> bytes -> character CNN + highway + projection          the token layer (context-free, any word)
          -> forward LSTM LM  (2 layers, projected, residual)       reads x_0..x_t, predicts x_{t+1}
          -> backward LSTM LM (2 layers, projected, residual)       reads x_{n-1}..x_t, predicts x_{t-1}
-    a softmax over the word vocabulary, shared by both directions (as ELMo's: one token layer, one softmax, two LMs)
+    a softmax over the word vocabulary, shared by both directions (as ELMo's: one token layer, one softmax, two LMs;
+    full, or adaptive: WordSoftmax)
 
 The token layer is ELMo's character encoder scaled down: a word's UTF-8 bytes between begin/end-of-word markers
 (MAX_CHARS at most), 16-dimensional byte embeddings, convolutions of widths 1..5 max-pooled over the bytes, highway
 layers (y = g * x + (1 - g) * relu(W x), g = sigmoid(W_g x)), a linear projection to `proj`. So every word has a
 vector, also one the softmax vocabulary lacks. Each LSTM is nn.LSTM with proj_size (LSTMP, as ELMo's cells: the
-state is `hidden` wide, its output projected to `proj`); the second layer's input is added to its output (ELMo's
-residual between the layers). The softmax is not tied to the token layer (a character encoder has no word matrix
+state is `hidden` wide, its output projected to `proj`; or, `cell="lstm"`, a plain LSTM projected after the
+recurrence); the second layer's input is added to its output (ELMo's residual between the layers). The softmax is not tied to the token layer (a character encoder has no word matrix
 to tie to); the two directions share it. Dropout on the token layer, between layers and before the softmax.
 
 The representation of token t for a task (`ElmoEmbedder`) is a learned ScalarMix of three layers, each 2 x proj
@@ -54,6 +55,8 @@ class ElmoConfig:
     hidden: int = 512  # LSTM cell width
     layers: int = 2
     dropout: float = 0.1
+    softmax_cutoff: int = 0  # 0: a full softmax; n: an adaptive softmax whose head holds the n most frequent words
+    cell: str = "lstmp"  # lstmp: nn.LSTM(proj_size=proj); lstm: nn.LSTM of `hidden` cells + a linear projection
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,22 +104,73 @@ class CharEncoder(nn.Module):
 
 class LSTMStack(nn.Module):
     """One direction's LM: `layers` projected LSTMs, the residual from each layer's input to its output after the
-    first. forward returns every layer's output, (B, T, proj) each."""
+    first. forward returns every layer's output, (B, T, proj) each.
+
+    cell "lstmp" is ELMo's cell (nn.LSTM with proj_size: the projected output is the recurrent state); "lstm" is
+    a plain nn.LSTM of `hidden` cells whose output is projected to `proj` after the recurrence. Why both: PyTorch
+    runs LSTMP on its slow reference path (oneDNN has no projections), the plain LSTM on oneDNN's kernel, bf16
+    under autocast (bench/elmo_train_speed.py measures the two)."""
 
     def __init__(self, c: ElmoConfig):
         super().__init__()
-        self.lstms = nn.ModuleList(nn.LSTM(c.proj, c.hidden, proj_size=c.proj, batch_first=True)
+        if c.cell not in ("lstmp", "lstm"):
+            raise ValueError(f"ElmoConfig.cell {c.cell!r}: lstmp or lstm")
+        proj_size = c.proj if c.cell == "lstmp" else 0
+        self.lstms = nn.ModuleList(nn.LSTM(c.proj, c.hidden, proj_size=proj_size, batch_first=True)
                                    for _ in range(c.layers))
+        self.projections = nn.ModuleList(nn.Linear(c.hidden, c.proj, bias=False) for _ in range(c.layers)) \
+            if c.cell == "lstm" else None
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
         for i, lstm in enumerate(self.lstms):
             h, _ = lstm(x)
+            h = self.projections[i](h) if self.projections is not None else h
             h = h + x if i > 0 else h
             outs.append(h)
             x = self.dropout(h)
         return outs
+
+
+class WordSoftmax(nn.Module):
+    """The next-word distribution over the softmax vocabulary (shared by the two directions).
+
+    cutoff 0 (or as large as the vocabulary): one linear layer, a full softmax. cutoff n: Grave et al. 2017's
+    adaptive softmax with one tail cluster, as torch.nn.AdaptiveLogSoftmaxWithLoss lays it out: a head over the n
+    most frequent words plus one entry for "a rarer word", and a tail over the rest through a dim/4 bottleneck;
+    log p(w) = log p_head(rare) + log p_tail(w) for a tail word. The probabilities are exact (a perplexity is
+    comparable with a full softmax's); training computes the tail only at the positions whose target is in it.
+    Why: the 10,000-word softmax and its float32 log-softmax were half of a CPU training step (ELMo itself trained
+    with a sampled softmax for the same reason). The log-softmaxes run in float32, also under bf16 autocast."""
+
+    def __init__(self, dim: int, vocab_size: int, cutoff: int = 0):
+        super().__init__()
+        self.cutoff = cutoff if 0 < cutoff < vocab_size else 0
+        self.head = nn.Linear(dim, self.cutoff + 1 if self.cutoff else vocab_size)
+        self.tail = nn.Sequential(nn.Linear(dim, dim // 4, bias=False), nn.Linear(dim // 4, vocab_size - cutoff,
+                                                                                   bias=False)) \
+            if self.cutoff else None
+
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., vocab_size) log-probabilities of every word."""
+        head = F.log_softmax(self.head(h).float(), dim=-1)
+        if self.tail is None:
+            return head
+        tail = F.log_softmax(self.tail(h).float(), dim=-1) + head[..., -1:]
+        return torch.cat([head[..., :-1], tail], dim=-1)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood of `targets` (N,) given states `h` (N, dim)."""
+        if self.tail is None:
+            return F.cross_entropy(self.head(h).float(), targets)
+        rare = targets >= self.cutoff
+        head = F.log_softmax(self.head(h).float(), dim=-1)
+        nll = -head.gather(1, torch.where(rare, self.cutoff, targets)[:, None])[:, 0]
+        rows = rare.nonzero()[:, 0]
+        tail = F.log_softmax(self.tail(h[rows]).float(), dim=-1)
+        nll = nll.index_add(0, rows, -tail.gather(1, (targets[rows] - self.cutoff)[:, None])[:, 0])
+        return nll.mean()
 
 
 def reverse_rows(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -134,7 +188,7 @@ class BiLM(nn.Module):
         self.tokens = CharEncoder(config)
         self.forward_lm, self.backward_lm = LSTMStack(config), LSTMStack(config)
         self.dropout = nn.Dropout(config.dropout)
-        self.softmax = nn.Linear(config.proj, config.vocab_size)  # shared by the two directions
+        self.softmax = WordSoftmax(config.proj, config.vocab_size, config.softmax_cutoff)
 
     def layers(self, chars: torch.Tensor, inverse: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """The representation's layers of a batch: `chars` the distinct words' bytes, `inverse` (B, T) which of
@@ -149,28 +203,42 @@ class BiLM(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy of each direction on full rows (no padding): the forward LM predicts targets[:, 1:]
         from its states at 0..T-2, the backward LM targets[:, :-1] from its states at 1..T-1."""
-        f_logits, b_logits = self.logits(chars, inverse)
-        V = self.config.vocab_size
-        forward_loss = F.cross_entropy(f_logits[:, :-1].reshape(-1, V), targets[:, 1:].reshape(-1))
-        backward_loss = F.cross_entropy(b_logits[:, 1:].reshape(-1, V), targets[:, :-1].reshape(-1))
+        f, b = self._top_states(chars, inverse)
+        P = self.config.proj
+        forward_loss = self.softmax.loss(f[:, :-1].reshape(-1, P), targets[:, 1:].reshape(-1))
+        backward_loss = self.softmax.loss(b[:, 1:].reshape(-1, P), targets[:, :-1].reshape(-1))
         return forward_loss, backward_loss
 
     def logits(self, chars: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each direction's next-word logits at every position of full rows: forward at t scores x_{t+1},
-        backward at t scores x_{t-1}."""
+        """Each direction's next-word log-probabilities at every position of full rows: forward at t scores
+        x_{t+1}, backward at t scores x_{t-1}."""
+        f, b = self._top_states(chars, inverse)
+        return self.softmax.log_probs(f), self.softmax.log_probs(b)
+
+    def _top_states(self, chars: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each direction's top-layer states of full rows, dropped out as the softmax reads them."""
         x = self.dropout(self.tokens(chars)[inverse])
         f = self.forward_lm(x)[-1]
         b = self.backward_lm(x.flip(1))[-1].flip(1)
-        return self.softmax(self.dropout(f)), self.softmax(self.dropout(b))
+        return self.dropout(f), self.dropout(b)
+
+
+MIX_LR_SCALE = 10.0  # the ScalarMix's learning rate, in multiples of the task model's
 
 
 class ScalarMix(nn.Module):
-    """AllenNLP's ScalarMix: gamma * sum_j softmax(w)_j * layer_j, w starting at zeros and gamma at 1."""
+    """AllenNLP's ScalarMix: gamma * sum_j softmax(w)_j * layer_j, w starting at zeros and gamma at 1.
 
-    def __init__(self, n_layers: int):
+    Its parameters learn at `lr_scale` times the run's LR (the optimizer reads each parameter's `lr_scale`:
+    lmlab.training.schedule). Why: Adam moves a parameter by about the LR per step, so at a task's 2e-3 over ~200
+    steps the scalars can move 0.4 at most and the mix stays near uniform (it did: docs/results/elmo); 10x lets
+    them reach any mix within the run."""
+
+    def __init__(self, n_layers: int, lr_scale: float = MIX_LR_SCALE):
         super().__init__()
         self.weights = nn.Parameter(torch.zeros(n_layers))
         self.gamma = nn.Parameter(torch.ones(()))
+        self.weights.lr_scale = self.gamma.lr_scale = lr_scale
 
     def forward(self, layers: list[torch.Tensor]) -> torch.Tensor:
         s = torch.softmax(self.weights, dim=0)

@@ -43,12 +43,15 @@ from lmlab.util import comma_list, option
 
 UNK = SPECIAL_WORDS.index("[UNK]")
 
-# The default biLM fits ~25 minutes on 2 CPU cores; the GPU one is ELMo's shape at half width.
+# The default biLM fits ~25 minutes on 1-2 CPU cores (an epoch or more of a 1.5M-word corpus); the GPU one is
+# ELMo's shape at half width. Both train with the adaptive softmax (the head: the 2,000 / 8,000 most frequent
+# words): on one CPU core it trains 2.1x the words/s of the full 10,000-word softmax at 256 rows
+# (bench/elmo_train_speed.py, docs/results/elmo/train-speed.json).
 SIZES = {
-    "cpu": ElmoConfig(),
+    "cpu": ElmoConfig(softmax_cutoff=2000),
     "gpu": ElmoConfig(vocab_size=32_000, max_chars=50, filters=[[1, 32], [2, 32], [3, 64], [4, 128], [5, 256],
                                                                 [6, 512], [7, 1024]],
-                      highway=2, proj=256, hidden=2048),
+                      highway=2, proj=256, hidden=2048, softmax_cutoff=8000),
 }
 
 
@@ -58,17 +61,18 @@ class ElmoSettings:
     corpus: str = option(help="comma-separated text sources (.txt files or folders, .jsonl, .parquet, a Hugging "
                               "Face dataset, shakespeare)")
     out: str = option("runs/elmo", "run folder (elmo.json, vocab.txt, ckpt/, best/, results.json)")
-    size: str = option("cpu", "the biLM: cpu (~6M parameters, ~25 min on 2 cores) or gpu (ELMo's shape at half "
+    size: str = option("cpu", "the biLM: cpu (3.5M parameters, ~25 min on 1 core) or gpu (ELMo's shape at half "
                               "width)", choices=list(SIZES))
     vocab_size: int | None = option(None, "softmax words (default: the size's, 10,000 / 32,000)")
     window: int = option(32, "words per training row")
-    batch_size: int = option(32, "rows per optimizer step")
+    batch_size: int = option(256, "rows per optimizer step (an LSTM's words/s grow with it: 256 x 32 words trains "
+                                  "1.3x the words/s of 128 on a CPU core)")
     minutes: float = option(25.0, "training time (the LR schedule follows the clock)")
     max_steps: int = option(100_000, "optimizer steps at most")
     lr: float = option(2e-3, "peak learning rate (Adam)")
     dropout: float | None = option(None, "dropout (default: the size's, 0.1)")
     val_fraction: float = option(0.05, "held-out share of each source's words (the end of it)")
-    eval_every: int = option(250, "steps between held-out evaluations")
+    eval_every: int = option(100, "steps between held-out evaluations")
     eval_words: int = option(20_000, "held-out words per evaluation (the first ones, in contiguous windows)")
     text_field: str = option("text", "the text column of a .jsonl/.parquet/HF source")
     seed: int = option(0, "seed of the initialisation and the windows")

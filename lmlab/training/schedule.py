@@ -25,16 +25,22 @@ def lr_at(step: int, t, elapsed: float | None = None) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Every group at `lr`, times its `lr_scale` (make_optimizer's group of parameters that learn faster)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 
 def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.AdamW:
     # Weight decay on matrices (linear weights, embeddings) only, never on biases or norm gains.
+    # A parameter with an `lr_scale` attribute (ELMo's ScalarMix) learns at that multiple of the LR, undecayed.
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    plain = [p for p in params if getattr(p, "lr_scale", 1.0) == 1.0]
+    groups = [{"params": [p for p in plain if p.dim() >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in plain if p.dim() < 2], "weight_decay": 0.0}]
+    for scale in sorted({p.lr_scale for p in params if getattr(p, "lr_scale", 1.0) != 1.0}):
+        groups.append({"params": [p for p in params if getattr(p, "lr_scale", 1.0) == scale], "weight_decay": 0.0,
+                       "lr_scale": scale})
     # The fused kernel does one pass over all parameters instead of one small op per tensor.
     fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
