@@ -56,17 +56,9 @@ def main():
     tokens = args.batch_size * (args.input_len + args.target_len)
     results, load_before = {}, os.getloadavg()
     for precision in ("float32", "bfloat16"):
-        autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bfloat16")
-
-        def lmlab_loss(m, a, b):
-            with autocast:
-                return m(a, b)[1]
-
-        def hf_loss(m, a, b):
-            with autocast:
-                return m(input_ids=a, labels=b).loss
-
-        steps = {"lmlab": make_step(ours, lmlab_loss, (x, y)), "transformers": make_step(theirs, hf_loss, (x, y))}
+        # make_step runs the forward pass under bf16 autocast for "bfloat16".
+        steps = {"lmlab": make_step(ours, lambda m, a, b: m(a, b)[1], (x, y), precision),
+                 "transformers": make_step(theirs, lambda m, a, b: m(input_ids=a, labels=b).loss, (x, y), precision)}
         med = median_step_times(steps, args.steps, args.warmup)
         results[precision] = {"lmlab_tokens_per_s": round(tokens / med["lmlab"], 1),
                               "transformers_tokens_per_s": round(tokens / med["transformers"], 1),

@@ -127,7 +127,7 @@ class T5FinetuneSettings:
     # 3e-4, not T5's 1e-3: that is Adafactor's rate, whose steps scale with each matrix's RMS. AdamW moves every
     # weight by ~lr a step whatever its size, and T5's query matrices start at std (d_model * head_dim)^-0.5 (1/128
     # at the 10M shape; scores are not divided by sqrt(head_dim)): at 1e-3 the queries outgrow their init within
-    # 250 steps, the scores reach std 10-18 and every decoder layer's cross-attention reads one input token, and a
+    # 250 steps, the scores reach std 12-20 and every decoder layer's cross-attention reads one input token, and a
     # random-init T5 stays on the SST-2 label prior (docs/results/t5-10m, "The plateau").
     lr: float = option(3e-4, "peak learning rate (AdamW, warmup then cosine)")
     batch_size: int = option(32, "examples per optimizer step")
