@@ -22,35 +22,38 @@ from matplotlib.figure import Figure
 from lmlab.training.classification import FinetuneSettings, finetune
 from lmlab.util import atomic_replace, write_report
 
-BUDGET = dict(epochs=3.0, batch_size=32, lr=2e-3, max_length=64)  # paradigms' schedule for 2,000 labels
+BUDGET = dict(batch_size=32, lr=2e-3, max_length=64)  # paradigms' schedule (3 epochs for 2,000 labels, 1 for all)
 
 
-def run_name(labels: int, seed: int, control: bool) -> str:
-    return f"sst2-elmo{'-random' if control else ''}-{labels}-seed{seed}"
+def run_name(labels: int | str, seed: int, control: bool, epochs: float = 3.0) -> str:
+    return f"sst2-elmo{'-random' if control else ''}-{labels}{'' if epochs == 3 else f'-{epochs:g}ep'}-seed{seed}"
 
 
-def command(elmo: str, labels: int, seed: int, control: bool, work: Path) -> str:
+def command(elmo: str, labels: int | str, seed: int, control: bool, work: Path, epochs: float = 3.0) -> str:
     return (f"lmlab finetune --model bilstm --elmo {elmo}{' --elmo-random' if control else ''} --attention --task "
-            f"sst2 --labels {labels} --epochs 3 --batch-size 32 --lr 0.002 --max-length 64 --seed {seed} "
-            f"--data-dir ../shared/data --threads 1 --no-progress --out {work / run_name(labels, seed, control)}")
+            f"sst2 --labels {labels} --epochs {epochs:g} --batch-size 32 --lr 0.002 --max-length 64 --seed {seed} "
+            f"--data-dir ../shared/data --threads 1 --no-progress --out "
+            f"{work / run_name(labels, seed, control, epochs)}")
 
 
-def one(elmo: str, labels: int, seed: int, control: bool, work: Path, data_dir: str, collect: bool) -> dict | None:
-    folder = work / run_name(labels, seed, control)
+def one(elmo: str, labels: int | str, seed: int, control: bool, work: Path, data_dir: str, collect: bool,
+        epochs: float = 3.0) -> dict | None:
+    folder = work / run_name(labels, seed, control, epochs)
     if not (folder / "results.json").is_file():
         if collect:
             return None
         finetune(FinetuneSettings("bilstm", "sst2", labels=labels, seed=seed, elmo=elmo, elmo_random=control,
                                   attention=True, data_dir=data_dir, out=str(folder), threads=1, no_progress=True,
-                                  resume=(folder / "ckpt").is_dir(), **BUDGET), echo=None)
+                                  resume=(folder / "ckpt").is_dir(), epochs=epochs, **BUDGET), echo=None)
     r = json.loads((folder / "results.json").read_text())
     return {"seed": seed, "control": control, "dev_acc": r["metrics"]["acc"], "best_dev_acc": r["best"]["acc"],
             "scalar_mix": r["info"].get("scalar_mix"), "seconds": r["train_seconds"],
-            "command": command(elmo, labels, seed, control, work)}
+            "command": command(elmo, labels, seed, control, work, epochs)}
 
 
 def markdown(s: dict) -> str:
-    lines = [f"# ELMo vs a random biLM on SST-2 ({s['labels']:,} labels, {len(s['seeds'])} seeds)", "",
+    labels = s["labels"] if isinstance(s["labels"], str) else f"{s['labels']:,}"
+    lines = [f"# ELMo vs a random biLM on SST-2 ({labels} labels, {s['epochs']:g} epochs, {len(s['seeds'])} seeds)", "",
              "| biLM | " + " | ".join(f"seed {k}" for k in s["seeds"]) + " | mean |", "|---|" + "---:|" *
              (len(s["seeds"]) + 1)]
     for control, name in ((False, "pretrained (ELMo)"), (True, "random weights (control)")):
@@ -82,7 +85,7 @@ def plot(s: dict, path: Path) -> None:
     ax.set_xticks([0, 1], ["ELMo (pretrained biLM)", "random biLM (control)"])
     ax.set_ylabel("SST-2 dev accuracy (%)")
     ax.set_ylim(45, max(60, max(100 * r["dev_acc"] for r in s["runs"]) + 5) if s["runs"] else 100)
-    ax.set_title(f"BiLSTM + attention on frozen biLM vectors, {s['labels']:,} labels")
+    ax.set_title(f"BiLSTM + attention on frozen biLM vectors, {s['labels']} labels")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     atomic_replace(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -91,7 +94,10 @@ def plot(s: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--elmo", required=True, help="the biLM run folder (lmlab elmo)")
-    p.add_argument("--labels", type=int, default=2000, help="SST-2 labelled examples per run")
+    p.add_argument("--labels", default="2000", help="SST-2 labelled examples per run (a number, or all)")
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over them (paradigms' schedule: 3 for 2,000, "
+                                                            "1 for all)")
+    p.add_argument("--name", default="control", help="the stem of the JSON/md/png written to --out")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--work", default="runs/elmo-sst2", help="run folders")
     p.add_argument("--out", default="runs/elmo-sst2/results", help="where control.json/md/png go")
@@ -99,18 +105,19 @@ def main() -> None:
     p.add_argument("--collect", action="store_true", help="train nothing: tabulate the finished runs")
     a = p.parse_args()
     seeds = [int(k) for k in a.seeds.split(",")]
+    labels = a.labels if a.labels == "all" else int(a.labels)
     runs = [r for seed in seeds for control in (False, True)
-            if (r := one(a.elmo, a.labels, seed, control, Path(a.work), a.data_dir, a.collect)) is not None]
+            if (r := one(a.elmo, labels, seed, control, Path(a.work), a.data_dir, a.collect, a.epochs)) is not None]
 
     def mean(control):
         accs = [r["dev_acc"] for r in runs if r["control"] == control]
         return statistics.mean(accs) if accs else None
 
-    s = {"labels": a.labels, "seeds": seeds, "elmo": a.elmo, "runs": runs, "mean_elmo": mean(False),
-         "mean_control": mean(True), "budget": BUDGET}
+    s = {"labels": labels, "epochs": a.epochs, "seeds": seeds, "elmo": a.elmo, "runs": runs,
+         "mean_elmo": mean(False), "mean_control": mean(True), "budget": BUDGET}
     s["gap_points"] = None if None in (s["mean_elmo"], s["mean_control"]) else \
         round(100 * (s["mean_elmo"] - s["mean_control"]), 2)
-    print(write_report(a.out, "control", s, markdown(s), plot))
+    print(write_report(a.out, a.name, s, markdown(s), plot))
     print(json.dumps({k: s[k] for k in ("mean_elmo", "mean_control", "gap_points")}))
 
 

@@ -66,7 +66,7 @@ class ElmoSettings:
     vocab_size: int | None = option(None, "softmax words (default: the size's, 10,000 / 32,000)")
     window: int = option(32, "words per training row")
     batch_size: int = option(256, "rows per optimizer step (an LSTM's words/s grow with it: 256 x 32 words trains "
-                                  "1.3x the words/s of 128 on a CPU core)")
+                                  "1.17x the words/s of 128 on a CPU core)")
     minutes: float = option(25.0, "training time (the LR schedule follows the clock)")
     max_steps: int = option(100_000, "optimizer steps at most")
     lr: float = option(2e-3, "peak learning rate (Adam)")
