@@ -216,6 +216,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also bf16 and int4 with the decoding step compiled")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()
     path = str(resolve(args.model))
 
     formats = dict(FORMATS)
@@ -245,7 +246,7 @@ def main():
         "benchmark": "decode_throughput", "model": args.model, "file": os.path.basename(path),
         "threads": args.threads, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
         "rounds": args.rounds, "torch": torch.__version__, "llama_cpp": llama_note,
-        "load_average_at_start": os.getloadavg(),
+        "load_average_at_start": load_at_start,
         "weights_mb": {name: round(weight_bytes(pre.model) / 2**20) for name, pre in models.items()},
         "medians": medians, "ratios": ratios,
         "greedy_tokens_equal_fp32": {n: t == tokens["fp32"] for n, t in tokens.items() if n != "fp32"},
