@@ -57,8 +57,8 @@ class InferenceSettings:
                 "Q4_0/Q4_1 (int4) and Q8_0 (int8) weights, none dequantizes")
     group_size: int = option(32, "int4: weights per scale and zero (32, 64 or 128; a GGUF's Q4 blocks are 32)")
     compile: bool = option(False, "torch.compile the one-token decoding step (inductor, weights frozen in): "
-                                  "fewer, fused kernels per step; the first step compiles (a minute or more, "
-                                  "cached on disk after)")
+                                  "fewer, fused kernels per step; the first step compiles (minutes for "
+                                  "SmolLM2, less from inductor's disk cache)")
 
     def validate(self) -> None:
         if self.group_size not in GROUP_SIZES:
@@ -341,8 +341,7 @@ def compile_decoding(model: nn.Module, backend: str = "inductor") -> None:
     sizes instead of a recompilation per length. Freezing treats the weights as constants (inference only:
     weights that change later are not seen), which lets inductor fold and prepack them. (The tests trace with
     backend="aot_eager": the same graph capture, without minutes of C++ compilation.)"""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
-    if backend == "inductor" and not compiler:
+    if backend == "inductor" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
         raise LmlabError("--compile needs a C++ compiler for inductor's CPU kernels (g++ or clang++, or CXX=...); "
                          "install one or drop --compile")
     options = {"freezing": True} if backend == "inductor" else None
