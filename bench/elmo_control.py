@@ -4,8 +4,9 @@ the same biLM with random weights (Wang et al. 2019's "worryingly strong" random
     python bench/elmo_control.py --elmo runs/elmo --labels 2000 --seeds 0,1,2 --work runs/elmo-sst2 \
         --out docs/results/elmo
 
-Each run is `lmlab finetune --model bilstm --elmo RUN [--elmo-random] --attention ...` (the command is in the
-JSON); a run folder with a results.json is not run again, so the script resumes and --collect only tabulates.
+Each run is `lmlab finetune --model bilstm --elmo RUN [--elmo-random] [--no-elmo-words] --attention ...` (the
+command is in the JSON): the BiLSTM reads its own word embedding beside ELMo (Peters et al.'s [x_k; ELMo_k]), or,
+--elmo-alone, ELMo alone; the control differs from ELMo in the biLM's weights only; a run folder with a results.json is not run again, so the script resumes and --collect only tabulates.
 Prints JSON; writes control.json, control.md (mean and each seed's dev accuracy, the gap, the learned layer
 weights per run) and control.png.
 """
@@ -25,35 +26,40 @@ from lmlab.util import atomic_replace, write_report
 BUDGET = dict(batch_size=32, lr=2e-3, max_length=64)  # paradigms' schedule (3 epochs for 2,000 labels, 1 for all)
 
 
-def run_name(labels: int | str, seed: int, control: bool, epochs: float = 3.0) -> str:
-    return f"sst2-elmo{'-random' if control else ''}-{labels}{'' if epochs == 3 else f'-{epochs:g}ep'}-seed{seed}"
+def run_name(labels: int | str, seed: int, control: bool, epochs: float = 3.0, words: bool = True) -> str:
+    return (f"sst2-elmo{'' if words else '-alone'}{'-random' if control else ''}-{labels}"
+            f"{'' if epochs == 3 else f'-{epochs:g}ep'}-seed{seed}")
 
 
-def command(elmo: str, labels: int | str, seed: int, control: bool, work: Path, epochs: float = 3.0) -> str:
-    return (f"lmlab finetune --model bilstm --elmo {elmo}{' --elmo-random' if control else ''} --attention --task "
-            f"sst2 --labels {labels} --epochs {epochs:g} --batch-size 32 --lr 0.002 --max-length 64 --seed {seed} "
-            f"--data-dir ../shared/data --threads 1 --no-progress --out "
-            f"{work / run_name(labels, seed, control, epochs)}")
+def command(elmo: str, labels: int | str, seed: int, control: bool, work: Path, epochs: float = 3.0,
+            words: bool = True) -> str:
+    return (f"lmlab finetune --model bilstm --elmo {elmo}{' --elmo-random' if control else ''}"
+            f"{'' if words else ' --no-elmo-words'} --attention --task sst2 --labels {labels} --epochs {epochs:g} "
+            f"--batch-size 32 --lr 0.002 --max-length 64 --seed {seed} --data-dir ../shared/data --threads 1 "
+            f"--no-progress --out {work / run_name(labels, seed, control, epochs, words)}")
 
 
 def one(elmo: str, labels: int | str, seed: int, control: bool, work: Path, data_dir: str, collect: bool,
-        epochs: float = 3.0) -> dict | None:
-    folder = work / run_name(labels, seed, control, epochs)
+        epochs: float = 3.0, words: bool = True) -> dict | None:
+    folder = work / run_name(labels, seed, control, epochs, words)
     if not (folder / "results.json").is_file():
         if collect:
             return None
         finetune(FinetuneSettings("bilstm", "sst2", labels=labels, seed=seed, elmo=elmo, elmo_random=control,
-                                  attention=True, data_dir=data_dir, out=str(folder), threads=1, no_progress=True,
-                                  resume=(folder / "ckpt").is_dir(), epochs=epochs, **BUDGET), echo=None)
+                                  elmo_words=words, attention=True, data_dir=data_dir, out=str(folder), threads=1,
+                                  no_progress=True, resume=(folder / "ckpt").is_dir(), epochs=epochs, **BUDGET),
+                   echo=None)
     r = json.loads((folder / "results.json").read_text())
     return {"seed": seed, "control": control, "dev_acc": r["metrics"]["acc"], "best_dev_acc": r["best"]["acc"],
             "scalar_mix": r["info"].get("scalar_mix"), "seconds": r["train_seconds"],
-            "command": command(elmo, labels, seed, control, work, epochs)}
+            "command": command(elmo, labels, seed, control, work, epochs, words)}
 
 
 def markdown(s: dict) -> str:
     labels = s["labels"] if isinstance(s["labels"], str) else f"{s['labels']:,}"
-    lines = [f"# ELMo vs a random biLM on SST-2 ({labels} labels, {s['epochs']:g} epochs, {len(s['seeds'])} seeds)", "",
+    inputs = "[word embedding; ELMo]" if s["elmo_words"] else "ELMo alone"
+    lines = [f"# ELMo vs a random biLM on SST-2 ({labels} labels, {s['epochs']:g} epochs, {len(s['seeds'])} seeds, "
+             f"the BiLSTM reading {inputs})", "",
              "| biLM | " + " | ".join(f"seed {k}" for k in s["seeds"]) + " | mean |", "|---|" + "---:|" *
              (len(s["seeds"]) + 1)]
     for control, name in ((False, "pretrained (ELMo)"), (True, "random weights (control)")):
@@ -85,7 +91,8 @@ def plot(s: dict, path: Path) -> None:
     ax.set_xticks([0, 1], ["ELMo (pretrained biLM)", "random biLM (control)"])
     ax.set_ylabel("SST-2 dev accuracy (%)")
     ax.set_ylim(45, max(60, max(100 * r["dev_acc"] for r in s["runs"]) + 5) if s["runs"] else 100)
-    ax.set_title(f"BiLSTM + attention on frozen biLM vectors, {s['labels']} labels")
+    ax.set_title(f"BiLSTM + attention, {'words + ' if s['elmo_words'] else ''}frozen biLM vectors, "
+                 f"{s['labels']} labels", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     atomic_replace(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -102,18 +109,22 @@ def main() -> None:
     p.add_argument("--work", default="runs/elmo-sst2", help="run folders")
     p.add_argument("--out", default="runs/elmo-sst2/results", help="where control.json/md/png go")
     p.add_argument("--data-dir", default="../shared/data", help="folder with the task data")
+    p.add_argument("--elmo-alone", action="store_true", help="the BiLSTM reads ELMo alone (--no-elmo-words), not "
+                                                               "its own word embedding beside it")
     p.add_argument("--collect", action="store_true", help="train nothing: tabulate the finished runs")
     a = p.parse_args()
     seeds = [int(k) for k in a.seeds.split(",")]
     labels = a.labels if a.labels == "all" else int(a.labels)
     runs = [r for seed in seeds for control in (False, True)
-            if (r := one(a.elmo, labels, seed, control, Path(a.work), a.data_dir, a.collect, a.epochs)) is not None]
+            if (r := one(a.elmo, labels, seed, control, Path(a.work), a.data_dir, a.collect, a.epochs,
+                         not a.elmo_alone)) is not None]
 
     def mean(control):
         accs = [r["dev_acc"] for r in runs if r["control"] == control]
         return statistics.mean(accs) if accs else None
 
-    s = {"labels": labels, "epochs": a.epochs, "seeds": seeds, "elmo": a.elmo, "runs": runs,
+    s = {"labels": labels, "epochs": a.epochs, "seeds": seeds, "elmo": a.elmo, "elmo_words": not a.elmo_alone,
+         "runs": runs,
          "mean_elmo": mean(False), "mean_control": mean(True), "budget": BUDGET}
     s["gap_points"] = None if None in (s["mean_elmo"], s["mean_control"]) else \
         round(100 * (s["mean_elmo"] - s["mean_control"]), 2)

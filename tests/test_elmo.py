@@ -152,6 +152,24 @@ def test_embedder_is_frozen_mixes_three_layers_and_caches_sentences():
     assert torch.equal(uncached.layers(ids), emb.layers(ids)) and not uncached.cache
 
 
+def test_task_input_is_the_words_own_embedding_beside_elmo():
+    """WordsAndElmo is [x_k; ELMo_k]: the embedding's row of each training word (a word the labels never showed
+    reads [UNK]'s, as in the baseline), then the embedder's vector of the same token."""
+    from lmlab.models.baseline import SPECIALS, WordsAndElmo
+    torch.manual_seed(0)
+    emb = ElmoEmbedder(BiLM(TINY), ["", "[UNK]", "[SEP]", "a", "b", "c", "d"]).eval()
+    both = WordsAndElmo(train_words=5, emb=6, elmo=emb).eval()  # words 0-4 are the training ones; 5, 6 are not
+    ids = torch.tensor([[3, 4, 5, 6], [6, 3, 0, 0]])
+    out = both(ids)
+    assert out.shape == (2, 4, 6 + 2 * TINY.proj) and both.dim == 6 + 2 * TINY.proj
+    words = both.words.weight
+    assert torch.equal(out[0, :, :6], words[[3, 4, SPECIALS.index("[UNK]"), SPECIALS.index("[UNK]")]])
+    assert torch.equal(out[1, 2:, :6], torch.zeros(2, 6))  # padding's row is zero
+    assert torch.allclose(out[..., 6:], emb(ids))
+    out.sum().backward()
+    assert words.grad is not None and words.grad[3].abs().sum() > 0 and words.grad[5:].numel() == 0
+
+
 def _write_corpus(tmp_path, lines=600):
     path = tmp_path / "corpus.txt"
     path.write_text(synthetic_corpus(lines))
@@ -189,6 +207,41 @@ def test_pretraining_learns_and_resumes(tmp_path, monkeypatch):
         elmo(_settings(tmp_path, corpus))
 
 
+def test_domain_fine_tuning_starts_from_the_init_run(tmp_path, monkeypatch):
+    """--init: the new run has the init run's config and words, starts from its weights (its loss before the first
+    step is the init biLM's on the new corpus, far below a fresh biLM's), and learns the new text from there."""
+    import lmlab.training.elmo as E
+    from lmlab.models.elmo import load_bilm
+    from lmlab.models import checkpoint
+    from lmlab.util import load_safetensors
+    monkeypatch.setitem(E.SIZES, "cpu", TINY)
+    general = elmo(_settings(tmp_path, _write_corpus(tmp_path), max_steps=40))
+    domain_text = tmp_path / "domain.txt"
+    domain_text.write_text(synthetic_corpus(300, seed=5))
+    s = _settings(tmp_path, domain_text, max_steps=20)
+    s.out, s.init, s.lr, s.vocab_size = str(tmp_path / "domain"), str(tmp_path / "elmo"), 1e-9, None
+    tuned = elmo(s)
+    assert (tmp_path / "domain" / "vocab.txt").read_text() == (tmp_path / "elmo" / "vocab.txt").read_text()
+    assert tuned["config"] == general["config"] and tuned["init"] == s.init
+    init_model, words = load_bilm(tmp_path / "elmo")
+    fresh = E.BiLMObjective(BiLM(ElmoConfig.from_dict(general["config"])),
+                            read_stream((str(domain_text),), "text", 0.05, words), 8, 0, 400, "cpu")
+    before = tuned["init_eval"]["val_loss"]
+    assert before == pytest.approx(fresh.evaluate(init_model)["val_loss"], rel=1e-5)
+    assert before < fresh.evaluate(fresh.model.eval())["val_loss"] - 0.5  # perplexity ~13 against ~25
+    trained = load_safetensors(checkpoint.latest(tmp_path / "domain") / checkpoint.MODEL_FILE)
+    for name, w in init_model.state_dict().items():  # at LR 1e-9 the 20 steps leave the init's weights
+        assert torch.allclose(trained[name], w, atol=1e-5), name
+    s.out, s.lr = str(tmp_path / "domain2"), 1e-2
+    assert elmo(s)["best"]["val_loss"] < before  # and at a real LR it learns the new text from there
+    s.out, s.vocab_size = str(tmp_path / "domain3"), 40
+    with pytest.raises(LmlabError, match="--vocab-size is the --init run's"):
+        elmo(s)
+    s.vocab_size, s.init = None, str(tmp_path)
+    with pytest.raises(LmlabError, match="is not an ELMo run"):
+        elmo(s)
+
+
 def test_elmo_vectors_feed_the_bilstm_classifier_end_to_end(tmp_path, monkeypatch):
     """A biLM pretrained on the task's kind of text, then the BiLSTM + attention over its frozen vectors learns the
     synthetic SST-2 rule; the control on a random biLM runs the same way; the layer weights are reported."""
@@ -218,6 +271,14 @@ def test_elmo_vectors_feed_the_bilstm_classifier_end_to_end(tmp_path, monkeypatc
     assert len(mix["layer_weights"]) == 3 and sum(mix["layer_weights"]) == pytest.approx(1, abs=1e-3)
     assert trained["info"]["elmo_weights"] == "pretrained" and results[True]["info"]["elmo_weights"] == "random"
     assert trained["info"]["attention"] is True and trained["trained_parameters"] < trained["parameters"]
+    # The BiLSTM read [word embedding; ELMo]; --no-elmo-words feeds it ELMo alone (no embedding to train).
+    alone = finetune(settings_from(FinetuneSettings, dict(
+        model="bilstm", task="sst2", elmo=str(tmp_path / "elmo"), elmo_words=False, attention=True, max_steps=2,
+        batch_size=32, max_length=32, data_dir=data, out=tmp_path / "alone", no_progress=True, threads=1,
+        device="cpu"), strict=True), echo=None)
+    assert trained["info"]["elmo_words"] is True and alone["info"]["elmo_words"] is False
+    # The difference: the embedding's rows and the BiLSTM's 128 more inputs (4 gates x 128 cells x 2 directions).
+    assert trained["trained_parameters"] - alone["trained_parameters"] > 8 * 128 * 128
 
 
 def test_bad_corpus_and_elmo_run_as_causal_lm(tmp_path, monkeypatch):

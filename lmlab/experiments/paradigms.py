@@ -94,7 +94,7 @@ def _run(model: str, task: str, labels: int | None, method: str, n_train: int, w
          collect: bool = False, vectors: str | None = None, freeze_vectors: bool = False,
          elmo: str | None = None, batch_size: int | None = None) -> dict | None:
     """One fine-tuning (or from-scratch) run, or its results from an earlier invocation (collect: only those;
-    None when it has not run). elmo: the BiLSTM + attention over this biLM's ELMo vectors."""
+    None when it has not run). elmo: the BiLSTM + attention over its word embedding and this biLM's ELMo vectors."""
     kind = "baseline" if model in ("bilstm", "cnn") else method
     s = schedule(labels or n_train, kind)
     if epochs is not None:
@@ -103,7 +103,8 @@ def _run(model: str, task: str, labels: int | None, method: str, n_train: int, w
         s["batch_size"] = batch_size
     steps = math.ceil(s["epochs"] * (labels or n_train) / s["batch_size"])
     w2v = ("-w2v-frozen" if freeze_vectors else "-w2v") if vectors else ""
-    name = f"{task}-{Path(model).name}{w2v}{'-elmo-attn' if elmo else ''}-{kind}-{labels or 'all'}"
+    # "-elmo-words-attn": the BiLSTM reads [its word embedding; ELMo] (until this layout, "-elmo-attn": ELMo alone)
+    name = f"{task}-{Path(model).name}{w2v}{'-elmo-words-attn' if elmo else ''}-{kind}-{labels or 'all'}"
     run_dir = work / name
     command = _command(model, task, labels, method, s, max_length, seed, vectors, freeze_vectors, elmo)
     if (run_dir / "results.json").is_file():

@@ -367,8 +367,10 @@ class FinetuneSettings:
     vectors: str | None = option(None, "bilstm/cnn: start the word embeddings from these word vectors (a word2vec "
                                        ".txt/.bin file, or an lmlab word2vec run folder)")
     freeze_vectors: bool = option(False, "with --vectors: keep the embeddings as pretrained", action="store_true")
-    elmo: str | None = option(None, "bilstm: ELMo vectors of this biLM run (lmlab elmo) replace its word embeddings "
+    elmo: str | None = option(None, "bilstm: ELMo vectors of this biLM run (lmlab elmo) beside its word embeddings "
                                     "(the biLM frozen, its layers mixed by a learned ScalarMix)")
+    elmo_words: bool = option(True, "with --elmo: the BiLSTM reads its own word embedding beside ELMo (Peters et "
+                                    "al.'s [x_k; ELMo_k]); off: ELMo alone")
     elmo_random: bool = option(False, "with --elmo: the same biLM with random weights (the control)",
                                action="store_true")
     attention: bool = option(False, "bilstm: pool its states with learned attention instead of max-pooling",
@@ -392,7 +394,7 @@ def _count(model: nn.Module, trainable: bool = False) -> int:
 
 def build(model_spec: str, data: LabelledTask, train_docs: list[Doc], *, method: str, pooling: str | None,
           dropout: float, seed: int, lora: dict, vectors: str | None = None, freeze_vectors: bool = False,
-          elmo: str | None = None, elmo_random: bool = False,
+          elmo: str | None = None, elmo_random: bool = False, elmo_words: bool = True,
           attention: bool = False) -> tuple[nn.Module, Tokenizer, bool, dict]:
     """The model to train, its tokenizer, whether pairs are joined into one text, and what it is (for results)."""
     torch.manual_seed(seed)
@@ -404,7 +406,8 @@ def build(model_spec: str, data: LabelledTask, train_docs: list[Doc], *, method:
                                                      dropout=max(dropout, 0.5),
                                                      vectors=load_word_vectors(vectors) if vectors else None,
                                                      freeze_vectors=freeze_vectors, elmo=elmo,
-                                                     elmo_random=elmo_random, attention=attention, seed=seed)
+                                                     elmo_random=elmo_random, attention=attention, seed=seed,
+                                                     elmo_words=elmo_words)
         info = {"model": model_spec, "pretrained": False, **embedding}
         return model, tokenizer, False, {**info, "vectors": vectors} if vectors else info
     if vectors:
@@ -472,7 +475,8 @@ def finetune(s: FinetuneSettings, echo=print, command: str | None = None) -> dic
         model, tokenizer, join_pairs, info = build(s.model, data, train_docs, method=s.method, pooling=s.pooling,
                                                    dropout=s.dropout, seed=s.seed, lora=lora, vectors=s.vectors,
                                                    freeze_vectors=s.freeze_vectors, elmo=s.elmo,
-                                                   elmo_random=s.elmo_random, attention=s.attention)
+                                                   elmo_random=s.elmo_random, elmo_words=s.elmo_words,
+                                                   attention=s.attention)
         pad_id = tokenizer.token_to_id("[PAD]") or 0
         enc = {name: encode(tokenizer, docs, s.max_length, data.regression, join_pairs, pad_id)
                for name, docs in (("train", train_docs), ("dev", data.dev))}

@@ -18,6 +18,12 @@ Why a verb of its own rather than a config of `lmlab train`: the biLM is no Tran
 are TransformerConfig fields over a prepared token stream), and its data are words read by the character encoder;
 the loop, run folder and checkpoints are the same.
 
+Domain fine-tuning (`--init RUN`): the biLM of RUN, its config and words, trained further on another corpus,
+typically a task's own unlabelled sentences. Peters et al. 2018 (3.4) did so for most tasks: "fine tuning the
+biLM on domain specific data leads to significant drops in perplexity and an increase in downstream task
+performance". The softmax keeps RUN's words; a word RUN never read is [UNK] to it (and to the character encoder).
+results.json gives the held-out perplexity before the first step (`init_eval`) beside the trained one.
+
 The run folder: elmo.json (the biLM's config), vocab.txt (its words), ckpt/, best/ (the best held-out loss: what
 `lmlab finetune --model bilstm --elmo RUN` loads), metrics.jsonl, loss.png, results.json.
 """
@@ -35,7 +41,8 @@ import torch
 from lmlab.data.words import corpus_sentences
 from lmlab.errors import LmlabError
 from lmlab.models import checkpoint
-from lmlab.models.elmo import SPECIAL_WORDS, VOCAB_FILE, BiLM, ElmoConfig, read_vocab, save_run_files, word_chars
+from lmlab.models.elmo import (SPECIAL_WORDS, VOCAB_FILE, BiLM, ElmoConfig, load_bilm, read_vocab, save_run_files,
+                               word_chars)
 from lmlab.training.config import TrainConfig
 from lmlab.training.loop import Objective
 from lmlab.training.run import TrainingRun
@@ -61,6 +68,8 @@ class ElmoSettings:
     corpus: str = option(help="comma-separated text sources (.txt files or folders, .jsonl, .parquet, a Hugging "
                               "Face dataset, shakespeare)")
     out: str = option("runs/elmo", "run folder (elmo.json, vocab.txt, ckpt/, best/, results.json)")
+    init: str | None = option(None, "start from this biLM run's weights, config and words (Peters et al.'s domain "
+                                    "fine-tuning: a pretrained biLM trained on the task's unlabelled text)")
     size: str = option("cpu", "the biLM: cpu (3.5M parameters, ~25 min on 1 core) or gpu (ELMo's shape at half "
                               "width)", choices=list(SIZES))
     vocab_size: int | None = option(None, "softmax words (default: the size's, 10,000 / 32,000)")
@@ -185,10 +194,14 @@ class BiLMObjective(Objective):
 # ----------------------------------------------------------------------------------------------------------------
 # The command
 
+def _overrides(s: ElmoSettings) -> dict:
+    if s.init and s.vocab_size is not None:
+        raise LmlabError("--vocab-size is the --init run's (its softmax is trained over its words): leave it out")
+    return {k: v for k, v in (("vocab_size", s.vocab_size), ("dropout", s.dropout)) if v is not None}
+
+
 def _config(s: ElmoSettings) -> ElmoConfig:
-    c = SIZES[s.size]
-    overrides = {k: v for k, v in (("vocab_size", s.vocab_size), ("dropout", s.dropout)) if v is not None}
-    return ElmoConfig(**{**asdict(c), **overrides})
+    return ElmoConfig(**{**asdict(SIZES[s.size]), **_overrides(s)})
 
 
 def _train_config(s: ElmoSettings) -> TrainConfig:
@@ -210,19 +223,26 @@ def elmo(s: ElmoSettings, command: str | None = None, on_step=None) -> dict:
     Writes the run folder (resumable with --resume); `lmlab finetune --model bilstm --elmo RUN` uses it.
     `on_step(step, loss)` is fit's (the tests stop a run part-way with it).
     """
-    config, t = _config(s), _train_config(s)
+    t = _train_config(s)
+    init = load_bilm(s.init) if s.init else None  # a bad --init is refused before anything is read
+    config = _config(s) if init is None else ElmoConfig(**{**init[0].config.to_dict(), **_overrides(s)})
     # The corpus is read first: a bad one is refused before the run folder appears.
-    words = read_vocab(Path(s.out)) if s.resume and (Path(s.out) / VOCAB_FILE).is_file() else None
+    words = read_vocab(Path(s.out)) if s.resume and (Path(s.out) / VOCAB_FILE).is_file() else \
+        init[1] if init is not None else None
     stream = read_stream(comma_list(s.corpus), s.text_field, s.val_fraction, words)
     with TrainingRun(t, resume=s.resume, hint="choose another --out") as run:
         if config.vocab_size > len(stream.words):
             config = ElmoConfig(**{**asdict(config), "vocab_size": len(stream.words)})
         torch.manual_seed(s.seed)
-        model = BiLM(config).to(run.world.device)
+        model = BiLM(config)
+        if init is not None:  # (a resumed run's checkpoint then replaces these weights)
+            model.load_state_dict(init[0].state_dict())
+        model = model.to(run.world.device)
         objective = BiLMObjective(model, stream, s.window, s.seed, s.eval_words, run.world.device)
         if run.main:
             run.run_dir.mkdir(parents=True, exist_ok=True)
             save_run_files(config, stream.words, run.write_text)
+        before = objective.evaluate(model.eval()) if init is not None and not s.resume else None
         started = time.perf_counter()
         summary = run.fit(objective, on_step=on_step, progress=not s.no_progress)
         best = checkpoint.best_eval(run.run_dir)
@@ -233,7 +253,7 @@ def elmo(s: ElmoSettings, command: str | None = None, on_step=None) -> dict:
                    "parameters": sum(p.numel() for p in model.parameters()), "steps": summary["steps"],
                    "train_words_seen": summary.get("tokens"), "train_seconds": round(time.perf_counter() - started, 1),
                    "final": {k: summary.get(k) for k in ("val_ppl_forward", "val_ppl_backward", "val_loss")},
-                   "best": best, "settings": asdict(s), "command": command}
+                   "best": best, "init": s.init, "init_eval": before, "settings": asdict(s), "command": command}
         run.write_json("results.json", results)
         print(f"held-out perplexity (best, step {best.get('step')}): forward {best.get('val_ppl_forward', 0):.1f}, "
               f"backward {best.get('val_ppl_backward', 0):.1f} on {results['eval_words']:,} words "
