@@ -48,7 +48,8 @@ from lmlab.evaluate.report import output_paths
 from lmlab.models.hub import load_pretrained
 from lmlab.training.classification import FinetuneSettings, finetune, load_task, parse_labels
 from lmlab.training.config import DEFAULT_LR
-from lmlab.util import atomic_replace, atomic_write_json, write_report
+from lmlab.training.elmo import ElmoSettings, elmo as train_elmo
+from lmlab.util import atomic_replace, atomic_write_json, atomic_write_text, write_report
 
 ENCODER = "minilm-l6"
 LLM = "smollm2-135m-instruct"
@@ -92,9 +93,10 @@ def _command(model: str, task: str, labels, method: str, s: dict, max_length: in
 def _run(model: str, task: str, labels: int | None, method: str, n_train: int, work: Path, *, max_length: int,
          seed: int, data_dir, threads, keep_weights: bool, progress: bool, epochs: float | None = None,
          collect: bool = False, vectors: str | None = None, freeze_vectors: bool = False,
-         elmo: str | None = None, batch_size: int | None = None) -> dict | None:
+         elmo: str | None = None, elmo_domain: bool = False, batch_size: int | None = None) -> dict | None:
     """One fine-tuning (or from-scratch) run, or its results from an earlier invocation (collect: only those;
-    None when it has not run). elmo: the BiLSTM + attention over its word embedding and this biLM's ELMo vectors."""
+    None when it has not run). elmo: the BiLSTM + attention over its word embedding and this biLM's ELMo vectors
+    (elmo_domain: a biLM fine-tuned on the task's text)."""
     kind = "baseline" if model in ("bilstm", "cnn") else method
     s = schedule(labels or n_train, kind)
     if epochs is not None:
@@ -104,7 +106,8 @@ def _run(model: str, task: str, labels: int | None, method: str, n_train: int, w
     steps = math.ceil(s["epochs"] * (labels or n_train) / s["batch_size"])
     w2v = ("-w2v-frozen" if freeze_vectors else "-w2v") if vectors else ""
     # "-elmo-words-attn": the BiLSTM reads [its word embedding; ELMo] (until this layout, "-elmo-attn": ELMo alone)
-    name = f"{task}-{Path(model).name}{w2v}{'-elmo-words-attn' if elmo else ''}-{kind}-{labels or 'all'}"
+    tag = ("-elmo-domain-words-attn" if elmo_domain else "-elmo-words-attn") if elmo else ""
+    name = f"{task}-{Path(model).name}{w2v}{tag}-{kind}-{labels or 'all'}"
     run_dir = work / name
     command = _command(model, task, labels, method, s, max_length, seed, vectors, freeze_vectors, elmo)
     if (run_dir / "results.json").is_file():
@@ -273,6 +276,14 @@ def paradigms_markdown(summary: dict) -> str:
                                                      (r["era"] == ERAS["prompted"] and r["labels"] <= n)]))
     if summary.get("missing"):
         lines += ["", "Not run (time): " + "; ".join(summary["missing"]) + "."]
+    if summary.get("elmo_domain"):
+        lines += ["", f"The ELMo row's biLM, fine-tuned {summary['elmo_domain_minutes']:g} minutes on each task's "
+                  "training texts (no labels) first; held-out perplexity forward / backward, before -> after:", ""]
+        for task, d in summary["elmo_domain"].items():
+            before = d["ppl_before"]
+            lines.append(f"- {TASK_NAMES.get(task, task)}: {before.get('val_ppl_forward', float('nan')):.1f} / "
+                         f"{before.get('val_ppl_backward', float('nan')):.1f} -> {d['ppl']['val_ppl_forward']:.1f} / "
+                         f"{d['ppl']['val_ppl_backward']:.1f} ({d['steps']} steps): `{d['command']}`")
     if summary.get("prompt_limit"):
         lines += ["", f"The prompted rows are scored on the first {summary['prompt_limit']} dev examples only."]
     lines += ["", "Prompting rows count the solved examples in the prompt as labelled examples; each era's best "
@@ -394,35 +405,73 @@ def _adopt(reuse: str | None, work: Path) -> None:
             atomic_write_json(folder / "results.json", r)
 
 
+DOMAIN_LR = 1e-3  # half the biLM's pretraining LR: a fine-tuning (docs/results/elmo/domain: SST-2's 8 minutes)
+
+
+def _domain_bilm(elmo: str, task: str, train_docs, work: Path, minutes: float, threads: int | None,
+                 progress: bool, collect: bool) -> str | None:
+    """The biLM of `elmo` fine-tuned for `minutes` on the texts of the task's training examples, all of them and
+    no labels (Peters et al. 2018, 3.4: "in most cases we used a fine-tuned biLM in the downstream task"), in
+    WORK/elmo-domain-TASK; resumed if interrupted, reused once finished. None in collect mode before it exists."""
+    folder = work / f"elmo-domain-{task}"
+    if (folder / "results.json").is_file() or collect:
+        return str(folder) if (folder / "results.json").is_file() else None
+    text = work / f"elmo-domain-{task}.txt"  # beside the run folder: lmlab elmo refuses a folder it did not make
+    atomic_write_text(text, "".join(" ".join(v.split()) + "\n" for d in train_docs for v in d.fields.values()))
+    command = f"lmlab elmo --init {elmo} --corpus {text} --out {folder} --minutes {minutes:g} --lr {DOMAIN_LR:g}"
+    print(f"\n== {command}", flush=True)
+    train_elmo(ElmoSettings(corpus=str(text), out=str(folder), init=elmo, minutes=minutes, lr=DOMAIN_LR,
+                            threads=threads, no_progress=not progress, resume=(folder / "ckpt").is_dir()),
+               command=command)
+    return str(folder)
+
+
 def run_glue(tasks: str = GLUE_TASKS, rows: str = ",".join(GLUE_ROWS), *, vectors: str | None = None,
-             elmo: str | None = None, labels: int | None = None, reuse: str | None = None,
+             elmo: str | None = None, elmo_domain_minutes: float = 0.0, labels: int | None = None,
+             reuse: str | None = None,
              out: str | Path = "runs/paradigms/glue", work: str | Path = "runs/paradigms", seed: int = 0,
              epochs: float | None = None, data_dir=None, threads: int | None = None, keep_weights: bool = False,
              progress: bool = True, collect: bool = False, command: str | None = None) -> dict:
     """The lecture's GLUE table: each row (GLUE_ROWS, its budget; `labels` caps the BiLSTM rows' labels, `epochs` sets
-    the epochs of the tasks under 10,000 examples) on each task, and the table, plot and JSON in `out`."""
+    the epochs of the tasks under 10,000 examples) on each task, and the table, plot and JSON in `out`.
+    elmo_domain_minutes: the ELMo row reads, per task, the biLM fine-tuned that long on the task's text."""
     if threads:
         torch.set_num_threads(threads)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if elmo_domain_minutes < 0:
+        raise LmlabError(f"--elmo-domain-minutes {elmo_domain_minutes:g}: use a positive time, or 0 for the biLM as "
+                         "given")
     plan, work = _glue_plan(rows, vectors, elmo), Path(work)
+    domain = {}
     _adopt(reuse, work)
     runs, missing = [], []
     for key, row in plan:
         for task in names:
             data = load_task(task, data_dir)
             n = min(x for x in (row.labels, labels if row.capped else None, len(data.train)) if x is not None)
+            bilm = elmo if key == "elmo" else None
+            if bilm and elmo_domain_minutes > 0:
+                bilm = _domain_bilm(elmo, task, data.train, work, elmo_domain_minutes, threads, progress, collect)
+                if bilm is None:
+                    missing.append(f"{row.name} on {TASK_NAMES.get(task, task)}")
+                    continue
+                d = json.loads((Path(bilm) / "results.json").read_text())
+                domain[task] = {"run": bilm, "command": d["command"], "steps": d["steps"],
+                                "ppl_before": {k: round(v, 1) for k, v in (d["init_eval"] or {}).items() if "ppl" in k},
+                                "ppl": {k: round(d["best"][k], 1) for k in ("val_ppl_forward", "val_ppl_backward")}}
             r = _run(row.model, task, None if n == len(data.train) else n, row.method, len(data.train), work,
                      max_length=_max_length(task, data_dir), seed=seed, data_dir=data_dir, threads=threads,
                      keep_weights=keep_weights, progress=progress, collect=collect,
                      epochs=row.epochs if row.epochs is not None else epochs if len(data.train) <= 10_000 else None,
-                     vectors=vectors if key == "word2vec" else None, elmo=elmo if key == "elmo" else None,
-                     batch_size=row.batch_size)
+                     vectors=vectors if key == "word2vec" else None, elmo=bilm,
+                     elmo_domain=elmo_domain_minutes > 0, batch_size=row.batch_size)
             if r is None:
                 missing.append(f"{row.name} on {TASK_NAMES.get(task, task)}")
             else:
                 runs.append({**r, "row": key})
     summary = {"tasks": names, "rows": [k for k, _ in plan], "command": command, "threads": torch.get_num_threads(),
-               "runs": runs, "missing": missing, "labels_cap": labels}
+               "runs": runs, "missing": missing, "labels_cap": labels, "elmo_domain_minutes": elmo_domain_minutes,
+               "elmo_domain": domain}
     print(write_report(out, "glue", summary, glue_markdown(summary), plot_glue))
     return summary
 
@@ -462,6 +511,14 @@ def glue_markdown(summary: dict) -> str:
                      f"{r['steps']:,} | {_duration(r['train_seconds'])} |")
     if summary.get("missing"):
         lines += ["", "Not run (time): " + "; ".join(summary["missing"]) + "."]
+    if summary.get("elmo_domain"):
+        lines += ["", f"The ELMo row's biLM, fine-tuned {summary['elmo_domain_minutes']:g} minutes on each task's "
+                  "training texts (no labels) first; held-out perplexity forward / backward, before -> after:", ""]
+        for task, d in summary["elmo_domain"].items():
+            before = d["ppl_before"]
+            lines.append(f"- {TASK_NAMES.get(task, task)}: {before.get('val_ppl_forward', float('nan')):.1f} / "
+                         f"{before.get('val_ppl_backward', float('nan')):.1f} -> {d['ppl']['val_ppl_forward']:.1f} / "
+                         f"{d['ppl']['val_ppl_backward']:.1f} ({d['steps']} steps): `{d['command']}`")
     lines += ["", "Figures at the end of training (the dev set picks no checkpoint); the lecture's rows are GLUE "
               "test-server figures of Devlin et al. (2019), Table 1 (MRPC F1, STS-B Spearman). Commands:", ""]
     lines += [f"    {r['command']}" for r in summary["runs"]]
@@ -499,7 +556,8 @@ def plot_glue(summary: dict, path: Path) -> None:
 def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = "0,4,32",
               baselines: str = "bilstm,cnn", methods: str = "full,lora", prompt_limit: int | None = None,
               vectors: str | None = None, freeze_vectors: bool = False, glue: str | None = None,
-              rows: str = ",".join(GLUE_ROWS), elmo: str | None = None, glue_labels: int | None = None,
+              rows: str = ",".join(GLUE_ROWS), elmo: str | None = None, elmo_domain_minutes: float = 0.0,
+              glue_labels: int | None = None,
               reuse: str | None = None, epochs: float | None = None, collect: bool = False, out: str | None = None,
               work: str = "runs/paradigms", keep_weights: bool = False, seed: int = 0, data_dir: str | None = None,
               threads: int | None = None, progress: bool = True, command: str | None = None) -> dict:
@@ -518,6 +576,8 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
         glue: instead: the GLUE table on these tasks (all: sst2,rte,mrpc,cola,stsb)
         rows: with --glue: its rows, of bilstm, word2vec (needs --vectors), elmo (needs --elmo), gpt, bert
         elmo: with --glue: the biLM run (lmlab elmo) of the elmo row
+        elmo_domain_minutes: with --elmo: first fine-tune the biLM this long on each task's training texts, no
+            labels (Peters et al.'s domain fine-tuning; default 0: the biLM as given)
         glue_labels: with --glue: at most N labelled examples per run of the BiLSTM rows (default: all)
         reuse: with --glue: take the finished runs of an earlier glue.json (same commands: not run again)
         epochs: with --glue: epochs for the tasks under 10,000 examples (default: the fixed budgets)
@@ -535,7 +595,8 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
                   progress=progress, command=command)
     if glue:
         tasks = GLUE_TASKS if glue == "all" else glue
-        return run_glue(tasks, rows, vectors=vectors, elmo=elmo, labels=glue_labels, reuse=reuse,
+        return run_glue(tasks, rows, vectors=vectors, elmo=elmo, elmo_domain_minutes=elmo_domain_minutes,
+                        labels=glue_labels, reuse=reuse,
                         out=out or str(Path(work) / "glue"), epochs=epochs, collect=collect, **common)
     return run_paradigms(task, labels, shots, out=out or str(Path(work) / "results"), baselines=baselines,
                          methods=methods, prompt_limit=prompt_limit, collect=collect, vectors=vectors,
