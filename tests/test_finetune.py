@@ -380,8 +380,8 @@ def test_glue_rows_need_their_inputs_and_adopt_earlier_runs(tmp_path):
     assert len(collected["runs"]) == 1 and collected["missing"] == ["BiLSTM (from scratch) on STS-B"]
 
 def test_glue_elmo_row_fine_tunes_the_bilm_on_each_tasks_text(tmp_path, monkeypatch):
-    """--elmo-domain-minutes: before the ELMo row's run on a task, the biLM is fine-tuned on that task's training
-    texts (lmlab elmo --init), and the row reads the fine-tuned biLM; a second call reuses both."""
+    """The elmo-domain row: before its run on a task, the biLM is fine-tuned --elmo-domain-minutes on that task's
+    training texts (lmlab elmo --init), and the row reads the fine-tuned biLM; a second call reuses both."""
     import lmlab.training.elmo as E
     from lmlab.experiments.paradigms import run_glue
     from lmlab.models.elmo import ElmoConfig
@@ -394,9 +394,11 @@ def test_glue_elmo_row_fine_tunes_the_bilm_on_each_tasks_text(tmp_path, monkeypa
     data = _synthetic_sst2(tmp_path / "data", n_train=640, n_dev=32)
     common = dict(out=tmp_path / "out", work=tmp_path / "work", data_dir=data, threads=1, progress=False,
                   elmo=str(tmp_path / "bilm"), epochs=1, labels=64)
-    with pytest.raises(LmlabError, match="--elmo-domain-minutes -1"):
-        run_glue("sst2", "elmo", elmo_domain_minutes=-1, **common)
-    first = run_glue("sst2", "elmo", elmo_domain_minutes=0.02, **common)
+    with pytest.raises(LmlabError, match="--elmo-domain-minutes -1: use a positive time"):
+        run_glue("sst2", "elmo-domain", elmo_domain_minutes=-1, **common)
+    with pytest.raises(LmlabError, match="--rows elmo-domain needs --elmo"):
+        run_glue("sst2", "elmo-domain", **{**common, "elmo": None})
+    first = run_glue("sst2", "elmo-domain", elmo_domain_minutes=0.02, **common)
     domain = tmp_path / "work" / "elmo-domain-sst2"
     tuned = json.loads((domain / "results.json").read_text())
     assert tuned["init"] == str(tmp_path / "bilm") and tuned["steps"] > 0 and tuned["init_eval"] is not None
@@ -407,5 +409,5 @@ def test_glue_elmo_row_fine_tunes_the_bilm_on_each_tasks_text(tmp_path, monkeypa
     assert run["run"].startswith("sst2-bilstm-elmo-domain-words-attn")
     assert first["elmo_domain"]["sst2"]["ppl_before"]["val_ppl_forward"] > 0
     assert "fine-tuned 0.02 minutes on each task's training texts" in (tmp_path / "out" / "glue.md").read_text()
-    again = run_glue("sst2", "elmo", elmo_domain_minutes=0.02, collect=True, **common)
+    again = run_glue("sst2", "elmo-domain", elmo_domain_minutes=0.02, collect=True, **common)
     assert again["runs"][0]["metrics"] == run["metrics"]

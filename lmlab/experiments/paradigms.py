@@ -276,14 +276,6 @@ def paradigms_markdown(summary: dict) -> str:
                                                      (r["era"] == ERAS["prompted"] and r["labels"] <= n)]))
     if summary.get("missing"):
         lines += ["", "Not run (time): " + "; ".join(summary["missing"]) + "."]
-    if summary.get("elmo_domain"):
-        lines += ["", f"The ELMo row's biLM, fine-tuned {summary['elmo_domain_minutes']:g} minutes on each task's "
-                  "training texts (no labels) first; held-out perplexity forward / backward, before -> after:", ""]
-        for task, d in summary["elmo_domain"].items():
-            before = d["ppl_before"]
-            lines.append(f"- {TASK_NAMES.get(task, task)}: {before.get('val_ppl_forward', float('nan')):.1f} / "
-                         f"{before.get('val_ppl_backward', float('nan')):.1f} -> {d['ppl']['val_ppl_forward']:.1f} / "
-                         f"{d['ppl']['val_ppl_backward']:.1f} ({d['steps']} steps): `{d['command']}`")
     if summary.get("prompt_limit"):
         lines += ["", f"The prompted rows are scored on the first {summary['prompt_limit']} dev examples only."]
     lines += ["", "Prompting rows count the solved examples in the prompt as labelled examples; each era's best "
@@ -373,6 +365,9 @@ GLUE_ROWS = {
     "bilstm": GlueRow("BiLSTM (from scratch)", "bilstm"),
     "word2vec": GlueRow("BiLSTM + word2vec", "bilstm"),
     "elmo": GlueRow("BiLSTM + ELMo + Attn", "bilstm"),
+    # The same over the biLM fine-tuned on each task's training texts first (--elmo-domain-minutes; Peters et al.
+    # 3.4: "in most cases we used a fine-tuned biLM in the downstream task").
+    "elmo-domain": GlueRow("BiLSTM + ELMo (task-tuned biLM) + Attn", "bilstm"),
     # SmolLM2 with a classification head (the last token) and LoRA: 135M parameters through every step on a CPU,
     # so 1,000 labels per task, one epoch, batches of 16.
     "gpt": GlueRow("SmolLM2-135M-Instruct + head (LoRA)", LLM, "lora", labels=1000, epochs=1.0, batch_size=16,
@@ -388,8 +383,8 @@ def _glue_plan(rows: str, vectors: str | None, elmo: str | None) -> list[tuple[s
             raise LmlabError(f"--rows {key}: unknown row; choose from {', '.join(GLUE_ROWS)}")
         if key == "word2vec" and not vectors:
             raise LmlabError("--rows word2vec needs --vectors (word2vec vectors: lmlab word2vec), or leave the row out")
-        if key == "elmo" and not elmo:
-            raise LmlabError("--rows elmo needs --elmo (a biLM run: lmlab elmo), or leave the row out")
+        if key in ("elmo", "elmo-domain") and not elmo:
+            raise LmlabError(f"--rows {key} needs --elmo (a biLM run: lmlab elmo), or leave the row out")
         plan.append((key, GLUE_ROWS[key]))
     return plan
 
@@ -427,20 +422,20 @@ def _domain_bilm(elmo: str, task: str, train_docs, work: Path, minutes: float, t
 
 
 def run_glue(tasks: str = GLUE_TASKS, rows: str = ",".join(GLUE_ROWS), *, vectors: str | None = None,
-             elmo: str | None = None, elmo_domain_minutes: float = 0.0, labels: int | None = None,
+             elmo: str | None = None, elmo_domain_minutes: float = 8.0, labels: int | None = None,
              reuse: str | None = None,
              out: str | Path = "runs/paradigms/glue", work: str | Path = "runs/paradigms", seed: int = 0,
              epochs: float | None = None, data_dir=None, threads: int | None = None, keep_weights: bool = False,
              progress: bool = True, collect: bool = False, command: str | None = None) -> dict:
     """The lecture's GLUE table: each row (GLUE_ROWS, its budget; `labels` caps the BiLSTM rows' labels, `epochs` sets
     the epochs of the tasks under 10,000 examples) on each task, and the table, plot and JSON in `out`.
-    elmo_domain_minutes: the ELMo row reads, per task, the biLM fine-tuned that long on the task's text."""
+    elmo_domain_minutes: the elmo-domain row reads, per task, the biLM fine-tuned that long on the task's text."""
     if threads:
         torch.set_num_threads(threads)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    if elmo_domain_minutes < 0:
-        raise LmlabError(f"--elmo-domain-minutes {elmo_domain_minutes:g}: use a positive time, or 0 for the biLM as "
-                         "given")
+    if not elmo_domain_minutes > 0:
+        raise LmlabError(f"--elmo-domain-minutes {elmo_domain_minutes:g}: use a positive time (the elmo row reads "
+                         "the biLM as given)")
     plan, work = _glue_plan(rows, vectors, elmo), Path(work)
     domain = {}
     _adopt(reuse, work)
@@ -449,8 +444,8 @@ def run_glue(tasks: str = GLUE_TASKS, rows: str = ",".join(GLUE_ROWS), *, vector
         for task in names:
             data = load_task(task, data_dir)
             n = min(x for x in (row.labels, labels if row.capped else None, len(data.train)) if x is not None)
-            bilm = elmo if key == "elmo" else None
-            if bilm and elmo_domain_minutes > 0:
+            bilm = elmo if key in ("elmo", "elmo-domain") else None
+            if key == "elmo-domain":
                 bilm = _domain_bilm(elmo, task, data.train, work, elmo_domain_minutes, threads, progress, collect)
                 if bilm is None:
                     missing.append(f"{row.name} on {TASK_NAMES.get(task, task)}")
@@ -464,7 +459,7 @@ def run_glue(tasks: str = GLUE_TASKS, rows: str = ",".join(GLUE_ROWS), *, vector
                      keep_weights=keep_weights, progress=progress, collect=collect,
                      epochs=row.epochs if row.epochs is not None else epochs if len(data.train) <= 10_000 else None,
                      vectors=vectors if key == "word2vec" else None, elmo=bilm,
-                     elmo_domain=elmo_domain_minutes > 0, batch_size=row.batch_size)
+                     elmo_domain=key == "elmo-domain", batch_size=row.batch_size)
             if r is None:
                 missing.append(f"{row.name} on {TASK_NAMES.get(task, task)}")
             else:
@@ -512,7 +507,8 @@ def glue_markdown(summary: dict) -> str:
     if summary.get("missing"):
         lines += ["", "Not run (time): " + "; ".join(summary["missing"]) + "."]
     if summary.get("elmo_domain"):
-        lines += ["", f"The ELMo row's biLM, fine-tuned {summary['elmo_domain_minutes']:g} minutes on each task's "
+        lines += ["", f"The task-tuned ELMo row's biLM: --elmo's, fine-tuned {summary['elmo_domain_minutes']:g} "
+                  "minutes on each task's "
                   "training texts (no labels) first; held-out perplexity forward / backward, before -> after:", ""]
         for task, d in summary["elmo_domain"].items():
             before = d["ppl_before"]
@@ -556,7 +552,7 @@ def plot_glue(summary: dict, path: Path) -> None:
 def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = "0,4,32",
               baselines: str = "bilstm,cnn", methods: str = "full,lora", prompt_limit: int | None = None,
               vectors: str | None = None, freeze_vectors: bool = False, glue: str | None = None,
-              rows: str = ",".join(GLUE_ROWS), elmo: str | None = None, elmo_domain_minutes: float = 0.0,
+              rows: str = ",".join(GLUE_ROWS), elmo: str | None = None, elmo_domain_minutes: float = 8.0,
               glue_labels: int | None = None,
               reuse: str | None = None, epochs: float | None = None, collect: bool = False, out: str | None = None,
               work: str = "runs/paradigms", keep_weights: bool = False, seed: int = 0, data_dir: str | None = None,
@@ -574,10 +570,11 @@ def paradigms(task: str = "sst2", labels: str = "32,128,1024,all", shots: str = 
         vectors: also a BiLSTM whose embeddings start from these word vectors (word2vec file or lmlab word2vec run)
         freeze_vectors: with --vectors: keep them fixed (default: fine-tuned)
         glue: instead: the GLUE table on these tasks (all: sst2,rte,mrpc,cola,stsb)
-        rows: with --glue: its rows, of bilstm, word2vec (needs --vectors), elmo (needs --elmo), gpt, bert
+        rows: with --glue: its rows, of bilstm, word2vec (needs --vectors), elmo and elmo-domain (need --elmo),
+            gpt, bert
         elmo: with --glue: the biLM run (lmlab elmo) of the elmo row
-        elmo_domain_minutes: with --elmo: first fine-tune the biLM this long on each task's training texts, no
-            labels (Peters et al.'s domain fine-tuning; default 0: the biLM as given)
+        elmo_domain_minutes: the elmo-domain row: first fine-tune --elmo's biLM this long on each task's training
+            texts, no labels (Peters et al.'s domain fine-tuning)
         glue_labels: with --glue: at most N labelled examples per run of the BiLSTM rows (default: all)
         reuse: with --glue: take the finished runs of an earlier glue.json (same commands: not run again)
         epochs: with --glue: epochs for the tasks under 10,000 examples (default: the fixed budgets)
