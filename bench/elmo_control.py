@@ -6,7 +6,8 @@ the same biLM with random weights (Wang et al. 2019's "worryingly strong" random
 
 Each run is `lmlab finetune --model bilstm --elmo RUN [--elmo-random] [--no-elmo-words] --attention ...` (the
 command is in the JSON): the BiLSTM reads its own word embedding beside ELMo (Peters et al.'s [x_k; ELMo_k]), or,
---elmo-alone, ELMo alone; the control differs from ELMo in the biLM's weights only; a run folder with a results.json is not run again, so the script resumes and --collect only tabulates.
+--elmo-alone, ELMo alone; the control differs from ELMo in the biLM's weights only. A run folder with a
+results.json is not run again, so the script resumes and --collect only tabulates.
 Prints JSON; writes control.json, control.md (mean and each seed's dev accuracy, the gap, the learned layer
 weights per run) and control.png.
 """
@@ -58,7 +59,8 @@ def one(elmo: str, labels: int | str, seed: int, control: bool, work: Path, data
 def markdown(s: dict) -> str:
     labels = s["labels"] if isinstance(s["labels"], str) else f"{s['labels']:,}"
     inputs = "[word embedding; ELMo]" if s["elmo_words"] else "ELMo alone"
-    lines = [f"# ELMo vs a random biLM on SST-2 ({labels} labels, {s['epochs']:g} epochs, {len(s['seeds'])} seeds, "
+    epochs = f"{s['epochs']:g} epoch{'' if s['epochs'] == 1 else 's'}"
+    lines = [f"# ELMo vs a random biLM on SST-2 ({labels} labels, {epochs}, {len(s['seeds'])} seeds, "
              f"the BiLSTM reading {inputs})", "",
              "| biLM | " + " | ".join(f"seed {k}" for k in s["seeds"]) + " | mean |", "|---|" + "---:|" *
              (len(s["seeds"]) + 1)]

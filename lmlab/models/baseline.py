@@ -16,9 +16,9 @@ fine-tuned with the rest.
 
 The second (ELMo, 2018): ELMo vectors (lmlab.models.elmo.ElmoEmbedder: a frozen biLM of `lmlab elmo`, its layers
 mixed by a learned ScalarMix) beside the BiLSTM's own word embedding, `elmo`: Peters et al.'s [x_k; ELMo_k], the
-task RNN reading both (WordsAndElmo; `elmo_words=False`: ELMo alone, the embedding replaced); with `attention` the BiLSTM's states
-are pooled by learned attention (a softmax over the positions of v . tanh(W h_t)) instead of max-pooling. The
-vocabulary is then the training words plus the biLM's, so a dev word the biLM read has its own bytes rather than
+task RNN reading both (WordsAndElmo; `elmo_words=False`: ELMo alone, the embedding replaced); with `attention`
+the BiLSTM's states are pooled by learned attention (a softmax over the positions of v . tanh(W h_t)) instead of
+max-pooling. The vocabulary is then the training words plus the biLM's, so a dev word the biLM read has its own bytes rather than
 [UNK]'s; [SEP] is read as the biLM's end of a line. The control (`elmo_random`): the same biLM with random weights.
 
 Both are trained by the same objective and loop as the fine-tuned models (lmlab.training.classification.Classification through
@@ -59,7 +59,8 @@ def word_tokenizer(texts: list[str], extra_words: list[str] = ()) -> Tokenizer:
 class BiLSTMClassifier(nn.Module):
     """`embedding`: a module that maps the ids to vectors of width embedding.dim (ELMo) instead of a table."""
 
-    def __init__(self, vocab_size: int, num_labels: int, emb: int = EMBEDDING_DIM, hidden: int = 128, dropout: float = 0.5,
+    def __init__(self, vocab_size: int, num_labels: int, emb: int = EMBEDDING_DIM, hidden: int = 128,
+                 dropout: float = 0.5,
                  attention: bool = False, embedding: nn.Module | None = None):
         super().__init__()
         self.emb = embedding if embedding is not None else nn.Embedding(vocab_size, emb, padding_idx=0)
@@ -168,7 +169,8 @@ def trained_info(model: nn.Module) -> dict:
 
 def build_baseline(name: str, train_docs, num_labels: int, dropout: float = 0.5, vectors: WordVectors | None = None,
                    freeze_vectors: bool = False, elmo: str | None = None, elmo_random: bool = False,
-                   attention: bool = False, seed: int = 0, elmo_words: bool = True) -> tuple[nn.Module, Tokenizer, dict]:
+                   attention: bool = False, seed: int = 0,
+                   elmo_words: bool = True) -> tuple[nn.Module, Tokenizer, dict]:
     """A fresh model, the word tokenizer of the training examples (and of the vectors' or the biLM's words), and
     what the embeddings started from."""
     if name not in ARCHITECTURES:
