@@ -49,7 +49,7 @@ from lmlab.models.hub import load_pretrained
 from lmlab.training.classification import FinetuneSettings, finetune, load_task, parse_labels
 from lmlab.training.config import DEFAULT_LR
 from lmlab.training.elmo import ElmoSettings, elmo as train_elmo
-from lmlab.util import atomic_replace, atomic_write_json, atomic_write_text, write_report
+from lmlab.util import atomic_replace, atomic_write_json, atomic_write_text, comma_list, write_report
 
 ENCODER = "minilm-l6"
 LLM = "smollm2-135m-instruct"
@@ -433,7 +433,7 @@ def run_glue(tasks: str = GLUE_TASKS, rows: str = ",".join(GLUE_ROWS), *, vector
     if threads:
         torch.set_num_threads(threads)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not elmo_domain_minutes > 0:
+    if not elmo_domain_minutes > 0 and "elmo-domain" in comma_list(rows):
         raise LmlabError(f"--elmo-domain-minutes {elmo_domain_minutes:g}: use a positive time (the elmo row reads "
                          "the biLM as given)")
     plan, work = _glue_plan(rows, vectors, elmo), Path(work)
