@@ -6,7 +6,8 @@ given biLM and for the same architecture with random weights, beside a bag of wo
 A sentence's features per layer (token, LSTM 1, LSTM 2, each [forward; backward]) are the mean and the max of the
 layer's vectors over its words; a logistic regression (scikit-learn, C=0.1, features standardised on the training
 rows) learns from `--labels` seeded SST-2 training sentences and is scored on the 872 dev sentences; "all" is
-the three layers' features side by side. The bag of words: binary word counts, C=0.5. Prints JSON.
+the three layers' features side by side. The bag of words: binary word counts, C=0.5. And each trained biLM's
+token-layer neighbours of --neighbours (cosine after centring, over its 5,000 most frequent words). Prints JSON.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from lmlab.data.words import WordSplitter
-from lmlab.models.elmo import load_bilm, word_chars
+from lmlab.models.elmo import SPECIAL_WORDS, load_bilm, word_chars
 from lmlab.util import comma_list
 
 
@@ -48,6 +49,20 @@ def pooled_layers(bilm, texts: list[str], split: WordSplitter) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def neighbours(bilm, words: list[str], queries: list[str], k: int = 6) -> dict[str, list[str]]:
+    """Each query's nearest words by the token layer alone (vectors centred, then cosine)."""
+    pool = words[len(SPECIAL_WORDS):5000]
+    with torch.no_grad():
+        vectors = bilm.tokens(word_chars(pool, bilm.config.max_chars))
+    unit = torch.nn.functional.normalize(vectors - vectors.mean(0), dim=-1)
+    out = {}
+    for q in queries:
+        if q in pool:
+            sims = unit @ unit[pool.index(q)]
+            out[q] = [pool[j] for j in sims.topk(k + 1).indices.tolist() if pool[j] != q][:k]
+    return out
+
+
 def probe(train: np.ndarray, y_train: np.ndarray, dev: np.ndarray, y_dev: np.ndarray) -> float:
     mean, std = train.mean(0), train.std(0) + 1e-6
     clf = LogisticRegression(max_iter=2000, C=0.1).fit((train - mean) / std, y_train)
@@ -61,6 +76,8 @@ def main() -> None:
     p.add_argument("--data-dir", default="../shared/data", help="folder with sst2/train.tsv and sst2/dev.tsv")
     p.add_argument("--seed", type=int, default=0, help="seed of the training subset and of the random biLM")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--neighbours", default="good,bad,great,terrible,movie", help="words whose token-layer "
+                                                                               "neighbours to list")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     texts, labels = read_sst2(f"{a.data_dir}/sst2/train.tsv")
@@ -75,7 +92,7 @@ def main() -> None:
     random_configs = []  # a random biLM is the same for every run of its architecture: probed once
     for run in comma_list(a.elmo):
         for random_weights in (False, True):
-            bilm, _ = load_bilm(run, random_weights=random_weights, seed=a.seed)
+            bilm, words = load_bilm(run, random_weights=random_weights, seed=a.seed)
             if random_weights and bilm.config in random_configs:
                 continue
             random_configs += [bilm.config] if random_weights else []
@@ -85,7 +102,9 @@ def main() -> None:
                       for j, name in enumerate(["token", "lstm1", "lstm2"])}
             scores["all"] = probe(train.reshape(len(train), -1), train_y, dev.reshape(len(dev), -1), dev_y)
             report["biLMs"].append({"run": run, "weights": "random" if random_weights else "pretrained",
-                                    "dev_acc": scores, "seconds": round(time.perf_counter() - started, 1)})
+                                    "dev_acc": scores, "seconds": round(time.perf_counter() - started, 1),
+                                    **({} if random_weights else
+                                       {"neighbours": neighbours(bilm, words, comma_list(a.neighbours))})})
     print(json.dumps(report, indent=1))
 
 

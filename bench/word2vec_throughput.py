@@ -3,6 +3,7 @@ vocabulary, same settings, same number of threads, timed in alternation in this 
 shared: only the ratio of neighbouring timings means something).
 
     python bench/word2vec_throughput.py [--corpus ../shared/data/wikitext-2] [--threads 2] [--rounds 3] [--model sg]
+        [--dim 100]
 
 Words/s counts the corpus's in-vocabulary words (before subsampling) times the epochs, over the training time
 alone (gensim's vocabulary building and lmlab's compilation left out). Prints one JSON object: each round's
@@ -51,8 +52,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternations of lmlab and gensim")
     ap.add_argument("--epochs", type=int, default=1, help="epochs per timing")
     ap.add_argument("--model", default="sg", choices=["sg", "cbow"], help="skip-gram or CBOW")
+    ap.add_argument("--dim", type=int, default=Word2VecSettings.dim, help="vector width (where a step's time goes: "
+                                                                          "it grows with the width)")
     args = ap.parse_args()
-    s = Word2VecSettings(corpus=args.corpus, model=args.model, epochs=args.epochs)
+    s = Word2VecSettings(corpus=args.corpus, model=args.model, epochs=args.epochs, dim=args.dim)
     vocab, corpus = read_corpus(s.corpus, s.min_count)
     sentences = list(corpus_sentences(s.corpus))
     words = s.epochs * len(corpus.ids)

@@ -128,7 +128,8 @@ def test_the_default_fine_tuning_rate_keeps_t5_queries_near_their_init(tmp_path)
     random-init model on the label prior (docs/results/t5-10m); the default must stay under 10 % in three steps."""
     config = load_config("t5-10m-cpu", []).model_config(4096)
     g = torch.Generator().manual_seed(0)
-    pairs = [(torch.randint(2, 4096, (int(n),), generator=g).tolist() + [1], [int(torch.randint(2, 4096, (1,), generator=g)), 1])
+    pairs = [(torch.randint(2, 4096, (int(n),), generator=g).tolist() + [1],
+              [int(torch.randint(2, 4096, (1,), generator=g)), 1])
              for n in torch.randint(10, 40, (256,), generator=g)]
     torch.manual_seed(0)
     model = EncoderDecoder(config).train()

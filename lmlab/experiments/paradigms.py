@@ -404,29 +404,34 @@ DOMAIN_LR = 1e-3  # half the biLM's pretraining LR: a fine-tuning (docs/results/
 
 
 def _domain_bilm(elmo: str, task: str, train_docs, work: Path, minutes: float, threads: int | None,
-                 progress: bool, collect: bool) -> str | None:
+                 progress: bool, collect: bool) -> dict | None:
     """The biLM of `elmo` fine-tuned for `minutes` on the texts of the task's training examples, all of them and
     no labels (Peters et al. 2018, 3.4: "in most cases we used a fine-tuned biLM in the downstream task"), in
-    WORK/elmo-domain-TASK; resumed if interrupted, reused once finished. None in collect mode before it exists."""
+    WORK/elmo-domain-TASK; resumed if interrupted, reused once finished. Its run folder, command, steps and
+    perplexities before and after; None in collect mode before it exists."""
     folder = work / f"elmo-domain-{task}"
-    if (folder / "results.json").is_file() or collect:
-        return str(folder) if (folder / "results.json").is_file() else None
-    text = work / f"elmo-domain-{task}.txt"  # beside the run folder: lmlab elmo refuses a folder it did not make
-    atomic_write_text(text, "".join(" ".join(v.split()) + "\n" for d in train_docs for v in d.fields.values()))
-    command = f"lmlab elmo --init {elmo} --corpus {text} --out {folder} --minutes {minutes:g} --lr {DOMAIN_LR:g}"
-    print(f"\n== {command}", flush=True)
-    train_elmo(ElmoSettings(corpus=str(text), out=str(folder), init=elmo, minutes=minutes, lr=DOMAIN_LR,
-                            threads=threads, no_progress=not progress, resume=(folder / "ckpt").is_dir()),
-               command=command)
-    return str(folder)
+    if not (folder / "results.json").is_file():
+        if collect:
+            return None
+        text = work / f"elmo-domain-{task}.txt"  # beside the run folder: lmlab elmo refuses a folder it did not make
+        atomic_write_text(text, "".join(" ".join(v.split()) + "\n" for d in train_docs for v in d.fields.values()))
+        command = f"lmlab elmo --init {elmo} --corpus {text} --out {folder} --minutes {minutes:g} --lr {DOMAIN_LR:g}"
+        print(f"\n== {command}", flush=True)
+        train_elmo(ElmoSettings(corpus=str(text), out=str(folder), init=elmo, minutes=minutes, lr=DOMAIN_LR,
+                                threads=threads, no_progress=not progress, resume=(folder / "ckpt").is_dir()),
+                   command=command)
+    d = json.loads((folder / "results.json").read_text())
+    return {"run": str(folder), "command": d["command"], "steps": d["steps"],
+            "ppl_before": {k: round(v, 1) for k, v in (d["init_eval"] or {}).items() if "ppl" in k},
+            "ppl": {k: round(d["best"][k], 1) for k in ("val_ppl_forward", "val_ppl_backward")}}
 
 
 def run_glue(tasks: str = GLUE_TASKS, rows: str = ",".join(GLUE_ROWS), *, vectors: str | None = None,
              elmo: str | None = None, elmo_domain_minutes: float = 8.0, labels: int | None = None,
-             reuse: str | None = None,
-             out: str | Path = "runs/paradigms/glue", work: str | Path = "runs/paradigms", seed: int = 0,
-             epochs: float | None = None, data_dir=None, threads: int | None = None, keep_weights: bool = False,
-             progress: bool = True, collect: bool = False, command: str | None = None) -> dict:
+             reuse: str | None = None, out: str | Path = "runs/paradigms/glue", work: str | Path = "runs/paradigms",
+             seed: int = 0, epochs: float | None = None, data_dir=None, threads: int | None = None,
+             keep_weights: bool = False, progress: bool = True, collect: bool = False,
+             command: str | None = None) -> dict:
     """The lecture's GLUE table: each row (GLUE_ROWS, its budget; `labels` caps the BiLSTM rows' labels, `epochs` sets
     the epochs of the tasks under 10,000 examples) on each task, and the table, plot and JSON in `out`.
     elmo_domain_minutes: the elmo-domain row reads, per task, the biLM fine-tuned that long on the task's text."""
@@ -434,26 +439,21 @@ def run_glue(tasks: str = GLUE_TASKS, rows: str = ",".join(GLUE_ROWS), *, vector
         torch.set_num_threads(threads)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not elmo_domain_minutes > 0 and "elmo-domain" in comma_list(rows):
-        raise LmlabError(f"--elmo-domain-minutes {elmo_domain_minutes:g}: use a positive time (the elmo row reads "
-                         "the biLM as given)")
+        raise LmlabError(f"--elmo-domain-minutes {elmo_domain_minutes:g}: use a positive time, e.g. 8")
     plan, work = _glue_plan(rows, vectors, elmo), Path(work)
-    domain = {}
     _adopt(reuse, work)
-    runs, missing = [], []
+    runs, missing, domain = [], [], {}
     for key, row in plan:
         for task in names:
             data = load_task(task, data_dir)
             n = min(x for x in (row.labels, labels if row.capped else None, len(data.train)) if x is not None)
             bilm = elmo if key in ("elmo", "elmo-domain") else None
             if key == "elmo-domain":
-                bilm = _domain_bilm(elmo, task, data.train, work, elmo_domain_minutes, threads, progress, collect)
-                if bilm is None:
+                tuned = _domain_bilm(elmo, task, data.train, work, elmo_domain_minutes, threads, progress, collect)
+                if tuned is None:
                     missing.append(f"{row.name} on {TASK_NAMES.get(task, task)}")
                     continue
-                d = json.loads((Path(bilm) / "results.json").read_text())
-                domain[task] = {"run": bilm, "command": d["command"], "steps": d["steps"],
-                                "ppl_before": {k: round(v, 1) for k, v in (d["init_eval"] or {}).items() if "ppl" in k},
-                                "ppl": {k: round(d["best"][k], 1) for k in ("val_ppl_forward", "val_ppl_backward")}}
+                domain[task], bilm = tuned, tuned["run"]
             r = _run(row.model, task, None if n == len(data.train) else n, row.method, len(data.train), work,
                      max_length=_max_length(task, data_dir), seed=seed, data_dir=data_dir, threads=threads,
                      keep_weights=keep_weights, progress=progress, collect=collect,
@@ -508,13 +508,13 @@ def glue_markdown(summary: dict) -> str:
         lines += ["", "Not run (time): " + "; ".join(summary["missing"]) + "."]
     if summary.get("elmo_domain"):
         lines += ["", f"The task-tuned ELMo row's biLM: --elmo's, fine-tuned {summary['elmo_domain_minutes']:g} "
-                  "minutes on each task's "
-                  "training texts (no labels) first; held-out perplexity forward / backward, before -> after:", ""]
+                  "minutes on each task's training texts (no labels) first; held-out perplexity forward / "
+                  "backward, before -> after:", ""]
         for task, d in summary["elmo_domain"].items():
-            before = d["ppl_before"]
-            lines.append(f"- {TASK_NAMES.get(task, task)}: {before.get('val_ppl_forward', float('nan')):.1f} / "
-                         f"{before.get('val_ppl_backward', float('nan')):.1f} -> {d['ppl']['val_ppl_forward']:.1f} / "
-                         f"{d['ppl']['val_ppl_backward']:.1f} ({d['steps']} steps): `{d['command']}`")
+            before, after = (" / ".join(f"{p.get(k, float('nan')):.1f}" for k in ("val_ppl_forward",
+                                                                                  "val_ppl_backward"))
+                             for p in (d["ppl_before"], d["ppl"]))
+            lines.append(f"- {TASK_NAMES.get(task, task)}: {before} -> {after} ({d['steps']} steps): `{d['command']}`")
     lines += ["", "Figures at the end of training (the dev set picks no checkpoint); the lecture's rows are GLUE "
               "test-server figures of Devlin et al. (2019), Table 1 (MRPC F1, STS-B Spearman). Commands:", ""]
     lines += [f"    {r['command']}" for r in summary["runs"]]

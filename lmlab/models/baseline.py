@@ -18,8 +18,9 @@ The second (ELMo, 2018): ELMo vectors (lmlab.models.elmo.ElmoEmbedder: a frozen 
 mixed by a learned ScalarMix) beside the BiLSTM's own word embedding, `elmo`: Peters et al.'s [x_k; ELMo_k], the
 task RNN reading both (WordsAndElmo; `elmo_words=False`: ELMo alone, the embedding replaced); with `attention`
 the BiLSTM's states are pooled by learned attention (a softmax over the positions of v . tanh(W h_t)) instead of
-max-pooling. The vocabulary is then the training words plus the biLM's, so a dev word the biLM read has its own bytes rather than
-[UNK]'s; [SEP] is read as the biLM's end of a line. The control (`elmo_random`): the same biLM with random weights.
+max-pooling. The vocabulary is then the training words plus the biLM's, so a dev word the biLM read has its own
+bytes rather than [UNK]'s; [SEP] is read as the biLM's end of a line. The control (`elmo_random`): the same biLM
+with random weights.
 
 Both are trained by the same objective and loop as the fine-tuned models (lmlab.training.classification.Classification through
 lmlab.training.loop.fit): same splits, same batches, same metric. `lmlab finetune --model bilstm --task sst2` runs one.
@@ -60,8 +61,7 @@ class BiLSTMClassifier(nn.Module):
     """`embedding`: a module that maps the ids to vectors of width embedding.dim (ELMo) instead of a table."""
 
     def __init__(self, vocab_size: int, num_labels: int, emb: int = EMBEDDING_DIM, hidden: int = 128,
-                 dropout: float = 0.5,
-                 attention: bool = False, embedding: nn.Module | None = None):
+                 dropout: float = 0.5, attention: bool = False, embedding: nn.Module | None = None):
         super().__init__()
         self.emb = embedding if embedding is not None else nn.Embedding(vocab_size, emb, padding_idx=0)
         emb = embedding.dim if embedding is not None else emb
@@ -178,7 +178,8 @@ def build_baseline(name: str, train_docs, num_labels: int, dropout: float = 0.5,
     if (elmo or attention) and name != "bilstm":
         raise LmlabError(f"--elmo and --attention apply to --model bilstm, not {name}")
     if elmo and vectors is not None:
-        raise LmlabError("--elmo replaces the word embeddings that --vectors would start: give one of them")
+        raise LmlabError("--elmo and --vectors are two inputs for the BiLSTM that lmlab does not combine: give one of "
+                         "them")
     texts = [text for d in train_docs for text in d.fields.values()]
     if elmo:
         return elmo_baseline(elmo, texts, num_labels, dropout, attention, elmo_random, seed, elmo_words)

@@ -194,14 +194,12 @@ class BiLMObjective(Objective):
 # ----------------------------------------------------------------------------------------------------------------
 # The command
 
-def _overrides(s: ElmoSettings) -> dict:
-    if s.init and s.vocab_size is not None:
+def _config(s: ElmoSettings, init: ElmoConfig | None = None) -> ElmoConfig:
+    """The --size's config (or the --init run's), with the flags that override it."""
+    if init is not None and s.vocab_size is not None:
         raise LmlabError("--vocab-size is the --init run's (its softmax is trained over its words): leave it out")
-    return {k: v for k, v in (("vocab_size", s.vocab_size), ("dropout", s.dropout)) if v is not None}
-
-
-def _config(s: ElmoSettings) -> ElmoConfig:
-    return ElmoConfig(**{**asdict(SIZES[s.size]), **_overrides(s)})
+    overrides = {k: v for k, v in (("vocab_size", s.vocab_size), ("dropout", s.dropout)) if v is not None}
+    return ElmoConfig(**{**asdict(init or SIZES[s.size]), **overrides})
 
 
 def _train_config(s: ElmoSettings) -> TrainConfig:
@@ -224,11 +222,13 @@ def elmo(s: ElmoSettings, command: str | None = None, on_step=None) -> dict:
     `on_step(step, loss)` is fit's (the tests stop a run part-way with it).
     """
     t = _train_config(s)
-    init = load_bilm(s.init) if s.init else None  # a bad --init is refused before anything is read
-    config = _config(s) if init is None else ElmoConfig(**{**init[0].config.to_dict(), **_overrides(s)})
-    # The corpus is read first: a bad one is refused before the run folder appears.
-    words = read_vocab(Path(s.out)) if s.resume and (Path(s.out) / VOCAB_FILE).is_file() else \
-        init[1] if init is not None else None
+    # A bad --init is refused before the corpus is read.
+    init, init_words = load_bilm(s.init) if s.init else (None, None)
+    config = _config(s, init.config if init is not None else None)
+    # The corpus is read first: a bad one is refused before the run folder appears. Its words: a resumed run's,
+    # else the --init run's, else counted from the corpus.
+    resumed = s.resume and (Path(s.out) / VOCAB_FILE).is_file()
+    words = read_vocab(Path(s.out)) if resumed else init_words
     stream = read_stream(comma_list(s.corpus), s.text_field, s.val_fraction, words)
     with TrainingRun(t, resume=s.resume, hint="choose another --out") as run:
         if config.vocab_size > len(stream.words):
@@ -236,7 +236,7 @@ def elmo(s: ElmoSettings, command: str | None = None, on_step=None) -> dict:
         torch.manual_seed(s.seed)
         model = BiLM(config)
         if init is not None:  # (a resumed run's checkpoint then replaces these weights)
-            model.load_state_dict(init[0].state_dict())
+            model.load_state_dict(init.state_dict())
         model = model.to(run.world.device)
         objective = BiLMObjective(model, stream, s.window, s.seed, s.eval_words, run.world.device)
         if run.main:
