@@ -93,7 +93,7 @@ def contenders(args, dtype: str) -> tuple[dict, float, str | None]:
     cfg = TransformerConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                             n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
     ours = Transformer(cfg)
-    steps = {"lmlab": make_step(ours, lambda m, a, b: m(a, b)[1], (x, y), dtype)}
+    steps = {"lmlab": make_step(ours, lambda m, a, b: m(a, b, loss_only=True)[1], (x, y), dtype)}
 
     from transformers import GPT2Config, GPT2LMHeadModel
 

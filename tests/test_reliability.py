@@ -89,7 +89,7 @@ def test_demo_warns_when_it_made_far_fewer_steps_than_its_figures():
     ("train.eval_interval=0", r"train\.eval_interval=0 is invalid"),
     ("train.ckpt_interval=0", r"train\.ckpt_interval=0 is invalid"),
     ("train.lr=abc", r"train\.lr='abc' is not a number"),
-    ("train.compile=maybe", r"train\.compile='maybe' is not true or false"),
+    ("train.compile=maybe", r"train\.compile='maybe' is invalid: it must be auto, true or false"),
     ("model.n_layer=0", r"n_layer=0 \(must be positive\)"),
     ("model.n_embd=-1", r"n_embd=-1 \(must be positive\)"),
 ])

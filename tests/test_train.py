@@ -172,7 +172,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_config_overrides_and_errors(tmp_path):
     cfg = load_config("shakespeare-char", ["train.lr=3e-4", "model.n_layer=2", "train.compile=true"])
-    assert cfg.train.lr == 3e-4 and cfg.model["n_layer"] == 2 and cfg.train.compile is True
+    assert cfg.train.lr == 3e-4 and cfg.model["n_layer"] == 2 and cfg.train.compile == "on"
     with pytest.raises(LmlabError, match="unknown key"):
         load_config(None, ["train.learning_rate=1"])
     with pytest.raises(LmlabError, match="expected key=value"):

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmlab.errors import LmlabError
+from lmlab.models.head_loss import linear_cross_entropy
 
 
 @dataclass
@@ -523,19 +524,31 @@ class Transformer(TiedWeights, nn.Module):
         if last_only:
             x = x[:, -1:]
         if loss_only and targets is not None:
-            keep = targets != -100
-            logits = self.lm_head(self.norm_f(x[keep]))
-            loss = F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
-            if reduction == "none":
-                per_position = torch.zeros(targets.shape, dtype=loss.dtype, device=loss.device)
-                per_position[keep] = loss
-                return None, per_position
-            return None, loss
+            return None, self._head_loss(x, targets, reduction)
         logits = self.lm_head(self.norm_f(x))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def _head_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The loss_only path: the LM head and cross-entropy at the positions that have a target. The mean goes
+        through linear_cross_entropy (chunked, never the full fp32 logits); reduction="none" (DPO) keeps the
+        plain head."""
+        if torch.compiler.is_compiling() and reduction == "mean":
+            # A boolean selection has a data-dependent shape; the fused loss skips ignored targets itself.
+            keep, hidden, kept = None, self.norm_f(x), targets
+        else:
+            keep = targets != -100
+            hidden, kept = self.norm_f(x[keep]), targets[keep]
+        if reduction == "mean" and type(self.lm_head) is nn.Linear:  # not a LoRA- or int8-wrapped head
+            return linear_cross_entropy(hidden, self.lm_head.weight, kept)
+        loss = F.cross_entropy(self.lm_head(hidden).float(), kept, reduction=reduction)
+        if reduction == "none":
+            per_position = torch.zeros(targets.shape, dtype=loss.dtype, device=loss.device)
+            per_position[keep] = loss
+            return per_position
+        return loss
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT's pooled output: tanh(dense(h_[CLS])), the first token's hidden state, for sentence-level heads."""

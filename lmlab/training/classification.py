@@ -382,7 +382,8 @@ class FinetuneSettings:
     out: str | None = option(None, "run folder (default runs/finetune-TASK-MODEL-METHOD-LABELS)")
     threads: int | None = option(None, "CPU threads for torch")
     device: str = option("auto", "auto | cpu | cuda | mps")
-    compile: bool = option(False, "torch.compile the model", action="store_true")
+    compile: bool = option(False, "compile the training step from the start (default: only when the run is long "
+                                  "enough to repay compiling)", action="store_true")
     resume: bool = option(False, "continue the run in --out from its checkpoint", action="store_true")
     no_progress: bool = option(False, "no progress bar", action="store_true")
 
@@ -450,7 +451,8 @@ def _train_config(s: FinetuneSettings, kind: str, n_train: int, run_dir: Path) -
                     warmup_steps=max(1, round(WARMUP * steps)), weight_decay=s.weight_decay, beta1=0.9, beta2=0.999,
                     grad_clip=1.0, eval_interval=s.eval_every or max(1, math.ceil(steps / 10)),
                     log_interval=max(1, min(10, steps // 20)), ckpt_interval=max(1, steps // 4), keep_checkpoints=1,
-                    seed=s.seed, device=s.device, compile=s.compile, patience=s.patience, threads=s.threads)
+                    seed=s.seed, device=s.device, compile="on" if s.compile else "auto", patience=s.patience,
+                    threads=s.threads)
     if t.batch_size % t.micro_batch_size:
         raise LmlabError(f"--batch-size {s.batch_size} must be a multiple of --micro-batch-size {s.micro_batch_size}")
     return t

@@ -16,6 +16,7 @@ import yaml
 
 from lmlab.errors import LmlabError
 from lmlab.models.transformer import TransformerConfig
+from lmlab.training.compile import normalize_mode
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 
@@ -51,7 +52,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 autocast where bf16 is native: CUDA, AVX512-BF16/AMX CPUs) | float32 | bfloat16
-    compile: bool = False
+    compile: str | bool = "auto"  # auto (when the run is long enough to repay it: lmlab.training.compile) | true | false
     parallel: str = "ddp"  # under torchrun: ddp (a copy per process) | fsdp (FSDP2 shards; lmlab.training.distributed)
     time_limit: float | None = None  # seconds: the LR decay follows the clock too, and the run stops (checkpointed) then
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
@@ -71,6 +72,7 @@ class TrainConfig:
                    ("threads", self.threads is None or self.threads >= 1, "at least 1"),
                    ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
                    ("parallel", self.parallel in ("ddp", "fsdp"), "ddp or fsdp")]
+        self.compile = normalize_mode(self.compile)
         for key, holds, must in checks:
             if not holds:
                 raise LmlabError(f"train.{key}={getattr(self, key)!r} is invalid: it must be {must} "
@@ -133,6 +135,8 @@ def _typed(key: str, kind: str, value):
         if isinstance(value, bool):
             return value
         raise LmlabError(f"{key}={value!r} is not true or false")
+    if base == "str" and isinstance(value, bool) and "bool" in kind:  # train.compile: auto | true | false
+        return value
     if base == "str" and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     if base in ("float", "int", "str"):

@@ -66,6 +66,14 @@ class Dist:
                 forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return forward
 
+    def compiled(self, model: torch.nn.Module, forward: torch.nn.Module) -> torch.nn.Module:
+        """`forward` (from `parallel`, uncompiled) compiled part-way through a run (train.compile auto): the model
+        itself on one process or under FSDP (sharded in place), the DDP wrapper under DDP (torch.compile splits
+        its graph at DDP's gradient buckets)."""
+        if self.enabled and not self.fsdp:
+            return torch.compile(forward)
+        return torch.compile(model)
+
     def no_sync(self, forward, sync: bool):
         """DDP all-reduces gradients at the last micro-batch of a step only; FSDP reduce-scatters each one into
         the gradient shards, which accumulate (its unsharded gradients would cost the memory it saves)."""

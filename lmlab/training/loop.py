@@ -29,6 +29,7 @@ import torch
 
 from lmlab.errors import Damaged, Interrupted, LmlabError
 from lmlab.models import checkpoint
+from lmlab.training.compile import StepCompiler
 from lmlab.training.config import TrainConfig
 from lmlab.training.distributed import Dist
 from lmlab.training.metrics import MetricsLog
@@ -306,32 +307,39 @@ def _fit(objective: Objective, t: TrainConfig, run_dir: Path, world: Dist, resum
     restored = checkpointer.resume(resume)
     done, best_state = restored if restored is not None else (Progress(), None)
     best = BestTracker(objective.best_metric, objective.higher_is_better, t.patience, best_state)
-    forward = world.parallel(model, t.compile)
+    compiler = StepCompiler(t.compile, model, world, t.max_steps, t.time_limit)
+    forward = world.parallel(model, compiler.compile_first)
     optimizer = make_optimizer(model, t, world.device)
     checkpointer.attach(optimizer)
     if world.main:
-        _print_setup(objective, t, world, accum_steps)
+        _print_setup(objective, t, world, accum_steps, compiler)
     log = MetricsLog(run_dir, world.main, progress, t.max_steps, done.step, resumed=restored is not None)
     done.start = time.perf_counter()
     model.train()
     with StopSignals() as signals:
         try:
             loss_value, last_eval, stopped = _steps(objective, t, world, forward, optimizer, accum_steps, done,
-                                                    best, checkpointer, log, on_step, signals)
+                                                    best, checkpointer, log, on_step, signals, compiler)
         finally:
             log.close()
     return _summary(objective, run_dir, world, done, best, loss_value, last_eval, stopped)
 
 
 def _steps(objective, t: TrainConfig, world: Dist, forward, optimizer, accum_steps: int, done: Progress,
-           best: BestTracker, checkpointer: Checkpointer, log: MetricsLog, on_step, signals: StopSignals):
+           best: BestTracker, checkpointer: Checkpointer, log: MetricsLog, on_step, signals: StopSignals,
+           compiler: StepCompiler):
     """The optimizer steps from done.step to the end (max_steps, the time limit, early stopping, or a signal,
     which saves a checkpoint and raises Interrupted); returns (last training loss, last evaluation, why it
-    stopped early)."""
+    stopped early). train.compile auto may swap `forward` for its compiled form after the first steps."""
     loss_value, last_eval, stopped = float("nan"), {}, None
+    steps_here = 0
     while done.step < t.max_steps:
         lr = set_lr(optimizer, lr_at(done.step, t, done.elapsed()))
+        started = time.perf_counter()
         loss_sum = _train_step(objective, forward, optimizer, t, world, accum_steps)
+        steps_here += 1
+        if compiler.step_done(steps_here, time.perf_counter() - started, done.step + 1, done.elapsed()):
+            forward = world.compiled(objective.model, forward)
         done.step += 1
         done.tokens += t.batch_size * objective.tokens_per_row
         log.rows(t.batch_size)
@@ -374,12 +382,13 @@ def _save_and_stop(checkpointer: Checkpointer, done: Progress, best: BestTracker
                               "--resume")
 
 
-def _print_setup(objective: Objective, t: TrainConfig, world: Dist, accum_steps: int) -> None:
+def _print_setup(objective: Objective, t: TrainConfig, world: Dist, accum_steps: int,
+                 compiler: StepCompiler) -> None:
     trainable = sum(p.numel() for p in objective.model.parameters() if p.requires_grad)
     print(f"model: {objective.describe()} ({trainable / 1e6:.3g}M trainable) | {world.world} process(es) "
           f"{'(FSDP) ' if world.fsdp else ''}on "
           f"{world.device} | {t.batch_size} rows/step ({accum_steps} micro-batch(es) of {t.micro_batch_size}) | "
-          f"{'bf16 autocast' if world.bf16 else 'fp32'}{' | compiled' if t.compile else ''}")
+          f"{'bf16 autocast' if world.bf16 else 'fp32'} | compile: {compiler.mode}")
 
 
 def _summary(objective, run_dir, world, done: Progress, best: BestTracker, loss_value, last_eval, stopped) -> dict:

@@ -66,7 +66,7 @@ class LanguageModeling(Objective):
         return self._windows(self.train_tokens, n, self.generator)
 
     def loss(self, module, batch):
-        return module(batch["inputs"], batch["targets"])[1]
+        return module(batch["inputs"], batch["targets"], loss_only=True)[1]
 
     def evaluate(self, model) -> dict[str, float]:
         """Mean loss over eval_batches global batches of fixed windows (and masks): the same at every evaluation,

@@ -120,7 +120,7 @@ class RowsObjective(Objective):
         return {k: v[rows] for k, v in self.train.items()}
 
     def loss(self, module, batch):
-        return module(batch["inputs"], batch["targets"])[1]
+        return module(batch["inputs"], batch["targets"], loss_only=True)[1]
 
     def evaluate(self, model) -> dict[str, float]:
         rows = {k: v.to(self.device) for k, v in self.held_out.items()}

@@ -136,7 +136,7 @@ class RepeatedRuns(Objective):
 
     def loss(self, module, batch):
         tokens = batch["tokens"]
-        return module(tokens[:, :-1], tokens[:, 1:])[1]
+        return module(tokens[:, :-1], tokens[:, 1:], loss_only=True)[1]
 
     def evaluate(self, model) -> dict[str, float]:
         tokens = self.held_out.to(model.tok_emb.weight.device)
