@@ -1,0 +1,1 @@
+"""mkdocs hook: the generated reference pages (filled in below)."""
