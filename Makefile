@@ -29,6 +29,11 @@ $(VENV)/.lmlab-test: pyproject.toml $(VENV)/.lmlab
 	$(MAKE) --no-print-directory chromium
 	touch $@
 
+# The documentation site needs only lmlab and the docs extra (make test installs it too, for tests/test_docs.py).
+$(VENV)/.lmlab-docs: pyproject.toml $(VENV)/.lmlab
+	$(PIP) install -q -e ".[docs]"
+	touch $@
+
 # The chat page test drives Debian's chromium through Playwright (never a browser download of Playwright's own).
 # Without root or apt-get the test skips and says why.
 chromium:
@@ -50,11 +55,11 @@ test: install-test
 
 # The documentation site (mkdocs.yml, sources in docs/): --strict makes a broken link, a missing page or a bad API
 # reference an error. tests/test_docs.py builds it too, so make test checks it.
-docs: install-test
-	$(VENV)/bin/mkdocs build --strict
+docs: $(VENV)/.lmlab-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-docs-serve: install-test
-	$(VENV)/bin/mkdocs serve
+docs-serve: $(VENV)/.lmlab-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 bench: install-test
 	$(PY) bench/train_throughput.py

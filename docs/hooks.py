@@ -5,8 +5,9 @@ A page asks for a generated part with a marker on a line of its own:
 - `<!-- lmlab:cli -->`: every verb, by stage of the road, with its usage and every flag (lmlab.cli's own parser);
 - `<!-- lmlab:config -->`: the keys of a config file (lmlab.training.config's dataclasses, with the comments
   written next to their fields);
-- `<!-- lmlab:http-routes -->` and `<!-- lmlab:http-refusals -->`: the server's routes (lmlab.inference.server's
-  app) and every refusal the API can answer (each ApiError raised in lmlab/inference/).
+- `<!-- lmlab:http-routes -->`, `<!-- lmlab:http-refusals -->` and `<!-- lmlab:http-unsupported -->`: the server's
+  routes (lmlab.inference.server's app), every refusal the API can answer (each ApiError raised in
+  lmlab/inference/) and the request fields it refuses as not implemented.
 
 Under `mkdocs build --strict` a route of the server that the HTTP page does not describe is an error.
 """
@@ -187,6 +188,18 @@ def api_refusals() -> list[tuple[int, str, str, str, str]]:
     return sorted(set(found))
 
 
+def unsupported_fields() -> list[str]:
+    """The request fields lmlab.inference.protocol.refuse_unsupported refuses (the names its loops go over)."""
+    tree = ast.parse((ROOT / "lmlab" / "inference" / "protocol.py").read_text())
+    function = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "refuse_unsupported")
+    return [e.value for loop in ast.walk(function) if isinstance(loop, ast.For) and isinstance(loop.iter, ast.Tuple)
+            for e in loop.iter.elts if isinstance(e, ast.Constant)]
+
+
+def render_unsupported() -> str:
+    return ", ".join(f"`{name}`" for name in unsupported_fields())
+
+
 def render_refusals() -> str:
     rows = ["| status | code | field | what the message says | source |", "| --- | --- | --- | --- | --- |"]
     for status, code, param, message, where in api_refusals():
@@ -199,7 +212,8 @@ def render_refusals() -> str:
 # The hook
 
 MARKERS = {"<!-- lmlab:cli -->": render_cli, "<!-- lmlab:config -->": render_config,
-           "<!-- lmlab:http-routes -->": render_routes, "<!-- lmlab:http-refusals -->": render_refusals}
+           "<!-- lmlab:http-routes -->": render_routes, "<!-- lmlab:http-refusals -->": render_refusals,
+           "<!-- lmlab:http-unsupported -->": render_unsupported}
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
