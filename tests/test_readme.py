@@ -1,5 +1,6 @@
-"""Every `lmlab ...` command that the README and the documentation (docs/, the results pages included) show parses
-with today's command line (flags and verbs as written)."""
+"""Every command that the README and the documentation (docs/, the results pages included) show works as written:
+each `lmlab ...` line of a shell block (and `torchrun ... -m lmlab ...`) parses with today's command line, and each
+`python bench/SCRIPT.py --flag ...` names a script that exists and flags that it defines."""
 
 import re
 import shlex
@@ -35,6 +36,7 @@ def commands(path: Path) -> list[str]:
         for line in text.splitlines():
             line = line.strip().removeprefix("$ ")
             line = re.sub(r"^(?:[A-Z_]+=\S+ )+", "", line)  # LMLAB_HOME=... lmlab ...
+            line = re.sub(r"^(?:torchrun|python3?) .*?-m lmlab ", "lmlab ", line)  # the same verbs, under torchrun
             if line.startswith("lmlab "):
                 lines.append(line.split("  #")[0].split(" # ")[0].strip())
     return lines
@@ -67,3 +69,25 @@ def test_documented_command_parses(where, line):
     except SystemExit as e:
         pytest.fail(f"{where}: `{line}` does not parse (exit {e.code})")
     assert parsed.command == args[0]
+
+
+BENCH = re.compile(r"python (bench/\w+\.py)((?: +(?:--?[\w-]+(?:[ =](?!--)[^\s`|)]+)?|\[[^\]]*\]))*)")
+
+
+def bench_commands() -> list[tuple[str, str, str]]:
+    """(where, script, its flags as written) of every `python bench/...` the docs show, inline or in a block."""
+    files = [README, *sorted(DOCS.rglob("*.md"))]
+    return [(str(f.relative_to(ROOT)), m.group(1), m.group(2)) for f in files for m in BENCH.finditer(f.read_text())]
+
+
+def test_the_docs_show_bench_commands():
+    assert len(bench_commands()) >= 20
+
+
+@pytest.mark.parametrize("where,script,flags", bench_commands())
+def test_documented_bench_command_exists(where, script, flags):
+    path = ROOT / script
+    assert path.is_file(), f"{where}: {script} does not exist"
+    source = path.read_text()  # argparse flags are declared as string literals in the script
+    missing = [flag for flag in re.findall(r"--[\w-]+", flags) if f'"{flag}"' not in source and f"'{flag}'" not in source]
+    assert not missing, f"{where}: {script} has no flag {missing}"
