@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install install-test bench clean chromium
+.PHONY: demo test install install-test bench clean chromium docs docs-serve
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,16 @@ $(VENV)/.lmlab: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.lmlab-test: pyproject.toml $(VENV)/.lmlab
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,docs]"
 	# lm-evaluation-harness's task files are the reference of tests/test_harness_conformance.py; only the files
 	# are read, so none of its (heavy) dependencies are needed.
 	$(PIP) install -q --no-deps lm-eval==0.4.13
 	$(MAKE) --no-print-directory chromium
+	touch $@
+
+# The documentation site needs only lmlab and the docs extra (make test installs it too, for tests/test_docs.py).
+$(VENV)/.lmlab-docs: pyproject.toml $(VENV)/.lmlab
+	$(PIP) install -q -e ".[docs]"
 	touch $@
 
 # The chat page test drives Debian's chromium through Playwright (never a browser download of Playwright's own).
@@ -48,8 +53,16 @@ demo: install
 test: install-test
 	LMLAB_HOME=$(CURDIR)/.lmlab-test-home $(PY) -m pytest -q
 
+# The documentation site (mkdocs.yml, sources in docs/): --strict makes a broken link, a missing page or a bad API
+# reference an error. tests/test_docs.py builds it too, so make test checks it.
+docs: $(VENV)/.lmlab-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(VENV)/.lmlab-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
 bench: install-test
 	$(PY) bench/train_throughput.py
 
 clean:
-	rm -rf $(VENV) runs data .pytest_cache .lmlab-test-home
+	rm -rf $(VENV) runs data .pytest_cache .lmlab-test-home site

@@ -22,6 +22,7 @@ import inspect
 import json as _json
 import re
 import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -335,42 +336,107 @@ _SAMPLE_DEFAULTS = {"prompt": "\n", "max_new_tokens": 300, "temperature": 0.8, "
 
 _RAG_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.0}
 
+# Each verb's help is written here for the user, in plain words (the functions' docstrings speak to Python
+# callers): `lmlab --help` lists it without importing the verb's module, and tests/test_cli_help.py fails on a
+# help line that names a code parameter.
 VERBS = [
-    Verb("prepare", prepare, positional=("source",), show=True),
-    Verb("train", train, positional=("config",), show=True, argparse={"set": {"metavar": "KEY=VALUE"}}),
-    Verb("generate", generate, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",)),
+    Verb("prepare", prepare, positional=("source",), show=True,
+         help="turn a text corpus into token files for training (character or BPE tokens)"),
+    Verb("train", train, positional=("config",), show=True, argparse={"set": {"metavar": "KEY=VALUE"}},
+         help="pretrain a model from a YAML config (a GPT, a BERT-style encoder or a T5); works under torchrun"),
+    Verb("generate", generate, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",),
+         help="continue a prompt with a model, streaming the text (sampling or beam search)"),
     Verb("sample", generate, help="generate from a trained run (lmlab generate --model RUN, with sampling "
                                   "defaults for small character models)", defaults=_SAMPLE_DEFAULTS,
          names={"model": ("--run",)}, hidden=("stop_at_eos",)),
-    Verb("chat", chat, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",)),
-    Verb("export", export, names={"model": ("--run",)}, show=True),
-    Verb("models", models),
-    Verb("pull", pull, positional=("name",), show=True),
-    Verb("paradigms", "lmlab.experiments.paradigms:paradigms", argparse={"glue": {"nargs": "?", "const": "all"}}),
-    Verb("demo", "lmlab.experiments.demo:demo", argparse={"set": {"metavar": "KEY=VALUE"}}),
-    Verb("eval", "lmlab.evaluate:run_eval", hidden=("tokenizer", "echo"), defaults={"shots": "0"}),
-    Verb("finetune", "lmlab.training.classification:finetune"),
-    Verb("t5-finetune", "lmlab.training.text_to_text:t5_finetune"),
-    Verb("t5-experiment", "lmlab.experiments.t5:run_t5_experiment"),
-    Verb("sft", "lmlab.training.sft:run_sft"),
-    Verb("dpo", "lmlab.training.sft:run_dpo"),
-    Verb("serve", "lmlab.inference.server:serve"),
-    Verb("embed", "lmlab.inference.embed:embed", show=True),
-    Verb("rag index", "lmlab.apps.rag:rag_index", positional=("docs",), show=True),
+    Verb("chat", chat, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",),
+         help="talk with a chat model in the terminal (/reset starts over, /exit quits)"),
+    Verb("export", export, names={"model": ("--run",)}, show=True,
+         help="export a model (a trained run, a .gguf file, a registry model) to a Hugging Face folder"),
+    Verb("models", models, help="list the registry's models, which are downloaded, and their terms of use"),
+    Verb("pull", pull, positional=("name",), show=True, help="download a registry model (once) and print where it is"),
+    Verb("paradigms", "lmlab.experiments.paradigms:paradigms", argparse={"glue": {"nargs": "?", "const": "all"}},
+         help="compare the three eras on one task (from scratch, fine-tuned, prompted), or build the lecture's "
+              "GLUE table"),
+    Verb("demo", "lmlab.experiments.demo:demo", argparse={"set": {"metavar": "KEY=VALUE"}},
+         help="the main job: prepare Shakespeare, train a small GPT for a few minutes, and sample from it"),
+    Verb("eval", "lmlab.evaluate:run_eval", hidden=("tokenizer", "echo"), defaults={"shots": "0"},
+         help="score a model on benchmarks: perplexity, zero- and few-shot multiple choice, classification"),
+    Verb("finetune", "lmlab.training.classification:finetune",
+         help="fine-tune a pretrained model (fully or with LoRA) on a classification task, or train a "
+              "from-scratch baseline on it"),
+    Verb("t5-finetune", "lmlab.training.text_to_text:t5_finetune",
+         help="fine-tune a T5 model text to text on one GLUE task or a mixture, and score the dev sets"),
+    Verb("t5-experiment", "lmlab.experiments.t5:run_t5_experiment",
+         help="pretrain a small T5, then fine-tune it and the same model from random weights on each task and on "
+              "their mixture, and report the comparison"),
+    Verb("sft", "lmlab.training.sft:run_sft",
+         help="instruction-tune a model (all weights, LoRA or adapters) on instruction or chat data"),
+    Verb("dpo", "lmlab.training.sft:run_dpo",
+         help="preference-tune a model by DPO on chosen and rejected answers (or pairs built from instruction data)"),
+    Verb("serve", "lmlab.inference.server:serve",
+         help="serve a model over the OpenAI HTTP API (continuous batching), with a chat page"),
+    Verb("embed", "lmlab.inference.embed:embed", show=True,
+         help="turn the texts of a file into sentence vectors (as sentence-transformers computes them)"),
+    Verb("rag index", "lmlab.apps.rag:rag_index", positional=("docs",), show=True,
+         help="index documents for retrieval: split them into chunks, embed the chunks, write an index folder"),
     Verb("rag ask", "lmlab.apps.rag:rag_ask", positional=("index", "question"), hidden=("stop_at_eos",),
-         defaults=_RAG_DEFAULTS),
+         defaults=_RAG_DEFAULTS, help="answer a question from an index with a chat model, and print its sources"),
     Verb("rag chat", "lmlab.apps.rag:rag_chat", positional=("index",), hidden=("stop_at_eos", "out"),
-         defaults=_RAG_DEFAULTS),
-    Verb("rag eval-retrieval", "lmlab.apps.rag_eval:eval_retrieval", show=True),
-    Verb("rag eval-answers", "lmlab.apps.rag_eval:eval_answers", show=True),
-    Verb("word2vec", "lmlab.training.word2vec:word2vec"),
-    Verb("lab scaling", "lmlab.experiments.lab.scaling:lab_scaling"),
-    Verb("lab emergence", "lmlab.experiments.lab.emergence:lab_emergence"),
-    Verb("lab induction", "lmlab.experiments.lab.induction:induction", show=True),
-    Verb("lab grokking", "lmlab.experiments.lab.grokking:grokking", show=True),
-    Verb("lab shots", "lmlab.experiments.lab.shots:zero_vs_few_shot", show=True),
-    Verb("elmo", "lmlab.training.elmo:elmo", hidden=("on_step",)),
+         defaults=_RAG_DEFAULTS,
+         help="chat with a model that answers from an index (each question retrieves anew; /exit quits)"),
+    Verb("rag eval-retrieval", "lmlab.apps.rag_eval:eval_retrieval", show=True,
+         help="measure an embedding model: STS-B similarity, and QNLI retrieval against BM25"),
+    Verb("rag eval-answers", "lmlab.apps.rag_eval:eval_answers", show=True,
+         help="measure a chat model's answers with and without retrieval, on questions from indexed WikiText"),
+    Verb("word2vec", "lmlab.training.word2vec:word2vec",
+         help="train word vectors (skip-gram or CBOW, as word2vec.c) and score them on analogies and similarity"),
+    Verb("lab scaling", "lmlab.experiments.lab.scaling:lab_scaling",
+         help="fit a scaling law to six GPT sizes trained on the same tokens, with the IsoFLOP view"),
+    Verb("lab emergence", "lmlab.experiments.lab.emergence:lab_emergence",
+         help="train six GPT sizes on addition: does exact match jump where per-token accuracy rises smoothly?"),
+    Verb("lab induction", "lmlab.experiments.lab.induction:induction", show=True,
+         help="watch induction heads form: a 2-layer attention-only model against a 1-layer control"),
+    Verb("lab grokking", "lmlab.experiments.lab.grokking:grokking", show=True,
+         help="grokking on modular addition: test accuracy arrives long after train accuracy"),
+    Verb("lab shots", "lmlab.experiments.lab.shots:zero_vs_few_shot", show=True,
+         help="zero against few shots for every downloaded real model, beside the induction experiment's curve"),
+    Verb("elmo", "lmlab.training.elmo:elmo", hidden=("on_step",),
+         help="pretrain an ELMo biLM on text (or fine-tune one on a task's text) and report its perplexity"),
 ]
+
+# The command groups: `lmlab rag ...` and `lmlab lab ...`.
+GROUPS = {
+    "rag": "answer questions from your documents: index, ask, chat, and measure retrieval and answers",
+    "lab": "the scale and emergence experiments: scaling, emergence, induction heads, grokking, shots",
+}
+
+# `lmlab --help` lists the verbs by stage of the course's road, as `git help` groups git's commands; each stage
+# is a page of the documentation (docs/road/). Every verb and group is in exactly one stage (tested).
+STAGES = [
+    ("pretrain a GPT", ("prepare", "train", "demo", "sample", "export")),
+    ("pretrained models and decoding", ("models", "pull", "generate", "chat")),
+    ("prompting and evaluation", ("eval",)),
+    ("transfer before LLMs", ("word2vec", "elmo", "finetune", "paradigms", "t5-finetune", "t5-experiment")),
+    ("fine-tuning LLMs", ("sft", "dpo")),
+    ("scale and emergence", ("lab",)),
+    ("deploying", ("serve",)),
+    ("applying: embeddings and retrieval", ("embed", "rag")),
+]
+
+
+def stage_listing() -> str:
+    """The verbs by stage of the road, one line each, for `lmlab --help`."""
+    helps = {verb.name: verb.help for verb in VERBS} | GROUPS
+    width = max(map(len, helps)) + 2
+    lines = ["commands, by stage of the road (docs/road/ has a page for each):"]
+    for number, (stage, names) in enumerate(STAGES, 1):
+        lines += ["", f"{number}. {stage}"]
+        lines += [textwrap.fill(helps[name], 100, initial_indent=f"   {name:{width}}",
+                                subsequent_indent=" " * (3 + width)) for name in names]
+    lines += ["", "'lmlab COMMAND --help' lists a command's options; 'lmlab rag --help' and 'lmlab lab --help' list "
+              "their commands."]
+    return "\n".join(lines)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -378,14 +444,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     (the others are names in the list), so that `lmlab serve` does not import numba, matplotlib or faiss."""
     names = {verb.name.split()[0] for verb in VERBS}
     wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
-    parser = argparse.ArgumentParser(prog="lmlab", description="A hands-on laboratory for language models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+    parser = argparse.ArgumentParser(prog="lmlab", usage="lmlab COMMAND [options]",
+                                     description="A hands-on laboratory for language models: pretrain, fine-tune, "
+                                                 "evaluate and deploy.", epilog=stage_listing(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The commands are listed by stage in the epilog, not in argparse's flat list.
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS,
+                                prog="lmlab")
     groups: dict[str, Any] = {}  # "rag index" is the verb index of the command group rag
     for verb in VERBS:
         group, _, name = verb.name.rpartition(" ")
         if group and group not in groups:
-            groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(
-                dest="subcommand", required=True, metavar="SUBCOMMAND", help=f"what {group} does")
+            groups[group] = sub.add_parser(group, help=GROUPS[group], description=GROUPS[group]).add_subparsers(
+                dest="subcommand", required=True, metavar="SUBCOMMAND", help="one of")
         if wanted not in names or verb.name.split()[0] == wanted:
             add_verb(groups[group] if group else sub, verb, name)
         else:

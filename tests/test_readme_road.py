@@ -1,9 +1,10 @@
-"""The README's road runs, command by command, as a new user types it in a checkout (issue 13, item 1).
+"""The road's first page runs, command by command, as a new user types it in a checkout (issue 13, item 1; issue 25).
 
-tests/test_readme.py checks that every README command parses; this one RUNS the road's block in order (prepare,
-train, resume, sample, export, demo, generate and eval on the run) through the `lmlab` entry point, in a folder
-laid out like a checkout (`configs/` is the repository's own), with short settings appended: a tiny model, a few
-steps. The torchrun line is tests/test_train.py's DDP test; the registry lines are tests/test_pretrained.py's.
+tests/test_readme.py checks that every command of the README and docs/ parses; this one RUNS the quick start of
+docs/road/01-pretrain.md in order (prepare, train, resume, sample, export, demo, generate and eval on the run)
+through the `lmlab` entry point, in a folder laid out like a checkout (`configs/` is the repository's own), with
+short settings appended: a tiny model, a few steps. The torchrun lines are tests/test_train.py's DDP and FSDP
+tests; the registry's lines (docs/road/02-pretrained.md) are tests/test_pretrained.py's.
 """
 
 import json
@@ -11,8 +12,9 @@ import shlex
 from pathlib import Path
 
 from lmlab.cli import main
-from tests.test_readme import README
+from tests.test_readme import DOCS, commands
 
+PAGE = DOCS / "road" / "01-pretrain.md"
 REPO = Path(__file__).resolve().parents[1]
 
 # What each verb gets appended: a 1-layer, 32-wide model, 2 steps (4 after resuming), short generations.
@@ -31,29 +33,30 @@ SHORT = {
 
 
 def _road() -> list[str]:
-    """The `lmlab` lines of the README's first code block after "## The road", up to the registry's lines."""
-    text = README.read_text()
-    block = text[text.index("## The road"):].split("```")[1]
+    """The `lmlab` lines of the page's first code block after "## Quick start"."""
+    text = PAGE.read_text()
+    block = text[text.index("## Quick start"):].split("```")[1]
     lines = [line.split("  #")[0].strip() for line in block.splitlines()]
     return [line for line in lines if line.startswith("lmlab ")]
 
 
 def test_the_root_configs_folder_resolves():
-    # The README's first training command names configs/shakespeare-char.yaml from the checkout's root.
+    # The road's first training command names configs/shakespeare-char.yaml from the checkout's root.
     assert (REPO / "configs" / "shakespeare-char.yaml").is_file()
 
 
-def test_readme_road_runs_in_a_checkout(tmp_path, monkeypatch, capsys):
+def test_the_quick_start_is_what_the_parse_test_sees():
+    assert set(_road()) <= set(commands(PAGE))
+
+
+def test_road_quick_start_runs_in_a_checkout(tmp_path, monkeypatch, capsys):
     road = _road()
     verbs = [shlex.split(line)[1] for line in road]
     assert verbs[:5] == ["prepare", "train", "train", "sample", "export"] and "demo" in verbs, road
+    assert verbs[-1] == "eval" and "runs/shakespeare-char" in road[-1], road  # the road's run, evaluated
     (tmp_path / "configs").symlink_to(REPO / "configs")
     monkeypatch.chdir(tmp_path)
-    # The line that evaluates the road's run is in the Evaluation block.
-    later = [line for line in (t.split("  #")[0].strip() for t in README.read_text().splitlines())
-             if line.startswith("lmlab eval --model runs/shakespeare-char")]
-    assert len(later) == 1, later
-    for line in road + later:
+    for line in road:
         args = shlex.split(line)[1:]
         if args[0] in ("models", "pull", "chat") or "smollm2" in line:
             continue  # the registry's lines: tests/test_pretrained.py
@@ -64,7 +67,7 @@ def test_readme_road_runs_in_a_checkout(tmp_path, monkeypatch, capsys):
         if key == "train --resume":
             assert json.loads(out[out.index("{"):])["steps"] == 4  # continued from step 2, did not restart
         if args[0] == "demo":
-            # 2 steps, far below the 690 of the README's figures: the report and stderr say so.
+            # 2 steps, far below the 690 behind the committed figures (docs/results/demo): the report and stderr say so.
             assert "made 2 steps" in err
             assert "**Warning**" in (tmp_path / "runs/demo/report.md").read_text()
         if args[0] == "eval":

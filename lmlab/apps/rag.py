@@ -35,7 +35,8 @@ def rag_index(docs: str, out: str, model: str = "minilm-l6", chunk_tokens: int =
         docs: a folder (searched recursively) or file of .txt, .md and .jsonl documents
         out: the index folder to write (replaced atomically; an index of another embedding model is refused)
         model: the embedding model (a sentence encoder)
-        chunk_tokens: tokens per chunk (at most the embedding model's max_seq_length minus its 2 special tokens)
+        chunk_tokens: tokens per chunk (at most the embedding model's maximum sequence length minus its 2 special
+            tokens)
         overlap: tokens shared by neighbouring chunks
         field: the field holding the text in JSON lines rows
         progress: show the progress bar
@@ -114,7 +115,7 @@ def rag_ask(index: str, question: str, model: str = DEFAULT_LLM, k: int = 4, bac
         question: the question
         model: the chat model that answers
         k: chunks retrieved and put into the prompt
-        backend: search with torch (exact matrix product) or faiss (IndexFlatIP; needs faiss-cpu)
+        backend: search with torch (exact matrix product) or faiss (the same exact search; needs faiss-cpu)
     """
     sampling.validate()
     rag = Rag.load(index, model, k, backend)

@@ -184,7 +184,7 @@ def prepare(source: str, out: str | Path, *, tokenizer: str = "char", vocab_size
         source: 'shakespeare' (default corpus), a .txt file or folder, .jsonl, .parquet, or a Hugging Face dataset
             name
         out: output folder (train.bin, val.bin, tokenizer.json, meta.json)
-        tokenizer: char | bpe (byte-level, vocab_size tokens) | path to an existing tokenizer.json
+        tokenizer: char | bpe (byte-level, --vocab-size tokens) | path to an existing tokenizer.json
         vocab_size: BPE vocabulary size
         text_field: field holding the text in .jsonl/.parquet
         val_fraction: the share of the characters that validates (at the end of the corpus)

@@ -20,18 +20,18 @@ from lmlab.training.pretrain import train
 from lmlab.util import atomic_write_text
 
 SAMPLE_CHARS = 300
-# The run the README's figures come from (docs/results/demo/summary.json): its steps and validation loss. A demo
-# that makes far fewer steps (a loaded machine) learns less, and its report says so.
+# The run the documentation's figures come from (docs/results/demo/summary.json): its steps and validation loss. A
+# demo that makes far fewer steps (a loaded machine) learns less, and its report says so.
 REFERENCE = {"steps": 690, "val_loss": 1.843}
 FEW_STEPS = 0.5  # warn below this share of the reference's steps
 
 
 def step_warning(steps: int, val_loss: float) -> str | None:
-    """A warning when the run made far fewer steps than the run behind the README's figures, else None."""
+    """A warning when the run made far fewer steps than the run behind the documentation's figures, else None."""
     if steps >= FEW_STEPS * REFERENCE["steps"]:
         return None
     return (f"this run made {steps} steps, under {FEW_STEPS:.0%} of the {REFERENCE['steps']} steps behind the "
-            f"README's figures (validation loss {REFERENCE['val_loss']}); expect a higher loss (here "
+            f"documentation's figures (validation loss {REFERENCE['val_loss']}); expect a higher loss (here "
             f"{val_loss:.3f}) and rougher samples. The machine was probably busy: run it again when it is idle, or "
             "give it more time with --set train.time_limit=SECONDS")
 
@@ -68,8 +68,8 @@ def demo(run_dir: str = "runs/demo", set: list[str] = ()) -> dict:
   {meta['counts']['val_tokens']:,} validation characters (split by position), {meta['vocab_size']} symbols.
 - Model: {summary['params'] / 1e6:.2f}M parameters, {json.dumps(cfg.model)}.
 - Training: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f} s on
-  {summary['device']}{' (stopped by the time limit)' if summary['stopped'] else ''}; the README's figures come from
-  a run of {REFERENCE['steps']} steps.{caution}
+  {summary['device']}{' (stopped by the time limit)' if summary['stopped'] else ''}; the documentation's figures come
+  from a run of {REFERENCE['steps']} steps.{caution}
 - **Validation loss: {val:.4f} nats per character** ({val / math.log(2):.3f} bits per character).
 - Demo wall time, data preparation and sampling included: {wall:.0f} s.
 

@@ -133,7 +133,7 @@ def run_t5_experiment(out: str = "docs/results/t5", work: str = "runs/t5-experim
             (sst2=800,rte=200,stsb=300,cola=300); the random-init baseline gets the same
         mixture_steps: optimizer steps of the multi-task fine-tuning
         batch_size: examples per fine-tuning step
-        lr: fine-tuning peak learning rate (AdamW; see T5FinetuneSettings.lr for why not T5's 1e-3)
+        lr: fine-tuning peak learning rate (AdamW; T5's 1e-3 is Adafactor's: see the T5 section of the transfer page)
         mixing_cap: examples-proportional mixing cap of the multi-task run
         eval_limit: dev examples scored per task (default: the full dev sets)
         data_dir: folder with the data (default: $LMLAB_DATA, else $LMLAB_HOME/data)

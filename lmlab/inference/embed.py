@@ -45,8 +45,8 @@ class EmbedSettings:
                 "auto: the model's sentence-transformers config (1_Pooling), else mean")
     normalize: Literal["auto", "yes", "no"] = option(
         "auto", "scale vectors to unit length; auto: as the model's modules.json says (a Normalize step), else yes")
-    max_length: int | None = option(None, "tokens kept per input (default: the model's max_seq_length, else its "
-                                          "context)")
+    max_length: int | None = option(None, "tokens kept per input (default: the model's maximum sequence length, "
+                                          "else its context)")
     batch_tokens: int = option(1024, "tokens (padding included) per forward pass; sentences are sorted by length")
     dtype: Literal["float32", "bfloat16"] = option("float32", "compute precision (bfloat16: faster on CPUs with "
                                                               "AVX512-BF16 or AMX, vectors within ~1e-2)")

@@ -35,7 +35,7 @@ class SamplingParams:
     temperature: float = option(1.0, "0 means greedy (argmax)")
     top_k: int | None = option(None, "keep the k most likely tokens")
     top_p: float | None = option(None, "nucleus: keep the smallest set of tokens whose probability reaches p")
-    min_p: float | None = option(None, "keep tokens at least min_p times as likely as the most likely one")
+    min_p: float | None = option(None, "keep tokens at least this fraction as likely as the most likely one")
     repetition_penalty: float = option(1.0, "CTRL-style: divide positive / multiply negative logits of seen tokens")
     stop: Sequence[str] = option((), "stop string, not included in the output (repeatable)")
     seed: int | None = option(None, "seed of the sampling (the same seed gives the same text)")

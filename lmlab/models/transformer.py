@@ -44,26 +44,26 @@ from lmlab.models.head_loss import linear_cross_entropy
 
 @dataclass
 class TransformerConfig:
-    vocab_size: int = 65
+    vocab_size: int = 65  # set from the prepared data
     block_size: int = 256  # longest sequence the model sees (learned position table size / rotary cache)
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
+    n_layer: int = 6  # Transformer blocks
+    n_head: int = 6  # attention heads
+    n_embd: int = 384  # the width of the residual stream
     n_kv_head: int | None = None  # grouped-query attention: fewer key/value heads than query heads
     intermediate_size: int | None = None  # MLP hidden width; None means 4 * n_embd
-    dropout: float = 0.0
+    dropout: float = 0.0  # on attention weights, residual branches and embeddings while training
     bias: bool = True  # biases in linear layers and norms
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # the epsilon of every norm
     norm_placement: str = "pre"  # "pre" (GPT-2, Llama) | "post" (BERT, the original Transformer) | "sandwich"
     norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): Gemma stores w around 0 and adds 1
     position: str = "learned"  # "learned" | "rope"
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # the rotary base (position="rope")
     mlp: str = "gelu"  # "gelu" (two matrices) | "swiglu" / "geglu" (gated by silu / tanh-GELU, three matrices) |
     # "gated" (gated by `activation`: T5 1.1) | "none" (attention-only blocks: Olsson et al.'s induction-head models)
     activation: str = "gelu_tanh"  # GPT-2 uses the tanh approximation of GELU; "gelu" | "silu" | "relu"
-    causal: bool = True
-    tie_embeddings: bool = True
+    causal: bool = True  # False: bidirectional attention (BERT-style encoders)
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
     type_vocab_size: int = 0  # BERT: token-type (segment) embeddings, sentence A = 0 / B = 1; 0 = none
     pooler: bool = False  # BERT: dense + tanh on the first ([CLS]) token's final hidden state
     head_size: int | None = None  # width of each attention head; None: n_embd // n_head (T5: d_kv; Gemma 3: 256)

@@ -370,7 +370,7 @@ class FinetuneSettings:
     elmo: str | None = option(None, "bilstm: ELMo vectors of this biLM run (lmlab elmo) beside its word embeddings "
                                     "(the biLM frozen, its layers mixed by a learned ScalarMix)")
     elmo_words: bool = option(True, "with --elmo: the BiLSTM reads its own word embedding beside ELMo (Peters et "
-                                    "al.'s [x_k; ELMo_k]); off: ELMo alone")
+                                    "al.'s [words; ELMo]); off: ELMo alone")
     elmo_random: bool = option(False, "with --elmo: the same biLM with random weights (the control)",
                                action="store_true")
     attention: bool = option(False, "bilstm: pool its states with learned attention instead of max-pooling",

@@ -27,29 +27,29 @@ class DataConfig:
     dir: str = "data/shakespeare-char"  # prepared train.bin / val.bin / tokenizer.json / meta.json
     tokenizer: str = "char"  # "char" | "bpe" | path to a tokenizer.json
     vocab_size: int = 4096  # bpe only
-    text_field: str = "text"
-    val_fraction: float = 0.1
+    text_field: str = "text"  # the field that holds the text in .jsonl / .parquet rows
+    val_fraction: float = 0.1  # the share of the characters that validates (the end of the corpus)
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # the run folder: checkpoints, metrics.jsonl, loss.png
     batch_size: int = 64  # sequences per optimizer step, summed over all processes and micro-batches
     micro_batch_size: int = 16  # sequences per forward pass on one process
-    max_steps: int = 2000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
+    max_steps: int = 2000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate, after the linear warmup
+    min_lr: float = 1e-4  # where the cosine decay ends
+    warmup_steps: int = 100  # steps of linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW weight decay, on matrices only
+    beta1: float = 0.9  # AdamW betas
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 250
-    eval_batches: int = 20
-    log_interval: int = 10
-    ckpt_interval: int = 250
-    keep_checkpoints: int = 2
-    seed: int = 1337
+    eval_interval: int = 250  # steps between evaluations on held-out data
+    eval_batches: int = 20  # batches per evaluation
+    log_interval: int = 10  # steps between lines of metrics.jsonl
+    ckpt_interval: int = 250  # steps between checkpoints (one is also written at the end)
+    keep_checkpoints: int = 2  # the newest checkpoints kept (older ones are deleted)
+    seed: int = 1337  # seeds the weights, the batches and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 autocast where bf16 is native: CUDA, AVX512-BF16/AMX CPUs) | float32 | bfloat16
     compile: str | bool = "auto"  # auto (when the run is long enough to repay it: lmlab.training.compile) | true | false

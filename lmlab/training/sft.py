@@ -69,7 +69,7 @@ class TuneSettings:
     val_size: int = option(50, "held-out examples (a seeded draw)")
     seed: int = option(0, "seed of the held-out draw, the method's initialisation and the batches")
     threads: int | None = option(None, "CPU threads for torch")
-    set: list[str] = option(lambda: [], "any training setting (lmlab.training.config.TrainConfig), e.g. --set "
+    set: list[str] = option(lambda: [], "any key of a config's train section, e.g. --set "
                                         "train.eval_interval=50; train.dtype=float32 turns off the default bf16 "
                                         "autocast of hardware with native bf16", action="append",
                             metavar="train.KEY=VALUE")

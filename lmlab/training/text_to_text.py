@@ -120,7 +120,7 @@ class T5FinetuneSettings:
     tasks: str = option("sst2", "comma-separated GLUE tasks with a text-to-text rendering (sst2, rte, mrpc, cola, "
                                 "stsb); several train as one mixture")
     mixing_cap: int | None = option(None, "examples-proportional mixing: count at most this many of a task's "
-                                          "examples (None: no cap)")
+                                          "examples (default: no cap)")
     train_limit: int | None = option(None, "train on the first N examples of each task (a seeded shuffle)")
     eval_limit: int | None = option(None, "score the first N dev examples of each task")
     max_steps: int = option(500, "optimizer steps")

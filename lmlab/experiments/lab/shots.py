@@ -109,7 +109,7 @@ def zero_vs_few_shot(models: str | None = None, tasks: str = "sst2,arc_easy", sh
         quick: the smallest pulled model, SST-2 only, 8 examples, 0 and 1 shot (for tests)
         out: the folder for shots.json, shots.md and shots.png
         work: the folder of the harness's own files per model (JSON with every prompt, jsonl per example)
-        induction: experiment 3's induction.json, whose synthetic few-shot curve the plot shows alongside
+        induction: the induction.json of lmlab lab induction, whose synthetic few-shot curve the plot shows alongside
         data_dir: folder with the evaluation data (default: $LMLAB_DATA, else $LMLAB_HOME/data)
         threads: CPU threads for torch (1 on a loaded machine)
         seed: seed of the few-shot draw
