@@ -3,6 +3,7 @@ the table rows, the per-example records and the JSON summary (written as it goes
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -225,9 +226,12 @@ def _run(t: Task, split: Split, docs: list[Doc], k: int, mode: str, lm: LM, s: S
     for subset, idx in groups:
         for metric in scored.metrics:
             value, stderr = scored.compute(metric, idx, s.bootstrap_iters)
+            if math.isnan(value):  # undefined (a correlation of constant answers): null, never a number
+                value = stderr = None
             if subset == "" or t.subsets_in_table:
-                rows.append({"task": f"{t.name}:{subset}" if subset else t.name, "shots": k, "mode": mode,
-                             "metric": metric, "value": value, "stderr": stderr, "n": len(idx)})
+                row = {"task": f"{t.name}:{subset}" if subset else t.name, "shots": k, "mode": mode,
+                       "metric": metric, "value": value, "stderr": stderr, "n": len(idx)}
+                rows.append(row | ({"note": scored.note} if scored.note and not subset else {}))
             if subset:
                 run["subsets"].setdefault(subset, {"n": len(idx)})[metric] = value
     if not run["subsets"]:
