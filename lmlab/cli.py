@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import torch
+
 from lmlab.data.corpus import prepare
 from lmlab.errors import LmlabError
 from lmlab.inference.chat import answer, chat_loop
@@ -54,6 +56,8 @@ class Verb:
     hidden: tuple[str, ...] = ()  # parameters the command line does not set
     positional: tuple[str, ...] = ()  # parameters given as positional arguments (the rest are --flags)
     show: bool = False  # print the returned value (JSON for a dict)
+    threads: bool = False  # the command line adds --threads (torch's CPU threads), for a verb that computes
+
 
     def resolve(self) -> Callable:
         """The verb's function, imported now if it was named as "module:function"."""
@@ -200,7 +204,10 @@ def add_verb(sub, verb: Verb, name: str | None = None) -> None:
             parser.add_argument(p.name, **kwargs)
         else:
             parser.add_argument(*_flag_names(p.name, default, verb.names.get(p.name, ())), dest=p.name, **kwargs)
-    parser.set_defaults(_verb=verb)
+    if verb.threads:  # a verb's own threads setting (word2vec, finetune, the lab...) is its --threads
+        parser.add_argument("--threads", type=int, default=None, dest="_threads", metavar="THREADS",
+                            help="CPU threads for torch (default: torch's, one per core; 1 on a shared machine)")
+    parser.set_defaults(_verb=verb, _parser=parser)
 
 
 def call_verb(args: argparse.Namespace):
@@ -217,6 +224,20 @@ def call_verb(args: argparse.Namespace):
         elif p.name == "command":
             values[p.name] = command_line()
     return verb.function(**values)
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply --threads before the verb runs: torch's intra-op threads (the engine's and the embedding model's worker
+    threads read the same setting); a verb configured by --set also gets it as train.threads, which its training
+    run applies."""
+    threads = getattr(args, "_threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise LmlabError(f"--threads {threads}: give 1 or more CPU threads")
+    torch.set_num_threads(threads)
+    if "set" in vars(args):
+        args.set = [*args.set, f"train.threads={threads}"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,32 +358,33 @@ _RAG_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.0}
 
 VERBS = [
     Verb("prepare", prepare, positional=("source",), show=True),
-    Verb("train", train, positional=("config",), show=True, argparse={"set": {"metavar": "KEY=VALUE"}}),
-    Verb("generate", generate, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",)),
+    Verb("train", train, positional=("config",), show=True, argparse={"set": {"metavar": "KEY=VALUE"}}, threads=True),
+    Verb("generate", generate, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",),
+         threads=True),
     Verb("sample", generate, help="generate from a trained run (lmlab generate --model RUN, with sampling "
                                   "defaults for small character models)", defaults=_SAMPLE_DEFAULTS,
-         names={"model": ("--run",)}, hidden=("stop_at_eos",)),
-    Verb("chat", chat, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",)),
+         names={"model": ("--run",)}, hidden=("stop_at_eos",), threads=True),
+    Verb("chat", chat, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",), threads=True),
     Verb("export", export, names={"model": ("--run",)}, show=True),
     Verb("models", models),
     Verb("pull", pull, positional=("name",), show=True),
     Verb("paradigms", "lmlab.experiments.paradigms:paradigms", argparse={"glue": {"nargs": "?", "const": "all"}}),
-    Verb("demo", "lmlab.experiments.demo:demo", argparse={"set": {"metavar": "KEY=VALUE"}}),
-    Verb("eval", "lmlab.evaluate:run_eval", hidden=("tokenizer", "echo"), defaults={"shots": "0"}),
+    Verb("demo", "lmlab.experiments.demo:demo", argparse={"set": {"metavar": "KEY=VALUE"}}, threads=True),
+    Verb("eval", "lmlab.evaluate:run_eval", hidden=("tokenizer", "echo"), defaults={"shots": "0"}, threads=True),
     Verb("finetune", "lmlab.training.classification:finetune"),
     Verb("t5-finetune", "lmlab.training.text_to_text:t5_finetune"),
     Verb("t5-experiment", "lmlab.experiments.t5:run_t5_experiment"),
     Verb("sft", "lmlab.training.sft:run_sft"),
     Verb("dpo", "lmlab.training.sft:run_dpo"),
-    Verb("serve", "lmlab.inference.server:serve"),
-    Verb("embed", "lmlab.inference.embed:embed", show=True),
-    Verb("rag index", "lmlab.apps.rag:rag_index", positional=("docs",), show=True),
+    Verb("serve", "lmlab.inference.server:serve", threads=True),
+    Verb("embed", "lmlab.inference.embed:embed", show=True, threads=True),
+    Verb("rag index", "lmlab.apps.rag:rag_index", positional=("docs",), show=True, threads=True),
     Verb("rag ask", "lmlab.apps.rag:rag_ask", positional=("index", "question"), hidden=("stop_at_eos",),
-         defaults=_RAG_DEFAULTS),
+         defaults=_RAG_DEFAULTS, threads=True),
     Verb("rag chat", "lmlab.apps.rag:rag_chat", positional=("index",), hidden=("stop_at_eos", "out"),
-         defaults=_RAG_DEFAULTS),
-    Verb("rag eval-retrieval", "lmlab.apps.rag_eval:eval_retrieval", show=True),
-    Verb("rag eval-answers", "lmlab.apps.rag_eval:eval_answers", show=True),
+         defaults=_RAG_DEFAULTS, threads=True),
+    Verb("rag eval-retrieval", "lmlab.apps.rag_eval:eval_retrieval", show=True, threads=True),
+    Verb("rag eval-answers", "lmlab.apps.rag_eval:eval_answers", show=True, threads=True),
     Verb("word2vec", "lmlab.training.word2vec:word2vec"),
     Verb("lab scaling", "lmlab.experiments.lab.scaling:lab_scaling"),
     Verb("lab emergence", "lmlab.experiments.lab.emergence:lab_emergence"),
@@ -402,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmlab {argv[0]}: error: --quantize is a flag of inference (generate, chat, serve, eval): training "
               "updates float weights; train first, then load the result with --quantize", file=sys.stderr)
         return 2
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the verb's own parser: `lmlab embed: error: ...` with the verb's usage line
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        set_threads(args)
         result = call_verb(args)
     except LmlabError as e:
         print(f"lmlab {args._verb.name}: error: {e}", file=sys.stderr)
