@@ -7,6 +7,8 @@ point (or the function it calls) on tiny models made here, and fails without its
     24-25  rag index and serve advised --pooling, which neither takes
     26     one --threads flag for every verb that computes; an unknown flag's error names the verb
     27-28  embed --out to an unwritable place failed after every vector; embed --input FOLDER
+
+and issue 28's first lever: `lmlab eval --quantize auto` chooses the weights by workload.
 """
 
 import json
@@ -310,3 +312,60 @@ def test_embed_input_folder_says_it_is_a_folder(encoder, tmp_path, capsys):
                   "--no-progress"], capsys)
     assert f"--input {tmp_path} is a folder" in err and "no such input file" not in err
     assert not (tmp_path / "v.npy").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 28: --quantize auto by workload: bf16 weights for scoring (prefill-bound), the file's int4 for generation
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Any CPU as one with native bf16 (the choice is tested, not the speed)."""
+    from lmlab.models import quantize
+
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: True)
+
+
+def test_auto_weights_by_workload_dtype_and_memory(native_bf16, monkeypatch):
+    from lmlab.models import quantize
+    from lmlab.models.quantize import InferenceSettings, weights_for
+
+    auto, mib = InferenceSettings(), 2**20
+    chosen, why = weights_for(auto, "scoring", 100 * mib, 1000 * mib)
+    assert chosen.quantize == "none" and "bf16 weights, for scoring" in why
+    for settings, workload, available, reason in [
+            (auto, "generation", 1000 * mib, "decode-bound"),
+            (InferenceSettings(dtype="float32"), "scoring", 1000 * mib, "float32"),
+            (auto, "scoring", 150 * mib, "100 MiB, would take more than half of the 150 MiB")]:
+        kept, why = weights_for(settings, workload, 100 * mib, available)
+        assert kept.quantize == "auto" and "the file's own quantized weights" in why and reason in why, why
+    assert weights_for(InferenceSettings(quantize="int4"), "scoring", 1, 10**12)[0].quantize == "int4"
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: False)
+    assert weights_for(auto, "scoring", 100 * mib, 1000 * mib)[0].quantize == "auto"
+
+
+def test_eval_scores_with_bf16_weights_and_generates_with_the_files_int4(native_bf16, tmp_path):
+    pytest.importorskip("transformers")
+    import gguf
+
+    from lmlab.models.quantize import InferenceSettings
+    from tests.test_pretrained import _tiny_llama, write_gguf
+
+    tok = train_byte_bpe(synthetic_corpus(200).splitlines(), 300, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    path = write_gguf(tmp_path / "q4.gguf", _tiny_llama(True, vocab=tok.get_vocab_size()), tok,
+                      qtype=gguf.GGMLQuantizationType.Q4_0)
+    data = _stsb(tmp_path / "data", n=4)
+    said = {}
+    for task in ("stsb", "t5_stsb"):  # log-likelihoods of the scores 0..5; generated answers
+        lines = []
+        summary = run_eval(str(path), task, data_dir=data, inference=InferenceSettings(), echo=lines.append,
+                           progress=False, bootstrap_iters=10)
+        said[task] = summary["settings"], lines[0]
+    scoring, generation = said["stsb"][0], said["t5_stsb"][0]
+    assert scoring["quantize"]["chose"] == "none" and scoring["weights"] == "bfloat16"
+    assert said["stsb"][1].startswith("weights: --quantize auto: bf16 weights, for scoring")
+    assert generation["quantize"]["chose"] == "auto" and generation["weights"] == "int4+int8"
+    assert "decode-bound" in said["t5_stsb"][1]
+    # Asked for explicitly, nothing is chosen for the user.
+    settings = run_eval(str(path), "stsb", data_dir=data, inference=InferenceSettings(quantize="int4"), echo=None,
+                        progress=False, bootstrap_iters=10)["settings"]
+    assert "quantize" not in settings and settings["weights"] == "int4+int8"
