@@ -2,7 +2,8 @@
 
     --dtype auto|float32|bfloat16      auto: bfloat16 on CPUs with native bf16 instructions (AVX512-BF16, AMX)
                                        and on CUDA GPUs that have it, float32 elsewhere
-    --quantize auto|none|int8|int4     auto: keep a GGUF file's own quantization, none for other formats
+    --quantize auto|none|int8|int4     auto: keep a GGUF file's own quantization, none for other formats;
+                                       lmlab eval chooses by workload (weights_for: bf16 weights for scoring)
     --group-size 32|64|128             int4: how many weights of a row share one scale and zero
 
 The quantized linear layers call PyTorch's own CPU kernels, no hand-written ones:
@@ -54,7 +55,8 @@ class InferenceSettings:
         "auto", "compute dtype; auto: bfloat16 where the CPU (AVX512-BF16, AMX) or GPU has it natively, else float32")
     quantize: Literal["auto", "none", "int8", "int4"] = option(
         "auto", "keep weights quantized: int8 (per row), int4 (per group); auto keeps a GGUF file's own "
-                "Q4_0/Q4_1 (int4) and Q8_0 (int8) weights, none dequantizes")
+                "Q4_0/Q4_1 (int4) and Q8_0 (int8) weights (lmlab eval: bf16 weights instead when it only scores "
+                "log-likelihoods and the CPU has native bf16), none dequantizes")
     group_size: int = option(32, "int4: weights per scale and zero (32, 64 or 128; a GGUF's Q4 blocks are 32)")
     compile: bool = option(False, "torch.compile the one-token decoding step (inductor, weights frozen in): "
                                   "fewer, fused kernels per step; the first step compiles (minutes for "
