@@ -58,7 +58,6 @@ class Verb:
     show: bool = False  # print the returned value (JSON for a dict)
     threads: bool = False  # the command line adds --threads (torch's CPU threads), for a verb that computes
 
-
     def resolve(self) -> Callable:
         """The verb's function, imported now if it was named as "module:function"."""
         if isinstance(self.function, str):

@@ -234,6 +234,7 @@ def test_rag_index_and_serve_do_not_advise_pooling_they_lack(encoder, decoder, t
     out = ["--input", str(docs / "a.md"), "--out", str(tmp_path / "v.npy"), "--no-progress"]
     assert "--pooling last" in _error(["embed", "--model", str(decoder), *out], capsys)
     assert "pass --pooling" in _error(["embed", "--model", str(maxed), *out], capsys)
+    assert main(["embed", "--model", str(maxed), *out, "--pooling", "mean"]) == 0  # and following it works
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -68,16 +68,17 @@ def _json(path: Path) -> dict | list:
 Recipe = tuple[str | None, bool | None, int | None]
 
 
-def sentence_config(folder: Path, fix: str = "pass --pooling to choose one") -> Recipe:
+def sentence_config(folder: Path, fix: str | None = "pass --pooling to choose one") -> Recipe:
     """(pooling, normalize, max_seq_length) from a sentence-transformers folder; None where it says nothing. `fix`
-    ends the error of a pooling lmlab lacks: what the user's command can do about it."""
+    ends the error of a pooling lmlab lacks: what the user's command can do about it; None: the caller pools as it
+    chose, and the folder's pooling is not read."""
     if not folder.is_dir():
         return None, None, None
     modules = _json(folder / "modules.json") or []
     pooling, normalize = None, None
     for module in modules:
         kind = module.get("type", "")
-        if kind.endswith(".Pooling"):
+        if kind.endswith(".Pooling") and fix is not None:
             config = _json(folder / module.get("path", "") / "config.json")
             modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                      "pooling_mode_lasttoken": "last"}
@@ -103,7 +104,8 @@ class Embedder:
     def __init__(self, pretrained: Pretrained, settings: EmbedSettings = EmbedSettings(), folder: Path | None = None,
                  flag: str = "--model", pooling_flag: bool = False):
         settings.check()
-        fix = "pass --pooling to choose one" if pooling_flag else f"give {flag} an encoder pooled by one of them"
+        fix = None if settings.pooling != "auto" else "pass --pooling to choose one" if pooling_flag \
+            else f"give {flag} an encoder pooled by one of them"
         pooling, normalize, max_length = sentence_config(folder, fix) if folder is not None else (None, None, None)
         self.pooling: Pooling = (pooling or "mean") if settings.pooling == "auto" else settings.pooling
         if pretrained.model.config.causal and self.pooling != "last":
