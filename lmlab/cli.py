@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import torch
+
 from lmlab.data.corpus import prepare
 from lmlab.errors import LmlabError
 from lmlab.inference.chat import answer, chat_loop
@@ -55,6 +57,7 @@ class Verb:
     hidden: tuple[str, ...] = ()  # parameters the command line does not set
     positional: tuple[str, ...] = ()  # parameters given as positional arguments (the rest are --flags)
     show: bool = False  # print the returned value (JSON for a dict)
+    threads: bool = False  # the command line adds --threads (torch's CPU threads), for a verb that computes
 
     def resolve(self) -> Callable:
         """The verb's function, imported now if it was named as "module:function"."""
@@ -201,7 +204,10 @@ def add_verb(sub, verb: Verb, name: str | None = None) -> None:
             parser.add_argument(p.name, **kwargs)
         else:
             parser.add_argument(*_flag_names(p.name, default, verb.names.get(p.name, ())), dest=p.name, **kwargs)
-    parser.set_defaults(_verb=verb)
+    if verb.threads:  # a verb's own threads setting (word2vec, finetune, the lab...) is its --threads
+        parser.add_argument("--threads", type=int, default=None, dest="_threads", metavar="THREADS",
+                            help="CPU threads for torch (default: torch's, one per core; 1 on a shared machine)")
+    parser.set_defaults(_verb=verb, _parser=parser)
 
 
 def call_verb(args: argparse.Namespace):
@@ -218,6 +224,20 @@ def call_verb(args: argparse.Namespace):
         elif p.name == "command":
             values[p.name] = command_line()
     return verb.function(**values)
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply --threads before the verb runs: torch's intra-op threads (the engine's and the embedding model's worker
+    threads read the same setting); a verb configured by --set also gets it as train.threads, which its training
+    run applies."""
+    threads = getattr(args, "_threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise LmlabError(f"--threads {threads}: give 1 or more CPU threads")
+    torch.set_num_threads(threads)
+    if "set" in vars(args):
+        args.set = [*args.set, f"train.threads={threads}"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,14 +362,15 @@ _RAG_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.0}
 VERBS = [
     Verb("prepare", prepare, positional=("source",), show=True,
          help="turn a text corpus into token files for training (character or BPE tokens)"),
-    Verb("train", train, positional=("config",), show=True, argparse={"set": {"metavar": "KEY=VALUE"}},
+    Verb("train", train, threads=True, positional=("config",), show=True, argparse={"set": {"metavar": "KEY=VALUE"}},
          help="pretrain a model from a YAML config (a GPT, a BERT-style encoder or a T5); works under torchrun"),
-    Verb("generate", generate, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",),
+    Verb("generate", generate, threads=True, defaults={"max_new_tokens": 256, "temperature": 0.7},
+         hidden=("stop_at_eos",),
          help="continue a prompt with a model, streaming the text (sampling or beam search)"),
-    Verb("sample", generate, help="generate from a trained run (lmlab generate --model RUN, with sampling "
-                                  "defaults for small character models)", defaults=_SAMPLE_DEFAULTS,
+    Verb("sample", generate, threads=True, help="generate from a trained run (lmlab generate --model RUN, with "
+                                                "sampling defaults for small character models)", defaults=_SAMPLE_DEFAULTS,
          names={"model": ("--run",)}, hidden=("stop_at_eos",)),
-    Verb("chat", chat, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",),
+    Verb("chat", chat, threads=True, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",),
          help="talk with a chat model in the terminal (/reset starts over, /exit quits)"),
     Verb("export", export, names={"model": ("--run",)}, show=True,
          help="export a model (a trained run, a .gguf file, a registry model) to a Hugging Face folder"),
@@ -358,9 +379,9 @@ VERBS = [
     Verb("paradigms", "lmlab.experiments.paradigms:paradigms", argparse={"glue": {"nargs": "?", "const": "all"}},
          help="compare the three eras on one task (from scratch, fine-tuned, prompted), or build the lecture's "
               "GLUE table"),
-    Verb("demo", "lmlab.experiments.demo:demo", argparse={"set": {"metavar": "KEY=VALUE"}},
+    Verb("demo", "lmlab.experiments.demo:demo", threads=True, argparse={"set": {"metavar": "KEY=VALUE"}},
          help="the main job: prepare Shakespeare, train a small GPT for a few minutes, and sample from it"),
-    Verb("eval", "lmlab.evaluate:run_eval", hidden=("tokenizer", "echo"), defaults={"shots": "0"},
+    Verb("eval", "lmlab.evaluate:run_eval", threads=True, hidden=("tokenizer", "echo"), defaults={"shots": "0"},
          help="score a model on benchmarks: perplexity, zero- and few-shot multiple choice, classification"),
     Verb("finetune", "lmlab.training.classification:finetune",
          help="fine-tune a pretrained model (fully or with LoRA) on a classification task, or train a "
@@ -374,20 +395,20 @@ VERBS = [
          help="instruction-tune a model (all weights, LoRA or adapters) on instruction or chat data"),
     Verb("dpo", "lmlab.training.sft:run_dpo",
          help="preference-tune a model by DPO on chosen and rejected answers (or pairs built from instruction data)"),
-    Verb("serve", "lmlab.inference.server:serve",
+    Verb("serve", "lmlab.inference.server:serve", threads=True,
          help="serve a model over the OpenAI HTTP API (continuous batching), with a chat page"),
-    Verb("embed", "lmlab.inference.embed:embed", show=True,
+    Verb("embed", "lmlab.inference.embed:embed", threads=True, show=True,
          help="turn the texts of a file into sentence vectors (as sentence-transformers computes them)"),
-    Verb("rag index", "lmlab.apps.rag:rag_index", positional=("docs",), show=True,
+    Verb("rag index", "lmlab.apps.rag:rag_index", threads=True, positional=("docs",), show=True,
          help="index documents for retrieval: split them into chunks, embed the chunks, write an index folder"),
-    Verb("rag ask", "lmlab.apps.rag:rag_ask", positional=("index", "question"), hidden=("stop_at_eos",),
+    Verb("rag ask", "lmlab.apps.rag:rag_ask", threads=True, positional=("index", "question"), hidden=("stop_at_eos",),
          defaults=_RAG_DEFAULTS, help="answer a question from an index with a chat model, and print its sources"),
-    Verb("rag chat", "lmlab.apps.rag:rag_chat", positional=("index",), hidden=("stop_at_eos", "out"),
+    Verb("rag chat", "lmlab.apps.rag:rag_chat", threads=True, positional=("index",), hidden=("stop_at_eos", "out"),
          defaults=_RAG_DEFAULTS,
          help="chat with a model that answers from an index (each question retrieves anew; /exit quits)"),
-    Verb("rag eval-retrieval", "lmlab.apps.rag_eval:eval_retrieval", show=True,
+    Verb("rag eval-retrieval", "lmlab.apps.rag_eval:eval_retrieval", threads=True, show=True,
          help="measure an embedding model: STS-B similarity, and QNLI retrieval against BM25"),
-    Verb("rag eval-answers", "lmlab.apps.rag_eval:eval_answers", show=True,
+    Verb("rag eval-answers", "lmlab.apps.rag_eval:eval_answers", threads=True, show=True,
          help="measure a chat model's answers with and without retrieval, on questions from indexed WikiText"),
     Verb("word2vec", "lmlab.training.word2vec:word2vec",
          help="train word vectors (skip-gram or CBOW, as word2vec.c) and score them on analogies and similarity"),
@@ -473,8 +494,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmlab {argv[0]}: error: --quantize is a flag of inference (generate, chat, serve, eval): training "
               "updates float weights; train first, then load the result with --quantize", file=sys.stderr)
         return 2
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the verb's own parser: `lmlab embed: error: ...` with the verb's usage line
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        set_threads(args)
         result = call_verb(args)
     except LmlabError as e:
         print(f"lmlab {args._verb.name}: error: {e}", file=sys.stderr)

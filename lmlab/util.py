@@ -106,6 +106,15 @@ class PeakMemory:
         self.peak = max(self.peak, self.rss())
 
 
+def available_memory() -> int:
+    """Bytes a new allocation can take without swapping: Linux's MemAvailable, else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def publish(tmp: str | Path, path: str | Path) -> None:
     """Move a finished temp file into place: permissions of a normally created file (mkstemp makes 0600), its
     bytes on disk (fsync) before the rename, and the rename itself on disk (fsync of the folder), so a crash or

@@ -3,6 +3,7 @@ the table rows, the per-example records and the JSON summary (written as it goes
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -12,8 +13,8 @@ from lmlab.evaluate.lm import LM
 from lmlab.evaluate.report import format_table, output_paths, write_results
 from lmlab.evaluate.tasks import (FEWSHOT_DELIMITER, TARGET_DELIMITER, Doc, Settings, Split, Task, data_root,
                                   get_task, load_split, pick_shots)
-from lmlab.models.hub import load_pretrained
-from lmlab.models.quantize import FLOAT32, InferenceSettings, weight_format
+from lmlab.models.hub import load_pretrained, settings_for_workload
+from lmlab.models.quantize import FLOAT32, InferenceSettings, Workload, weight_format
 from lmlab.util import check_writable
 
 MODES = ("loglikelihood", "generate", "both")
@@ -126,6 +127,13 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     root = data_root(data_dir)
     splits = _load_all(task_list, shot_list, root, limit, seed, balanced)
 
+    weights = None  # what --quantize auto chose for this workload, said in the output and the summary
+    if isinstance(model, (str, Path)):
+        asked = inference.quantize
+        inference, why = settings_for_workload(model, inference, workload(task_list, mode))
+        weights = {"asked": asked, "chose": inference.quantize, "why": why} if why else None
+        if weights and echo:
+            echo(f"weights: {why}")
     lm = as_lm(model, tokenizer, inference, batch_size=batch_size, max_length=max_length, progress=progress)
     if chat and lm.chat_prompt is None:
         raise LmlabError(f"{lm.name} has no chat template; drop --chat (or use a chat model)")
@@ -135,7 +143,8 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     started = time.time()
     shown = {"tasks": [t.name for t in task_list], "shots": shot_list, "limit": limit, "seed": seed,
              "batch_size": batch_size, "mode": mode, "chat": chat, "calibrate": calibrate, "balanced": balanced,
-             "stride": stride, "data_dir": str(root), "bootstrap_iters": bootstrap_iters, **_lm_settings(lm)}
+             "stride": stride, "data_dir": str(root), "bootstrap_iters": bootstrap_iters, **_lm_settings(lm),
+             **({"quantize": weights} if weights else {})}
 
     def summarize(complete: bool) -> dict:
         return {"model": lm.name, "command": command, "settings": shown, "complete": complete,
@@ -165,6 +174,12 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         if echo:
             echo("wrote " + ", ".join(str(p) for p in written))
     return summary
+
+
+def workload(task_list: list[Task], mode: str) -> Workload:
+    """"scoring" when every run scores given texts by their log-likelihood (prefill-bound), else "generation"."""
+    modes = {m for t in task_list for m in (t.modes(mode) if t.few_shot else ["loglikelihood"])}
+    return "scoring" if modes == {"loglikelihood"} else "generation"
 
 
 def _check(mode: str, limit: int | None, out) -> None:
@@ -225,9 +240,12 @@ def _run(t: Task, split: Split, docs: list[Doc], k: int, mode: str, lm: LM, s: S
     for subset, idx in groups:
         for metric in scored.metrics:
             value, stderr = scored.compute(metric, idx, s.bootstrap_iters)
+            if math.isnan(value):  # undefined (a correlation of constant answers): null, never a number
+                value = stderr = None
             if subset == "" or t.subsets_in_table:
-                rows.append({"task": f"{t.name}:{subset}" if subset else t.name, "shots": k, "mode": mode,
-                             "metric": metric, "value": value, "stderr": stderr, "n": len(idx)})
+                row = {"task": f"{t.name}:{subset}" if subset else t.name, "shots": k, "mode": mode,
+                       "metric": metric, "value": value, "stderr": stderr, "n": len(idx)}
+                rows.append(row | ({"note": scored.note} if scored.note and not subset else {}))
             if subset:
                 run["subsets"].setdefault(subset, {"n": len(idx)})[metric] = value
     if not run["subsets"]:

@@ -8,7 +8,8 @@ ones that are not a mean over examples: F1, Matthews correlation, Pearson/Spearm
     f1                         binary F1 of the positive class 1 (GLUE's MRPC and QQP: 1 = paraphrase)
     matthews_corrcoef          Matthews correlation coefficient (GLUE's CoLA), 0 when it is undefined
     pearson, spearman          correlation of predicted and gold scores (GLUE's STS-B); Spearman ranks ties by
-                               their average rank; 0 when a side is constant (undefined)
+                               their average rank; 0 when a side is constant (undefined), or what `undefined`
+                               says (the evaluation reports NaN there: a number would read as a result)
     perplexity                 exp(-sum(log-likelihood) / sum(units)): words for word perplexity, examples for
                                LAMBADA (each target counts 1), tokens or characters otherwise
     bits_per_byte              -sum(log-likelihood) / sum(bytes) / ln 2
@@ -63,11 +64,11 @@ def matthews_corrcoef(preds: Sequence[int], golds: Sequence[int]) -> float:
     return float(cov_pg / math.sqrt(cov_pp * cov_gg))
 
 
-def pearson(preds: Sequence[float], golds: Sequence[float]) -> float:
+def pearson(preds: Sequence[float], golds: Sequence[float], undefined: float = 0.0) -> float:
     x, y = np.asarray(preds, dtype=np.float64), np.asarray(golds, dtype=np.float64)
     x, y = x - x.mean(), y - y.mean()
     denom = math.sqrt(float(x @ x) * float(y @ y))
-    return float(x @ y / denom) if denom else 0.0
+    return float(x @ y / denom) if denom else undefined
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -83,9 +84,10 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def spearman(preds: Sequence[float], golds: Sequence[float]) -> float:
+def spearman(preds: Sequence[float], golds: Sequence[float], undefined: float = 0.0) -> float:
     """Pearson correlation of the ranks."""
-    return pearson(_ranks(np.asarray(preds, dtype=np.float64)), _ranks(np.asarray(golds, dtype=np.float64)))
+    return pearson(_ranks(np.asarray(preds, dtype=np.float64)), _ranks(np.asarray(golds, dtype=np.float64)),
+                   undefined)
 
 
 def retrieval_metrics(rankings: Sequence[Sequence], relevant: Sequence[set], ks: Sequence[int] = (1, 5, 10),
@@ -143,8 +145,10 @@ def bootstrap_stderr(metric: Callable[..., float], *columns: Sequence, iters: in
 class Scored:
     """Per-example predictions of one run, and how to turn any subset of them into a metric."""
 
-    def __init__(self, metrics: list[str], columns: dict[str, np.ndarray], records: list[dict]):
+    def __init__(self, metrics: list[str], columns: dict[str, np.ndarray], records: list[dict],
+                 note: str | None = None):
         self.metrics, self.columns, self.records = metrics, columns, records
+        self.note = note  # what the task's rows should say beside their numbers (e.g. how many answers parsed)
 
     # metric -> (function, its argument columns)
     _DEFS: dict[str, tuple[Callable, tuple[str, ...]]] = {
@@ -162,8 +166,15 @@ class Scored:
         "nats_per_char": (per_unit, ("loglik", "chars")),
     }
 
+    # Metrics with no value on some inputs (a correlation with a constant side): (NaN, NaN) there, not a number.
+    _UNDEFINED = {"pearson": lambda *cols: pearson(*cols, undefined=math.nan),
+                  "spearman": lambda *cols: spearman(*cols, undefined=math.nan)}
+
     def compute(self, metric: str, idx: list[int], iters: int) -> tuple[float, float]:
-        calibrated = metric.endswith("_calibrated")
-        fn, names = self._DEFS[metric.removesuffix("_calibrated")]
-        cols = [self.columns[("pred_cal" if calibrated and n == "pred" else n)][idx] for n in names]
+        """(value, bootstrap standard error) of a metric over the examples idx; (NaN, NaN) where undefined."""
+        base = metric.removesuffix("_calibrated")
+        fn, names = self._DEFS[base]
+        cols = [self.columns[("pred_cal" if base != metric and n == "pred" else n)][idx] for n in names]
+        if base in self._UNDEFINED and math.isnan(self._UNDEFINED[base](*cols)):
+            return math.nan, math.nan
         return float(fn(*cols)), bootstrap_stderr(fn, *cols, iters=iters, seed=0)

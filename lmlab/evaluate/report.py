@@ -23,10 +23,15 @@ def _fmt(x) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per (task, shots, mode, metric): value, bootstrap standard error, number of examples."""
+    """One line per (task, shots, mode, metric): value ("undefined" where the metric has none), bootstrap
+    standard error, number of examples, and a note column when a row has one."""
     header = ["task", "shots", "mode", "metric", "value", "± stderr", "n"]
-    body = [[r["task"], str(r["shots"]), "gen" if r["mode"] == "generate" else "ll", r["metric"], _fmt(r["value"]),
-             _fmt(r["stderr"]), str(r["n"])] for r in rows]
+    body = [[r["task"], str(r["shots"]), "gen" if r["mode"] == "generate" else "ll", r["metric"],
+             "undefined" if r["value"] is None else _fmt(r["value"]), _fmt(r["stderr"]), str(r["n"])] for r in rows]
+    if any(r.get("note") for r in rows):
+        header.append("note")
+        for cells, r in zip(body, rows):
+            cells.append(r.get("note") or "")
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     right = {1, 4, 5, 6}  # numbers line up on the right
 

@@ -15,6 +15,7 @@ small and little is spent on padding; a batch whose rows all have one length run
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from lmlab.data.records import read_records
 from lmlab.errors import LmlabError
 from lmlab.models.hub import Pretrained, load_pretrained, resolve
-from lmlab.util import atomic_replace, option
+from lmlab.util import atomic_replace, check_writable, option
 
 Pooling = Literal["mean", "cls", "last"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -51,20 +52,33 @@ class EmbedSettings:
     dtype: Literal["float32", "bfloat16"] = option("float32", "compute precision (bfloat16: faster on CPUs with "
                                                               "AVX512-BF16 or AMX, vectors within ~1e-2)")
 
+    def check(self) -> None:
+        """Refuse settings that cannot work, naming the flag as typed, before a model loads."""
+        if self.max_length is not None and self.max_length < 2:
+            raise LmlabError(f"--max-length {self.max_length}: give at least 2 tokens ([CLS] and [SEP] take 2), or "
+                             "leave it out for the model's own max_seq_length")
+        if self.batch_tokens < 2:
+            raise LmlabError(f"--batch-tokens {self.batch_tokens}: give at least --max-length tokens per pass")
+
 
 def _json(path: Path) -> dict | list:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def sentence_config(folder: Path) -> tuple[str | None, bool | None, int | None]:
-    """(pooling, normalize, max_seq_length) from a sentence-transformers folder; None where it says nothing."""
+Recipe = tuple[str | None, bool | None, int | None]
+
+
+def sentence_config(folder: Path, fix: str | None = "pass --pooling to choose one") -> Recipe:
+    """(pooling, normalize, max_seq_length) from a sentence-transformers folder; None where it says nothing. `fix`
+    ends the error of a pooling lmlab lacks: what the user's command can do about it; None: the caller pools as it
+    chose, and the folder's pooling is not read."""
     if not folder.is_dir():
         return None, None, None
     modules = _json(folder / "modules.json") or []
     pooling, normalize = None, None
     for module in modules:
         kind = module.get("type", "")
-        if kind.endswith(".Pooling"):
+        if kind.endswith(".Pooling") and fix is not None:
             config = _json(folder / module.get("path", "") / "config.json")
             modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                      "pooling_mode_lasttoken": "last"}
@@ -72,7 +86,7 @@ def sentence_config(folder: Path) -> tuple[str | None, bool | None, int | None]:
             others = [k for k, v in config.items() if k.startswith("pooling_mode") and v and k not in modes]
             if others or len(chosen) != 1:
                 raise LmlabError(f"{folder}: pooling {others or chosen} is not supported (lmlab pools by one of "
-                                 "mean, cls, last); pass --pooling to choose one")
+                                 f"mean, cls, last); {fix}")
             pooling = chosen[0]
         normalize = normalize or kind.endswith(".Normalize")
     if modules:
@@ -82,18 +96,27 @@ def sentence_config(folder: Path) -> tuple[str | None, bool | None, int | None]:
 
 
 class Embedder:
-    """A sentence encoder: texts (or token ids) in, (N, dim) float32 unit vectors out, in the inputs' order."""
+    """A sentence encoder: texts (or token ids) in, (N, dim) float32 unit vectors out, in the inputs' order.
 
-    def __init__(self, pretrained: Pretrained, settings: EmbedSettings = EmbedSettings(), folder: Path | None = None):
-        pooling, normalize, max_length = sentence_config(folder) if folder is not None else (None, None, None)
+    `flag` is the command line's flag that named the model, and `pooling_flag` whether that command takes
+    --pooling (only `lmlab embed` does): an error's advice names what the user can type."""
+
+    def __init__(self, pretrained: Pretrained, settings: EmbedSettings = EmbedSettings(), folder: Path | None = None,
+                 flag: str = "--model", pooling_flag: bool = False):
+        settings.check()
+        fix = None if settings.pooling != "auto" else "pass --pooling to choose one" if pooling_flag \
+            else f"give {flag} an encoder pooled by one of them"
+        pooling, normalize, max_length = sentence_config(folder, fix) if folder is not None else (None, None, None)
         self.pooling: Pooling = (pooling or "mean") if settings.pooling == "auto" else settings.pooling
         if pretrained.model.config.causal and self.pooling != "last":
-            raise LmlabError(f"{pretrained.name} is a decoder-only language model, not a sentence encoder: embed "
-                             "with an encoder such as minilm-l6 (or choose --pooling last for a decoder trained "
-                             "to embed)")
+            raise LmlabError(f"{pretrained.name} is a decoder-only language model, not a sentence encoder: give "
+                             f"{flag} an encoder such as minilm-l6" + (" (or choose --pooling last for a decoder "
+                                                                        "trained to embed)" if pooling_flag else ""))
         self.normalize = (normalize is not False) if settings.normalize == "auto" else settings.normalize == "yes"
         context = pretrained.model.config.block_size
-        self.max_length = min(settings.max_length or max_length or context, context)
+        # `is not None`: an explicit 0 is refused by check(), never read as "the default".
+        wanted = settings.max_length if settings.max_length is not None else max_length or context
+        self.max_length = min(wanted, context)
         if self.max_length < 2 or settings.batch_tokens < self.max_length:
             raise LmlabError(f"need --max-length >= 2 and --batch-tokens >= --max-length (got {self.max_length}, "
                              f"{settings.batch_tokens})")
@@ -106,13 +129,24 @@ class Embedder:
         self.pad_id = pretrained.tokenizer.token_to_id("[PAD]") or 0
 
     @classmethod
-    def load(cls, spec: str | Path, settings: EmbedSettings = EmbedSettings()) -> "Embedder":
+    def load(cls, spec: str | Path, settings: EmbedSettings = EmbedSettings(), flag: str = "--model",
+             pooling_flag: bool = False) -> "Embedder":
         """The embedding model named by a registry name or path (anything load_pretrained accepts)."""
-        return cls(load_pretrained(spec), settings, resolve(spec))
+        settings.check()  # before the load, which takes seconds
+        return cls(load_pretrained(spec), settings, resolve(spec), flag, pooling_flag)
 
     @property
     def dim(self) -> int:
         return self.model.config.n_embd
+
+    @functools.cached_property
+    def max_chars(self) -> int:
+        """The most characters, spaces not counted, that max_length tokens can stand for: max_length times the
+        longest vocabulary entry (a WordPiece continuation without its '##'). A longer text cannot fit, whatever
+        its tokens are, unless words too long for the tokenizer became [UNK]s (a 3 MB word is one [UNK]): so it is
+        too long, and this says so without tokenizing it."""
+        longest = max(len(piece.removeprefix("##")) for piece in self.pretrained.tokenizer.get_vocab())
+        return self.max_length * longest
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, truncated to max_length."""
@@ -163,6 +197,9 @@ class Embedder:
 def read_texts(path: str | Path, field: str = "text") -> list[str]:
     """The texts of a file: one per line (.txt and anything else), or the `field` of each row (.jsonl/.json)."""
     path = Path(path)
+    if path.is_dir():
+        raise LmlabError(f"--input {path} is a folder; give a file of texts, one per line, or JSON lines (to index "
+                         "a folder of documents for retrieval: lmlab rag index)")
     if not path.is_file():
         raise LmlabError(f"no such input file: {path}")
     if path.suffix in (".jsonl", ".json"):
@@ -207,10 +244,14 @@ def embed(model: str, input: str, out: str, field: str = "text", progress: bool 
     """
     if Path(out).suffix not in (".npy", ".parquet"):
         raise LmlabError(f"--out {out}: write .npy or .parquet")
+    if Path(out).is_dir():
+        raise LmlabError(f"--out {out} is a folder; give the file to write, e.g. {Path(out) / 'vectors.npy'}")
+    settings.check()
     texts = read_texts(input, field)
     if not texts:
         raise LmlabError(f"{input} holds no texts; give one input per line")
-    embedder = Embedder.load(model, settings)
+    check_writable(Path(out).expanduser().parent)  # before every vector is computed, not after
+    embedder = Embedder.load(model, settings, pooling_flag=True)
     vectors = embedder.embed(texts, progress=progress)
     write_vectors(vectors, out, texts)
     return {"out": str(out), "count": len(texts), "dim": embedder.dim, "pooling": embedder.pooling,

@@ -73,6 +73,14 @@ def parse_embeddings(body: dict, embedder: Embedder) -> EmbeddingRequest:
     inputs = []
     for i, item in enumerate(items):
         if isinstance(item, str):
+            # The length rule below, checked on the characters first: a 3 MB text is refused before tokenizing it,
+            # which would also hide its length (a word past the tokenizer's limit is one [UNK]).
+            chars = len(item) if len(item) <= embedder.max_chars else len("".join(item.split()))
+            if chars > embedder.max_chars:
+                raise ApiError(400, f"'input' item {i} is {chars} characters (not counting spaces), more than the "
+                                    f"{embedder.max_length} tokens {embedder.name} reads can hold (at most "
+                                    f"{embedder.max_chars}): shorten it or split it", "input",
+                               "context_length_exceeded")
             ids = tokenizer.encode(item).ids
         else:
             if min(item) < 0 or max(item) >= vocab:

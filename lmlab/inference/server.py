@@ -483,7 +483,7 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
                     max_queue=s.max_queue, context=context, batch_invariant=s.batch_invariant)
     embeddings = None
     if s.embedding_model:
-        embedder = Embedder.load(s.embedding_model)
+        embedder = Embedder.load(s.embedding_model, flag="--embedding-model")
         embedder.model.to(pick_device(s.device))
         embeddings = EmbeddingService(embedder, model_id_for(s.embedding_model))
     rag = RagService(s.rag) if s.rag else None

@@ -237,6 +237,7 @@ Q4_K, Q4_K_BYTES = gguf.GGMLQuantizationType.Q4_K, 144  # bytes per super-block 
 INT4_TYPES = (*Q4_TYPES, Q4_K)
 Q8_TYPES = (gguf.GGMLQuantizationType.Q8_0,)
 FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+KEPT_TYPES = (*INT4_TYPES, *Q8_TYPES)  # what --quantize auto keeps quantized; every other type is dequantized
 
 
 def q4_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -365,7 +366,7 @@ def _linear(source: TensorSource, parts: list[str], settings: InferenceSettings,
     """The quantized layer of these stacked Hugging Face tensors, or None where the layer stays float."""
     types = {source.raw(n).tensor_type for n in parts}
     kept = _kept_as(types, settings.quantize, head)
-    odd = sorted(t.name for t in types if t not in (*INT4_TYPES, *Q8_TYPES, *FLOAT_TYPES))
+    odd = sorted(t.name for t in types if t not in (*KEPT_TYPES, *FLOAT_TYPES))
     if kept == "int4":
         q, scale, zero = (torch.cat(pieces) for pieces in zip(*(source.int4(n) for n in parts)))
         return Int4Linear(q, scale, zero)

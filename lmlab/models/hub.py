@@ -38,11 +38,11 @@ from lmlab.data.corpus import ENDOFTEXT
 from lmlab.errors import LmlabError
 from lmlab.models import checkpoint
 from lmlab.models.chat_template import FAMILY_TEMPLATES, render_chat
-from lmlab.models.gguf import load_gguf, special_token
+from lmlab.models.gguf import KEPT_TYPES, load_gguf, read_gguf, special_token
 from lmlab.models.hf import bert_tokenizer, load_hf
-from lmlab.models.quantize import FLOAT32, InferenceSettings, prepare_model
+from lmlab.models.quantize import FLOAT32, InferenceSettings, Workload, prepare_model, weights_for
 from lmlab.models.transformer import Transformer
-from lmlab.util import atomic_replace, lmlab_home
+from lmlab.util import atomic_replace, available_memory, lmlab_home
 
 
 @dataclass(frozen=True)
@@ -427,6 +427,22 @@ def load_pretrained(spec: str | Path, dtype: torch.dtype = torch.float32,
     return Pretrained(name=str(spec), model=model, tokenizer=tok, chat_template=template, bos_token=bos,
                       bos_token_id=bos_id, eos_token=eos, eos_token_id=eos_id,
                       context_length=model.config.block_size)
+
+
+def settings_for_workload(spec: str | Path, settings: InferenceSettings,
+                          workload: Workload) -> tuple[InferenceSettings, str | None]:
+    """`settings` with --quantize auto resolved for a job (lmlab.models.quantize.weights_for), and the line that
+    says what it chose; None where there is nothing to choose: only a GGUF file holds quantized weights to keep,
+    and auto leaves every other format float anyway."""
+    if settings.quantize != "auto":
+        return settings, None
+    path = resolve(spec)
+    if _kind(path) != "gguf" or checkpoint.is_tuned(path):
+        return settings, None
+    tensors = read_gguf(path).tensors  # memory-mapped: the shapes and types, no weights read
+    if not any(t.tensor_type in KEPT_TYPES for t in tensors):  # auto dequantizes this file anyway
+        return settings, None
+    return weights_for(settings, workload, 2 * sum(int(t.n_elements) for t in tensors), available_memory())
 
 
 def load_tuned(path: str | Path, merge: bool = True, inference: InferenceSettings | None = None) -> Pretrained:

@@ -11,7 +11,8 @@ answer written out as a word (a STS-B score as a string, rounded to 0.2), scored
 The model writes greedily until its end-of-sequence token; exact_match is the fraction of completions equal to
 the target text, and each task also reports its GLUE metric on the parsed answers: accuracy (SST-2, RTE, MRPC),
 Matthews correlation (CoLA), Pearson and Spearman correlations (STS-B). As in T5's postprocessors, an answer that
-is no label counts as a class of its own (-1), and a STS-B answer that is no number as -1.
+is no label counts as a class of its own (-1), and a STS-B answer that is no number as -1; the rows say how many
+answers did not parse, and a correlation of answers that are all the same (none parsed) is undefined: null.
 """
 
 from __future__ import annotations
@@ -91,12 +92,14 @@ class TextToTextTask(Task):
         run["prompts"] = prompts[:PROMPTS_KEPT]
         texts = lm.generate_until([(p, (), MAX_TARGET_TOKENS) for p in prompts], desc=label, examples=len(docs))
         preds = [r.parse(t) for t in texts]
-        run["unparsed"] = sum(p == INVALID for p in preds)
+        run["unparsed"] = unparsed = sum(p == INVALID for p in preds)
         records = [{"id": d.id, "query": p, "generation": t, "target": r.target(d), "pred": pred, "gold": d.gold}
                    for d, p, t, pred in zip(docs, prompts, texts, preds)]
         # exact_match of a class is the accuracy over the parsed labels: the texts are equal iff the labels are.
         columns = {"pred": np.array(preds, dtype=np.float64), "gold": np.array([d.gold for d in docs])}
-        return Scored(list(GLUE_METRIC[self.glue_name]), columns, records)
+        what = "a label" if r.labels else "a number"
+        note = f"{unparsed} of {len(docs)} answers are not {what}" if unparsed else None
+        return Scored(list(GLUE_METRIC[self.glue_name]), columns, records, note)
 
 
 _GLUE = {t.name: t for t in glue.TASKS}
