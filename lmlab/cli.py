@@ -367,8 +367,9 @@ VERBS = [
     Verb("generate", generate, threads=True, defaults={"max_new_tokens": 256, "temperature": 0.7},
          hidden=("stop_at_eos",),
          help="continue a prompt with a model, streaming the text (sampling or beam search)"),
-    Verb("sample", generate, threads=True, help="generate from a trained run (lmlab generate --model RUN, with "
-                                                "sampling defaults for small character models)", defaults=_SAMPLE_DEFAULTS,
+    Verb("sample", generate, threads=True, defaults=_SAMPLE_DEFAULTS,
+         help="generate from a trained run (lmlab generate --model RUN, with sampling defaults for small character "
+              "models)",
          names={"model": ("--run",)}, hidden=("stop_at_eos",)),
     Verb("chat", chat, threads=True, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",),
          help="talk with a chat model in the terminal (/reset starts over, /exit quits)"),
