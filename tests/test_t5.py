@@ -70,6 +70,20 @@ def test_encoder_states_decoder_logits_and_loss_match_transformers(pair):
     assert abs(loss.item() - out.loss.item()) < 1e-4
 
 
+def test_the_fused_training_loss_matches_transformers_loss_and_gradients(pair):
+    """loss_only (span corruption and text-to-text training) goes through the fused head + cross-entropy: the
+    same loss as T5ForConditionalGeneration(labels=...) and the same gradient of the shared embedding."""
+    ref, ours = pair
+    inputs, mask, targets = batch(seed=3)
+    want = ref(input_ids=inputs, attention_mask=mask.long(), labels=targets).loss
+    want.backward()
+    _, loss = ours(inputs, targets, input_mask=mask, loss_only=True)
+    loss.backward()
+    assert _ is None and abs(loss.item() - want.item()) < 1e-4
+    torch.testing.assert_close(ours.tok_emb.weight.grad, ref.shared.weight.grad, atol=1e-5, rtol=1e-4)
+    ref.zero_grad(), ours.zero_grad()
+
+
 def test_hf_folder_round_trip_loads_in_transformers(pair, tmp_path):
     ref, ours = pair
     export_hf(ours, tmp_path / "out")

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
+from lmlab.models.head_loss import linear_cross_entropy
 from lmlab.models.transformer import Block, KVCache, TiedWeights, TransformerConfig, make_norm
 
 DECODER_START = 0  # T5: the decoder's first input is the pad token, id 0 (also the id of padding)
@@ -195,12 +196,15 @@ class EncoderDecoder(TiedWeights, nn.Module):
             cache.length += T
         return self.drop(self.decoder_norm(x))
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         c = self.config
         # T5 rescales before a tied head, as the embeddings are ~N(0, 1); T5 1.1's untied head does not.
         if c.head_scale if c.head_scale is not None else c.tie_embeddings:
             hidden = hidden * c.n_embd ** -0.5
-        return self.lm_head(hidden)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.head_input(hidden))
 
     def start_decoding(self, input_ids: torch.Tensor, input_mask: torch.Tensor | None,
                        max_len: int) -> tuple[EncoderDecoderCache, torch.Tensor]:
@@ -216,10 +220,13 @@ class EncoderDecoder(TiedWeights, nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 input_mask: torch.Tensor | None = None, decoder_ids: torch.Tensor | None = None,
                 cache: EncoderDecoderCache | None = None, last_only: bool = False,
-                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                loss_only: bool = False):
         """Training: idx (B, S) is the encoder's input (input_mask False at padding) and targets (B, T) the
         decoder's (-100 = no target; the decoder reads shift_right(targets) unless decoder_ids are given); returns
-        the logits (B, T, vocab) and the mean cross-entropy, as T5ForConditionalGeneration(labels=...).
+        the logits (B, T, vocab) and the mean cross-entropy, as T5ForConditionalGeneration(labels=...). With
+        `loss_only` it returns (None, loss) through the fused head + cross-entropy (no full logits), as the
+        decoder-only Transformer does.
 
         Decoding: with `cache` (from start_decoding), idx holds the decoder's new tokens. positions and key_mask
         are the decoder-only generation arguments, which an encoder-decoder does not need (must be None)."""
@@ -235,6 +242,8 @@ class EncoderDecoder(TiedWeights, nn.Module):
             memory = self.encode(idx, input_mask)
             mask = None if input_mask is None else input_mask.bool()[:, None, None, :]
             x = self.decode(decoder_ids, self.project_memory(memory), mask)
+        if loss_only and targets is not None and type(self.lm_head) is nn.Linear:
+            return None, linear_cross_entropy(self.head_input(x), self.lm_head.weight, targets)
         logits = self.head(x[:, -1:] if last_only else x)
         if targets is None:
             return logits, None

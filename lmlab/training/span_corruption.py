@@ -53,7 +53,7 @@ class SpanCorruption(Objective):
         return self.rows(self.train_tokens, n, self.generator)
 
     def loss(self, module, batch):
-        return module(batch["inputs"], batch["targets"])[1]
+        return module(batch["inputs"], batch["targets"], loss_only=True)[1]
 
     def evaluate(self, model) -> dict[str, float]:
         """The loss on the same eval_rows corrupted validation windows at every evaluation."""

@@ -91,7 +91,7 @@ class TextToText(Objective):
         return pad_pairs([self.train[self.names[t]][i] for t, i in zip(tasks, picks)])
 
     def loss(self, module, batch):
-        return module(batch["inputs"], batch["targets"], input_mask=batch["input_mask"])[1]
+        return module(batch["inputs"], batch["targets"], input_mask=batch["input_mask"], loss_only=True)[1]
 
     def evaluate(self, model) -> dict[str, float]:
         device = next(model.parameters()).device
