@@ -5,7 +5,7 @@ Times a full training step (forward, backward, AdamW) of span-corruption-shaped 
 tokens, targets of --target-len), in alternation (median of --steps), in fp32 and under bf16 autocast, and
 reports training tokens/s (input + target tokens) of each and their ratio.
 
-    python bench/t5_throughput.py [--threads 2] [--steps 6] [--warmup 2]   # defaults: configs/t5-small-cpu
+    python bench/t5_throughput.py [--threads 2] [--steps 6] [--warmup 2] [--compile]   # configs/t5-small-cpu
     python bench/t5_throughput.py --config t5-10m-cpu                      # the experiment's 10M shape
 
 Prints one JSON object, with the load average before and after (the machine is shared: only the ratios hold).
@@ -14,11 +14,13 @@ Prints one JSON object, with the load average before and after (the machine is s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +43,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time lmlab's model compiled (train.compile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -57,12 +60,24 @@ def main():
     results, load_before = {}, os.getloadavg()
     for precision in ("float32", "bfloat16"):
         # make_step runs the forward pass under bf16 autocast for "bfloat16".
-        steps = {"lmlab": make_step(ours, lambda m, a, b: m(a, b)[1], (x, y), precision),
+        # lmlab's span-corruption objective asks for the loss alone (loss_only: the fused head + cross-entropy).
+        steps = {"lmlab": make_step(ours, lambda m, a, b: m(a, b, loss_only=True)[1], (x, y), precision),
                  "transformers": make_step(theirs, lambda m, a, b: m(input_ids=a, labels=b).loss, (x, y), precision)}
+        compile_s = None
+        if args.compile:  # what train.compile runs (on, or auto once a run is long enough to repay it)
+            steps["lmlab compiled"] = make_step(torch.compile(copy.deepcopy(ours)),
+                                                lambda m, a, b: m(a, b, loss_only=True)[1], (x, y), precision)
+            start = time.perf_counter()
+            steps["lmlab compiled"]()
+            compile_s = round(time.perf_counter() - start, 1)
         med = median_step_times(steps, args.steps, args.warmup)
         results[precision] = {"lmlab_tokens_per_s": round(tokens / med["lmlab"], 1),
                               "transformers_tokens_per_s": round(tokens / med["transformers"], 1),
                               "speedup": round(med["transformers"] / med["lmlab"], 3)}
+        if compile_s is not None:
+            results[precision].update(lmlab_compiled_tokens_per_s=round(tokens / med["lmlab compiled"], 1),
+                                      compiled_speedup=round(med["transformers"] / med["lmlab compiled"], 3),
+                                      compile_s=compile_s)
     print(json.dumps({
         "benchmark": "t5_throughput", "config": args.config,
         "shape": {"parameters": ours.num_params(), "n_layer": config.n_layer, "n_decoder_layer": config.n_decoder_layer,
