@@ -120,3 +120,45 @@ def test_word2vec_stopped_by_a_signal_saves_and_says_how_to_resume(corpus, tmp_p
     monkeypatch.setattr(w2v, "train_sentences", kernel)
     assert main(_w2v(corpus, out, "--epochs", "3", "--resume")) == 0
     assert json.loads((out / "results.json").read_text())["words"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# elmo
+
+TINY_ELMO = "ElmoConfig(vocab_size=50, max_chars=8, filters=[[1, 4], [2, 4], [3, 8]], proj=8, hidden=16, dropout=0.0)"
+
+
+def _elmo(corpus, out, *extra) -> list[str]:
+    return ["elmo", "--corpus", str(corpus), "--out", str(out), "--window", "8", "--batch-size", "4", "--max-steps",
+            "2", "--eval-every", "1", "--eval-words", "40", "--threads", "1", "--no-progress", *extra]
+
+
+@pytest.fixture
+def tiny_elmo(monkeypatch):
+    from lmlab.models.elmo import ElmoConfig
+    from lmlab.training import elmo
+    monkeypatch.setitem(elmo.SIZES, "cpu", eval(TINY_ELMO))
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--vocab-size", "0"], "--vocab-size 0: must be more than the 3 special words"),  # 9: IndexError, files left
+    (["--window", "100000"], "fewer than a --window of 100000"),  # 29: the run folder was left behind
+    (["--resume"], "holds no checkpoint"),  # 29: elmo.json and vocab.txt written, then refused
+])
+def test_elmo_refuses_before_writing(corpus, tmp_path, capsys, tiny_elmo, flags, named):
+    out = tmp_path / "run"
+    assert named in _error(_elmo(corpus, out, *flags), capsys)
+    _nothing_written(out)
+
+
+def test_elmo_run_prints_no_onednn_warning(corpus, tmp_path):
+    # 32: every lmlab elmo run printed torch's "LSTM with projections is not supported with oneDNN". A process of
+    # its own: torch warns once per process.
+    import subprocess
+    import sys
+    code = ("import sys; from lmlab.cli import main; from lmlab.models.elmo import ElmoConfig; "
+            f"from lmlab.training import elmo; elmo.SIZES['cpu'] = {TINY_ELMO}; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-W", "default", "-c", code, *_elmo(corpus, tmp_path / "run")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "held-out perplexity" in r.stdout and "oneDNN" not in r.stderr, r.stderr
