@@ -162,3 +162,51 @@ def test_elmo_run_prints_no_onednn_warning(corpus, tmp_path):
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "held-out perplexity" in r.stdout and "oneDNN" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# t5-finetune: refused in the flags' own words before the model loads (the model named here does not exist)
+
+@pytest.mark.parametrize("flags, named", [
+    (["--tasks", ""], "--tasks : must be one or more tasks"),  # 10: ZeroDivisionError
+    (["--train-limit", "0"], "--train-limit 0: must be at least 1"),  # 11: ZeroDivisionError
+    (["--lr", "-1"], "--lr -1.0: must be a positive learning rate"),  # 24: answered about train.min_lr and --set
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),  # 25: suggested --set train.batch_size
+])
+def test_t5_finetune_refuses_flags_in_their_own_words(tmp_path, capsys, flags, named):
+    out = tmp_path / "run"
+    last = _error(["t5-finetune", "--model", str(tmp_path / "no-model"), "--out", str(out), *flags], capsys)
+    assert named in last and "--set" not in last and "train." not in last
+    _nothing_written(out)  # 29
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The lab
+
+@pytest.mark.parametrize("flags, named", [
+    (["emergence", "--digits", "50"], "--digits 50: must be between 1 and 9"),  # 12: OverflowError
+    (["emergence", "--digits", "0"], "--digits 0: must be between 1 and 9"),  # 17: ran 2-digit addition
+    (["grokking", "--steps", "0"], "--steps 0: must be at least 1"),  # 25: suggested --set train.max_steps
+    (["shots", "--models", "m", "--shots=0,-1"], "--shots 0,-1: give 0 and at least one other number"),  # 18
+])
+def test_lab_refuses_flags_in_their_own_words_before_its_work(tmp_path, capsys, flags, named):
+    work = tmp_path / "work"
+    last = _error(["lab", *flags, "--work", str(work), "--out", str(tmp_path / "out")], capsys)
+    assert named in last and "--set" not in last
+    _nothing_written(work)  # 29
+    _nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("content, named", [
+    (bytes(range(256)) * 16, "is not an induction.json"),  # 13: UnicodeDecodeError after the whole evaluation
+    (b'{"curves": {}}', "is not an induction.json"),  # 31: the synthetic comparison silently dropped
+])
+def test_lab_shots_checks_the_induction_file_before_scoring(tmp_path, capsys, monkeypatch, content, named):
+    from lmlab.experiments.lab import shots
+    monkeypatch.setattr(shots, "run_eval", lambda *a, **k: pytest.fail("scored before checking --induction"))
+    induction = tmp_path / "induction.json"
+    induction.write_bytes(content)
+    work = tmp_path / "work"
+    last = _error(["lab", "shots", "--models", "m", "--induction", str(induction), "--work", str(work)], capsys)
+    assert named in last and str(induction) in last
+    _nothing_written(work)
