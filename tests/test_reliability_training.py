@@ -210,3 +210,23 @@ def test_lab_shots_checks_the_induction_file_before_scoring(tmp_path, capsys, mo
     last = _error(["lab", "shots", "--models", "m", "--induction", str(induction), "--work", str(work)], capsys)
     assert named in last and str(induction) in last
     _nothing_written(work)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags of every verb
+
+def test_beam_search_with_speculation_is_refused(tmp_path, capsys):
+    # 34: --num-beams 2 --speculate 4 was accepted and the speculation silently ignored (refused before the model
+    # loads: the model named here does not exist).
+    last = _error(["generate", "--model", str(tmp_path / "no-model"), "--prompt", "hi", "--num-beams", "2",
+                   "--speculate", "4"], capsys)
+    assert "--num-beams 2 with --speculate 4" in last
+
+
+def test_a_no_flag_says_what_happens_without_it(capsys):
+    # 35: --no-progress read "turn off: show each run's progress bar".
+    with pytest.raises(SystemExit):
+        main(["lab", "emergence", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--no-progress without this flag: show each run's progress bar" in help_text
+    assert "turn off" not in help_text
