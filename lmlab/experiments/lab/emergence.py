@@ -145,7 +145,8 @@ def emergence_verdict(sizes: list[float], exact_match: list[float], token_accura
 
 def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Literal["cpu", "gpu"] = "cpu",
                   quick: bool = False, out: str = "runs/lab/emergence", work: str = "runs/lab/emergence-work",
-                  threads: int | None = None, seed: int = 0, dtype: str = "auto", device: str = "auto",
+                  threads: int | None = None, seed: int = 0,
+                  dtype: Literal["auto", "float32", "bfloat16"] = "auto", device: str = "auto",
                   progress: bool = True, command: str | None = None) -> dict:
     """Emergence and its mirage: six GPT sizes on multi-digit addition, exact match against per-token metrics.
 
