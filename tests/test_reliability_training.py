@@ -135,7 +135,7 @@ def _elmo(corpus, out, *extra) -> list[str]:
 
 @pytest.fixture
 def tiny_elmo(monkeypatch):
-    from lmlab.models.elmo import ElmoConfig
+    from lmlab.models.elmo import ElmoConfig  # noqa: F401 - TINY_ELMO names it
     from lmlab.training import elmo
     monkeypatch.setitem(elmo.SIZES, "cpu", eval(TINY_ELMO))
 
