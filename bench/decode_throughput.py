@@ -95,7 +95,7 @@ def lmlab_engine(pre, prompt: list[int]):
 
     def prefill():
         with torch.inference_mode():
-            pre.model(torch.tensor([prompt]), last_only=True)
+            pre.model(torch.tensor([prompt], device=pre.model.tok_emb.weight.device), last_only=True)
     return run, prefill, (1, 8)
 
 

@@ -125,8 +125,8 @@ def _flag_kwargs(name: str, annotation, default, help: str) -> dict:
         choices = typing.get_args(kind)
         return {**kwargs, "choices": list(choices), "type": type(choices[0])}
     if kind is bool:
-        if default is True:  # the flag is --no-NAME
-            return {**kwargs, "action": "store_false", "help": f"turn off: {help}"}
+        if default is True:  # the flag is --no-NAME; the help says what happens without it
+            return {**kwargs, "action": "store_false", "help": f"without this flag: {help}" if help else ""}
         return {**kwargs, "action": "store_true"}
     kwargs["metavar"] = name.upper()
     if repeatable:
@@ -277,6 +277,9 @@ def generate(model: str, prompt: str, chat: bool = False, num_beams: int = 1, de
     sampling.validate()
     if num_beams < 1:
         raise LmlabError(f"--num-beams {num_beams}: use 1 (sampling) or more (beam search)")
+    if num_beams > 1 and sampling.speculate:  # beam search drafts nothing: the flag would be ignored
+        raise LmlabError(f"--num-beams {num_beams} with --speculate {sampling.speculate}: speculative decoding "
+                         "drafts for one sampled or greedy text, not for beam search; drop one of them")
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise LmlabError(f"no such run or checkpoint folder, model file or model folder: {model}")
     target = pick_device(device)  # an unusable device is named before the model loads

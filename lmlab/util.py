@@ -149,10 +149,30 @@ def write_error(path: str | Path, exc: OSError) -> LmlabError:
                       "writable folder")
 
 
-def check_writable(folder: str | Path) -> Path:
+def check_flags(*checks: tuple[str, object, bool, str]) -> None:
+    """Refuse flags out of their range before any work or any file: each check is (the flag as the user types it,
+    its value, whether it holds, what it must be). The error names every wrong flag with its value and the fix
+    (`--dim 0: must be at least 1`), so that it never names a setting the user did not type (a TrainConfig key
+    derived from it, say)."""
+    problems = [f"{flag} {value}: must be {must}" for flag, value, holds, must in checks if not holds]
+    if problems:
+        raise LmlabError("; ".join(problems))
+
+
+def check_folder(folder: str | Path, flag: str | None = None) -> Path:
+    """A folder that the command will write: refused at once when it names an existing file (writing into it would
+    fail later with an unrelated message); nothing is created."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise LmlabError(f"{flag + ' ' if flag else ''}{folder} is a file, not a folder; choose another "
+                         f"{flag or 'folder'}")
+    return folder
+
+
+def check_writable(folder: str | Path, flag: str | None = None) -> Path:
     """Create `folder` (and its parents) and check that a file can be written in it, before long work whose
     result would go there; a one-line error naming the folder otherwise."""
-    folder = Path(folder).expanduser()
+    folder = check_folder(folder, flag)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()

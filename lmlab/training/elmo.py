@@ -46,7 +46,7 @@ from lmlab.models.elmo import (SPECIAL_WORDS, VOCAB_FILE, BiLM, ElmoConfig, load
 from lmlab.training.config import TrainConfig
 from lmlab.training.loop import Objective
 from lmlab.training.run import TrainingRun
-from lmlab.util import comma_list, option
+from lmlab.util import check_flags, comma_list, option
 
 UNK = SPECIAL_WORDS.index("[UNK]")
 
@@ -131,6 +131,13 @@ def read_stream(sources: tuple[str, ...], text_field: str, val_fraction: float,
     return WordStream(words, torch.tensor(train), torch.tensor(val), lines)
 
 
+def check_window(stream: WordStream, window: int) -> None:
+    for name, ids in (("training", stream.train), ("held-out", stream.val)):
+        if len(ids) <= window:
+            raise LmlabError(f"the {name} words number {len(ids)}, fewer than a --window of {window}; give a "
+                             "larger corpus or a smaller --window")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The objective
 
@@ -142,10 +149,7 @@ class BiLMObjective(Objective):
 
     def __init__(self, model: BiLM, stream: WordStream, window: int, seed: int, eval_words: int, device):
         self.model, self.window, self.tokens_per_row = model, window, window
-        for name, ids in (("training", stream.train), ("held-out", stream.val)):
-            if len(ids) <= window:
-                raise LmlabError(f"the {name} words number {len(ids)}, fewer than a --window of {window}; give a "
-                                 "larger corpus or a smaller --window")
+        check_window(stream, window)
         self.train_ids, self.val_ids = stream.train, stream.val
         self.table = word_chars(stream.words, model.config.max_chars).to(device)
         self.generator = torch.Generator().manual_seed(seed)
@@ -202,11 +206,24 @@ def _config(s: ElmoSettings, init: ElmoConfig | None = None) -> ElmoConfig:
     return ElmoConfig(**{**asdict(init or SIZES[s.size]), **overrides})
 
 
+def _check_flags(s: ElmoSettings) -> None:
+    """The flags' ranges, in the user's words, before the corpus is read or the run folder appears (TrainConfig's
+    own checks would name its keys, train.min_lr for a negative --lr)."""
+    at_least_one = (("--batch-size", s.batch_size), ("--eval-every", s.eval_every), ("--max-steps", s.max_steps),
+                    ("--eval-words", s.eval_words))
+    check_flags(("--window", s.window, s.window >= 2, "at least 2 (a word and the next)"),
+                *((name, value, value >= 1, "at least 1") for name, value in at_least_one),
+                ("--minutes", s.minutes, s.minutes > 0, "a positive time, e.g. 25"),
+                ("--lr", s.lr, s.lr > 0, "a positive learning rate, e.g. 2e-3"),
+                # The softmax's first words are the special ones (padding, [UNK], </s>): a word must follow them.
+                ("--vocab-size", s.vocab_size, s.vocab_size is None or s.vocab_size > len(SPECIAL_WORDS),
+                 f"more than the {len(SPECIAL_WORDS)} special words, e.g. 10000 (or leave it out)"),
+                ("--dropout", s.dropout, s.dropout is None or 0 <= s.dropout < 1, "in [0, 1)"),
+                ("--threads", s.threads, s.threads is None or s.threads >= 1, "at least 1"))
+
+
 def _train_config(s: ElmoSettings) -> TrainConfig:
-    for name, value in (("--window", s.window - 1), ("--batch-size", s.batch_size), ("--eval-every", s.eval_every),
-                        ("--minutes", s.minutes), ("--max-steps", s.max_steps)):
-        if not value > 0:
-            raise LmlabError(f"{name} {value if name != '--window' else s.window}: too small; see lmlab elmo --help")
+    _check_flags(s)
     return TrainConfig(run_dir=s.out, batch_size=s.batch_size, micro_batch_size=s.batch_size, max_steps=s.max_steps,
                        lr=s.lr, min_lr=s.lr / 20, warmup_steps=max(1, s.max_steps // 100), weight_decay=0.0,
                        beta1=0.9, beta2=0.999, grad_clip=1.0, eval_interval=s.eval_every, log_interval=10,
@@ -230,6 +247,7 @@ def elmo(s: ElmoSettings, command: str | None = None, on_step=None) -> dict:
     resumed = s.resume and (Path(s.out) / VOCAB_FILE).is_file()
     words = read_vocab(Path(s.out)) if resumed else init_words
     stream = read_stream(comma_list(s.corpus), s.text_field, s.val_fraction, words)
+    check_window(stream, s.window)
     with TrainingRun(t, resume=s.resume, hint="choose another --out") as run:
         if config.vocab_size > len(stream.words):
             config = ElmoConfig(**{**asdict(config), "vocab_size": len(stream.words)})

@@ -92,6 +92,34 @@ def refuse_existing_run(run_dir: str | Path, resume: bool, hint: str = "choose a
         raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or {hint}")
 
 
+def no_checkpoint(run_dir: str | Path) -> LmlabError:
+    """--resume of a folder that holds no checkpoint: refused, never a silent fresh start."""
+    return LmlabError(f"--resume: {run_dir} holds no checkpoint to resume from; check the run folder, or leave out "
+                      "--resume to start a new run")
+
+
+def load_newest_intact(run_dir: str | Path, load, main: bool = True):
+    """`load(checkpoint folder)` on the newest step checkpoint of a run that loads: a damaged one (truncated
+    weights, garbage train state: lmlab.errors.Damaged) is skipped for the one before it, and said so. Resume
+    without a checkpoint is an error (a mistyped folder must not start a 12-hour run from scratch), and so is a run
+    whose every checkpoint is damaged. Returns what `load` returned."""
+    candidates = checkpoint.step_checkpoints(run_dir)
+    if not candidates:
+        raise no_checkpoint(run_dir)
+    for ckpt in candidates:
+        try:
+            loaded = load(ckpt)
+        except Damaged as e:
+            if main:
+                print(f"--resume: {e}; falling back to the checkpoint before it")
+            continue
+        if ckpt != candidates[0] and main:
+            print(f"--resume: resuming from the previous intact checkpoint {ckpt}")
+        return loaded
+    raise LmlabError(f"--resume: every checkpoint in {checkpoint.checkpoint_dir(run_dir)} is damaged; start a new "
+                     "run in another folder")
+
+
 @dataclass
 class Progress:
     """Where the run is: optimizer steps, tokens seen, and the training time (of earlier parts of a resumed run,
@@ -160,23 +188,13 @@ class Checkpointer:
         refuse_existing_run(self.run_dir, resume)
         if not resume:
             return None
-        candidates = checkpoint.step_checkpoints(self.run_dir)
-        if not candidates:
-            raise LmlabError(f"--resume: {self.run_dir} holds no checkpoint to resume from; check the run folder, "
-                             "or leave out --resume to start a new run")
-        for ckpt in candidates:
-            try:
-                state = checkpoint.load_train_state(ckpt)
-                self.objective.load(self.objective.model, ckpt)
-            except Damaged as e:
-                if self.world.main:
-                    print(f"--resume: {e}; falling back to the checkpoint before it")
-                continue
-            if ckpt != candidates[0] and self.world.main:
-                print(f"--resume: resuming from the previous intact checkpoint {ckpt}")
-            return self._restore(state)
-        raise LmlabError(f"--resume: every checkpoint in {checkpoint.checkpoint_dir(self.run_dir)} is damaged; "
-                         "start a new run in another folder")
+
+        def load(ckpt: Path) -> dict:
+            state = checkpoint.load_train_state(ckpt)
+            self.objective.load(self.objective.model, ckpt)
+            return state
+
+        return self._restore(load_newest_intact(self.run_dir, load, self.world.main))
 
     def _restore(self, state: dict) -> tuple[Progress, dict | None]:
         if state.get("fsdp", False) != self.world.fsdp:
@@ -377,9 +395,14 @@ def _save_and_stop(checkpointer: Checkpointer, done: Progress, best: BestTracker
     folder = checkpoint.checkpoint_dir(checkpointer.run_dir) / checkpoint.step_name(done.step)
     if not folder.is_dir():
         checkpointer.save_step(done, best)
-    name = signal.Signals(signum).name
-    raise Interrupted(signum, f"{name} at step {done.step}: the checkpoint is saved in {folder}; continue with "
-                              "--resume")
+    raise interrupted(signum, f"step {done.step}", folder)
+
+
+def interrupted(signum: int, at: str, folder: Path) -> Interrupted:
+    """What a command stopped by a signal raises once its checkpoint is saved: where it was, the checkpoint, and
+    how to continue (the CLI prints it and exits 130 or 143)."""
+    return Interrupted(signum, f"{signal.Signals(signum).name} at {at}: the checkpoint is saved in {folder}; "
+                               "continue with the same command and --resume")
 
 
 def _print_setup(objective: Objective, t: TrainConfig, world: Dist, accum_steps: int,

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from lmlab.models import checkpoint
 from lmlab.training.config import TrainConfig
 from lmlab.training.distributed import Dist
-from lmlab.training.loop import Objective, fit, refuse_existing_run
+from lmlab.training.loop import Objective, fit, no_checkpoint, refuse_existing_run
 from lmlab.util import atomic_write_json, atomic_write_text, check_writable
 
 
@@ -27,6 +28,8 @@ class TrainingRun:
             torch.set_num_threads(t.threads)
         self.t, self.resume, self.run_dir = t, resume, Path(t.run_dir)
         refuse_existing_run(self.run_dir, resume, hint)
+        if resume and not checkpoint.step_checkpoints(self.run_dir):  # before the command writes its first file
+            raise no_checkpoint(self.run_dir)
         self.world = Dist(t.device, t.dtype, t.parallel)
         if self.world.main and not resume:  # (a resumed run's folder exists; a mistyped one must not appear)
             check_writable(self.run_dir)  # before the data and the model load

@@ -30,7 +30,7 @@ from lmlab.training.config import TrainConfig
 from lmlab.training.loop import Objective
 from lmlab.training.run import TrainingRun
 from lmlab.training.span_corruption import require_encoder_decoder
-from lmlab.util import comma_list, option
+from lmlab.util import check_flags, comma_list, option
 
 
 def mixture_rates(sizes: dict[str, int], cap: int | None) -> dict[str, float]:
@@ -139,7 +139,8 @@ class T5FinetuneSettings:
     out: str = option("runs/t5-finetune", "run folder")
     threads: int | None = option(None, "CPU threads for torch")
     device: str = option("auto", "auto | cpu | cuda | mps")
-    dtype: str = option("auto", "auto (bf16 autocast where bf16 is native) | float32 | bfloat16")
+    dtype: str = option("auto", "auto (bf16 autocast where bf16 is native) | float32 | bfloat16",
+                        choices=["auto", "float32", "bfloat16"])
     resume: bool = option(False, "continue the run in --out from its last checkpoint", action="store_true")
     no_progress: bool = option(False, "no progress bars", action="store_true")
 
@@ -157,12 +158,26 @@ def _task_data(names: list[str], s: T5FinetuneSettings, tokenizer, eos: int, blo
     return train, dev
 
 
+def _check_flags(s: T5FinetuneSettings, names: tuple[str, ...]) -> None:
+    """The flags' ranges, in the user's words, before the model loads (TrainConfig's own checks would name its
+    keys: train.min_lr for a negative --lr, with a --set this verb does not have)."""
+    optional = (("--train-limit", s.train_limit), ("--eval-limit", s.eval_limit), ("--mixing-cap", s.mixing_cap),
+                ("--threads", s.threads))
+    check_flags(("--tasks", s.tasks, bool(names), "one or more tasks, e.g. sst2 or sst2,rte"),
+                *((name, value, value >= 1, "at least 1") for name, value in
+                  (("--max-steps", s.max_steps), ("--batch-size", s.batch_size), ("--max-source", s.max_source))),
+                *((name, value, value is None or value >= 1, "at least 1 (or leave it out)")
+                  for name, value in optional),
+                ("--lr", s.lr, s.lr > 0, "a positive learning rate, e.g. 3e-4"))
+    for name in names:
+        rendering(name)
+
+
 def t5_finetune(s: T5FinetuneSettings, command: str | None = None) -> dict:
     """Fine-tune an encoder-decoder text to text on one task or a mixture; score the dev sets through the
     evaluation harness; write the run folder and results.json; return the results."""
     names = comma_list(s.tasks)
-    for name in names:
-        rendering(name)
+    _check_flags(s, names)
     pre = load_pretrained(s.model)
     require_encoder_decoder(pre.model, "lmlab t5-finetune")
     model, eos = pre.model.train(), pre.eos_token_id

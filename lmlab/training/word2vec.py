@@ -39,17 +39,17 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from lmlab.data.words import EncodedCorpus, Vocabulary, read_corpus
 from lmlab.errors import LmlabError
-from lmlab.evaluate.word_vectors import evaluate_word_vectors, format_evaluation
+from lmlab.evaluate.word_vectors import evaluate_word_vectors, format_evaluation, read_analogies, read_word_pairs
 from lmlab.models import checkpoint
 from lmlab.models.word_vectors import WordVectors
-from lmlab.training.loop import refuse_existing_run
+from lmlab.training.loop import StopSignals, interrupted, load_newest_intact, no_checkpoint, refuse_existing_run
 from lmlab.training.word2vec_kernel import cumulative_table, train_sentences, warm_up
-from lmlab.util import atomic_write_json, atomic_write_text, comma_list, option, save_safetensors_atomic
+from lmlab.util import (atomic_write_json, atomic_write_text, check_flags, check_folder, check_writable, comma_list,
+                        device_memory, load_safetensors, option, save_safetensors_atomic)
 
 WEIGHTS = "vectors.safetensors"
 NEIGHBOURS = "king,france,good,three,music"
@@ -106,11 +106,30 @@ def negative_distribution(counts: np.ndarray, power: float = 0.75) -> np.ndarray
     return p / p.sum()
 
 
+def check_settings(s: Word2VecSettings) -> None:
+    """The flags' ranges, before the corpus is read or anything is written."""
+    sizes = (("--dim", s.dim), ("--window", s.window), ("--negative", s.negative), ("--epochs", s.epochs),
+             ("--batch-words", s.batch_words), ("--min-count", s.min_count), ("--ckpt-every", s.ckpt_every))
+    check_flags(*((name, value, value >= 1, "at least 1") for name, value in sizes),
+                ("--alpha", s.alpha, s.alpha > 0, "a positive learning rate, e.g. 0.025"),
+                # min_alpha above alpha makes the rate grow; word2vec's rate then diverges (every vector NaN).
+                ("--min-alpha", s.min_alpha, 0 <= s.min_alpha <= s.alpha, f"between 0 and --alpha {s.alpha}"),
+                ("--sample", s.sample, s.sample >= 0, "at least 0 (0: no subsampling), e.g. 1e-3"),
+                ("--threads", s.threads, s.threads is None or s.threads >= 1, "at least 1"))
+
+
+def check_memory(vocab_size: int, dim: int) -> None:
+    """Refuse vectors that cannot fit in memory before allocating them: the input and output vectors, and the
+    copy the run saves, each vocabulary x dim float32."""
+    need, have = 3 * 4 * vocab_size * dim, device_memory(torch.device("cpu"))
+    if have and need > have:
+        raise LmlabError(f"--dim {dim} x {vocab_size:,} words needs {need / 2 ** 30:,.1f} GiB, more than this "
+                         f"machine's {have / 2 ** 30:,.1f} GiB; choose a smaller --dim (word2vec's usual: 100-300) "
+                         "or a higher --min-count")
+
+
 def check_vocabulary(vocab: Vocabulary, corpus: EncodedCorpus, s: Word2VecSettings) -> None:
-    for name, value in (("--dim", s.dim), ("--window", s.window), ("--negative", s.negative),
-                        ("--epochs", s.epochs), ("--batch-words", s.batch_words)):
-        if value < 1:
-            raise LmlabError(f"{name} {value}: must be at least 1")
+    check_settings(s)
     if len(vocab) <= s.negative:
         raise LmlabError(f"the vocabulary has {len(vocab)} words, too few for --negative {s.negative} (a negative "
                          "sample should rarely be the word itself); give a larger corpus, a lower --min-count or "
@@ -180,8 +199,9 @@ class Trainer:
         base = (self.s.seed * 1_000_003 + epoch) * 1_000_003 + chunk
         return np.array([base * 64 + t for t in range(self.threads * self.SLICES_PER_THREAD)], dtype=np.uint64)
 
-    def run(self, at: Position, save, bar) -> Position:
-        """Train from `at` to the end; `save(position)` is called every ckpt_every words."""
+    def run(self, at: Position, save, bar, signals: StopSignals | None = None) -> Position:
+        """Train from `at` to the end; `save(position)` is called every ckpt_every words, and when `signals` caught
+        SIGINT or SIGTERM (then the chunk in progress finishes, is saved, and Interrupted is raised)."""
         s, c = self.s, self.corpus
         next_save = (at.words // s.ckpt_every + 1) * s.ckpt_every
         started = time.perf_counter() - at.seconds
@@ -193,6 +213,8 @@ class Trainer:
                                        at.words, self.total, self.seeds(epoch, k), self.threads)
                 bar.update(int(done))
                 at = Position(epoch, k + 1, at.words + int(done), time.perf_counter() - started)
+                if signals is not None and signals.signum is not None:
+                    raise interrupted(signals.signum, f"{at.words:,} words", save(at))
                 if at.words >= next_save and at.words < self.total:
                     save(at)
                     next_save = (at.words // s.ckpt_every + 1) * s.ckpt_every
@@ -200,33 +222,47 @@ class Trainer:
         return at
 
 
-def _save_checkpoint(run_dir: Path, model: Word2Vec, at: Position) -> None:
-    checkpoint.save_step(run_dir, lambda folder: save_safetensors_atomic(model.state_dict(), folder / WEIGHTS),
-                         {"step": at.words, **dataclasses.asdict(at)}, keep=1)
+def _save_checkpoint(run_dir: Path, model: Word2Vec, at: Position) -> Path:
+    return checkpoint.save_step(run_dir, lambda folder: save_safetensors_atomic(model.state_dict(), folder / WEIGHTS),
+                                {"step": at.words, **dataclasses.asdict(at)}, keep=1)
 
 
-def _resume(run_dir: Path, model: Word2Vec, s: Word2VecSettings) -> Position:
-    ckpt = checkpoint.latest(run_dir) if s.resume else None
+def _check_resume(run_dir: Path, s: Word2VecSettings) -> None:
+    """Before the corpus is read: --resume needs an earlier run (with its settings), a new run a free --out."""
     refuse_existing_run(run_dir, s.resume, "choose another --out")
-    if ckpt is None:
-        return Position()
+    if not s.resume:
+        return
+    if not checkpoint.step_checkpoints(run_dir):
+        raise no_checkpoint(run_dir)
     settings = json.loads((run_dir / "settings.json").read_text())
     if settings != s.recipe():
         changed = ", ".join(f"--{k.replace('_', '-')} {settings.get(k)} (now {v})" for k, v in s.recipe().items()
                             if settings.get(k) != v)
         raise LmlabError(f"{run_dir} was trained with other settings: {changed}; resume with the run's settings, "
                          "or choose another --out")
-    model.load_state_dict(load_file(str(ckpt / WEIGHTS)))
-    state = checkpoint.load_train_state(ckpt)
+
+
+def _resume(run_dir: Path, model: Word2Vec, s: Word2VecSettings) -> Position:
+    if not s.resume:
+        return Position()
+
+    def load(ckpt: Path) -> dict:
+        weights, state = load_safetensors(ckpt / WEIGHTS), checkpoint.load_train_state(ckpt)
+        model.load_state_dict(weights)
+        return state
+
+    state = load_newest_intact(run_dir, load)
     return Position(state["epoch"], state["batch"], state["words"], state["seconds"])
 
 
 def fit_word2vec(vocab: Vocabulary, corpus: EncodedCorpus, s: Word2VecSettings, threads: int,
                  model: Word2Vec | None = None, at: Position | None = None, save=None,
-                 progress: bool = False) -> tuple[Word2Vec, Position]:
+                 progress: bool = False, signals: StopSignals | None = None) -> tuple[Word2Vec, Position]:
     """Train vectors on an encoded corpus with `threads` threads (from `at` in `model`, or from scratch): the
-    model and where it ended (its seconds: training alone, compilation left out)."""
+    model and where it ended (its seconds: training alone, compilation left out). With `signals` (and `save`), a
+    SIGINT or SIGTERM saves the run and raises Interrupted."""
     check_vocabulary(vocab, corpus, s)
+    check_memory(len(vocab), s.dim)
     model = model or Word2Vec(len(vocab), s.dim, s.seed)
     at = at or Position()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -235,26 +271,31 @@ def fit_word2vec(vocab: Vocabulary, corpus: EncodedCorpus, s: Word2VecSettings, 
     warm_up()
     with tqdm(total=trainer.total, initial=at.words, unit="word", unit_scale=True, dynamic_ncols=True,
               desc=f"word2vec {s.model}", disable=not progress) as bar:
-        at = trainer.run(at, save or (lambda position: None), bar)
+        at = trainer.run(at, save or (lambda position: None), bar, signals)
     return model, at
 
 
 def train_word2vec(s: Word2VecSettings) -> tuple[WordVectors, dict]:
     """Train on s.corpus into the run folder s.out (resumable); the vectors and the run's figures."""
+    check_settings(s)
+    run_dir = check_folder(s.out, "--out")
+    _check_resume(run_dir, s)
     if s.threads:
         torch.set_num_threads(s.threads)
-    run_dir = Path(s.out)
-    refuse_existing_run(run_dir, s.resume, "choose another --out")
     read_started = time.perf_counter()
     vocab, corpus = read_corpus(s.corpus, s.min_count, s.text_field)
     check_vocabulary(vocab, corpus, s)
+    check_memory(len(vocab), s.dim)
     read_seconds = time.perf_counter() - read_started
     model = Word2Vec(len(vocab), s.dim, s.seed)
     at = _resume(run_dir, model, s)
+    check_writable(run_dir, "--out")  # the inputs are checked: now the run folder may appear
     atomic_write_json(run_dir / "settings.json", s.recipe())
     threads = min(s.threads or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    model, at = fit_word2vec(vocab, corpus, s, threads, model, at,
-                             lambda position: _save_checkpoint(run_dir, model, position), not s.no_progress)
+    with StopSignals() as signals:
+        model, at = fit_word2vec(vocab, corpus, s, threads, model, at,
+                                 lambda position: _save_checkpoint(run_dir, model, position), not s.no_progress,
+                                 signals)
     _save_checkpoint(run_dir, model, at)
     stats = {"sentences": corpus.sentences, "raw_words": corpus.raw_words, "words": len(corpus.ids),
              "vocabulary": len(vocab), "read_seconds": round(read_seconds, 1), "train_seconds": round(at.seconds, 1),
@@ -268,6 +309,12 @@ def word2vec(s: Word2VecSettings, command: str | None = None) -> dict:
     Writes vectors.txt and vectors.bin (word2vec's formats, which gensim reads), results.json and results.md into
     the run folder; --resume continues an interrupted run.
     """
+    # The evaluation files are read now, so that a missing or malformed one is refused before the training run.
+    if s.analogies:
+        read_analogies(s.analogies)
+    for path in (s.wordsim, s.simlex):
+        if path:
+            read_word_pairs(path)
     vectors, stats = train_word2vec(s)
     run_dir = Path(s.out)
     vectors.save(run_dir / "vectors.txt", "text")

@@ -39,9 +39,10 @@ from lmlab.experiments.lab.common import (LADDERS, RowsObjective, crossing, gpt_
                                           settings_record, train_once, verdict)
 from lmlab.models.transformer import Transformer
 from lmlab.training.config import TrainConfig
-from lmlab.util import write_report
+from lmlab.util import check_flags, write_report
 
 VOCAB = "0123456789+="
+MAX_DIGITS = 9  # the pairs are drawn as int64 codes below 10^(2 digits), which must stay under 2^63
 SHARPER_BY = 0.1  # exact match is "sharper" when its largest step's share exceeds token accuracy's by this much
 
 # Per scale: operand digits, training pairs, held-out pairs, and the settings every size shares.
@@ -144,7 +145,8 @@ def emergence_verdict(sizes: list[float], exact_match: list[float], token_accura
 
 def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Literal["cpu", "gpu"] = "cpu",
                   quick: bool = False, out: str = "runs/lab/emergence", work: str = "runs/lab/emergence-work",
-                  threads: int | None = None, seed: int = 0, dtype: str = "auto", device: str = "auto",
+                  threads: int | None = None, seed: int = 0,
+                  dtype: Literal["auto", "float32", "bfloat16"] = "auto", device: str = "auto",
                   progress: bool = True, command: str | None = None) -> dict:
     """Emergence and its mirage: six GPT sizes on multi-digit addition, exact match against per-token metrics.
 
@@ -161,9 +163,12 @@ def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Litera
         device: auto | cpu | cuda | mps
         progress: show each run's progress bar
     """
+    check_flags(("--digits", digits, digits is None or 1 <= digits <= MAX_DIGITS,
+                 f"between 1 and {MAX_DIGITS} (or leave it out for the scale's)"),
+                ("--threads", threads, threads is None or threads >= 1, "at least 1"))
     level = "quick" if quick else scale
     default_digits, n_train, n_held_out, base = SCALES[level]
-    digits = digits or default_digits
+    digits = default_digits if digits is None else digits
     train_pairs, held_out_pairs = addition_pairs(digits, n_train, n_held_out, seed)
     train_rows, held_out = addition_rows(train_pairs, digits, reverse), addition_rows(held_out_pairs, digits, reverse)
     block_size = train_rows["inputs"].shape[1]

@@ -30,7 +30,7 @@ from lmlab.experiments.lab.common import first_step, train_run, verdict
 from lmlab.models.transformer import Transformer, TransformerConfig
 from lmlab.training.config import TrainConfig
 from lmlab.training.loop import Objective
-from lmlab.util import pick_device, write_report
+from lmlab.util import check_flags, pick_device, write_report
 
 NAME = "grokking"
 REACHED, MIN_RATIO = 0.99, 5.0
@@ -138,6 +138,9 @@ def grokking(quick: bool = False, size: Literal["default", "gpu"] = "default", o
         minutes: stop training after this many minutes (a loaded machine); the report covers the steps made
         progress: show the progress bar
     """
+    check_flags(("--steps", steps, steps is None or steps >= 1, "at least 1 (or leave it out for the size's)"),
+                ("--minutes", minutes, minutes is None or minutes > 0, "a positive time (or leave it out)"),
+                ("--threads", threads, threads is None or threads >= 1, "at least 1"))
     chosen = QUICK if quick else SIZES[size]
     if steps is not None:
         chosen = replace(chosen, steps=steps)

@@ -43,7 +43,7 @@ from lmlab.experiments.lab.common import train_run, verdict
 from lmlab.models.transformer import Transformer, TransformerConfig, apply_rotary
 from lmlab.training.config import TrainConfig
 from lmlab.training.loop import Objective
-from lmlab.util import pick_device, write_report
+from lmlab.util import check_flags, pick_device, write_report
 
 NAME = "induction"
 MIN_DROP_NATS, MAX_WINDOW_FRACTION, MIN_GAIN, GAIN_SES = 1.0, 0.2, 0.25, 3.0
@@ -250,6 +250,7 @@ def induction(quick: bool = False, size: Literal["default", "gpu"] = "default", 
         device: cpu | cuda | mps | auto
         progress: show the progress bars
     """
+    check_flags(("--threads", threads, threads is None or threads >= 1, "at least 1"))
     chosen = QUICK if quick else SIZES[size]
     if threads:
         torch.set_num_threads(threads)

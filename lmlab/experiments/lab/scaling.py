@@ -35,7 +35,7 @@ from lmlab.experiments.lab.common import (LADDERS, gpt_config, run_record, run_s
 from lmlab.models.transformer import Transformer
 from lmlab.training.config import TrainConfig
 from lmlab.training.pretrain import LanguageModeling
-from lmlab.util import write_report
+from lmlab.util import check_flags, write_report
 
 R2_NEEDED = 0.95
 
@@ -160,7 +160,8 @@ def _data(source: str, tokenizer: str, vocab_size: int, work: Path) -> Path:
 
 def lab_scaling(source: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int = 2048,
                 scale: Literal["cpu", "gpu"] = "cpu", quick: bool = False, out: str = "runs/lab/scaling",
-                work: str = "runs/lab/scaling-work", threads: int | None = None, seed: int = 0, dtype: str = "auto",
+                work: str = "runs/lab/scaling-work", threads: int | None = None, seed: int = 0,
+                dtype: Literal["auto", "float32", "bfloat16"] = "auto",
                 device: str = "auto", progress: bool = True, command: str | None = None) -> dict:
     """The scaling law: six GPT sizes on the same tokens, L(N) = E + A / N^alpha with R^2, and the IsoFLOP view.
 
@@ -178,6 +179,7 @@ def lab_scaling(source: str = "shakespeare", tokenizer: str = "bpe", vocab_size:
         device: auto | cpu | cuda | mps
         progress: show each run's progress bar
     """
+    check_flags(("--threads", threads, threads is None or threads >= 1, "at least 1"))
     level = "quick" if quick else scale
     block_size, base = SCALES[level]
     work_dir = Path(work)

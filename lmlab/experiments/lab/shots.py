@@ -28,7 +28,7 @@ from lmlab.evaluate import run_eval
 from lmlab.experiments.lab.common import verdict
 from lmlab.models.hub import list_models
 from lmlab.models.quantize import InferenceSettings
-from lmlab.util import comma_list, write_report
+from lmlab.util import check_flags, comma_list, write_report
 
 NAME = "shots"
 LANGUAGE_MODELS = ("llama", "gemma3", "gpt2")  # registry architectures that are causal language models
@@ -87,16 +87,34 @@ def finished(path: Path, tasks: str, shot_list: list[int], limit: int, seed: int
     return summary if summary.get("complete") and same else None
 
 
+INDUCTION = "runs/lab/induction/induction.json"  # where lmlab lab induction writes it by default
+
+
 def synthetic(path: str | Path | None) -> dict | None:
-    """Experiment 3's key->value accuracy per model and shots, from its induction.json (None when absent)."""
-    if path is None or not Path(path).is_file():
+    """Experiment 3's key->value accuracy per model and shots, from its induction.json: None when the default
+    file is absent (experiment 3 not run); a file named otherwise, or one that is not such a summary, is refused
+    (read before any model is scored, so that the comparison is never dropped silently after the work)."""
+    if path is None or (str(path) == INDUCTION and not Path(path).exists()):
         return None
-    return json.loads(Path(path).read_text()).get("shots")
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"--induction {path}: no such file; give the induction.json of lmlab lab induction")
+    try:
+        shots = json.loads(path.read_text(encoding="utf-8")).get("shots")
+        ok = isinstance(shots, dict) and shots and all(
+            isinstance(rows, dict) and rows and all({"accuracy", "se"} <= set(r) for r in rows.values())
+            for rows in shots.values())
+    except (UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        ok = False
+    if not ok:
+        raise LmlabError(f"--induction {path} is not an induction.json of lmlab lab induction (no 'shots' table of "
+                         "accuracy and se per model); give the file experiment 3 wrote")
+    return shots
 
 
 def zero_vs_few_shot(models: str | None = None, tasks: str = "sst2,arc_easy", shots: str = "0,1,5", limit: int = 40,
           quick: bool = False, out: str = "runs/lab/shots", work: str = "runs/lab/shots/work",
-          induction: str = "runs/lab/induction/induction.json", data_dir: str | None = None,
+          induction: str = INDUCTION, data_dir: str | None = None,
           threads: int | None = None, seed: int = 1234, batch_size: int = 16, progress: bool = True,
           inference: InferenceSettings = InferenceSettings(), command: str | None = None) -> str:
     """Experiment 5: zero- against few-shot for every pulled real model, beside the synthetic result of experiment 3.
@@ -116,15 +134,24 @@ def zero_vs_few_shot(models: str | None = None, tasks: str = "sst2,arc_easy", sh
         batch_size: sequences per forward pass
         progress: show the progress bars
     """
+    if quick:
+        tasks, shots, limit = "sst2", "0,1", 8
+    try:
+        shot_list = sorted({int(k) for k in comma_list(shots)})
+    except ValueError:
+        shot_list = []
+    if 0 not in shot_list or len(shot_list) < 2 or min(shot_list) < 0:
+        raise LmlabError(f"--shots {shots}: give 0 and at least one other number of examples (whole numbers, none "
+                         "negative), e.g. --shots 0,1,5")
+    check_flags(("--limit", limit, limit >= 1, "at least 1"),
+                ("--batch-size", batch_size, batch_size >= 1, "at least 1"),
+                ("--threads", threads, threads is None or threads >= 1, "at least 1"))
+    comparison = synthetic(induction)
     names = list(comma_list(models)) if models else pulled_language_models()
     if not names:
         raise LmlabError("no real language model is pulled here: lmlab pull smollm2-135m-instruct (and gemma3-270m)"
                          ", or name one with --models")
-    if quick:
-        names, tasks, shots, limit = names[:1], "sst2", "0,1", 8
-    shot_list = sorted({int(k) for k in comma_list(shots)})
-    if 0 not in shot_list or len(shot_list) < 2:
-        raise LmlabError(f"--shots {shots}: give 0 and at least one other number, e.g. --shots 0,1,5")
+    names = names[:1] if quick else names
     if threads:
         torch.set_num_threads(threads)
     tables, seconds = {}, {}
@@ -138,7 +165,7 @@ def zero_vs_few_shot(models: str | None = None, tasks: str = "sst2,arc_easy", sh
     summary = {"experiment": NAME, "command": command, "quick": quick, "models": names,
                "tasks": list(comma_list(tasks)), "shots": shot_list, "limit": limit, "seed": seed, "metric": METRIC,
                "dtype": inference.dtype,
-               "seconds": seconds, "tables": tables, "synthetic": synthetic(induction), "verdict": judge(tables)}
+               "seconds": seconds, "tables": tables, "synthetic": comparison, "verdict": judge(tables)}
     return write_report(out, NAME, summary, markdown(summary), plot)
 
 
