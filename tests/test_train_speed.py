@@ -189,3 +189,17 @@ def test_fit_compiles_part_way_with_auto_and_keeps_training(tmp_path, monkeypatc
     assert summary["steps"] == 8 and torch.isfinite(torch.tensor(summary["train_loss"]))
     out = capsys.readouterr()
     assert "train.compile auto: compiling now" in out.out + out.err
+
+
+def test_compile_on_records_its_cost_and_keeps_the_saving_measured_before(tmp_path, monkeypatch):
+    """A run with train.compile on (no eager steps to compare) records what its compile cost, so that the next
+    auto decision reads a warm cache's cost, and keeps the saving an earlier auto run measured."""
+    compiler, said = _compiler(tmp_path, monkeypatch, max_steps=100, record={"compile_s": 80.0, "saving": 0.4})
+    compiler.mode = "on"
+    assert compiler.compile_first
+    compiler.step_done(1, 5.5, 1, 5.5)  # the first step compiles (from a warm cache here)
+    for i in range(train_compile.TIMED_COMPILED_STEPS):
+        compiler.step_done(i + 2, 0.5, i + 2, 6 + i)
+    record = compiler.record()
+    assert record["compile_s"] == pytest.approx(5.0) and record["saving"] == pytest.approx(0.4)
+    assert said[-1].startswith("train.compile: compiled in 5 s")

@@ -132,21 +132,27 @@ class StepCompiler:
         if len(self._after) >= TIMED_COMPILED_STEPS:
             return
         self._after.append(seconds)
-        if len(self._after) == TIMED_COMPILED_STEPS and self._eager:
+        if len(self._after) == TIMED_COMPILED_STEPS:
             self._write_record()
 
     def _write_record(self) -> None:
-        eager = sorted(self._eager)[len(self._eager) // 2]
+        """What this compile cost (its first step less a compiled step) and, where eager steps were timed (auto),
+        what it saved; train.compile on keeps the saving measured before, so a warm start still teaches auto its
+        cost."""
         compiled = sorted(self._after)[len(self._after) // 2]
         compile_s = max(self._compile_step_s - compiled, 0.0)
-        saving = max(0.0, 1.0 - compiled / eager)
+        record = self.record()
+        record.update(compile_s=round(compile_s, 1), compiled_step_s=round(compiled, 4), torch=torch.__version__,
+                      when=time.time())
+        line = f"train.compile: compiled in {compile_s:.0f} s; a step now takes {compiled:.3f} s"
+        if self._eager:
+            eager = sorted(self._eager)[len(self._eager) // 2]
+            record.update(saving=round(max(0.0, 1.0 - compiled / eager), 3), eager_step_s=round(eager, 4))
+            line += f" against {eager:.3f} s eager ({eager / compiled:.2f}x)"
         if not self.world.main:
             return
-        self.say(f"train.compile: compiled in {compile_s:.0f} s; a step now takes {compiled:.3f} s against "
-                 f"{eager:.3f} s eager ({eager / compiled:.2f}x)")
+        self.say(line)
         try:
-            atomic_write_json(self.folder / RECORD, {
-                "compile_s": round(compile_s, 1), "saving": round(saving, 3), "eager_step_s": round(eager, 4),
-                "compiled_step_s": round(compiled, 4), "torch": torch.__version__, "when": time.time()})
+            atomic_write_json(self.folder / RECORD, record)
         except LmlabError as e:  # a read-only home: training goes on, the next run estimates again
             self.say(str(e))
