@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from lmlab.errors import LmlabError
 from lmlab.inference.engine import Engine, Request, TokenEvent
 from lmlab.inference.generate import SamplingParams, generate
-from lmlab.inference.paged import BlockPool, BlockTable
+from lmlab.inference.paged import BlockPool, BlockTable, PagedView
 from lmlab.models.transformer import Transformer, TransformerConfig
 
 VOCAB = 101
@@ -193,3 +193,58 @@ def test_the_pool_is_the_kv_memory_taken_at_start():
         assert default.pool.num_blocks * default.pool.block_size == 2 * 4096  # without the flag: today's size
     finally:
         default.close()
+
+
+def test_server_refuses_what_the_pool_cannot_hold_and_shows_the_cache(tmp_path):
+    """Through `lmlab serve`'s app: a request whose prompt plus max_tokens exceeds the pool (not the context) is an
+    OpenAI 400 naming max_tokens; the same prompt twice is a prefix-cache hit in /metrics, with blocks used/free."""
+    from lmlab.inference.server import build
+    from tests.test_serve import RunningServer, make_tiny_model_folder
+
+    folder = make_tiny_model_folder(tmp_path / "tiny-chat")
+    running = RunningServer(build(str(folder), max_batch=2, context=256, kv_cache_tokens=128))
+    try:
+        prompt = "alice sees bob and carol at the market with erin and frank " * 3
+        status, _, body = running.request("POST", "/v1/completions",
+                                          {"model": "tiny-chat", "prompt": prompt, "max_tokens": 150})
+        assert status == 400, body
+        assert "max_tokens (150)" in body["error"]["message"] and "--kv-cache-tokens" in body["error"]["message"]
+        client = running.client()
+        sizes = [client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=4).usage.prompt_tokens
+                 for _ in range(2)]
+        status, _, text = running.request("GET", "/metrics")
+    finally:
+        running.close()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+    hits = (sizes[1] - 1) // 16 * 16  # the second request's full blocks, but for the one with its last token
+    assert sizes[0] == sizes[1] > 16
+    assert values["lmlab_prefix_cache_hits_total"] == hits
+    assert values["lmlab_prefix_cache_queries_total"] == 2 * sizes[0]
+    assert values["lmlab_prefix_cache_hit_rate"] == pytest.approx(hits / (2 * sizes[0]))
+    assert values["lmlab_prefill_tokens_total"] == 2 * sizes[0] - hits
+    assert values["lmlab_kv_cache_blocks_used"] == 0 and values["lmlab_kv_cache_blocks_free"] == 128 // 16
+
+
+def test_decoding_in_place_equals_the_gather(model):
+    """A decoding step attends over each row's runs of blocks where they lie (merged by log-sum-exp); the same step
+    through the gather into SDPA gives the same logits. Rows of 0, 21 and 40 tokens over shuffled blocks, two of
+    them sharing a prefix block, and a padding row."""
+    pool = BlockPool(model.config, num_blocks=12, block_size=16)
+    order = [7, 2, 3, 9, 0, 11, 5]
+    with torch.no_grad():
+        pool.k.normal_()
+        pool.v.normal_()
+    tables = []
+    for blocks, length in (([order[0]], 0), ([order[0], order[1]], 21), ([order[0], *order[2:5]], 40)):
+        table = BlockTable(pool)
+        table.blocks, table.tokens = blocks[:max(1, -(-(length + 1) // 16))], [1] * length
+        tables.append(table)
+    tables.append(None)
+    tokens = torch.tensor([[3], [5], [7], [0]])
+    logits = []
+    for in_place in (True, False):
+        view = PagedView(pool, tables, [1, 1, 1, 0], 1, model.config.block_size - 1, "cpu", decode_in_place=in_place)
+        assert view.decodes_in_place == in_place
+        with torch.no_grad():
+            logits.append(model(tokens, cache=view, positions=view.positions, key_mask=view.key_mask)[0][:3])
+    assert torch.allclose(logits[0], logits[1], atol=1e-4, rtol=0)
