@@ -5,9 +5,10 @@ preallocated max_batch x context block), same model, same rows, same lengths.
 
 For each batch size and cached length: the median time of a one-token forward pass over `batch` rows of `length`
 cached tokens each, (a) contiguous: KVCache rows, the engine's old layout, (b) paged, gathered: BlockPool blocks in
-shuffled order (as they are after a while of serving) gathered into one tensor for SDPA, (c) paged, in place:
-attention over each row's runs of blocks where they lie (what the engine decodes with on the CPU; in this shuffled
-order most runs are one block, the worst case). Prints one JSON object.
+shuffled order (as they are after a while of serving) gathered into one tensor for SDPA, (c) paged, in place: attention
+over each row's runs of consecutive blocks where they lie, merged by log-sum-exp, with the row's blocks
+consecutive (one run: a prompt's blocks as a fresh pool allocates them) and (d) shuffled (a run per block: the
+worst case). The fastest of --repeats runs, the variants taking turns. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import time
 
 import torch
 
 
-def median_seconds(step, repeats: int) -> float:
-    step()  # warm up
-    times = []
+def fastest_seconds(steps: dict, repeats: int) -> dict:
+    """The fastest of `repeats` runs of each step, the steps taking turns (on a shared machine the minimum is what
+    the step costs; the turns spread the other load over all of them)."""
+    times = {name: [] for name in steps}
+    for name, step in steps.items():
+        step()  # warm up
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
 
 
 def main():
@@ -63,31 +67,37 @@ def main():
                     cache.length = length
                     model(tokens, cache=cache, positions=positions, key_mask=key_mask)
 
-                # (b) the pool: the same rows as block tables over shuffled blocks
+                # (b)-(d) the pool: the same rows as block tables, over consecutive or shuffled blocks
                 per_row = -(-(length + 1) // 16)
                 pool = BlockPool(config, batch * per_row, 16)
                 pool.k.normal_()
                 pool.v.normal_()
-                order = list(range(batch * per_row))
-                random.Random(0).shuffle(order)
-                tables = []
-                for row in range(batch):
-                    table = BlockTable(pool)
-                    table.blocks = order[row * per_row:(row + 1) * per_row]
-                    table.tokens = [0] * length
-                    tables.append(table)
+                shuffled = list(range(batch * per_row))
+                random.Random(0).shuffle(shuffled)
+                layouts = {}
+                for name, order in (("consecutive", range(batch * per_row)), ("shuffled", shuffled)):
+                    layouts[name] = []
+                    for row in range(batch):
+                        table = BlockTable(pool)
+                        table.blocks = list(order[row * per_row:(row + 1) * per_row])
+                        table.tokens = [0] * length
+                        layouts[name].append(table)
 
-                def paged(in_place):
-                    view = PagedView(pool, tables, [1] * batch, 1, config.block_size - 1, "cpu", in_place)
-                    model(tokens, cache=view, positions=view.positions, key_mask=view.key_mask)
+                def paged(layout, in_place):
+                    def step():  # a view per step, as the engine makes it (its cost included)
+                        view = PagedView(pool, layouts[layout], [1] * batch, 1, config.block_size - 1, "cpu",
+                                         in_place)
+                        model(tokens, cache=view, positions=view.positions, key_mask=view.key_mask)
+                    return step
 
-                a = median_seconds(contiguous, args.repeats)
-                b = median_seconds(lambda: paged(False), args.repeats)
-                c = median_seconds(lambda: paged(True), args.repeats)
-                results.append({"batch": batch, "length": length, "contiguous_ms": round(1000 * a, 1),
-                                "paged_gather_ms": round(1000 * b, 1), "paged_in_place_ms": round(1000 * c, 1),
-                                "gather_vs_contiguous": round(b / a, 2), "in_place_vs_contiguous": round(c / a, 2)})
-                del cache, pool, tables
+                t = fastest_seconds({"contiguous": contiguous, "gather": paged("shuffled", False),
+                                     "in_place_consecutive": paged("consecutive", True),
+                                     "in_place_shuffled": paged("shuffled", True)}, args.repeats)
+                results.append({"batch": batch, "length": length,
+                                 **{f"{k}_ms": round(1000 * v, 1) for k, v in t.items()},
+                                 **{f"{k}_vs_contiguous": round(v / t["contiguous"], 2) for k, v in t.items()
+                                    if k != "contiguous"}})
+                del cache, pool, layouts
     print(json.dumps({"model": args.model, "threads": args.threads, "dtype": "float32", "results": results},
                      indent=2))
 

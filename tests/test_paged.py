@@ -248,3 +248,10 @@ def test_decoding_in_place_equals_the_gather(model):
         with torch.no_grad():
             logits.append(model(tokens, cache=view, positions=view.positions, key_mask=view.key_mask)[0][:3])
     assert torch.allclose(logits[0], logits[1], atol=1e-4, rtol=0)
+
+
+def test_a_pool_smaller_than_a_block_is_refused_before_the_model_loads():
+    from lmlab.inference.server import build
+
+    with pytest.raises(LmlabError, match=r"^--kv-cache-tokens must hold at least one block of 16 tokens \(got 8\)$"):
+        build("no-such-model-is-loaded", kv_cache_tokens=8)

@@ -237,6 +237,11 @@ def _token_infos(logits: torch.Tensor, chosen: list[int], top: int) -> list[Toke
     return [TokenInfo(t, lp, list(zip(i, v))) for t, lp, i, v in zip(chosen, picked, ids.tolist(), values.tolist())]
 
 
+def check_kv_cache_tokens(tokens: int | None, block_size: int) -> None:
+    if tokens is not None and tokens < block_size:
+        raise LmlabError(f"--kv-cache-tokens must hold at least one block of {block_size} tokens (got {tokens})")
+
+
 class Engine:
     """Continuous batching over a fixed pool of `max_batch` rows, driven by one thread that owns the model."""
 
@@ -265,8 +270,7 @@ class Engine:
         self.device = model.tok_emb.weight.device
         dtype = model.tok_emb.weight.dtype
         tokens = max_batch * self.context if kv_cache_tokens is None else kv_cache_tokens
-        if tokens < block_size:
-            raise LmlabError(f"--kv-cache-tokens must hold at least one block of {block_size} tokens (got {tokens})")
+        check_kv_cache_tokens(tokens, block_size)
         self.pool = BlockPool(config, tokens // block_size, block_size, self.device, dtype,
                               prefix_caching=prefix_caching and not batch_invariant)
         self.rows: list[_Choice] = []  # the decoding sequences...

@@ -200,7 +200,7 @@ class PagedView:
     write into the pool's spare block and are never read by a real token (causal attention; `key_mask`)."""
 
     def __init__(self, pool: BlockPool, tables: list[BlockTable | None], new: list[int], width: int,
-                 max_position: int, device, decode_in_place: bool = True):
+                 max_position: int, device, decode_in_place: bool | None = None):
         self.pool = pool
         size = pool.block_size
         cached = torch.tensor([t.length if t else 0 for t in tables], device=device)
@@ -219,11 +219,19 @@ class PagedView:
         self.write = self.read[:, self.length:].reshape(-1)  # (B * T): the new tokens' slots
         # Padding tokens may run past the model's positions: they take the last one (their outputs are dropped).
         self.positions = (cached[:, None] + torch.arange(width, device=device)[None, :]).clamp(max=max_position)
-        # Decoding on the CPU: attention over each row's runs of consecutive blocks where they lie (`attend`).
-        self.decodes_in_place = decode_in_place and width == 1 and pool.k.device.type == "cpu"
-        if self.decodes_in_place:
+        # Decoding on the CPU: attention over each row's runs of consecutive blocks where they lie (`attend`),
+        # when that is cheaper than the gather (decode_in_place None; True or False forces the one or the other).
+        self.decodes_in_place = False
+        if decode_in_place is not False and width == 1 and pool.k.device.type == "cpu":
             spare = pool.null_block * size
             self.runs = [_runs(t.blocks, t.length + 1, size) if t else [(spare, spare + 1)] for t in tables]
+            cheaper = sum(map(len, self.runs)) * self.SLOTS_PER_RUN < len(tables) * self.max_len
+            self.decodes_in_place = decode_in_place or cheaper
+
+    # A run of blocks attended in place costs about as much as gathering this many slots (SmolLM2, one thread: 0.12
+    # ms a run and layer, 2 us a slot; bench/paged_decode.py). The choice it makes was the faster in all 8 measured
+    # cases (1 or 16 rows, 256 or 1,000 tokens, blocks consecutive or shuffled).
+    SLOTS_PER_RUN = 60
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this pass's keys/values (B, H, T, D) into their slots; return every row's keys/values so far."""
@@ -241,8 +249,9 @@ class PagedView:
         """One decoding step's attention (q: B, H, 1, D) straight over each row's blocks: write the new keys/values,
         then for each run of consecutive blocks SDPA's CPU flash kernel on a view of the pool, the runs' outputs
         merged by their log-sum-exps (as flash-decoding splits the keys). The gather into one (B, H, S, D) tensor
-        moved every cached key and value once more per layer: 2.1x the step time of the contiguous cache at 16 rows
-        of 1,000 tokens (bench/paged_decode.py); this reads them where they are."""
+        moves every cached key and value once more per layer: 1.95x the step time of the contiguous cache at 16 rows
+        of 1,000 tokens, where this takes 1.27x with each row's blocks consecutive, but 4.8x with every block a run
+        of its own (bench/paged_decode.py): hence SLOTS_PER_RUN."""
         B, H, _, D = q.shape
         for pool, new in zip(self.pool.layers[layer], (k, v)):
             pool.index_copy_(0, self.write, new.reshape(B, -1, D))

@@ -36,7 +36,8 @@ from lmlab.errors import LmlabError
 from lmlab.inference.embed import Embedder
 from lmlab.inference.embeddings_api import EmbeddingService
 from lmlab.inference.rag_api import RagService
-from lmlab.inference.engine import DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent
+from lmlab.inference.engine import (DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent,
+                                    check_kv_cache_tokens)
 from lmlab.inference.protocol import (ApiError, Limits, TokenNames, check_model, include_usage, parse_chat,
                                       parse_completion, usage)
 from lmlab.models.hub import REGISTRY, load_pretrained
@@ -489,9 +490,7 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
     if s.max_batch < 1 or s.max_queue < 0 or (s.context is not None and s.context < 2):  # before the slow load
         raise LmlabError(f"need --max-batch >= 1, --max-queue >= 0 and --context >= 2 (got {s.max_batch}, "
                          f"{s.max_queue}, {s.context})")
-    if s.kv_cache_tokens is not None and s.kv_cache_tokens < Engine.BLOCK_SIZE:
-        raise LmlabError(f"--kv-cache-tokens must hold at least one block of {Engine.BLOCK_SIZE} tokens (got "
-                         f"{s.kv_cache_tokens})")
+    check_kv_cache_tokens(s.kv_cache_tokens, Engine.BLOCK_SIZE)
     pretrained = load_pretrained(model, inference=inference)
     if not pretrained.model.config.causal:
         raise LmlabError(f"{model} is an encoder (bidirectional attention): it cannot generate text; serve a "
