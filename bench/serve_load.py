@@ -127,9 +127,9 @@ async def wave(url: str, model: str, clients: int, new_tokens: int) -> dict:
 
 
 def system_message(tokens: int, round_: int) -> str:
-    """A system message of about `tokens` tokens (SmolLM2's tokenizer: about 12 per rule), different each round."""
+    """A system message of about `tokens` tokens (SmolLM2's tokenizer: 27 a rule), different each round."""
     rules = [f"Rule {i} of round {round_}: when asked about topic {i}, answer in plain words and cite source {i}."
-             for i in range(max(1, tokens // 22))]
+             for i in range(max(1, tokens // 27))]
     return " ".join(rules)
 
 
@@ -141,7 +141,10 @@ async def prefix_wave(url: str, model: str, clients: int, new_tokens: int, syste
     start = time.perf_counter()
     prefilled = asyncio.Event()
     first = asyncio.create_task(one_client(client, model, QUESTIONS[0], new_tokens, system, prefilled))
-    await prefilled.wait()
+    waiting = asyncio.create_task(prefilled.wait())
+    await asyncio.wait({first, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if first.done():
+        first.result()  # the first client's error, rather than waiting for a token that will not come
     rest = await asyncio.gather(*(one_client(client, model, QUESTIONS[i % len(QUESTIONS)], new_tokens, system)
                                   for i in range(1, clients)))
     results = [await first, *rest]
@@ -161,7 +164,7 @@ def shared_prefix_report(args) -> dict:
 
     model_id = model_id_for(args.model)
     clients = max(int(c) for c in args.clients.split(","))
-    context = max(args.context, args.shared_prefix + 128 + args.new_tokens)
+    context = max(args.context, args.shared_prefix + 256 + args.new_tokens)
     servers = {"prefix_cache": start_server(args.model, args.max_batch, args.threads, context),
                "no_prefix_cache": start_server(args.model, args.max_batch, args.threads, context,
                                                ("--no-prefix-cache",))}

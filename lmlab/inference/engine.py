@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.inference.generate import CompletionText, SamplingParams, adjust_logits, left_pad, pick_tokens
+from lmlab.inference.generate import CompletionText, SamplingParams, adjust_logits, pick_tokens
 from lmlab.inference.paged import BlockPool, BlockTable, PagedView
 from lmlab.models.quantize import decoding_forward
 

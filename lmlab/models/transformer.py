@@ -29,7 +29,6 @@ training on short sequences asks for its plain (math) kernel instead, whose back
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -313,13 +312,6 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and reorder) batch rows, e.g. the surviving beams of beam search."""
         self._set(self.k.index_select(1, rows), self.v.index_select(1, rows))
-
-    def first_rows(self, n: int) -> "KVCache":
-        """The first n batch rows as a cache of their own: views of these tensors (writes land in place), the same
-        length; the caller copies the view's length back after a forward pass."""
-        view = copy.copy(self)
-        view._set(self.k[:, :n], self.v[:, :n])
-        return view
 
 
 class MLP(nn.Module):
