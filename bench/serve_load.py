@@ -19,6 +19,14 @@ Prints one JSON object on stdout and a table on stderr.
 instead runs the engine in this process and checks "same request, same tokens, whatever else runs": every
 question alone, then all of them together (half greedy, half seeded sampling), with and without batch_invariant,
 and counts the requests whose tokens, and whose log-probabilities bit for bit, differ.
+
+    python bench/serve_load.py --shared-prefix 1000 [--clients 16] [--new-tokens 32] [--rounds 2]
+
+instead compares two continuous-batching servers that differ only in automatic prefix caching (--no-prefix-cache
+on one): every client's chat starts with the same system message of about N tokens (a new one each round, so
+each round starts cold). The first client goes alone; when its first token arrives (its prompt is prefilled, and
+cached on the one server) the other clients start together. Reports the TTFT p50 of the requests after the first
+and the aggregate tokens/s of the round. Target (issue 29): TTFT p50 <= 0.25x and tokens/s >= 1.5x without caching.
 """
 
 from __future__ import annotations
@@ -79,20 +87,24 @@ def wait_ready(proc: subprocess.Popen, url: str, seconds: float = 300) -> None:
     raise SystemExit(f"the server at {url} did not start in {seconds} s")
 
 
-async def one_client(client, model: str, question: str, new_tokens: int) -> dict:
+async def one_client(client, model: str, question: str, new_tokens: int, system: str | None = None,
+                     first_token: asyncio.Event | None = None) -> dict:
     sent = time.perf_counter()
+    messages = [{"role": "system", "content": system}] * (system is not None) + [{"role": "user", "content": question}]
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=new_tokens, temperature=0,
+        model=model, messages=messages, max_tokens=new_tokens, temperature=0,
         stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-    arrivals, tokens, text = [], 0, ""
+    arrivals, tokens, prompt_tokens, text = [], 0, 0, ""
     async for chunk in stream:
         if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
+            tokens, prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.perf_counter())
             text += chunk.choices[0].delta.content
+            if first_token is not None:
+                first_token.set()
     return {"ttft": arrivals[0] - sent, "itl": [b - a for a, b in zip(arrivals, arrivals[1:])], "tokens": tokens,
-            "text": text}
+            "prompt_tokens": prompt_tokens, "text": text}
 
 
 async def wave(url: str, model: str, clients: int, new_tokens: int) -> dict:
@@ -112,6 +124,78 @@ async def wave(url: str, model: str, clients: int, new_tokens: int) -> dict:
             "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p95_s": round(percentile(ttft, 95), 3),
             "itl_p50_ms": round(1000 * percentile(itl, 50), 1), "itl_p95_ms": round(1000 * percentile(itl, 95), 1),
             "texts": [r["text"] for r in results]}
+
+
+def system_message(tokens: int, round_: int) -> str:
+    """A system message of about `tokens` tokens (SmolLM2's tokenizer: 27 a rule), different each round."""
+    rules = [f"Rule {i} of round {round_}: when asked about topic {i}, answer in plain words and cite source {i}."
+             for i in range(max(1, tokens // 27))]
+    return " ".join(rules)
+
+
+async def prefix_wave(url: str, model: str, clients: int, new_tokens: int, system: str) -> dict:
+    """The first client alone until its first token; then the others together."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
+    start = time.perf_counter()
+    prefilled = asyncio.Event()
+    first = asyncio.create_task(one_client(client, model, QUESTIONS[0], new_tokens, system, prefilled))
+    waiting = asyncio.create_task(prefilled.wait())
+    await asyncio.wait({first, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if first.done():
+        first.result()  # the first client's error, rather than waiting for a token that will not come
+    rest = await asyncio.gather(*(one_client(client, model, QUESTIONS[i % len(QUESTIONS)], new_tokens, system)
+                                  for i in range(1, clients)))
+    results = [await first, *rest]
+    wall = time.perf_counter() - start
+    await client.close()
+    tokens = sum(r["tokens"] for r in results)
+    return {"clients": clients, "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in results)),
+            "completion_tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
+            "ttft_first_s": round(results[0]["ttft"], 3),
+            "ttft_rest_p50_s": round(percentile(sorted(r["ttft"] for r in rest), 50), 3),
+            "ttft_rest_p95_s": round(percentile(sorted(r["ttft"] for r in rest), 95), 3),
+            "texts": [r["text"] for r in results]}
+
+
+def shared_prefix_report(args) -> dict:
+    from lmlab.inference.server import model_id_for
+
+    model_id = model_id_for(args.model)
+    clients = max(int(c) for c in args.clients.split(","))
+    context = max(args.context, args.shared_prefix + 256 + args.new_tokens)
+    servers = {"prefix_cache": start_server(args.model, args.max_batch, args.threads, context),
+               "no_prefix_cache": start_server(args.model, args.max_batch, args.threads, context,
+                                               ("--no-prefix-cache",))}
+    rounds = {name: [] for name in servers}
+    try:
+        for proc, url in servers.values():
+            wait_ready(proc, url)
+            asyncio.run(wave(url, model_id, 1, 8))  # warm up
+        for r in range(args.rounds):
+            for name, (_, url) in servers.items():  # the two servers take turns
+                rounds[name].append(asyncio.run(prefix_wave(url, model_id, clients, args.new_tokens,
+                                                            system_message(args.shared_prefix, r))))
+                print(f"round {r} {name}: {json.dumps({k: v for k, v in rounds[name][-1].items() if k != 'texts'})}",
+                      file=sys.stderr)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    same = sum(a == b for x, y in zip(*rounds.values()) for a, b in zip(x.pop("texts"), y.pop("texts")))
+    median = {name: {key: statistics.median(w[key] for w in waves) for key in ("tokens_per_s", "ttft_rest_p50_s")}
+              for name, waves in rounds.items()}
+    ttft = median["prefix_cache"]["ttft_rest_p50_s"] / median["no_prefix_cache"]["ttft_rest_p50_s"]
+    speed = median["prefix_cache"]["tokens_per_s"] / median["no_prefix_cache"]["tokens_per_s"]
+    return {"model": args.model, "threads": args.threads, "clients": clients, "shared_prefix": args.shared_prefix,
+            "new_tokens": args.new_tokens, "max_batch": args.max_batch, "context": context, "rounds": rounds,
+            "median_over_rounds": median, "ttft_rest_p50_cache_vs_none": round(ttft, 3),
+            "tokens_per_s_cache_vs_none": round(speed, 2),
+            "same_text_with_and_without_cache": f"{same}/{clients * args.rounds}",
+            "load_average_at_end": os.getloadavg(),
+            "target": {"ttft_rest_p50_ratio_at_most": 0.25, "tokens_per_s_ratio_at_least": 1.5},
+            "target_met": ttft <= 0.25 and speed >= 1.5}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -169,7 +253,13 @@ def main():
     ap.add_argument("--invariance", action="store_true", help="check batch invariance in-process instead")
     ap.add_argument("--formats", action="store_true",
                     help="int4 (the GGUF's Q4_1 blocks, bf16) against fp32 weights, both continuous batching")
+    ap.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                    help="prefix caching on and off, clients sharing a system message of about N tokens")
+    ap.add_argument("--rounds", type=int, default=2, help="--shared-prefix: rounds per server (a new prefix each)")
     args = ap.parse_args()
+    if args.shared_prefix:
+        print(json.dumps(shared_prefix_report(args), indent=2))
+        return
     if args.invariance:
         clients = max(int(c) for c in args.clients.split(","))
         print(json.dumps(check_invariance(args.model, clients, args.new_tokens, args.threads), indent=2))

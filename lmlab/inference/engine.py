@@ -8,22 +8,20 @@ for all of them, which is what makes a batch of 16 several times faster in total
     handle = engine.submit(Request(prompt_ids, SamplingParams(max_new_tokens=64, temperature=0)), loop)
     async for event in handle: ...        # TokenEvent / PromptEvent / DoneEvent / ErrorEvent
 
-The KV cache is one preallocated block of `max_batch` rows on a shared timeline of `context` slots. Every active
-row ends at the same slot L (the timeline's end), so each decode step writes one new key/value per row at slot L,
-exactly as a left-padded batch does in lmlab.inference.generate; a row's own tokens occupy [start, L) and `key_mask` hides
-the slots before `start`. This is the layout Transformer.forward already supports (per-row positions and masks),
-so the engine reuses the model unchanged:
+The KV cache is paged (lmlab.inference.paged): a pool of fixed-size blocks, sized in tokens (--kv-cache-tokens),
+each sequence a table of blocks. A request is admitted when a row and every block it may need are free; the full
+blocks of its prompt that an earlier request computed (same tokens from the start: automatic prefix caching) are
+shared, and only the rest of the prompt is computed. Each forward pass gathers its rows' blocks right-aligned into
+the (B, H, S, D) keys/values SDPA takes, the layout of a left-padded batch in lmlab.inference.generate, which
+Transformer.forward already supports (per-row positions and masks), so the engine reuses the model unchanged:
 
     slot:    0   1   2   3   4   5   6   7   L=8
-    row 0:   a   b   c   d   e   f   g   h   +     (the oldest request)
-    row 1:   .   .   .   .   p   q   r   s   +     (joined later: its prompt was copied into [4, 8))
+    row 0:   a   b   c   d   e   f   g   h   +     (the longest row)
+    row 1:   .   .   .   .   p   q   r   s   +     (`key_mask` hides the slots before a row's first token)
     row 2:   .   .   .   .   .   .   x   y   +
 
-New requests are prefilled between decode steps, within a token budget, in a small cache of their own: short
-prompts that arrive together in one left-padded pass, a long one in chunks. Then each prompt's keys/values are
-copied into a free row so that they end at L. When the timeline reaches `context` (or is mostly padding), the rows
-are shifted left together. Active rows stay in rows 0..n-1 (a leaving row's place is taken by the last one), so a
-decode step uses a view of the first rows, not a copy.
+New requests are prefilled between decode steps, within a token budget, straight into their blocks: the uncached
+rest of short prompts that arrive together in one right-padded pass, a long one in chunks.
 
 Same request, same tokens, whatever else is running: sampling uses the request's own torch.Generator (seeded per
 request, and per choice for n > 1), and every row-wise operation (norms, sampling) only sees its own row. What
@@ -31,7 +29,8 @@ remains is the matrix multiplication: MKL picks different kernels for different 
 rows and 16+ rows round differently; for a fixed row count the other rows never matter). So with
 `batch_invariant=True` every prompt is prefilled alone, with the same chunks, and every decode step runs at the
 full `max_batch` shape (idle rows are padding). Attention over the shared timeline still sees a number of keys
-that depends on the longest row (`python bench/serve_load.py --invariance` measures what remains).
+that depends on the longest row (`python bench/serve_load.py --invariance` measures what remains), and prefix
+caching is off (a cached prefix was computed in other chunks than the prompt alone would be).
 """
 
 from __future__ import annotations
@@ -50,9 +49,9 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.inference.generate import CompletionText, SamplingParams, adjust_logits, left_pad, pick_tokens
+from lmlab.inference.generate import CompletionText, SamplingParams, adjust_logits, pick_tokens
+from lmlab.inference.paged import BlockPool, BlockTable, PagedView
 from lmlab.models.quantize import decoding_forward
-from lmlab.models.transformer import KVCache
 
 
 @dataclass
@@ -135,6 +134,7 @@ class Stats:
     def __init__(self):
         self.requests_finished = 0
         self.prompt_tokens = 0
+        self.prefill_tokens = 0  # prompt tokens computed (the rest came from the prefix cache)
         self.generation_tokens = 0
         self.decode_steps = 0
         self.batch_size = 0  # rows in the last decode step
@@ -218,11 +218,12 @@ class _Choice:
 
 @dataclass
 class _Prefill:
-    """A request being prefilled in its own cache, chunk by chunk, before its rows join the batch."""
+    """A request being prefilled into its blocks, chunk by chunk, before its rows join the batch."""
 
     handle: Handle
-    cache: KVCache | None = None  # created by the first chunk (prefills batched together share one)
-    done: int = 0  # prompt tokens processed
+    table: BlockTable
+    done: int = 0  # prompt tokens whose keys/values are in the table (found in the prefix cache or computed)
+    chunked: bool = False  # prefilled in chunks of its own (not with others)
     prompt_infos: list[TokenInfo] = field(default_factory=list)
 
 
@@ -236,12 +237,20 @@ def _token_infos(logits: torch.Tensor, chosen: list[int], top: int) -> list[Toke
     return [TokenInfo(t, lp, list(zip(i, v))) for t, lp, i, v in zip(chosen, picked, ids.tolist(), values.tolist())]
 
 
+def check_kv_cache_tokens(tokens: int | None, block_size: int) -> None:
+    if tokens is not None and tokens < block_size:
+        raise LmlabError(f"--kv-cache-tokens must hold at least one block of {block_size} tokens (got {tokens})")
+
+
 class Engine:
     """Continuous batching over a fixed pool of `max_batch` rows, driven by one thread that owns the model."""
 
+    BLOCK_SIZE = 16  # tokens per KV cache block (vLLM's default): finer wastes less, coarser gathers faster
+
     def __init__(self, model, tokenizer, eos_ids=(), *, max_batch: int = 16, max_queue: int = 64,
                  context: int | None = None, batch_invariant: bool = False, prefill_chunk: int = 256,
-                 prefill_budget: int = 1024):
+                 prefill_budget: int = 1024, kv_cache_tokens: int | None = None, block_size: int = BLOCK_SIZE,
+                 prefix_caching: bool = True):
         config = model.config
         if max_batch < 1:
             raise LmlabError(f"--max-batch must be >= 1 (got {max_batch})")
@@ -260,12 +269,12 @@ class Engine:
         self.prefill_budget = prefill_budget
         self.device = model.tok_emb.weight.device
         dtype = model.tok_emb.weight.dtype
-        self.cache = KVCache(config, max_batch, self.context, self.device, dtype)
-        # Zeros, not torch.empty: masked slots still enter `probs @ values` (with weight 0), and 0 * NaN is NaN.
-        self.cache.k.zero_()
-        self.cache.v.zero_()
-        self.rows: list[_Choice] = []  # row i of the cache belongs to rows[i]
-        self.starts: list[int] = []  # first slot of each row's tokens on the shared timeline
+        tokens = max_batch * self.context if kv_cache_tokens is None else kv_cache_tokens
+        check_kv_cache_tokens(tokens, block_size)
+        self.pool = BlockPool(config, tokens // block_size, block_size, self.device, dtype,
+                              prefix_caching=prefix_caching and not batch_invariant)
+        self.rows: list[_Choice] = []  # the decoding sequences...
+        self.tables: list[BlockTable] = []  # ...and their blocks
         self.waiting: deque[Handle] = deque()
         self.prefilling: list[_Prefill] = []
         self.stats = Stats()
@@ -289,6 +298,13 @@ class Engine:
                              "shorten the prompt or lower max_tokens")
         if not 1 <= request.n <= self.max_batch:
             raise LmlabError(f"n={request.n} must be between 1 and the server's --max-batch ({self.max_batch})")
+        pool = self.pool
+        if self._blocks_needed(request) > pool.num_blocks:
+            raise LmlabError(f"the prompt ({len(request.prompt)} tokens) plus max_tokens "
+                             f"({request.params.max_new_tokens}){f' for n={request.n} choices' * (request.n > 1)} "
+                             f"need {self._blocks_needed(request) * pool.block_size} tokens of KV cache, more than "
+                             f"the server's {pool.num_blocks * pool.block_size} (--kv-cache-tokens); shorten the "
+                             "prompt or lower max_tokens")
         handle = Handle(request, loop)
         with self._wake:
             if len(self.waiting) >= self.max_queue:
@@ -308,6 +324,13 @@ class Engine:
             self._stop = True
             self._wake.notify()
         self._thread.join(timeout=10)
+
+    def _blocks_needed(self, request: Request) -> int:
+        """Blocks a request may ever hold: its prompt's full blocks once, and for each choice the rest of prompt
+        plus max_tokens."""
+        prompt, shared = len(request.prompt), len(request.prompt) // self.pool.block_size
+        own = self.pool.blocks_for(prompt + max(request.params.max_new_tokens, 1)) - shared
+        return shared + request.n * own
 
     def _retry_after(self) -> int:
         """Seconds until a row is likely to free: the fewest tokens any running row still has to make."""
@@ -352,76 +375,120 @@ class Engine:
             self.waiting.clear()
         for h in handles:
             h._emit(ErrorEvent(message))
-        self.rows, self.starts, self.prefilling = [], [], []
-        self.cache.length = 0
+        for table in self.tables + [j.table for j in self.prefilling]:
+            table.close()
+        self.rows, self.tables, self.prefilling = [], [], []
 
     def _free_rows(self) -> int:
         return self.max_batch - len(self.rows) - sum(j.handle.request.n for j in self.prefilling)
 
     def _admit(self) -> None:
+        """Take waiting requests, in order, while rows and blocks are free for them: the prompt's leading full
+        blocks found in the prefix cache are shared, every other block the request may need is reserved. The
+        first request that does not fit waits (and the ones behind it: no overtaking) until blocks free."""
+        pool = self.pool
         with self._wake:
             while self.waiting and self.waiting[0].request.n <= self._free_rows():
-                self.prefilling.append(_Prefill(self.waiting.popleft()))
+                request = self.waiting[0].request
+                # The last prompt token is always computed (its logits give the first new token), and every one
+                # when the prompt's log-probabilities are asked for.
+                limit = 0 if request.prompt_logprobs else (len(request.prompt) - 1) // pool.block_size
+                blocks, keys = pool.lookup(request.prompt, limit)
+                idle = sum(pool.refs[b] == 0 for b in blocks)  # cached but free: sharing takes them off the free lists
+                need = self._blocks_needed(request) - len(blocks)
+                if need + idle > pool.available():
+                    break
+                table = BlockTable(pool, need)
+                table.share(blocks, keys, request.prompt[:len(blocks) * pool.block_size])
+                pool.query_tokens += len(request.prompt)
+                pool.hit_tokens += table.length
+                self.prefilling.append(_Prefill(self.waiting.popleft(), table, done=table.length))
 
     def _drop_cancelled(self) -> None:
         with self._wake:
             for h in [h for h in self.waiting if h.cancelled]:
                 self.waiting.remove(h)
-        self.prefilling = [j for j in self.prefilling if not j.handle.cancelled]
+        for job in [j for j in self.prefilling if j.handle.cancelled]:
+            job.table.close()
+            self.prefilling.remove(job)
         self._remove([i for i, c in enumerate(self.rows) if c.handle.cancelled])
 
     def _prefill_together(self) -> int:
-        """Prefill waiting short prompts in one left-padded forward pass (as lmlab.inference.generate batches prompts): one
-        pass over the weights instead of one per prompt, about 3x faster for 16 prompts of 40 tokens here. Not with
+        """Prefill the uncached rest of waiting short prompts in one right-padded forward pass: one pass over the
+        weights instead of one per prompt, about 3x faster for 16 prompts of 40 tokens here. Not with
         batch_invariant, where each prompt is prefilled alone so that its arithmetic never depends on others."""
-        jobs, longest = [], 0
+        jobs, longest, past = [], 0, 0
         for job in self.prefilling:
-            n_prompt = len(job.handle.request.prompt)
-            if job.done or job.handle.request.prompt_logprobs or n_prompt > self.prefill_chunk:
+            request = job.handle.request
+            n_new = len(request.prompt) - job.done
+            if job.chunked or request.prompt_logprobs or n_new > self.prefill_chunk:
                 continue
-            if jobs and (len(jobs) + 1) * self._padded(max(longest, n_prompt)) > self.prefill_budget:
+            width = self._padded(max(longest, n_new))
+            if (len(jobs) + 1) * width > self.prefill_budget or max(past, job.done) + width > self.context:
                 break
             jobs.append(job)
-            longest = max(longest, n_prompt)
+            longest, past = max(longest, n_new), max(past, job.done)
         if len(jobs) < 2:
             return 0
-        prompts = [job.handle.request.prompt for job in jobs]
-        ids, positions, key_mask = left_pad(prompts, self.device, length=self._padded(longest))
-        cache = KVCache(self.model.config, len(jobs), ids.shape[1], self.device, self.cache.k.dtype)
-        logits, _ = self.model(ids, cache=cache, positions=positions, key_mask=key_mask, last_only=True)
+        width = self._padded(longest)
+        new = [job.handle.request.prompt[job.done:] for job in jobs]
+        last = self._forward([job.table for job in jobs], new, width)
+        self.stats.prefill_tokens += sum(map(len, new))
         for row, job in enumerate(jobs):
             self.prefilling.remove(job)
-            n_prompt = len(prompts[row])
-            self._start(job, logits[row:row + 1, -1].float(), cache.k[:, row, :, -n_prompt:],
-                        cache.v[:, row, :, -n_prompt:])
-        return ids.numel()
+            job.done = len(job.handle.request.prompt)
+            self._start(job, last[row:row + 1].float())
+        return len(jobs) * width
 
     def _prefill_chunk(self, job: _Prefill) -> int:
         """Run the next chunk of a prompt; after the last one, sample each choice's first token and join. A short
         last chunk is padded on the right (causal attention: no prompt token sees the padding)."""
         request = job.handle.request
         prompt = request.prompt
-        if job.cache is None:
-            job.cache = KVCache(self.model.config, 1, len(prompt) + self.PREFILL_STEP, self.device,
-                                self.cache.k.dtype)
+        job.chunked = True
         end = min(job.done + self.prefill_chunk, len(prompt))
         n = end - job.done
         width = max(n, min(self._padded(n), self.prefill_chunk, self.model.config.block_size - job.done))
-        ids = torch.tensor([prompt[job.done:end] + [0] * (width - n)], device=self.device)
+        tokens = prompt[job.done:end]
         if request.prompt_logprobs:
-            logits, _ = self.model(ids, cache=job.cache)
+            logits = self._forward([job.table], [tokens], width, every_position=True)
             if job.done == 0:
                 job.prompt_infos.append(TokenInfo(prompt[0], None))
             targets = prompt[job.done + 1:end + 1]  # the next token of each position, inside the prompt
             job.prompt_infos += _token_infos(logits[0, :len(targets)], targets, request.logprobs or 0)
             last = logits[:, n - 1]
         else:  # the vocabulary-sized head only at the last prompt token
-            last = self.model.lm_head(self.model(ids, cache=job.cache, return_hidden=True)[:, n - 1])
+            last = self._forward([job.table], [tokens], width)
+        self.stats.prefill_tokens += n
         job.done = end
         if end == len(prompt):
             self.prefilling.remove(job)
-            self._start(job, last.float(), job.cache.k[:, 0, :, :end], job.cache.v[:, 0, :, :end])
+            self._start(job, last.float())
         return width
+
+    def _forward(self, tables: list[BlockTable | None], new: list[list[int]], width: int, *,
+                 every_position: bool = False, forward=None) -> torch.Tensor:
+        """One pass of the model over rows of the pool: row i's `new[i]` tokens follow the tokens its table holds
+        (right-padded to `width`; a None table is a padding row). Their keys/values go into the rows' blocks.
+        Returns the logits at each row's last new token (B, V), or at every position (B, width, V)."""
+        for table, tokens in zip(tables, new):
+            if table is not None:
+                table.grow(table.length + len(tokens))
+        view = PagedView(self.pool, tables, [len(t) for t in new], width, self.model.config.block_size - 1,
+                         self.device)
+        ids = torch.tensor([t + [0] * (width - len(t)) for t in new], device=self.device)
+        inputs = {"cache": view, "positions": view.positions, "key_mask": view.key_mask}
+        if width == 1 or every_position:
+            logits, _ = (forward or self.model)(ids, **inputs)
+            out = logits if every_position else logits[:, -1]
+        else:  # the vocabulary-sized head only at each row's last new token
+            hidden = self.model(ids, return_hidden=True, **inputs)
+            last = torch.tensor([max(len(t), 1) - 1 for t in new], device=self.device)
+            out = self.model.lm_head(hidden[torch.arange(len(new), device=self.device), last])
+        for table, tokens in zip(tables, new):
+            if table is not None:
+                table.commit(tokens)
+        return out
 
     # Prompt lengths are padded to a multiple of this: bf16 matmuls on the CPU compile and keep a kernel per shape
     # (lmlab.util.bound_kernel_caches), so a server must see a few shapes, not one per prompt length.
@@ -430,9 +497,9 @@ class Engine:
     def _padded(self, n: int) -> int:
         return -(-n // self.PREFILL_STEP) * self.PREFILL_STEP
 
-    def _start(self, job: _Prefill, last: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _start(self, job: _Prefill, last: torch.Tensor) -> None:
         """A prompt is prefilled: sample each choice's first token from `last` (1, V), and let the unfinished
-        choices join the batch with the prompt's keys/values (n_layer, n_kv_head, prompt, head_dim)."""
+        choices join the batch (the first with the prompt's blocks, the others with a fork of them)."""
         handle, request = job.handle, job.handle.request
         self.stats.prompt_tokens += len(request.prompt)
         if request.prompt_logprobs:
@@ -443,14 +510,21 @@ class Engine:
             for i in range(request.n):
                 handle._emit(DoneEvent(i, "length", 0))
             self.stats.requests_finished += 1
+            job.table.close()
             return
         choices = [_Choice(handle, i, self.tokenizer, self.eos_ids, self.device) for i in range(request.n)]
         for c in choices:
             self._sample(c, last)
             c.last_time = now
         joining = [c for c in choices if c.finish_reason is None]
-        if joining:
-            self._join(joining, keys, values)
+        if not joining:
+            job.table.close()
+            return
+        pool, n_prompt = self.pool, len(request.prompt)
+        own = pool.blocks_for(n_prompt + request.params.max_new_tokens) - n_prompt // pool.block_size
+        tables = [job.table] + [job.table.fork(own) for _ in joining[1:]]
+        self.rows += joining
+        self.tables += tables
 
     def _sample(self, choice: _Choice, logits: torch.Tensor, greedy_token: int | None = None) -> None:
         """Pick the next token of one row from its (1, V) float logits and push it."""
@@ -470,65 +544,19 @@ class Engine:
             if choice.handle.engine_open == 0:
                 self.stats.requests_finished += 1
 
-    def _join(self, choices: list[_Choice], keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Copy a prefilled prompt's keys/values into free rows so that it ends at the timeline's end L."""
-        cache = self.cache
-        n_prompt = keys.shape[2]
-        if not self.rows:
-            cache.length = 0
-        if n_prompt > cache.length:
-            self._shift(n_prompt - cache.length)  # make room before every row for the longer prompt
-        end = cache.length
-        for choice in choices:
-            row = len(self.rows)
-            cache.k[:, row, :, end - n_prompt:end] = keys
-            cache.v[:, row, :, end - n_prompt:end] = values
-            self.rows.append(choice)
-            self.starts.append(end - n_prompt)
-
-    def _shift(self, by: int) -> None:
-        """Move every row's keys/values `by` slots along the timeline (right if by > 0, left if by < 0)."""
-        cache, n, end = self.cache, len(self.rows), self.cache.length
-        lo = min(self.starts, default=end)
-        if n and end > lo:
-            for buf in (cache.k, cache.v):
-                buf[:, :n, :, lo + by:end + by] = buf[:, :n, :, lo:end].clone()
-        self.starts = [s + by for s in self.starts]
-        cache.length = end + by
-
     def _remove(self, indices: list[int]) -> None:
-        """Free rows; the last rows move into the holes so that active rows stay 0..n-1."""
-        cache = self.cache
+        """Free rows and their blocks (the blocks stay in the prefix cache until evicted)."""
         for i in sorted(indices, reverse=True):
-            last = len(self.rows) - 1
-            if i != last:
-                lo = self.starts[last]
-                for buf in (cache.k, cache.v):
-                    buf[:, i, :, lo:cache.length] = buf[:, last, :, lo:cache.length]
-                self.rows[i], self.starts[i] = self.rows[last], self.starts[last]
-            self.rows.pop()
-            self.starts.pop()
-        if not self.rows:
-            cache.length = 0
+            self.tables.pop(i).close()
+            self.rows.pop(i)
 
     def _decode_step(self) -> None:
-        cache = self.cache
-        lo = min(self.starts)
-        # Keep the timeline short: full, or more than half of it is padding before the earliest row.
-        if cache.length + 1 > self.context or lo > cache.length // 2:
-            self._shift(-lo)
         n = len(self.rows)
         B = self.max_batch if self.batch_invariant else n
-        end = cache.length
-        starts = torch.tensor(self.starts + [end] * (B - n), device=self.device)  # padding rows: only themselves
-        tokens = torch.tensor([c.last_token for c in self.rows] + [0] * (B - n), device=self.device)[:, None]
-        positions = (end - starts)[:, None]
-        key_mask = torch.arange(end + 1, device=self.device)[None, :] >= starts[:, None]
-        view = cache.first_rows(B)  # a view, so writes land in place
+        tables = self.tables + [None] * (B - n)  # padding rows: only themselves
+        tokens = [[c.last_token] for c in self.rows] + [[]] * (B - n)
         t0 = time.perf_counter()
-        logits, _ = decoding_forward(self.model)(tokens, cache=view, positions=positions, key_mask=key_mask)
-        cache.length = view.length
-        logits = logits[:n, -1].float()
+        logits = self._forward(tables, tokens, 1, forward=decoding_forward(self.model))[:n].float()
         greedy = logits.argmax(dim=-1).tolist()  # one host sync for every greedy row
         now = time.perf_counter()
         finished = []

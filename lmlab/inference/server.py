@@ -36,7 +36,8 @@ from lmlab.errors import LmlabError
 from lmlab.inference.embed import Embedder
 from lmlab.inference.embeddings_api import EmbeddingService
 from lmlab.inference.rag_api import RagService
-from lmlab.inference.engine import DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent
+from lmlab.inference.engine import (DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent,
+                                    check_kv_cache_tokens)
 from lmlab.inference.protocol import (ApiError, Limits, TokenNames, check_model, include_usage, parse_chat,
                                       parse_completion, usage)
 from lmlab.models.hub import REGISTRY, load_pretrained
@@ -362,6 +363,19 @@ class Server:
                [("", self.engine.running())])
         metric("lmlab_batch_size", "gauge", "Rows in the last decode step.", [("", stats.batch_size)])
         metric("lmlab_max_batch", "gauge", "Rows the engine can batch (--max-batch).", [("", self.engine.max_batch)])
+        pool = self.engine.pool
+        metric("lmlab_prefill_tokens_total", "counter", "Prompt tokens computed (the others came from the prefix "
+               "cache).", [("", stats.prefill_tokens)])
+        metric("lmlab_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+               [("", pool.query_tokens)])
+        metric("lmlab_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
+               [("", pool.hit_tokens)])
+        metric("lmlab_prefix_cache_hit_rate", "gauge", "Prompt tokens found in the prefix cache / looked up.",
+               [("", pool.hit_tokens / pool.query_tokens if pool.query_tokens else 0.0)])
+        metric("lmlab_kv_cache_blocks_used", "gauge", f"KV cache blocks ({pool.block_size} tokens) held by "
+               "sequences.", [("", pool.used())])
+        metric("lmlab_kv_cache_blocks_free", "gauge", "KV cache blocks free (cached prefixes among them, evicted "
+               "least recently used first).", [("", pool.free())])
         for name, hist, help_ in (("lmlab_time_to_first_token_seconds", stats.ttft,
                                    "Time from a request's arrival to its first token."),
                                   ("lmlab_inter_token_latency_seconds", stats.itl,
@@ -462,6 +476,10 @@ class ServerSettings:
     device: str = option("auto", "auto | cpu | cuda | mps")
     embedding_model: str | None = option(None, "also serve this sentence encoder at /v1/embeddings (minilm-l6)")
     rag: str | None = option(None, "an index folder (lmlab rag index) the chat page can answer from")
+    kv_cache_tokens: int | None = option(None, "tokens the paged KV cache holds, all sequences together (default: "
+                                               "max-batch x context); a request waits until its blocks fit")
+    prefix_cache: bool = option(True, "share the KV blocks of prompt prefixes computed before (automatic prefix "
+                                      "caching)")
 
 
 def build(model: str, settings: ServerSettings | None = None, inference: InferenceSettings = FLOAT32,
@@ -472,15 +490,17 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
     if s.max_batch < 1 or s.max_queue < 0 or (s.context is not None and s.context < 2):  # before the slow load
         raise LmlabError(f"need --max-batch >= 1, --max-queue >= 0 and --context >= 2 (got {s.max_batch}, "
                          f"{s.max_queue}, {s.context})")
+    check_kv_cache_tokens(s.kv_cache_tokens, Engine.BLOCK_SIZE)
     pretrained = load_pretrained(model, inference=inference)
     if not pretrained.model.config.causal:
         raise LmlabError(f"{model} is an encoder (bidirectional attention): it cannot generate text; serve a "
                          "decoder such as smollm2-135m-instruct")
     check_device(pretrained.model, pick_device(s.device))
     pretrained.model.to(pick_device(s.device))
-    context = s.context or min(pretrained.context_length, 2048)  # the KV cache holds max_batch x context positions
+    context = s.context or min(pretrained.context_length, 2048)  # tokens per sequence
     engine = Engine(pretrained.model, pretrained.tokenizer, pretrained.eos_ids, max_batch=s.max_batch,
-                    max_queue=s.max_queue, context=context, batch_invariant=s.batch_invariant)
+                    max_queue=s.max_queue, context=context, batch_invariant=s.batch_invariant,
+                    kv_cache_tokens=s.kv_cache_tokens, prefix_caching=s.prefix_cache)
     embeddings = None
     if s.embedding_model:
         embedder = Embedder.load(s.embedding_model, flag="--embedding-model")
@@ -527,7 +547,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         sock.close()
         raise
     print(f"lmlab serve: {server.model_id} at http://{host}:{port} (OpenAI API under /v1, chat page at /; "
-          f"{server.engine.max_batch} rows, context {server.engine.context})", flush=True)
+          f"{server.engine.max_batch} rows, context {server.engine.context}, KV cache "
+          f"{server.engine.pool.num_blocks * server.engine.pool.block_size} tokens)", flush=True)
     try:
         uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[sock])
     finally:

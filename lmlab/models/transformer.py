@@ -29,7 +29,6 @@ training on short sequences asks for its plain (math) kernel instead, whose back
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -235,6 +234,12 @@ class Attention(nn.Module):
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if T == 1 and not self.window and getattr(cache, "decodes_in_place", False) and (
+                attn_mask is None or attn_mask.dtype == torch.bool):
+            # A paged cache (lmlab.inference.paged) knows each row's keys exactly (the mask only says the same)
+            # and attends over its blocks where they lie, without gathering them into one tensor first.
+            y = cache.attend(layer, q, k, v, self.scale)
+            return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)))
         if cache is not None:
             k, v = cache.append(layer, k, v)
         if attn_mask is not None and attn_mask.is_floating_point():  # a score bias, in the scores' dtype
@@ -308,13 +313,6 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and reorder) batch rows, e.g. the surviving beams of beam search."""
         self._set(self.k.index_select(1, rows), self.v.index_select(1, rows))
-
-    def first_rows(self, n: int) -> "KVCache":
-        """The first n batch rows as a cache of their own: views of these tensors (writes land in place), the same
-        length; the caller copies the view's length back after a forward pass."""
-        view = copy.copy(self)
-        view._set(self.k[:, :n], self.v[:, :n])
-        return view
 
 
 class MLP(nn.Module):
