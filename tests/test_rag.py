@@ -160,3 +160,69 @@ def test_rag_ask_command_prints_answer_and_sources(index_dir, capsys):
 def test_rag_ask_refuses_a_folder_that_is_no_index(tmp_path, capsys):
     assert main(["rag", "ask", str(tmp_path), "hi"]) == 2
     assert "is not an lmlab index" in capsys.readouterr().err
+
+
+def test_rag_index_never_replaces_a_document_nor_writes_inside_the_documents(minilm_path, tmp_path, capsys):
+    """Issue 27, finding 1: `--out DOCS/notes.md` replaced the document by an index (the original hidden as
+    .notes.md.old). Now --out is refused, before the model loads, when it is inside the documents or is anything but
+    an earlier index, and nothing in the documents' folder changes."""
+    docs = write_docs(tmp_path / "docs")
+    before = {p: p.read_bytes() for p in docs.rglob("*") if p.is_file()}
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("someone's file")
+    (tmp_path / "report.txt").write_text("a file")
+    for out, message in ((docs / "otters.md", "is inside"), (docs / "notes" / "index", "is inside"),
+                         (docs, "is inside"), (tmp_path / "report.txt", "exists and is not an lmlab index"),
+                         (other, "exists and is not an lmlab index")):
+        assert main(["rag", "index", str(docs), "--out", str(out), "--model", str(minilm_path), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lmlab rag index: error: --out") and message in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in docs.rglob("*") if p.is_file()} == before
+    assert (tmp_path / "report.txt").read_text() == "a file" and [p.name for p in other.iterdir()] == ["keep.txt"]
+    # a single document: an index may not take its name either
+    assert main(["rag", "index", str(docs / "volcano.txt"), "--out", str(docs / "volcano.txt"), "--model",
+                 str(minilm_path), "--no-progress"]) == 2
+    assert "is inside" in capsys.readouterr().err and (docs / "volcano.txt").read_bytes() == before[
+        docs / "volcano.txt"]
+    from lmlab.data.documents import Chunk
+    with pytest.raises(LmlabError, match="exists and is not an lmlab index"):  # save checks too, whoever calls it
+        Index({"dim": 2}, [Chunk("s", 0, 1, "x")], torch.ones(1, 2)).save(other)
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {
+    "vectors deleted": lambda d: (d / "vectors.safetensors").unlink(),
+    "vectors truncated": lambda d: _truncate(d / "vectors.safetensors"),
+    "chunks truncated": lambda d: _truncate(d / "chunks.parquet"),
+    "manifest '{'": lambda d: (d / "manifest.json").write_text("{"),
+    "chunks deleted": lambda d: (d / "chunks.parquet").unlink(),
+    "manifest a list": lambda d: (d / "manifest.json").write_text("[]"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_index_is_one_line_in_ask_chat_and_serve(index_dir, tmp_path, capsys, damage):
+    """Issue 27, findings 2-5: a damaged index gave FileNotFoundError, SafetensorError, ArrowInvalid or
+    JSONDecodeError tracebacks. Each verb that reads an index says "index damaged: rebuild it with lmlab rag index"
+    on one line and exits 2; the server refuses to start (before loading its model: the model named here does
+    not exist, and the index's error is the one reported)."""
+    import shutil
+    import socket
+    damaged = tmp_path / "idx"
+    shutil.copytree(index_dir, damaged)
+    DAMAGES[damage](damaged)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for argv in (["rag", "ask", str(damaged), "Which volcano?"], ["rag", "chat", str(damaged)],
+                 ["serve", "--model", str(tmp_path / "no-model"), "--rag", str(damaged), "--port", str(port)]):
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        verb = " ".join(argv[:2]) if argv[0] == "rag" else "serve"
+        assert captured.err.startswith(f"lmlab {verb}: error: index damaged: rebuild it with lmlab rag index")
+        assert captured.err.count("\n") == 1 and captured.out == "", captured

@@ -21,7 +21,8 @@ from lmlab.errors import LmlabError
 from lmlab.inference.chat import answer
 from lmlab.inference.embed import Embedder
 from lmlab.inference.generate import SamplingParams
-from lmlab.inference.retrieval import Backend, Index, citations, grounded_messages, query_vector
+from lmlab.inference.retrieval import (Backend, Index, check_destination, citations, grounded_messages,
+                                      query_vector)
 from lmlab.models.hub import Pretrained, load_pretrained
 
 DEFAULT_LLM = "smollm2-135m-instruct"
@@ -40,6 +41,7 @@ def rag_index(docs: str, out: str, model: str = "minilm-l6", chunk_tokens: int =
         field: the field holding the text in JSON lines rows
         progress: show the progress bar
     """
+    check_destination(out, docs)  # before the model loads: never over a document, never inside the documents
     embedder = Embedder.load(model)
     if chunk_tokens + 2 > embedder.max_length:
         raise LmlabError(f"--chunk-tokens {chunk_tokens} is more than {embedder.name} reads ({embedder.max_length} "

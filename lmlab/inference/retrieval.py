@@ -29,15 +29,15 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file
 
 from lmlab.data.documents import Chunk
-from lmlab.errors import LmlabError
+from lmlab.errors import Damaged, LmlabError
 from lmlab.inference.embed import Embedder, EmbedSettings
-from lmlab.util import atomic_write_json, save_safetensors_atomic
+from lmlab.util import atomic_write_json, first_line, load_safetensors, save_safetensors_atomic
 
 FORMAT = 1
 Backend = Literal["torch", "faiss"]
+DAMAGED = "index damaged: rebuild it with lmlab rag index"
 
 
 def fingerprint(embedder: Embedder) -> str:
@@ -121,7 +121,7 @@ class Index:
     def save(self, folder: str | Path) -> Path:
         """Write the index folder atomically: a temp folder beside it, renamed into place (an old index there is
         replaced only once the new one is whole)."""
-        folder = Path(folder)
+        folder = check_destination(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
         try:
@@ -146,18 +146,49 @@ class Index:
 
     @classmethod
     def load(cls, folder: str | Path) -> "Index":
+        """The index in a folder, checked whole before anything uses it: a deleted, truncated or overwritten part
+        is one error (Damaged: "index damaged: rebuild it with lmlab rag index"), never a reader's traceback.
+        `rag ask`, `rag chat` and `serve --rag` all load through here."""
         folder = Path(folder)
         manifest_path = folder / "manifest.json"
         if not manifest_path.is_file():
             raise LmlabError(f"{folder} is not an lmlab index (no manifest.json); build one with lmlab rag index")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise Damaged(f"{DAMAGED} ({manifest_path}: {first_line(e)})") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), dict) \
+                or not isinstance(manifest.get("chunks"), int):
+            raise Damaged(f"{DAMAGED} ({manifest_path} lacks its model or chunk count)")
         if manifest.get("format") != FORMAT:
             raise LmlabError(f"{folder}: index format {manifest.get('format')} is not {FORMAT}; rebuild the index")
-        vectors = load_file(str(folder / "vectors.safetensors"))["vectors"]
-        chunks = [Chunk(**row) for row in pq.read_table(folder / "chunks.parquet").to_pylist()]
-        if len(chunks) != vectors.shape[0] or len(chunks) != manifest["chunks"]:
-            raise LmlabError(f"{folder}: {len(chunks)} chunks but {vectors.shape[0]} vectors; rebuild the index")
+        try:
+            vectors = load_safetensors(folder / "vectors.safetensors")["vectors"]
+            chunks = [Chunk(**row) for row in pq.read_table(folder / "chunks.parquet").to_pylist()]
+        except (LmlabError, OSError, KeyError, TypeError, pa.ArrowException) as e:  # missing, truncated, foreign
+            raise Damaged(f"{DAMAGED} ({folder}: {first_line(e)})") from None
+        dim = manifest["model"].get("dim")
+        if vectors.ndim != 2 or vectors.shape[1] != dim or not len(chunks) == vectors.shape[0] == manifest["chunks"]:
+            raise Damaged(f"{DAMAGED} ({folder}: {len(chunks)} chunks, {tuple(vectors.shape)} vectors, "
+                          f"{manifest['chunks']} in the manifest of dimension {dim})")
         return cls(manifest["model"], chunks, vectors, manifest.get("chunking"))
+
+
+def check_destination(out: str | Path, docs: str | Path | None = None) -> Path:
+    """Where an index may be written: a new path, an empty folder or an earlier index (which is replaced), never
+    anything else (a document, a folder of someone's files), and never inside the documents it indexes (the next
+    `rag index` would read the index as documents). Checked before any work, and again by save."""
+    out = Path(out)
+    if docs is not None:
+        d, o = Path(docs).resolve(), out.resolve()
+        if o == d or d in o.parents:
+            raise LmlabError(f"--out {out} is inside {docs}, the documents being indexed: write the index outside "
+                             f"them (e.g. --out {d.parent / (d.stem + '-index')})")
+    if out.is_symlink() or out.exists():
+        if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / "manifest.json").is_file()):
+            raise LmlabError(f"--out {out} exists and is not an lmlab index: give a new folder (only an earlier "
+                             "index is ever replaced)")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

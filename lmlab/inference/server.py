@@ -472,6 +472,7 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
     if s.max_batch < 1 or s.max_queue < 0 or (s.context is not None and s.context < 2):  # before the slow load
         raise LmlabError(f"need --max-batch >= 1, --max-queue >= 0 and --context >= 2 (got {s.max_batch}, "
                          f"{s.max_queue}, {s.context})")
+    rag = RagService(s.rag) if s.rag else None  # a missing or damaged index is refused before the slow load
     pretrained = load_pretrained(model, inference=inference)
     if not pretrained.model.config.causal:
         raise LmlabError(f"{model} is an encoder (bidirectional attention): it cannot generate text; serve a "
@@ -486,7 +487,6 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
         embedder = Embedder.load(s.embedding_model)
         embedder.model.to(pick_device(s.device))
         embeddings = EmbeddingService(embedder, model_id_for(s.embedding_model))
-    rag = RagService(s.rag) if s.rag else None
     return Server(pretrained, engine, model_id_for(model), api_key=s.api_key, embeddings=embeddings, rag=rag)
 
 
