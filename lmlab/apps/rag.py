@@ -14,18 +14,21 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 from lmlab.data.documents import chunk_documents
 from lmlab.errors import LmlabError
 from lmlab.inference.chat import answer
 from lmlab.inference.embed import Embedder
 from lmlab.inference.generate import SamplingParams
-from lmlab.inference.retrieval import (Backend, Index, check_destination, citations, grounded_messages,
-                                      query_vector)
+from lmlab.inference.retrieval import (Backend, CitationCheck, Index, Method, check_destination, citations,
+                                      grounded_messages)
 from lmlab.models.hub import Pretrained, load_pretrained
 
 DEFAULT_LLM = "smollm2-135m-instruct"
+# Decoding for answers grounded in sources (docs/results/rag measures them): greedy, as an answer should not
+# change from one asking to the next.
+GROUNDED = SamplingParams(max_new_tokens=200, temperature=0.0)
 
 
 def rag_index(docs: str, out: str, model: str = "minilm-l6", chunk_tokens: int = 200, overlap: int = 40,
@@ -57,6 +60,15 @@ def rag_index(docs: str, out: str, model: str = "minilm-l6", chunk_tokens: int =
 
 
 @dataclass
+class RagAnswer:
+    """An answer as it streams (`deltas`, its citations checked when `check` is set), and the sources it was given."""
+
+    deltas: Iterator[str]
+    sources: list[dict]
+    check: CitationCheck | None = None
+
+
+@dataclass
 class Rag:
     """An index, its embedding model, and the chat model that answers from what is retrieved."""
 
@@ -65,22 +77,26 @@ class Rag:
     llm: Pretrained
     k: int = 4
     backend: Backend = "torch"
+    retrieval: Method = "hybrid"
+    cite: bool = True
 
     @classmethod
     def load(cls, index: str | Path, llm: str | Pretrained = DEFAULT_LLM, k: int = 4, backend: Backend = "torch",
-             embedder: Embedder | None = None) -> "Rag":
+             embedder: Embedder | None = None, retrieval: Method = "hybrid", cite: bool = True) -> "Rag":
         loaded = Index.load(index)
+        if k < 1:
+            raise LmlabError(f"--k must be >= 1 (got {k})")
+        if retrieval not in ("hybrid", "dense", "bm25"):
+            raise LmlabError(f"unknown --retrieval {retrieval!r} (hybrid, dense or bm25)")
         embedder = embedder or loaded.load_embedder()
         loaded.check_model(embedder)
         pretrained = llm if isinstance(llm, Pretrained) else load_pretrained(llm)
         if pretrained.chat_template is None:
             raise LmlabError(f"{pretrained.name} has no chat template; answer with a chat model such as {DEFAULT_LLM}")
-        if k < 1:
-            raise LmlabError(f"--k must be >= 1 (got {k})")
-        return cls(loaded, embedder, pretrained, k, backend)
+        return cls(loaded, embedder, pretrained, k, backend, retrieval, cite)
 
     def retrieve(self, question: str):
-        return self.index.search(query_vector(self.embedder, question), self.k, self.backend)[0]
+        return self.index.retrieve(self.embedder, question, self.k, self.retrieval, self.backend)
 
     def prompt_ids(self, messages: list[dict], max_new_tokens: int) -> list[int]:
         ids = self.llm.tokenizer.encode(self.llm.chat_prompt(messages), add_special_tokens=False).ids
@@ -90,25 +106,56 @@ class Rag:
                              "smaller --k or --max-new-tokens")
         return ids
 
-    def ask(self, question: str, sampling: SamplingParams, history: list[dict] = (), retrieval: bool = True):
-        """(the answer's text deltas, the sources): retrieval off gives the model the question alone."""
+    def ask(self, question: str, sampling: SamplingParams, history: list[dict] = (),
+            retrieval: bool = True) -> RagAnswer:
+        """The answer and its sources: retrieval off gives the model the question alone (and nothing to cite)."""
         hits = self.retrieve(question) if retrieval else []
         messages = grounded_messages(question, hits, history) if hits else [*history, {"role": "user",
                                                                                        "content": question}]
         self.prompt_ids(messages, sampling.max_new_tokens)
-        return answer(self.llm, messages, sampling), citations(hits)
+        deltas = answer(self.llm, messages, sampling)
+        if not (self.cite and hits):
+            return RagAnswer(deltas, citations(hits))
+        check = CitationCheck(hits)
+        return RagAnswer(_checked(deltas, check), citations(hits), check)
 
 
-def _print_sources(sources: list[dict], out: TextIO) -> None:
+def _checked(deltas: Iterator[str], check: CitationCheck) -> Iterator[str]:
+    for delta in deltas:
+        if shown := check.feed(delta):
+            yield shown
+    if rest := check.finish():
+        yield rest
+
+
+def _print_sources(reply: RagAnswer, out: TextIO) -> None:
+    check = reply.check
+    if check is not None and check.dropped:
+        out.write(f"\n(removed citations of sources that were not given: "
+                  f"{', '.join(f'[{n}]' for n in check.dropped)})")
+    if check is not None and check.added is not None:
+        out.write(f"\n([{check.added}] added: the answer cited no source, and [{check.added}] shares its content)")
     out.write("\nSources:\n")
-    for s in sources:
+    cited = set(check.cited) if check is not None else set()
+    for s in reply.sources:
         snippet = " ".join(s["text"].split())[:100]
-        out.write(f"  [{s['n']}] {s['source']} (chars {s['start']}-{s['end']}, score {s['score']:.3f}): "
+        mark = "*" if s["n"] in cited else " "
+        out.write(f" {mark}[{s['n']}] {s['source']} (chars {s['start']}-{s['end']}, score {s['score']:.3f}): "
                   f"{snippet}\n")
 
 
+def _stream(reply: RagAnswer, out: TextIO) -> str:
+    text = []
+    for delta in reply.deltas:
+        text.append(delta)
+        out.write(delta)
+        out.flush()
+    _print_sources(reply, out)
+    return "".join(text)
+
+
 def rag_ask(index: str, question: str, model: str = DEFAULT_LLM, k: int = 4, backend: Backend = "torch",
-            sampling: SamplingParams = SamplingParams(temperature=0.0)) -> None:
+            retrieval: Method = "hybrid", cite: bool = True, sampling: SamplingParams = GROUNDED) -> None:
     """Answer a question from an index: retrieve k chunks, answer with a chat model, print the cited sources.
 
     Args:
@@ -117,19 +164,18 @@ def rag_ask(index: str, question: str, model: str = DEFAULT_LLM, k: int = 4, bac
         model: the chat model that answers
         k: chunks retrieved and put into the prompt
         backend: search with torch (exact matrix product) or faiss (IndexFlatIP; needs faiss-cpu)
+        retrieval: hybrid (dense and BM25 fused by reciprocal rank), dense or bm25
+        cite: check the answer's [n] against the sources given: drop the others, add the supporting source to an
+            answer that cites none (sources cited are starred)
     """
     sampling.validate()
-    rag = Rag.load(index, model, k, backend)
-    deltas, sources = rag.ask(question, sampling)
-    for delta in deltas:
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    _print_sources(sources, sys.stdout)
+    rag = Rag.load(index, model, k, backend, retrieval=retrieval, cite=cite)
+    _stream(rag.ask(question, sampling), sys.stdout)
 
 
 def rag_chat(index: str, model: str = DEFAULT_LLM, k: int = 4, backend: Backend = "torch",
-             sampling: SamplingParams = SamplingParams(temperature=0.0), read: Callable[[str], str] = input,
-             out: TextIO = sys.stdout) -> None:
+             retrieval: Method = "hybrid", cite: bool = True, sampling: SamplingParams = GROUNDED,
+             read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
     """Chat with a model that answers from an index (each question retrieves anew; /exit quits).
 
     Args:
@@ -137,9 +183,11 @@ def rag_chat(index: str, model: str = DEFAULT_LLM, k: int = 4, backend: Backend 
         model: the chat model that answers
         k: chunks retrieved per question
         backend: torch or faiss
+        retrieval: hybrid (dense and BM25 fused by reciprocal rank), dense or bm25
+        cite: check the answer's [n] against the sources given (as rag ask does)
     """
     sampling.validate()
-    rag = Rag.load(index, model, k, backend)
+    rag = Rag.load(index, model, k, backend, retrieval=retrieval, cite=cite)
     history: list[dict] = []
     out.write(f"Answering from {index} with {rag.llm.name}. /exit quits.\n")
     while True:
@@ -151,11 +199,5 @@ def rag_chat(index: str, model: str = DEFAULT_LLM, k: int = 4, backend: Backend 
             break
         if not line:
             continue
-        deltas, sources = rag.ask(line, sampling, history[-4:])
-        reply = []
-        for delta in deltas:
-            reply.append(delta)
-            out.write(delta)
-            out.flush()
-        _print_sources(sources, out)
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(reply)}]
+        reply = _stream(rag.ask(line, sampling, history[-4:]), out)
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
