@@ -16,7 +16,7 @@ Measured:
               stopping and looping: replies that ran to --max-new-tokens, replies repeating a 4-word sequence 3+
               times.
 
-    python bench/rag_quality.py --threads 1 [--retrieval hybrid] [--repetition-penalty 1.0] [--limit N]
+    python bench/rag_quality.py --threads 1 [--retrieval hybrid] [--no-guard] [--no-cite] [--every N] [--limit N]
 
 Prints a table on stderr and one JSON object on stdout. Not part of `make test` (minutes of generation).
 """
@@ -94,7 +94,9 @@ def main() -> None:
     ap.add_argument("--repetition-penalty", type=float, default=GROUNDED.repetition_penalty)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--no-cite", action="store_true", help="answers without the citation check")
+    ap.add_argument("--no-guard", action="store_true", help="answers without the repeated-sentence stop")
     ap.add_argument("--no-answers", action="store_true", help="retrieval only (no chat model)")
+    ap.add_argument("--every", type=int, default=1, help="answer every Nth question only (retrieval: all of them)")
     ap.add_argument("--limit", type=int, default=0, help="the first N questions (0: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--llm", default=DEFAULT_LLM)
@@ -123,12 +125,13 @@ def main() -> None:
 
     if not args.no_answers:
         rag = Rag.load(work / "index", args.llm, args.k, embedder=embedder, retrieval=args.retrieval,
-                       cite=not args.no_cite)
+                       cite=not args.no_cite, guard=not args.no_guard)
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
                                   repetition_penalty=args.repetition_penalty, stop=GROUNDED.stop)
         rows = []
         gen_start = time.perf_counter()
-        for i, q in enumerate(questions):
+        asked = questions[::args.every]
+        for i, q in enumerate(asked):
             reply = rag.ask(q["question"], sampling)
             text = "".join(reply.deltas)
             check = reply.check
@@ -144,7 +147,7 @@ def main() -> None:
                          "cited": check.cited if check else None, "added": check.added if check else None,
                          "citation_correct": bool(check and set(check.cited) & set(evidence)),
                          "ran_to_limit": tokens >= args.max_new_tokens, "loops": loops(text)})
-            print(f"[{i + 1}/{len(questions)}] {'+' if rows[-1]['contained'] else '-'} {q['question'][:60]!r} -> "
+            print(f"[{i + 1}/{len(asked)}] {'+' if rows[-1]['contained'] else '-'} {q['question'][:60]!r} -> "
                   f"{text[:90]!r}", file=sys.stderr)
         n = len(rows)
 
@@ -153,7 +156,8 @@ def main() -> None:
 
         report["answers"] = {
             "llm": args.llm, "retrieval": args.retrieval, "repetition_penalty": args.repetition_penalty,
-            "max_new_tokens": args.max_new_tokens, "cite_check": not args.no_cite,
+            "max_new_tokens": args.max_new_tokens, "cite_check": not args.no_cite, "guard": not args.no_guard,
+            "questions": n,
             "contained_%": pct("contained"), "exact_%": pct("exact"),
             "contained_when_retrieved_%": round(100 * sum(r["contained"] for r in rows if r["retrieved"])
                                                 / max(1, sum(r["retrieved"] for r in rows)), 1),

@@ -325,3 +325,35 @@ def test_the_answer_quality_set_is_sound():
         assert r["file"].startswith("docs/results/") and not r["file"].startswith("docs/results/rag/"), r
         page = " ".join((root / r["file"]).read_text(encoding="utf-8").split())
         assert " ".join(r["evidence"].split()) in page and r["answer"] in r["evidence"], r
+
+
+def _repeats_stopped(parts):
+    from lmlab.apps.rag import stop_repeats
+    closed = []
+
+    def deltas():
+        try:
+            yield from parts
+        finally:
+            closed.append(True)  # decoding ends when the guard stops reading
+    return "".join(stop_repeats(deltas())), bool(closed)
+
+
+def test_the_repetition_guard_stops_at_the_first_repeated_sentence():
+    """Issue 27, finding 21: "The answer is: 1." eight times. The guard ends the answer before the first repeat,
+    however the text is split into deltas, and closes the generation."""
+    loop = "The answer is: 1.\n\nThe answer is: 1.\n\nThe answer is: 1."
+    by_word = [w + " " for w in loop.split(" ")[:-1]] + [loop.split(" ")[-1]]
+    for parts in ([loop], list(loop), by_word):
+        assert _repeats_stopped(parts) == ("The answer is: 1.\n\n", True)
+    words = "The fine-tuning changed the biLM. The fine-tuning changed the biLM. The fine".split(" ")
+    assert _repeats_stopped([w + " " for w in words])[0] == "The fine-tuning changed the biLM. "
+
+
+@pytest.mark.parametrize("text", ["It holds 256 entries. It holds 256 rows. Done.", "Yes. Yes. Yes.",
+                                  "A list:\n- one\n- two\n- one more", "No loop here [1]", ""])
+def test_the_repetition_guard_leaves_an_answer_without_repeats_as_it_is(text):
+    """Short sentences (under 3 words) may repeat; a sentence that begins as an earlier one and then differs is
+    shown whole. So an answer that does not loop is never changed, in any split."""
+    assert _repeats_stopped([text])[0] == text
+    assert _repeats_stopped(list(text))[0] == text

@@ -11,6 +11,7 @@ template, and the answer is printed with the sources it was given, so that each 
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,10 +80,12 @@ class Rag:
     backend: Backend = "torch"
     retrieval: Method = "hybrid"
     cite: bool = True
+    guard: bool = True  # stop at the first repeated sentence (stop_repeats)
 
     @classmethod
     def load(cls, index: str | Path, llm: str | Pretrained = DEFAULT_LLM, k: int = 4, backend: Backend = "torch",
-             embedder: Embedder | None = None, retrieval: Method = "hybrid", cite: bool = True) -> "Rag":
+             embedder: Embedder | None = None, retrieval: Method = "hybrid", cite: bool = True,
+             guard: bool = True) -> "Rag":
         loaded = Index.load(index)
         if k < 1:
             raise LmlabError(f"--k must be >= 1 (got {k})")
@@ -93,7 +96,7 @@ class Rag:
         pretrained = llm if isinstance(llm, Pretrained) else load_pretrained(llm)
         if pretrained.chat_template is None:
             raise LmlabError(f"{pretrained.name} has no chat template; answer with a chat model such as {DEFAULT_LLM}")
-        return cls(loaded, embedder, pretrained, k, backend, retrieval, cite)
+        return cls(loaded, embedder, pretrained, k, backend, retrieval, cite, guard)
 
     def retrieve(self, question: str):
         return self.index.retrieve(self.embedder, question, self.k, self.retrieval, self.backend)
@@ -114,10 +117,60 @@ class Rag:
                                                                                        "content": question}]
         self.prompt_ids(messages, sampling.max_new_tokens)
         deltas = answer(self.llm, messages, sampling)
+        if self.guard:
+            deltas = stop_repeats(deltas)
         if not (self.cite and hits):
             return RagAnswer(deltas, citations(hits))
         check = CitationCheck(hits)
         return RagAnswer(_checked(deltas, check), citations(hits), check)
+
+
+_BOUNDARY = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _words(sentence: str) -> str:
+    return " ".join(re.findall(r"\w+", sentence.lower()))
+
+
+def stop_repeats(deltas: Iterator[str], min_words: int = 3) -> Iterator[str]:
+    """The deltas until the answer repeats a sentence (or line) of at least min_words words that it has already
+    written: the repeat is not shown, and generation stops there (closing the generator ends decoding).
+
+    Small models given long sources fall into loops ("The answer is: 1." eight times). Stopping at the first
+    repeated sentence cuts the loop and never changes a token of an answer that does not loop; a text that is
+    only the beginning of an earlier sentence is held back until it differs from it or ends as it did."""
+    done: set[str] = set()  # the sentences written so far (of min_words words or more), as lower-case words
+
+    def repeat(text: str) -> bool:
+        return _words(text) in done
+
+    current, shown = "", 0  # the sentence being written, and how much of it has been shown
+    try:
+        for delta in deltas:
+            current += delta
+            out = ""
+            while (boundary := _BOUNDARY.search(current)) is not None:
+                sentence = current[:boundary.start()]
+                if repeat(sentence):  # held all along (a repeat is a prefix of a sentence written before)
+                    if out:
+                        yield out
+                    return
+                if len(_words(sentence).split()) >= min_words:
+                    done.add(_words(sentence))
+                out += current[shown:boundary.end()]
+                current, shown = current[boundary.end():], 0
+            words = _words(current)
+            if not (words and any(d.startswith(words) for d in done)):  # else it may become a repeat: held
+                out += current[shown:]
+                shown = len(current)
+            if out:
+                yield out
+        if not repeat(current) and current[shown:]:
+            yield current[shown:]
+    finally:
+        close = getattr(deltas, "close", None)
+        if close is not None:
+            close()
 
 
 def _checked(deltas: Iterator[str], check: CitationCheck) -> Iterator[str]:
