@@ -14,9 +14,12 @@ Measured:
               citations: whether the model cited a given source itself, how many of its citations named a source
               that was not given, and citation accuracy (a source cited after the check holds the evidence);
               stopping and looping: replies that ran to --max-new-tokens, replies repeating a 4-word sequence 3+
-              times.
+              times. Each generation is scored twice, as the app shows it with the repetition guard off and on
+              (lmlab.apps.rag.stop_repeats): greedy decoding makes the guarded text exactly the unguarded one
+              cut at its first repeated sentence, so one generation serves both.
 
-    python bench/rag_quality.py --threads 1 [--retrieval hybrid] [--no-guard] [--no-cite] [--every N] [--limit N]
+    python bench/rag_quality.py --threads 1 [--retrieval hybrid] [--every N] [--limit N] [--no-answers]
+    python bench/rag_quality.py --from-json EARLIER.json ...     # score an earlier run's texts again
 
 Prints a table on stderr and one JSON object on stdout. Not part of `make test` (minutes of generation).
 """
@@ -24,6 +27,7 @@ Prints a table on stderr and one JSON object on stdout. Not part of `make test` 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import shutil
@@ -34,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-from lmlab.apps.rag import DEFAULT_LLM, GROUNDED, Rag, rag_index
+from lmlab.apps.rag import DEFAULT_LLM, Rag, rag_index, stop_repeats
 from lmlab.inference.generate import SamplingParams
-from lmlab.inference.retrieval import CITATION, Index
+from lmlab.inference.retrieval import CITATION, CitationCheck, Index
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ROOT / "bench" / "rag_quality.jsonl"
@@ -82,8 +86,65 @@ def corpus(folder: Path) -> Path:
     return folder
 
 
+def cached_index(work: Path) -> dict:
+    """The index of the pages, built again only when a page changed (the stamp is a checksum of them all)."""
+    pages = sorted(p for p in (ROOT / "docs" / "results").glob("*/README.md") if p.parent.name != "rag")
+    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in pages)).hexdigest()
+    saved = work / "index.json"
+    if saved.is_file() and json.loads(saved.read_text()).get("stamp") == stamp and (work / "index").is_dir():
+        return json.loads(saved.read_text())
+    built = {**rag_index(str(corpus(work / "docs")), str(work / "index"), progress=False), "stamp": stamp}
+    saved.write_text(json.dumps(built))
+    return built
+
+
 def source_dict(hit) -> dict:
     return {"source": hit.chunk.source, "text": hit.chunk.text}
+
+
+def generate(args, work: Path, embedder, asked: list[dict]) -> list[tuple[str, bool]]:
+    """(the model's own text, whether it ran to --max-new-tokens) for each question: greedy, neither the guard nor
+    the citation check applied (the guard only cuts a greedy text short, so both are scored from this one)."""
+    rag = Rag.load(work / "index", args.llm, args.k, embedder=embedder, retrieval=args.retrieval, cite=False,
+                   guard=False)
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    out = []
+    for i, q in enumerate(asked):
+        text = "".join(rag.ask(q["question"], sampling).deltas)
+        tokens = len(rag.llm.tokenizer.encode(text, add_special_tokens=False).ids)
+        out.append((text, tokens >= args.max_new_tokens))
+        print(f"[{i + 1}/{len(asked)}] {q['question'][:60]!r} -> {text[:100]!r}", file=sys.stderr)
+    return out
+
+
+def score(q: dict, model_text: str, ran_to_limit: bool, hits, guard: bool) -> dict:
+    """One answer as the app shows it (the guard, if on, then the citation check), scored."""
+    text = "".join(stop_repeats(iter([model_text]))) if guard else model_text
+    check = CitationCheck(hits)
+    shown = check.check(text)
+    answers = [q["answer"], *q.get("aliases", ())]
+    evidence = [h.rank for h in hits if holds(source_dict(h), q)]
+    return {"question": q["question"], "answer": q["answer"], "model_text": model_text, "shown": shown,
+            "contained": contained(shown, answers), "exact": exact(shown, answers), "retrieved": bool(evidence),
+            "evidence_sources": evidence, "model_cited": check.model_cited, "invalid_citations": len(check.dropped),
+            "cited": check.cited, "added": check.added, "citation_correct": bool(set(check.cited) & set(evidence)),
+            "ran_to_limit": ran_to_limit and text == model_text, "loops": loops(text)}
+
+
+def summary(rows: list[dict]) -> dict:
+    n = len(rows)
+
+    def pct(key):
+        return round(100 * sum(bool(r[key]) for r in rows) / n, 1)
+
+    retrieved = [r for r in rows if r["retrieved"]]
+    return {"contained_%": pct("contained"), "exact_%": pct("exact"),
+            "contained_when_retrieved_%": round(100 * sum(r["contained"] for r in retrieved) / max(1, len(retrieved)),
+                                                1),
+            "model_cited_%": pct("model_cited"), "invalid_citations": sum(r["invalid_citations"] for r in rows),
+            "citation_added_%": round(100 * sum(r["added"] is not None for r in rows) / n, 1),
+            "citation_accuracy_%": pct("citation_correct"), "ran_to_limit_%": pct("ran_to_limit"),
+            "loops_%": pct("loops")}
 
 
 def main() -> None:
@@ -91,10 +152,8 @@ def main() -> None:
     ap.add_argument("--work", default="runs/rag-quality", help="where the corpus copy and the index are written")
     ap.add_argument("--k", type=int, default=4, help="chunks retrieved per question")
     ap.add_argument("--retrieval", default="hybrid", choices=("hybrid", "dense", "bm25"), help="for the answers")
-    ap.add_argument("--repetition-penalty", type=float, default=GROUNDED.repetition_penalty)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--no-cite", action="store_true", help="answers without the citation check")
-    ap.add_argument("--no-guard", action="store_true", help="answers without the repeated-sentence stop")
+    ap.add_argument("--from-json", help="score the model texts of an earlier run's JSON again (no generation)")
     ap.add_argument("--no-answers", action="store_true", help="retrieval only (no chat model)")
     ap.add_argument("--every", type=int, default=1, help="answer every Nth question only (retrieval: all of them)")
     ap.add_argument("--limit", type=int, default=0, help="the first N questions (0: all)")
@@ -105,7 +164,7 @@ def main() -> None:
     questions = load_questions()[:args.limit or None]
     work = Path(args.work)
     start = time.perf_counter()
-    built = rag_index(str(corpus(work / "docs")), str(work / "index"), progress=False)
+    built = cached_index(work)
     index_s = time.perf_counter() - start
 
     index = Index.load(work / "index")
@@ -123,51 +182,25 @@ def main() -> None:
     report = {"questions": len(questions), "chunks": built["chunks"], "documents": built["documents"],
               "k": args.k, "index_s": round(index_s, 1), "retrieval": retrieval}
 
-    if not args.no_answers:
-        rag = Rag.load(work / "index", args.llm, args.k, embedder=embedder, retrieval=args.retrieval,
-                       cite=not args.no_cite, guard=not args.no_guard)
-        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                  repetition_penalty=args.repetition_penalty, stop=GROUNDED.stop)
-        rows = []
-        gen_start = time.perf_counter()
+    if args.from_json or not args.no_answers:
         asked = questions[::args.every]
-        for i, q in enumerate(asked):
-            reply = rag.ask(q["question"], sampling)
-            text = "".join(reply.deltas)
-            check = reply.check
-            answers = [q["answer"], *q.get("aliases", ())]
-            tokens = len(rag.llm.tokenizer.encode(check.raw if check else text, add_special_tokens=False).ids)
-            evidence = [s["n"] for s in reply.sources if holds(s, q)]
-            rows.append({"question": q["question"], "answer": q["answer"], "reply": text,
-                         "model_text": check.raw if check else text,
-                         "contained": contained(text, answers), "exact": exact(text, answers),
-                         "retrieved": bool(evidence), "evidence_sources": evidence,
-                         "model_cited": check.model_cited if check else bool(CITATION.search(text)),
-                         "invalid_citations": len(check.dropped) if check else None,
-                         "cited": check.cited if check else None, "added": check.added if check else None,
-                         "citation_correct": bool(check and set(check.cited) & set(evidence)),
-                         "ran_to_limit": tokens >= args.max_new_tokens, "loops": loops(text)})
-            print(f"[{i + 1}/{len(asked)}] {'+' if rows[-1]['contained'] else '-'} {q['question'][:60]!r} -> "
-                  f"{text[:90]!r}", file=sys.stderr)
-        n = len(rows)
-
-        def pct(key):
-            return round(100 * sum(bool(r[key]) for r in rows) / n, 1)
-
-        report["answers"] = {
-            "llm": args.llm, "retrieval": args.retrieval, "repetition_penalty": args.repetition_penalty,
-            "max_new_tokens": args.max_new_tokens, "cite_check": not args.no_cite, "guard": not args.no_guard,
-            "questions": n,
-            "contained_%": pct("contained"), "exact_%": pct("exact"),
-            "contained_when_retrieved_%": round(100 * sum(r["contained"] for r in rows if r["retrieved"])
-                                                / max(1, sum(r["retrieved"] for r in rows)), 1),
-            "model_cited_%": pct("model_cited"),
-            "invalid_citations": sum(r["invalid_citations"] or 0 for r in rows),
-            "citation_added_%": round(100 * sum(r["added"] is not None for r in rows) / n, 1),
-            "citation_accuracy_%": pct("citation_correct"),
-            "ran_to_limit_%": pct("ran_to_limit"), "loops_%": pct("loops"),
-            "seconds_per_question": round((time.perf_counter() - gen_start) / n, 2)}
-        report["rows"] = rows
+        hits = [index.retrieve(embedder, q["question"], args.k, args.retrieval) for q in asked]
+        gen_start = time.perf_counter()
+        if args.from_json:  # the model's texts of an earlier run, scored again (same questions, same retrieval)
+            earlier = {r["question"]: (r["model_text"], r["ran_to_limit"])
+                       for r in json.loads(Path(args.from_json).read_text())["rows"] if not r.get("guard")}
+            texts = [earlier[q["question"]] for q in asked]
+        else:
+            texts = generate(args, work, embedder, asked)
+        report["seconds_per_question"] = round((time.perf_counter() - gen_start) / len(asked), 2)
+        report["answers"], report["rows"] = {}, []
+        for guard in (False, True):
+            rows = [score(q, text, full, h, guard) for q, (text, full), h in zip(asked, texts, hits)]
+            report["answers"]["guard on" if guard else "guard off"] = summary(rows)
+            report["rows"] += [{"guard": guard, **r} for r in rows]
+        report["settings"] = {"llm": args.llm, "retrieval": args.retrieval, "k": args.k, "temperature": 0,
+                              "max_new_tokens": args.max_new_tokens, "questions_answered": len(asked),
+                              "citation_check": True}
     report["command"] = "python bench/rag_quality.py " + " ".join(sys.argv[1:])
     print(table(report), file=sys.stderr)
     print(json.dumps(report, indent=2))
@@ -179,8 +212,11 @@ def table(report: dict) -> str:
              "", f"| retrieval | recall@1 % | recall@{k} % |", "|---|---:|---:|"]
     lines += [f"| {m} | {v['recall@1']} | {v[f'recall@{k}']} |" for m, v in report["retrieval"].items()]
     if "answers" in report:
-        a = report["answers"]
-        lines += ["", " | ".join(f"{key} {value}" for key, value in a.items())]
+        variants = report["answers"]
+        keys = list(next(iter(variants.values())))
+        lines += ["", f"answers ({report['settings']['questions_answered']} questions, {report['settings']['retrieval']}"
+                      " retrieval):", "", "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(str(v[key]) for key in keys) + " |" for name, v in variants.items()]
     return "\n".join(lines)
 
 

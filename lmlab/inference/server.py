@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 
 from lmlab.errors import LmlabError
 from lmlab.inference.embed import Embedder
-from lmlab.inference.embeddings_api import EmbeddingService
+from lmlab.inference.embeddings_api import EmbeddingService, on_model_thread
 from lmlab.inference.rag_api import RagService
 from lmlab.inference.engine import DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent
 from lmlab.inference.protocol import (ApiError, Limits, TokenNames, check_model, include_usage, parse_chat,
@@ -326,7 +326,7 @@ class Server:
 
     async def rag_context(self, body: dict, http: HttpRequest):
         await self.rag_info(body, http)
-        return JSONResponse(await asyncio.to_thread(self.rag.context, body))  # embedding off the event loop
+        return JSONResponse(await on_model_thread(self.rag.context, body))  # the embedding model's one thread
 
     # ------------------------------------------------------------------------------------------------------------
     # /v1/models, /metrics
