@@ -34,6 +34,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -257,7 +258,10 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         extra = ["--embedding-model", args.embedding_model] if args.embedding_model else []
         if args.rag:
-            docs = Path(__file__).resolve().parent.parent / "docs" / "results"
+            docs = Path(tmp) / "pages"  # the results pages (their README.md files; not the JSON lines beside them)
+            for page in (Path(__file__).resolve().parent.parent / "docs" / "results").glob("*/README.md"):
+                (docs / page.parent.name).mkdir(parents=True)
+                shutil.copyfile(page, docs / page.parent.name / "README.md")
             subprocess.run([sys.executable, "-m", "lmlab", "rag", "index", str(docs), "--out", str(Path(tmp) / "idx"),
                             "--model", args.embedding_model, "--no-progress"], env=env, check=True,
                            stdout=subprocess.DEVNULL)

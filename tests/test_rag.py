@@ -348,12 +348,18 @@ def test_the_repetition_guard_stops_at_the_first_repeated_sentence():
         assert _repeats_stopped(parts) == ("The answer is: 1.\n\n", True)
     words = "The fine-tuning changed the biLM. The fine-tuning changed the biLM. The fine".split(" ")
     assert _repeats_stopped([w + " " for w in words])[0] == "The fine-tuning changed the biLM. "
+    digits = "The test accuracy reached 99." + "9" * 60 + " [1]"  # a loop inside one sentence: 5 units shown
+    for parts in ([digits], list(digits), [digits[:30], digits[30:45], digits[45:]]):
+        assert _repeats_stopped(parts) == ("The test accuracy reached 99.99999", True)
 
 
 @pytest.mark.parametrize("text", ["It holds 256 entries. It holds 256 rows. Done.", "Yes. Yes. Yes.",
-                                  "A list:\n- one\n- two\n- one more", "No loop here [1]", ""])
+                                  "A list:\n- one\n- two\n- one more", "No loop here [1]", "",
+                                  "It is 100000000 tokens.", "| a | b |\n|---|---|---|---|---|---|---|---|",
+                                  "1,000,000,000,000 and 0.00001"])
 def test_the_repetition_guard_leaves_an_answer_without_repeats_as_it_is(text):
-    """Short sentences (under 3 words) may repeat; a sentence that begins as an earlier one and then differs is
-    shown whole. So an answer that does not loop is never changed, in any split."""
+    """Short sentences (under 3 words) may repeat, a number may hold many zeros, a table rule many dashes; a
+    sentence that begins as an earlier one and then differs is shown whole. So an answer that does not loop is
+    never changed, in any split."""
     assert _repeats_stopped([text])[0] == text
     assert _repeats_stopped(list(text))[0] == text

@@ -126,6 +126,27 @@ class Rag:
 
 
 _BOUNDARY = re.compile(r"(?<=[.!?])\s+|\n+")
+_RUN = re.compile(r"(.{1,10}?)\1{5,}", re.S)  # a short unit repeated 6+ times: "99.9999999999..."
+_REPEATING_END = re.compile(r"(.{1,10}?)\1+$", re.S)  # a text ending in a unit repeated: a run may be starting
+RUN_KEEP = 5  # repetitions of a run's unit that are shown
+
+
+def _run(text: str) -> tuple[int, int] | None:
+    """(start, unit length) of the first run of one short unit (holding a letter or digit) repeated 6 times or
+    more over 16 characters or more; None when the text holds none."""
+    for match in _RUN.finditer(text):
+        if len(match.group(0)) >= 16 and any(c.isalnum() for c in match.group(1)):
+            return match.start(), len(match.group(1))
+    return None
+
+
+def _showable(text: str) -> int:
+    """How much of a text can be shown now: all of it, but at most RUN_KEEP units of a run it may be ending in."""
+    match = _REPEATING_END.search(text[-200:])
+    if match is None or not any(c.isalnum() for c in match.group(1)):
+        return len(text)
+    start = len(text) - len(text[-200:]) + match.start()
+    return min(len(text), start + RUN_KEEP * len(match.group(1)))
 
 
 def _words(sentence: str) -> str:
@@ -133,12 +154,14 @@ def _words(sentence: str) -> str:
 
 
 def stop_repeats(deltas: Iterator[str], min_words: int = 3) -> Iterator[str]:
-    """The deltas until the answer repeats a sentence (or line) of at least min_words words that it has already
-    written: the repeat is not shown, and generation stops there (closing the generator ends decoding).
+    """The deltas until the answer loops, and generation stops there (closing the generator ends decoding):
+    - at a sentence (or line) of at least min_words words that it has already written, which is not shown;
+    - at a run of one short unit repeated 6 times or more within a sentence ("99.99999999..."), shown up to its
+      first RUN_KEEP units.
 
     Small models given long sources fall into loops ("The answer is: 1." eight times). Stopping at the first
-    repeated sentence cuts the loop and never changes a token of an answer that does not loop; a text that is
-    only the beginning of an earlier sentence is held back until it differs from it or ends as it did."""
+    repeat cuts the loop and never changes a token of an answer that does not loop; a text that is only the
+    beginning of an earlier sentence is held back until it differs from it or ends as it did."""
     done: set[str] = set()  # the sentences written so far (of min_words words or more), as lower-case words
 
     def repeat(text: str) -> bool:
@@ -148,6 +171,11 @@ def stop_repeats(deltas: Iterator[str], min_words: int = 3) -> Iterator[str]:
     try:
         for delta in deltas:
             current += delta
+            if (run := _run(current)) is not None:  # a loop within a sentence: show RUN_KEEP units, stop
+                end = run[0] + RUN_KEEP * run[1]
+                if current[shown:end]:
+                    yield current[shown:end]
+                return
             out = ""
             while (boundary := _BOUNDARY.search(current)) is not None:
                 sentence = current[:boundary.start()]
@@ -161,11 +189,12 @@ def stop_repeats(deltas: Iterator[str], min_words: int = 3) -> Iterator[str]:
                 current, shown = current[boundary.end():], 0
             words = _words(current)
             if not (words and any(d.startswith(words) for d in done)):  # else it may become a repeat: held
-                out += current[shown:]
-                shown = len(current)
+                limit = _showable(current)
+                out += current[shown:limit]
+                shown = max(shown, limit)
             if out:
                 yield out
-        if not repeat(current) and current[shown:]:
+        if not repeat(current) and current[shown:]:  # the end: what was held, unless it repeats a sentence
             yield current[shown:]
     finally:
         close = getattr(deltas, "close", None)
