@@ -55,8 +55,9 @@ def load_questions(path: Path = QUESTIONS) -> list[dict]:
 
 
 def contained(reply: str, answers: list[str]) -> bool:
-    """An expected answer appears in the reply as a whole token (0.1 is not found in 0.15, 8 not in 86)."""
-    text = normalise(reply)
+    """An expected answer appears in the reply, citations aside, as a whole token (0.1 is not found in 0.15, 8 not
+    in 86, 3 not in "[3]")."""
+    text = normalise(CITATION.sub("", reply))
     return any(re.search(rf"(?<![\w.]){re.escape(normalise(a))}(?![\w]|\.\d)", text) for a in answers)
 
 
@@ -120,7 +121,7 @@ def generate(args, work: Path, embedder, asked: list[dict]) -> list[tuple[str, b
 def score(q: dict, model_text: str, ran_to_limit: bool, hits, guard: bool) -> dict:
     """One answer as the app shows it (the guard, if on, then the citation check), scored."""
     text = "".join(stop_repeats(iter([model_text]))) if guard else model_text
-    check = CitationCheck(hits)
+    check = CitationCheck(hits, q["question"])
     shown = check.check(text)
     answers = [q["answer"], *q.get("aliases", ())]
     evidence = [h.rank for h in hits if holds(source_dict(h), q)]
@@ -143,7 +144,10 @@ def summary(rows: list[dict]) -> dict:
                                                 1),
             "model_cited_%": pct("model_cited"), "invalid_citations": sum(r["invalid_citations"] for r in rows),
             "citation_added_%": round(100 * sum(r["added"] is not None for r in rows) / n, 1),
-            "citation_accuracy_%": pct("citation_correct"), "ran_to_limit_%": pct("ran_to_limit"),
+            "cited_%": pct("cited"), "citation_accuracy_%": pct("citation_correct"),
+            "citation_precision_%": round(100 * sum(r["citation_correct"] for r in rows)
+                                          / max(1, sum(bool(r["cited"]) for r in rows)), 1),
+            "ran_to_limit_%": pct("ran_to_limit"),
             "loops_%": pct("loops")}
 
 
@@ -214,8 +218,9 @@ def table(report: dict) -> str:
     if "answers" in report:
         variants = report["answers"]
         keys = list(next(iter(variants.values())))
-        lines += ["", f"answers ({report['settings']['questions_answered']} questions, {report['settings']['retrieval']}"
-                      " retrieval):", "", "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        settings = report["settings"]
+        lines += ["", f"answers ({settings['questions_answered']} questions, {settings['retrieval']} retrieval):", "",
+                  "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         lines += [f"| {name} | " + " | ".join(str(v[key]) for key in keys) + " |" for name, v in variants.items()]
     return "\n".join(lines)
 

@@ -228,7 +228,8 @@ def table(report: dict) -> str:
              f"at the end: {report['at_the_end']}; passed: {report['passed']}"]
     if report["rss_growth_by_class_mb"]:
         lines.insert(-1, "RSS growth by request class (each alone): " + ", ".join(
-            f"{k} {v['growth']:+.1f} MiB ({v['requests']} requests)" for k, v in report["rss_growth_by_class_mb"].items()))
+            f"{k} {v['growth']:+.1f} MiB ({v['requests']} requests)"
+            for k, v in report["rss_growth_by_class_mb"].items()))
     return "\n".join(lines)
 
 

@@ -121,7 +121,7 @@ class Rag:
             deltas = stop_repeats(deltas)
         if not (self.cite and hits):
             return RagAnswer(deltas, citations(hits))
-        check = CitationCheck(hits)
+        check = CitationCheck(hits, question)
         return RagAnswer(_checked(deltas, check), citations(hits), check)
 
 

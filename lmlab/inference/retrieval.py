@@ -13,9 +13,9 @@ approximate is needed; faiss (faiss-cpu) is an optional backend for large collec
 
 Retrieval is hybrid by default: the dense ranking and a lexical one (BM25 by bm25s over the same chunks, built on
 first use) are fused by reciprocal rank fusion (Cormack et al., 2009: a chunk scores the sum over rankings of
-1 / (10 + its rank), the constant chosen on QNLI dev), which needs no calibration between a cosine and a BM25 score. Dense retrieval misses
-chunks that share the question's rare words (a figure, a name, "p = 23"); BM25 misses paraphrases; docs/results/rag
-measures the three.
+1 / (10 + its rank), the constant chosen on QNLI dev), which needs no calibration between a cosine and a BM25
+score. Dense retrieval misses chunks that share the question's rare words (a figure, a name, "p = 23"); BM25
+misses paraphrases; docs/results/rag measures the three.
 
 An index answers queries embedded by the model that built it only: vectors of two models live in unrelated
 spaces, so loading with another model, or adding to an index of another model, is refused.
@@ -300,24 +300,25 @@ CITATION = re.compile(r" ?\[(\d+(?:\s*,\s*\d+)*)\]")
 _OPEN = re.compile(r" ?\[[\d,\s]*$| $")  # an end that may still become a citation: held back until it is whole
 _WORD = re.compile(r"\w+")
 _STOP = frozenset("""a an and are as at be by for from has have in is it its of on or that the this to was were with
-which what how many much does do did not no yes there their they them than then so such can into also about""".split())
+which what how many much does do did not no yes there their they them than then so such can into also about answer
+answers question""".split())
 
 
 def content_words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if w not in _STOP and (len(w) > 2 or w.isdigit())}
 
 
-def supporting_source(answer: str, hits: list[Hit]) -> int | None:
-    """The source an uncited answer rests on: the retrieved chunk sharing the most content words with it (a tie
-    goes to the better rank), provided it shares a number or at least two words; else None (nothing to cite,
-    e.g. "the sources do not say")."""
-    words = content_words(answer)
-    best, best_key = None, (0, 0)
+def supporting_source(answer: str, hits: list[Hit], question: str = "") -> int | None:
+    """The source an uncited answer rests on: the retrieved chunk sharing the most of what the answer adds to
+    the question (its content words not in the question; a tie goes to the better rank), provided that is a
+    figure of two or more digits or at least two words. Else None: nothing to cite ("The answer is: 1." shares a
+    digit with every page; "the sources do not say" shares nothing)."""
+    words = content_words(answer) - content_words(question)
+    best, best_shared = None, 0
     for h in hits:
         shared = words & content_words(h.chunk.text)
-        key = (len(shared), any(w.isdigit() for w in shared))
-        if (key[0] >= 2 or key[1]) and key[0] > best_key[0]:
-            best, best_key = h.rank, key
+        if (len(shared) >= 2 or any(w.isdigit() and len(w) >= 2 for w in shared)) and len(shared) > best_shared:
+            best, best_shared = h.rank, len(shared)
     return best
 
 
@@ -331,8 +332,8 @@ class CitationCheck:
     sampling (constraining decoding to valid "[n]" would need a grammar in the engine and still not add a missing
     one). `feed` takes the text deltas and returns what may be shown; `finish` the rest."""
 
-    def __init__(self, hits: list[Hit]):
-        self.hits, self.valid = hits, {h.rank for h in hits}
+    def __init__(self, hits: list[Hit], question: str = ""):
+        self.hits, self.valid, self.question = hits, {h.rank for h in hits}, question
         self.held, self.text, self.raw = "", "", ""  # what is held back, what was shown, what the model wrote
         self.cited: list[int] = []  # valid citations, in order, as shown
         self.dropped: list[int] = []  # citations of sources that were not given
@@ -363,7 +364,7 @@ class CitationCheck:
         shown = CITATION.sub(self._rewrite, self.held)
         self.held = ""
         if not self.cited:
-            self.added = supporting_source(self.text + shown, self.hits)
+            self.added = supporting_source(self.text + shown, self.hits, self.question)
             if self.added is not None:
                 self.cited.append(self.added)
                 shown = shown.rstrip() + f" [{self.added}]"
