@@ -363,3 +363,43 @@ def test_the_repetition_guard_leaves_an_answer_without_repeats_as_it_is(text):
     never changed, in any split."""
     assert _repeats_stopped([text])[0] == text
     assert _repeats_stopped(list(text))[0] == text
+
+
+def test_the_server_uses_its_embedding_model_on_one_thread():
+    """Issue 27, finding 36: the server's RSS grew by hundreds of MB under embeddings and RAG traffic, the one
+    embedding model running on asyncio's pool threads in turn. Concurrent /v1/embeddings passes and
+    /v1/rag/context questions now all run on one thread (docs/results/soak measures the memory)."""
+    import asyncio
+    import threading
+    import time as _time
+    from lmlab.inference.embeddings_api import EmbeddingService
+    from lmlab.inference.server import Server
+
+    threads = set()
+
+    def record(*args):
+        threads.add(threading.current_thread().name)
+        _time.sleep(0.01)  # a forward pass: long enough for the requests to overlap
+
+    class Model:
+        def embed_ids(self, ids):
+            record()
+            return torch.zeros(len(ids), 4)
+
+    class Index:
+        info = staticmethod(lambda: {})
+
+        @staticmethod
+        def context(body):
+            record()
+            return {"messages": [], "sources": []}
+
+    server = Server.__new__(Server)
+    server.rag, server.embeddings = Index(), EmbeddingService(Model(), "m")
+
+    async def traffic():
+        await asyncio.gather(*[server.embeddings.embed([[1, 2]]) for _ in range(8)],
+                             *[server.rag_context({"question": "q"}, None) for _ in range(8)])
+
+    asyncio.run(traffic())
+    assert len(threads) == 1 and next(iter(threads)).startswith("lmlab-embed"), threads

@@ -4,9 +4,12 @@
     lmlab rag ask runs/docs-index "How do I resume a run?"
     lmlab rag chat runs/docs-index
 
-A question is embedded by the index's own model, the k nearest chunks are retrieved (lmlab.inference.retrieval),
-and the chat model answers from them: the chunks go into the prompt numbered [1]..[k] through the model's chat
-template, and the answer is printed with the sources it was given, so that each [n] it cites can be checked.
+A question retrieves k chunks (lmlab.inference.retrieval: hybrid by default, the index's own embedding model and
+BM25 fused by reciprocal rank), and the chat model answers from them: the chunks go into the prompt numbered
+[1]..[k] through the model's chat template, and the answer is printed with the sources it was given. Answers are
+greedy, end at the model's end of turn or at their first repeat (stop_repeats), and their "[n]" are checked
+against the sources given (CitationCheck): a source not given is removed, an answer citing none gets the one
+that supports it. docs/results/rag measures each of these on questions over lmlab's own results pages.
 """
 
 from __future__ import annotations
@@ -237,7 +240,8 @@ def _stream(reply: RagAnswer, out: TextIO) -> str:
 
 
 def rag_ask(index: str, question: str, model: str = DEFAULT_LLM, k: int = 4, backend: Backend = "torch",
-            retrieval: Method = "hybrid", cite: bool = True, sampling: SamplingParams = GROUNDED) -> None:
+            retrieval: Method = "hybrid", cite: bool = True, guard: bool = True,
+            sampling: SamplingParams = GROUNDED) -> None:
     """Answer a question from an index: retrieve k chunks, answer with a chat model, print the cited sources.
 
     Args:
@@ -249,15 +253,17 @@ def rag_ask(index: str, question: str, model: str = DEFAULT_LLM, k: int = 4, bac
         retrieval: hybrid (dense and BM25 fused by reciprocal rank), dense or bm25
         cite: check the answer's [n] against the sources given: drop the others, add the supporting source to an
             answer that cites none (sources cited are starred)
+        guard: end the answer at its first repeated sentence, or a run of one short unit ("99.9999...")
     """
     sampling.validate()
-    rag = Rag.load(index, model, k, backend, retrieval=retrieval, cite=cite)
+    rag = Rag.load(index, model, k, backend, retrieval=retrieval, cite=cite, guard=guard)
     _stream(rag.ask(question, sampling), sys.stdout)
 
 
 def rag_chat(index: str, model: str = DEFAULT_LLM, k: int = 4, backend: Backend = "torch",
-             retrieval: Method = "hybrid", cite: bool = True, sampling: SamplingParams = GROUNDED,
-             read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+             retrieval: Method = "hybrid", cite: bool = True, guard: bool = True,
+             sampling: SamplingParams = GROUNDED, read: Callable[[str], str] = input,
+             out: TextIO = sys.stdout) -> None:
     """Chat with a model that answers from an index (each question retrieves anew; /exit quits).
 
     Args:
@@ -267,9 +273,10 @@ def rag_chat(index: str, model: str = DEFAULT_LLM, k: int = 4, backend: Backend 
         backend: torch or faiss
         retrieval: hybrid (dense and BM25 fused by reciprocal rank), dense or bm25
         cite: check the answer's [n] against the sources given (as rag ask does)
+        guard: end each answer at its first repeated sentence (as rag ask does)
     """
     sampling.validate()
-    rag = Rag.load(index, model, k, backend, retrieval=retrieval, cite=cite)
+    rag = Rag.load(index, model, k, backend, retrieval=retrieval, cite=cite, guard=guard)
     history: list[dict] = []
     out.write(f"Answering from {index} with {rag.llm.name}. /exit quits.\n")
     while True:
