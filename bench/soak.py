@@ -8,12 +8,19 @@ threads send, for --minutes (default 10), a mix of:
     cancel    streamed requests dropped after the first few events (the client goes away mid-stream)
     bad       deliberately invalid bodies (a lone surrogate, a wrong type, a prompt over the context), which must
               get an OpenAI-shaped 400
+    embed     (with --embedding-model) POST /v1/embeddings of 1-16 texts of 1-120 words, floats or base64
+    rag       (with --rag) POST /v1/rag/context: a question of 3-30 words, k 1-8, against an index of lmlab's
+              results pages built by `lmlab rag index` with the embedding model
 and reports: requests by kind, answers by status code (unexpected ones separately), p50/p95 latency of the
 completed requests (streams: to [DONE]; TTFT too), the server's RSS after the warm-up and at the end, and, once the
 clients stop, that the engine has every row free and nothing queued (lmlab_running_sequences and
 lmlab_queue_depth in /metrics are 0).
 
     python bench/soak.py [--minutes 10] [--clients 16] [--max-batch 8] [--threads 2]
+    python bench/soak.py --embedding-model minilm-l6 --rag --by-class 30     # embeddings and RAG traffic too
+
+--by-class S first sends each kind of request alone for S seconds (after the warm-up) and reports the server's
+RSS growth during each: what grows, by request class.
 
 Pass criteria: no 5xx and no unexpected status, every bad request a 400, every row free at the end, and RSS
 growth from the warm-up to the end under --rss-bound-mb (default 64 MiB). Not part of `make test` (it runs for
@@ -27,6 +34,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,6 +58,8 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
 MODEL_ID = "soak-tiny"
 KINDS = ("plain", "stream", "cancel", "bad")
 WEIGHTS = (0.35, 0.35, 0.2, 0.1)
+EMBEDDING_ID = ""  # the served embedding model's id (main sets it)
+EXTRA_WEIGHTS = {"embed": 0.25, "rag": 0.25}  # relative to the four above (whose weights sum to 1)
 WORDS = ["love", "king", "night", "sweet", "death", "lord", "fair", "heart", "the", "of", "my", "thou", "and", "is"]
 
 
@@ -97,6 +107,13 @@ def body_for(kind: str, rng: random.Random) -> tuple[str, dict | bytes]:
     if kind in ("stream", "cancel"):
         return "/v1/chat/completions", {"model": MODEL_ID, "messages": [{"role": "user", "content": words}],
                                         "max_tokens": rng.randint(8, 96), "stream": True, "seed": rng.randint(0, 99)}
+    if kind == "embed":
+        texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 120))) for _ in range(rng.randint(1, 16))]
+        return "/v1/embeddings", {"model": EMBEDDING_ID, "input": texts if len(texts) > 1 else texts[0],
+                                  "encoding_format": rng.choice(["float", "base64"])}
+    if kind == "rag":
+        return "/v1/rag/context", {"question": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30))),
+                                   "k": rng.randint(1, 8)}
     bad = rng.choice([b'{"model": "soak-tiny", "prompt": "\\ud800"}',
                       {"model": MODEL_ID, "prompt": "x", "temperature": "hot"},
                       {"model": MODEL_ID, "prompt": "night " * 5000}])
@@ -112,7 +129,7 @@ def one_request(port: int, kind: str, rng: random.Random) -> dict:
         conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         out = {"kind": kind, "status": resp.status}
-        if resp.status != 200 or kind == "plain":
+        if resp.status != 200 or kind in ("plain", "embed", "rag"):
             answer = json.loads(resp.read())
             out["openai_error"] = resp.status == 200 or set(answer.get("error", {})) == {"message", "type", "param",
                                                                                             "code"}
@@ -138,7 +155,7 @@ def one_request(port: int, kind: str, rng: random.Random) -> dict:
         conn.close()
 
 
-def drive(port: int, clients: int, seconds: float, seed: int) -> list[dict]:
+def drive(port: int, clients: int, seconds: float, seed: int, kinds=KINDS, weights=WEIGHTS) -> list[dict]:
     results: list[dict] = []
     lock = threading.Lock()
     stop = time.monotonic() + seconds
@@ -146,7 +163,7 @@ def drive(port: int, clients: int, seconds: float, seed: int) -> list[dict]:
     def client(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
         while time.monotonic() < stop:
-            r = one_request(port, rng.choices(KINDS, WEIGHTS)[0], rng)
+            r = one_request(port, rng.choices(kinds, weights)[0], rng)
             with lock:
                 results.append(r)
 
@@ -173,7 +190,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def summarize(results: list[dict], rss: dict, rows_free: dict, args) -> dict:
     by_kind = Counter(r["kind"] for r in results)
     codes = Counter(str(r["status"]) for r in results)
-    expected = {"plain": 200, "stream": 200, "cancel": 200, "bad": 400}
+    expected = {"plain": 200, "stream": 200, "cancel": 200, "bad": 400, "embed": 200, "rag": 200}
     unexpected = Counter(f"{r['kind']}:{r['status']}" for r in results if r["status"] != expected[r["kind"]])
     latency = {k: [r["latency"] for r in results if r["kind"] == k and "latency" in r and r["status"] == 200]
                for k in ("plain", "stream")}
@@ -189,6 +206,8 @@ def summarize(results: list[dict], rss: dict, rows_free: dict, args) -> dict:
         "rss_mb": {"start": round(rss["start"] / 2**20, 1), "end": round(rss["end"] / 2**20, 1),
                    "growth": round(growth_mb, 1), "bound": args.rss_bound_mb},
         "at_the_end": rows_free,
+        "embedding_model": args.embedding_model, "rag": args.rag,
+        "rss_growth_by_class_mb": rss.get("by_class"),
     }
     report["passed"] = (not unexpected and report["non_openai_errors"] == 0 and growth_mb < args.rss_bound_mb
                         and rows_free["running_sequences"] == 0 and rows_free["queue_depth"] == 0)
@@ -207,6 +226,10 @@ def table(report: dict) -> str:
              f"RSS {report['rss_mb']['start']} -> {report['rss_mb']['end']} MiB (growth {report['rss_mb']['growth']},"
              f" bound {report['rss_mb']['bound']})",
              f"at the end: {report['at_the_end']}; passed: {report['passed']}"]
+    if report["rss_growth_by_class_mb"]:
+        lines.insert(-1, "RSS growth by request class (each alone): " + ", ".join(
+            f"{k} {v['growth']:+.1f} MiB ({v['requests']} requests)"
+            for k, v in report["rss_growth_by_class_mb"].items()))
     return "\n".join(lines)
 
 
@@ -219,14 +242,34 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="the server's --dtype (auto: bf16 on CPUs that have it)")
     ap.add_argument("--rss-bound-mb", type=float, default=64.0, help="largest RSS growth that passes, in MiB")
     ap.add_argument("--seed", type=int, default=0, help="seed of the clients' choices")
+    ap.add_argument("--embedding-model", default=None, help="also serve this sentence encoder and send embed traffic")
+    ap.add_argument("--rag", action="store_true", help="also serve an index of the results pages (needs "
+                                                       "--embedding-model) and send rag traffic")
+    ap.add_argument("--by-class", type=float, default=0.0, help="seconds of each request class alone, first")
     args = ap.parse_args()
+    if args.rag and not args.embedding_model:
+        ap.error("--rag needs --embedding-model (the index is built with it)")
+    global EMBEDDING_ID
+    EMBEDDING_ID = Path(args.embedding_model or "").name.removesuffix(".gguf")  # as lmlab serve names it
+    kinds = KINDS + ("embed",) * bool(args.embedding_model) + ("rag",) * args.rag
+    weights = WEIGHTS + tuple(EXTRA_WEIGHTS[k] for k in kinds[len(KINDS):])
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         folder = tiny_model(Path(tmp) / MODEL_ID, context=512)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        extra = ["--embedding-model", args.embedding_model] if args.embedding_model else []
+        if args.rag:
+            docs = Path(tmp) / "pages"  # the results pages (their README.md files; not the JSON lines beside them)
+            for page in (Path(__file__).resolve().parent.parent / "docs" / "results").glob("*/README.md"):
+                (docs / page.parent.name).mkdir(parents=True)
+                shutil.copyfile(page, docs / page.parent.name / "README.md")
+            subprocess.run([sys.executable, "-m", "lmlab", "rag", "index", str(docs), "--out", str(Path(tmp) / "idx"),
+                            "--model", args.embedding_model, "--no-progress"], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            extra += ["--rag", str(Path(tmp) / "idx")]
         proc = subprocess.Popen([sys.executable, "-m", "lmlab", "serve", "--model", str(folder), "--port", str(port),
                                  "--max-batch", str(args.max_batch), "--max-queue", "64", "--context", "512",
-                                 "--dtype", args.dtype],
+                                 "--dtype", args.dtype, *extra],
                                 env=env, stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 120
@@ -239,9 +282,15 @@ def main() -> None:
                         raise SystemExit("the server did not start")
                     time.sleep(0.5)
             server = psutil.Process(proc.pid)
-            drive(port, args.clients, 20, args.seed + 1)  # warm-up: allocator pools, caches, first shapes
+            drive(port, args.clients, 20, args.seed + 1, kinds, weights)  # warm-up: allocator pools, first shapes
+            by_class = {}
+            for kind in kinds if args.by_class else ():
+                before = server.memory_info().rss
+                done = drive(port, args.clients, args.by_class, args.seed + 2, (kind,), (1.0,))
+                by_class[kind] = {"growth": round((server.memory_info().rss - before) / 2**20, 1),
+                                  "requests": len(done), "rss_end": round(server.memory_info().rss / 2**20, 1)}
             rss_start = server.memory_info().rss
-            results = drive(port, args.clients, args.minutes * 60, args.seed)
+            results = drive(port, args.clients, args.minutes * 60, args.seed, kinds, weights)
             time.sleep(2)  # cancelled rows are dropped at the engine's next step
             values = gauges(port)
             rows_free = {"running_sequences": values["lmlab_running_sequences"],
@@ -250,7 +299,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    report = summarize(results, {"start": rss_start, "end": rss_end}, rows_free, args)
+    report = summarize(results, {"start": rss_start, "end": rss_end, "by_class": by_class}, rows_free, args)
     print(table(report), file=sys.stderr)
     print(json.dumps(report, indent=2))
 

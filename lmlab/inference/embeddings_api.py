@@ -11,14 +11,17 @@ a cut vector would be worse, not shorter). An input longer than the model reads 
 rather than cut.
 
 Requests are batched: whatever arrives while the model is busy waits, and then all of it runs in one pass of
-Embedder.embed_ids (length-sorted), on a worker thread so that the server's event loop stays free.
+Embedder.embed_ids (length-sorted), on the embedding model's one thread (MODEL_THREAD), so that the server's event
+loop stays free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -26,6 +29,18 @@ from lmlab.inference.embed import Embedder
 from lmlab.inference.protocol import ApiError, usage
 
 MAX_INPUTS = 2048  # OpenAI's limit on the items of one request
+
+# A server runs every use of its embedding model (the /v1/embeddings passes, the questions of /v1/rag/context) on
+# this one thread. Spread over asyncio's default pool, the same work ran on up to 6 threads, each growing its own
+# malloc arena and scratch buffers: the resident set grew by hundreds of MB under 16 clients (issue 27, finding
+# 36; docs/results/soak). One thread also runs one forward pass at a time, which the few cores a server has could
+# not run faster side by side anyway.
+MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmlab-embed")
+
+
+async def on_model_thread(fn: Callable, *args):
+    """fn(*args) on the embedding model's thread, awaited without blocking the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(MODEL_THREAD, fn, *args)
 
 
 @dataclass
@@ -113,13 +128,12 @@ class EmbeddingService:
         return await future
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting, []
                 flat = [ids for inputs, _ in batch for ids in inputs]
                 try:
-                    vectors = await loop.run_in_executor(None, self.embedder.embed_ids, flat)
+                    vectors = await on_model_thread(self.embedder.embed_ids, flat)
                 except Exception as e:  # noqa: BLE001 - every waiting request learns of it, none hangs
                     for _, future in batch:
                         future.set_exception(e)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lmlab.errors import LmlabError
 from lmlab.inference.protocol import ApiError, number
-from lmlab.inference.retrieval import Index, citations, grounded_messages, query_vector
+from lmlab.inference.retrieval import Index, citations, grounded_messages
 
 MAX_K = 16
 
@@ -43,7 +43,7 @@ class RagService:
                            "invalid_value")
         k = number(body, "k", 4, 1, MAX_K, integer=True)
         try:
-            hits = self.index.search(query_vector(self.embedder, question), k)[0]
+            hits = self.index.retrieve(self.embedder, question, k)  # hybrid, as `lmlab rag ask` retrieves
         except LmlabError as e:  # a question longer than the embedding model reads
             raise ApiError(400, str(e), "question", "context_length_exceeded") from None
         return {"messages": grounded_messages(question, hits, history), "sources": citations(hits)}

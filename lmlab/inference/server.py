@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 
 from lmlab.errors import LmlabError
 from lmlab.inference.embed import Embedder
-from lmlab.inference.embeddings_api import EmbeddingService
+from lmlab.inference.embeddings_api import EmbeddingService, on_model_thread
 from lmlab.inference.rag_api import RagService
 from lmlab.inference.engine import (DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent,
                                     check_kv_cache_tokens)
@@ -327,7 +327,7 @@ class Server:
 
     async def rag_context(self, body: dict, http: HttpRequest):
         await self.rag_info(body, http)
-        return JSONResponse(await asyncio.to_thread(self.rag.context, body))  # embedding off the event loop
+        return JSONResponse(await on_model_thread(self.rag.context, body))  # the embedding model's one thread
 
     # ------------------------------------------------------------------------------------------------------------
     # /v1/models, /metrics
@@ -491,6 +491,7 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
         raise LmlabError(f"need --max-batch >= 1, --max-queue >= 0 and --context >= 2 (got {s.max_batch}, "
                          f"{s.max_queue}, {s.context})")
     check_kv_cache_tokens(s.kv_cache_tokens, Engine.BLOCK_SIZE)
+    rag = RagService(s.rag) if s.rag else None  # a missing or damaged index is refused before the slow load
     pretrained = load_pretrained(model, inference=inference)
     if not pretrained.model.config.causal:
         raise LmlabError(f"{model} is an encoder (bidirectional attention): it cannot generate text; serve a "
@@ -506,7 +507,6 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
         embedder = Embedder.load(s.embedding_model, flag="--embedding-model")
         embedder.model.to(pick_device(s.device))
         embeddings = EmbeddingService(embedder, model_id_for(s.embedding_model))
-    rag = RagService(s.rag) if s.rag else None
     return Server(pretrained, engine, model_id_for(model), api_key=s.api_key, embeddings=embeddings, rag=rag)
 
 
