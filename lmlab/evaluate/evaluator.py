@@ -127,13 +127,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     root = data_root(data_dir)
     splits = _load_all(task_list, shot_list, root, limit, seed, balanced)
 
-    weights = None  # what --quantize auto chose for this workload, said in the output and the summary
-    if isinstance(model, (str, Path)):
-        asked = inference.quantize
-        inference, why = settings_for_workload(model, inference, workload(task_list, mode))
-        weights = {"asked": asked, "chose": inference.quantize, "why": why} if why else None
-        if weights and echo:
-            echo(f"weights: {why}")
+    inference, weights = _weights_for_workload(model, inference, workload(task_list, mode), echo)
     lm = as_lm(model, tokenizer, inference, batch_size=batch_size, max_length=max_length, progress=progress)
     if chat and lm.chat_prompt is None:
         raise LmlabError(f"{lm.name} has no chat template; drop --chat (or use a chat model)")
@@ -174,6 +168,20 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         if echo:
             echo("wrote " + ", ".join(str(p) for p in written))
     return summary
+
+
+def _weights_for_workload(model, inference: InferenceSettings, work: Workload, echo):
+    """The inference settings for a model given by name, with what --quantize auto chose for this workload (said
+    in the output and kept in the summary; None when nothing was chosen)."""
+    if not isinstance(model, (str, Path)):
+        return inference, None
+    asked = inference.quantize
+    inference, why = settings_for_workload(model, inference, work)
+    if not why:
+        return inference, None
+    if echo:
+        echo(f"weights: {why}")
+    return inference, {"asked": asked, "chose": inference.quantize, "why": why}
 
 
 def workload(task_list: list[Task], mode: str) -> Workload:
