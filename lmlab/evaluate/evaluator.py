@@ -87,7 +87,8 @@ def _load_all(task_list: list[Task], shot_list: list[int], root: Path, limit: in
 
 
 def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,), *, tokenizer=None,
-             limit: int | None = None, seed: int = 1234, batch_size: int = 16, mode: Literal["loglikelihood", "generate", "both"] = "loglikelihood",
+             limit: int | None = None, seed: int = 1234, batch_size: int = 16,
+             mode: Literal["loglikelihood", "generate", "both"] = "loglikelihood",
              chat: bool = False, calibrate: bool = False, balanced: bool = False, data_dir: str | Path | None = None,
              out: str | Path | None = None, stride: int | None = None, max_length: int | None = None,
              bootstrap_iters: int = 1000, progress: bool = True, echo: Callable[[str], None] | None = print,
