@@ -208,10 +208,8 @@ class _Choice:
         tokens = [info] if info is not None else []
         if token in self.eos_ids:
             self.finish_reason = "stop"
-        elif complete:  # the grammar's end token with ignore_eos, or no token left to take
-            self.finish_reason = "stop"
         else:
-            if self.text.push(token):
+            if self.text.push(token) or complete:  # complete: the grammar allows no further token
                 self.finish_reason = "stop"
             elif self.generated >= self.params.max_new_tokens:
                 self.finish_reason = "length"

@@ -148,13 +148,14 @@ def _text(value, param: str, what: str) -> str:
     return value
 
 
-def _response_format(value) -> str | None:
-    """The grammar of OpenAI's response_format: text (none), json_object, or json_schema {name, schema, strict}."""
+def _response_format(value) -> tuple[str | None, str]:
+    """(the grammar, the field it comes from) of OpenAI's response_format: text (no grammar), json_object, or
+    json_schema {name, schema, strict}."""
     kind = value.get("type") if isinstance(value, dict) else None
     if kind == "text":
-        return None
+        return None, "response_format"
     if kind == "json_object":
-        return json_schema_grammar({"type": "object"})
+        return json_schema_grammar({"type": "object"}), "response_format"
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
@@ -163,7 +164,8 @@ def _response_format(value) -> str | None:
         if not isinstance(spec.get("strict", False), (bool, type(None))):
             raise ApiError(400, "'response_format.json_schema.strict' must be true or false",
                            "response_format.json_schema.strict", "invalid_type")
-        return json_schema_grammar(_schema(spec.get("schema", {}), "response_format.json_schema.schema"))
+        param = "response_format.json_schema.schema"
+        return json_schema_grammar(_schema(spec.get("schema", {}), param)), param
     raise ApiError(400, "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
                         "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
                    "response_format", "invalid_value")
@@ -188,7 +190,7 @@ def constraint(body: dict, grammars: Grammars | None, grammar: tuple[str, str] |
     given by the caller (tool calls), as (grammar, the field it comes from)."""
     found = [grammar] if grammar else []
     if body.get("response_format") is not None:
-        found.append((_response_format(body["response_format"]), "response_format"))
+        found.append(_response_format(body["response_format"]))
     for name, make in _GUIDED.items():
         if body.get(f"guided_{name}") is not None:
             found.append((make(body[f"guided_{name}"], f"guided_{name}"), f"guided_{name}"))
