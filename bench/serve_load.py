@@ -19,6 +19,14 @@ Prints one JSON object on stdout and a table on stderr.
 instead runs the engine in this process and checks "same request, same tokens, whatever else runs": every
 question alone, then all of them together (half greedy, half seeded sampling), with and without batch_invariant,
 and counts the requests whose tokens, and whose log-probabilities bit for bit, differ.
+
+    python bench/serve_load.py --response-format json_schema [--clients 16] [--new-tokens 64]
+
+instead starts one continuous-batching server and alternates waves of plain requests with waves whose requests
+carry a response_format (json_schema: ANSWER_SCHEMA below; or json_object): structured outputs' tokens/s against
+unconstrained ones (issue 29: >= 0.9x at 16 clients), and how many constrained outputs validate against the schema
+(jsonschema). A constrained answer ends when its JSON closes (up to 2 x --new-tokens tokens), so its waves count
+the tokens actually generated.
 """
 
 from __future__ import annotations
@@ -42,6 +50,16 @@ QUESTIONS = [
     "Tell me about the Moon.", "How do vaccines work?", "What are the planets of the solar system?",
     "Why do leaves change colour in autumn?",
 ]
+
+
+ANSWER_SCHEMA = {"type": "object", "properties": {
+    "answer": {"type": "string"}, "steps": {"type": "array", "items": {"type": "string"}, "minItems": 2,
+                                            "maxItems": 4},
+    "confidence": {"type": "number", "minimum": 0, "maximum": 1}},
+    "required": ["answer", "steps", "confidence"], "additionalProperties": False}
+RESPONSE_FORMATS = {"json_schema": {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA,
+                                                                           "strict": True}},
+                    "json_object": {"type": "json_object"}}
 
 
 def free_port() -> int:
@@ -79,11 +97,14 @@ def wait_ready(proc: subprocess.Popen, url: str, seconds: float = 300) -> None:
     raise SystemExit(f"the server at {url} did not start in {seconds} s")
 
 
-async def one_client(client, model: str, question: str, new_tokens: int) -> dict:
+async def one_client(client, model: str, question: str, new_tokens: int, response_format: dict | None = None
+                     ) -> dict:
     sent = time.perf_counter()
-    stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=new_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    constrained = {"response_format": response_format, "max_tokens": 2 * new_tokens} if response_format else {}
+    stream = await client.chat.completions.create(**{
+        "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": new_tokens,
+        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+        "extra_body": {"ignore_eos": True}, **constrained})
     arrivals, tokens, text = [], 0, ""
     async for chunk in stream:
         if chunk.usage is not None:
@@ -95,13 +116,13 @@ async def one_client(client, model: str, question: str, new_tokens: int) -> dict
             "text": text}
 
 
-async def wave(url: str, model: str, clients: int, new_tokens: int) -> dict:
+async def wave(url: str, model: str, clients: int, new_tokens: int, response_format: dict | None = None) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
     start = time.perf_counter()
-    results = await asyncio.gather(*(one_client(client, model, QUESTIONS[i % len(QUESTIONS)], new_tokens)
-                                     for i in range(clients)))
+    results = await asyncio.gather(*(one_client(client, model, QUESTIONS[i % len(QUESTIONS)], new_tokens,
+                                                response_format) for i in range(clients)))
     wall = time.perf_counter() - start
     await client.close()
     ttft = sorted(r["ttft"] for r in results)
@@ -111,7 +132,56 @@ async def wave(url: str, model: str, clients: int, new_tokens: int) -> dict:
             "tokens_per_s": round(tokens / wall, 2),
             "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p95_s": round(percentile(ttft, 95), 3),
             "itl_p50_ms": round(1000 * percentile(itl, 50), 1), "itl_p95_ms": round(1000 * percentile(itl, 95), 1),
-            "texts": [r["text"] for r in results]}
+            "mean_completion_tokens": round(tokens / clients, 1), "texts": [r["text"] for r in results]}
+
+
+def structured_load(args) -> None:
+    """--response-format: plain and constrained waves, alternating on one server (see the module's docstring)."""
+    import jsonschema
+    from lmlab.inference.server import model_id_for
+
+    model_id, response_format = model_id_for(args.model), RESPONSE_FORMATS[args.response_format]
+    schema = ANSWER_SCHEMA if args.response_format == "json_schema" else {"type": "object"}
+    proc, url = start_server(args.model, args.max_batch, args.threads, args.context)
+    waves = {"unconstrained": [], args.response_format: []}
+    try:
+        wait_ready(proc, url)
+        asyncio.run(wave(url, model_id, 1, 8))  # warm up, the grammar engine's tokenizer too
+        asyncio.run(wave(url, model_id, 1, 8, response_format))
+        clients = max(int(c) for c in args.clients.split(","))
+        for _ in range(args.rounds):
+            for name in waves:  # the two kinds take turns, so that other load on the machine hits both
+                waves[name].append(asyncio.run(wave(url, model_id, clients, args.new_tokens,
+                                                    response_format if name != "unconstrained" else None)))
+                print(f"{name}: {waves[name][-1]['tokens_per_s']} tokens/s", file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    texts = [t for w in waves[args.response_format] for t in w.pop("texts")]
+    for w in waves["unconstrained"]:
+        w.pop("texts")
+
+    def validates(text):
+        try:
+            jsonschema.validate(json.loads(text), schema)
+            return True
+        except (json.JSONDecodeError, jsonschema.ValidationError):
+            return False
+
+    rate = {name: sum(w["completion_tokens"] for w in ws) / sum(w["wall_s"] for w in ws) for name, ws in waves.items()}
+    ratio = rate[args.response_format] / rate["unconstrained"]
+    report = {"model": args.model, "threads": args.threads, "clients": clients, "new_tokens": args.new_tokens,
+              "response_format": response_format, "waves": waves,
+              "tokens_per_s": {k: round(v, 2) for k, v in rate.items()},
+              "constrained_vs_unconstrained_tokens_per_s": round(ratio, 3),
+              "valid_outputs": f"{sum(map(validates, texts))}/{len(texts)}",
+              "load_average_at_end": os.getloadavg(), "target": {"ratio": 0.9}, "target_met": ratio >= 0.9}
+    print(f"{'requests':16} {'tokens/s':>9} {'mean tokens':>12}", file=sys.stderr)
+    for name, ws in waves.items():
+        mean = statistics.mean(w["mean_completion_tokens"] for w in ws)
+        print(f"{name:16} {rate[name]:>9.1f} {mean:>12.1f}", file=sys.stderr)
+    print(f"ratio {ratio:.3f}; valid {report['valid_outputs']}", file=sys.stderr)
+    print(json.dumps(report, indent=2))
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -169,7 +239,13 @@ def main():
     ap.add_argument("--invariance", action="store_true", help="check batch invariance in-process instead")
     ap.add_argument("--formats", action="store_true",
                     help="int4 (the GGUF's Q4_1 blocks, bf16) against fp32 weights, both continuous batching")
+    ap.add_argument("--response-format", choices=sorted(RESPONSE_FORMATS),
+                    help="structured outputs against plain requests on one server instead")
+    ap.add_argument("--rounds", type=int, default=2, help="waves of each kind with --response-format")
     args = ap.parse_args()
+    if args.response_format:
+        structured_load(args)
+        return
     if args.invariance:
         clients = max(int(c) for c in args.clients.split(","))
         print(json.dumps(check_invariance(args.model, clients, args.new_tokens, args.threads), indent=2))
