@@ -25,8 +25,8 @@ and counts the requests whose tokens, and whose log-probabilities bit for bit, d
 instead starts one continuous-batching server and alternates waves of plain requests with waves whose requests
 carry a response_format (json_schema: ANSWER_SCHEMA below; or json_object): structured outputs' tokens/s against
 unconstrained ones (issue 29: >= 0.9x at 16 clients), and how many constrained outputs validate against the schema
-(jsonschema). A constrained answer ends when its JSON closes (up to 2 x --new-tokens tokens), so its waves count
-the tokens actually generated.
+(jsonschema). A constrained answer ends when its JSON closes, so its waves count
+the tokens actually generated (up to 4 x --new-tokens each).
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ QUESTIONS = [
 ]
 
 
+# Bounded strings and an integer (a number's decimals may run on), so that an answer closes within 4 x --new-tokens
+# tokens and every output can validate.
 ANSWER_SCHEMA = {"type": "object", "properties": {
-    "answer": {"type": "string"}, "steps": {"type": "array", "items": {"type": "string"}, "minItems": 2,
-                                            "maxItems": 4},
-    "confidence": {"type": "number", "minimum": 0, "maximum": 1}},
+    "answer": {"type": "string", "maxLength": 100},
+    "steps": {"type": "array", "items": {"type": "string", "maxLength": 50}, "minItems": 2, "maxItems": 3},
+    "confidence": {"type": "integer", "minimum": 1, "maximum": 10}},
     "required": ["answer", "steps", "confidence"], "additionalProperties": False}
 RESPONSE_FORMATS = {"json_schema": {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA,
                                                                            "strict": True}},
@@ -100,7 +102,7 @@ def wait_ready(proc: subprocess.Popen, url: str, seconds: float = 300) -> None:
 async def one_client(client, model: str, question: str, new_tokens: int, response_format: dict | None = None
                      ) -> dict:
     sent = time.perf_counter()
-    constrained = {"response_format": response_format, "max_tokens": 2 * new_tokens} if response_format else {}
+    constrained = {"response_format": response_format, "max_tokens": 4 * new_tokens} if response_format else {}
     stream = await client.chat.completions.create(**{
         "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": new_tokens,
         "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
@@ -158,6 +160,7 @@ def structured_load(args) -> None:
         proc.terminate()
         proc.wait(timeout=30)
     texts = [t for w in waves[args.response_format] for t in w.pop("texts")]
+    report_texts = texts[:4]
     for w in waves["unconstrained"]:
         w.pop("texts")
 
@@ -174,7 +177,8 @@ def structured_load(args) -> None:
               "response_format": response_format, "waves": waves,
               "tokens_per_s": {k: round(v, 2) for k, v in rate.items()},
               "constrained_vs_unconstrained_tokens_per_s": round(ratio, 3),
-              "valid_outputs": f"{sum(map(validates, texts))}/{len(texts)}",
+              "valid_outputs": f"{sum(map(validates, texts))}/{len(texts)}", "example_outputs": report_texts,
+              "invalid_outputs": [t for t in texts if not validates(t)],
               "load_average_at_end": os.getloadavg(), "target": {"ratio": 0.9}, "target_met": ratio >= 0.9}
     print(f"{'requests':16} {'tokens/s':>9} {'mean tokens':>12}", file=sys.stderr)
     for name, ws in waves.items():

@@ -9,6 +9,11 @@ Server-Sent Events ending in `data: [DONE]`), GET /health, GET /metrics (Prometh
 page, lmlab/static). The official `openai` client, lm-evaluation-harness' `local-completions` (echo + logprobs
 scoring) and other OpenAI-speaking tools work unchanged.
 
+Structured outputs (`response_format` json_object / json_schema, vLLM's `guided_json`, `guided_regex`,
+`guided_grammar`, `guided_choice` and `structured_outputs`) are enforced token by token by a grammar
+(lmlab.inference.structured); `tools` / `tool_choice` answer in OpenAI's `tool_calls` (lmlab.inference.tools). A
+sentence encoder given as the model (`lmlab serve --model minilm-l6`) is served alone at POST /v1/embeddings.
+
 As vLLM splits it: lmlab.inference.protocol checks the requests and shapes the answers' pieces (OpenAI's fields
 and error bodies), this file serves them (the FastAPI app, the key, the body, streaming, metrics), and
 lmlab.inference.engine generates (one thread owns the model).
