@@ -329,8 +329,8 @@ class Server:
             reader = readers[j]
             content, calls = (text, []) if reader is None else reader.feed(text, final)
             out = [chunk(j, {"content": content})] if content else []
-            for call in calls:
-                index = len(reader.calls) - len(calls) + calls.index(call)
+            first = len(reader.calls) - len(calls) if reader is not None else 0  # the calls' place in the choice
+            for index, call in enumerate(calls, start=first):
                 header = call.openai(index)
                 header["function"] = {"name": call.name, "arguments": ""}
                 out += [chunk(j, {"tool_calls": [header]}),
@@ -339,8 +339,8 @@ class Server:
 
         completion_tokens = 0
         async for _, event in self._events(handles, None):
-            j = event.choice if isinstance(event, (TokenEvent, DoneEvent)) else 0
             if isinstance(event, TokenEvent):
+                j = event.choice
                 pieces = split(j, event.text)
                 if want_logprobs and any(not t.eos for t in event.tokens):
                     lp = {"content": self.names.chat_logprobs(event.tokens)}
@@ -349,6 +349,7 @@ class Server:
                 for piece in pieces:
                     yield piece
             elif isinstance(event, DoneEvent):
+                j = event.choice
                 completion_tokens += event.completion_tokens
                 for piece in split(j, "", final=True):
                     yield piece

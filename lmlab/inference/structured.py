@@ -94,15 +94,16 @@ class Constraint:
 
     def matcher(self) -> Matcher:
         return Matcher(llguidance.LLMatcher(self.grammars.lltok, self.grammar, log_level=0),
-                       self.grammars.vocab_size)
+                       self.grammars.vocab_size, self.grammars.eos_id)
 
 
 class Matcher:
     """One choice's place in its grammar."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos_id: int):
         self.matcher = matcher
         self.vocab_size = vocab_size
+        self.eos_id = eos_id
         self.bitmask = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
@@ -110,6 +111,8 @@ class Matcher:
         self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
         # numpy unpacks the bits (token t is bit t % 32 of word t // 32) several times faster than torch shifts
         allowed = np.unpackbits(self.bitmask.numpy().view(np.uint8), bitorder="little", count=logits.shape[-1])
+        if not allowed.any():  # the matcher failed (a parser limit): end the answer rather than sample from nothing
+            allowed[self.eos_id] = 1
         return torch.where(torch.from_numpy(allowed.view(bool)).to(logits.device), logits, float("-inf"))
 
     def consume(self, token: int) -> bool:
