@@ -42,6 +42,7 @@ from lmlab.inference.embed import Embedder
 from lmlab.inference.embeddings_api import EmbeddingService
 from lmlab.inference.rag_api import RagService
 from lmlab.inference.structured import Grammars
+from lmlab.inference.tools import stream_deltas
 from lmlab.inference.engine import DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent
 from lmlab.inference.protocol import (ApiError, Limits, TokenNames, check_model, include_usage, parse_chat,
                                       parse_completion, usage)
@@ -326,16 +327,7 @@ class Server:
             return {**meta, "choices": [{"index": j, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
         def split(j, text, final=False):  # content and call chunks of a piece of choice j's text
-            reader = readers[j]
-            content, calls = (text, []) if reader is None else reader.feed(text, final)
-            out = [chunk(j, {"content": content})] if content else []
-            first = len(reader.calls) - len(calls) if reader is not None else 0  # the calls' place in the choice
-            for index, call in enumerate(calls, start=first):
-                header = call.openai(index)
-                header["function"] = {"name": call.name, "arguments": ""}
-                out += [chunk(j, {"tool_calls": [header]}),
-                        chunk(j, {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})]
-            return out
+            return [chunk(j, delta) for delta in stream_deltas(readers[j], text, final)]
 
         completion_tokens = 0
         async for _, event in self._events(handles, None):

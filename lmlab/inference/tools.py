@@ -113,9 +113,8 @@ class Call:
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
-    def openai(self, index: int | None = None) -> dict:
-        entry = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-        return entry if index is None else {"index": index, **entry}
+    def openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 class CallReader:
@@ -169,6 +168,19 @@ class CallReader:
             return None
         return Call(f"call_{secrets.token_hex(12)}", value["name"],
                     json.dumps(value.get("arguments", {}), ensure_ascii=False))
+
+
+def stream_deltas(reader: CallReader | None, text: str, final: bool = False) -> list[dict]:
+    """OpenAI's chat-stream deltas for the next piece of a choice's text: the content decided so far, then each
+    completed call as OpenAI streams one (its index, id and name with empty arguments, then the arguments)."""
+    content, calls = (text, []) if reader is None else reader.feed(text, final)
+    deltas = [{"content": content}] if content else []
+    first = len(reader.calls) - len(calls) if reader is not None else 0  # the calls' place in the choice
+    for index, call in enumerate(calls, start=first):
+        deltas += [{"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                    "function": {"name": call.name, "arguments": ""}}]},
+                   {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}]
+    return deltas
 
 
 def _partial_suffix(text: str, tag: str) -> int:
