@@ -23,7 +23,8 @@ and counts the requests whose tokens, and whose log-probabilities bit for bit, d
     python bench/serve_load.py --response-format json_schema [--clients 16] [--new-tokens 64]
 
 instead starts one continuous-batching server and alternates waves of plain requests with waves whose requests
-carry a response_format (json_schema: ANSWER_SCHEMA below; or json_object): structured outputs' tokens/s against
+carry a response_format (json_schema: ANSWER_SCHEMA below; json_fixed: FIXED_SCHEMA, answers of one length; or
+json_object): structured outputs' tokens/s against
 unconstrained ones (issue 29: >= 0.9x at 16 clients), and how many constrained outputs validate against the schema
 (jsonschema). A constrained answer ends when its JSON closes, so its waves count
 the tokens actually generated (up to 4 x --new-tokens each).
@@ -59,8 +60,14 @@ ANSWER_SCHEMA = {"type": "object", "properties": {
     "steps": {"type": "array", "items": {"type": "string", "maxLength": 50}, "minItems": 2, "maxItems": 3},
     "confidence": {"type": "integer", "minimum": 1, "maximum": 10}},
     "required": ["answer", "steps", "confidence"], "additionalProperties": False}
+# json_fixed: one string of exactly 150 characters (about 40-50 tokens), so that the constrained answers have
+# nearly one length, as the plain ones (ignore_eos) do, and the two kinds of wave end alike.
+FIXED_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "minLength": 150, "maxLength": 150}},
+                "required": ["answer"], "additionalProperties": False}
 RESPONSE_FORMATS = {"json_schema": {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA,
                                                                            "strict": True}},
+                    "json_fixed": {"type": "json_schema", "json_schema": {"name": "answer", "schema": FIXED_SCHEMA,
+                                                                          "strict": True}},
                     "json_object": {"type": "json_object"}}
 
 
@@ -143,7 +150,7 @@ def structured_load(args) -> None:
     from lmlab.inference.server import model_id_for
 
     model_id, response_format = model_id_for(args.model), RESPONSE_FORMATS[args.response_format]
-    schema = ANSWER_SCHEMA if args.response_format == "json_schema" else {"type": "object"}
+    schema = {"json_schema": ANSWER_SCHEMA, "json_fixed": FIXED_SCHEMA}.get(args.response_format, {"type": "object"})
     proc, url = start_server(args.model, args.max_batch, args.threads, args.context)
     waves = {"unconstrained": [], args.response_format: []}
     try:
