@@ -27,6 +27,17 @@ on one): every client's chat starts with the same system message of about N toke
 each round starts cold). The first client goes alone; when its first token arrives (its prompt is prefilled, and
 cached on the one server) the other clients start together. Reports the TTFT p50 of the requests after the first
 and the aggregate tokens/s of the round. Target (issue 29): TTFT p50 <= 0.25x and tokens/s >= 1.5x without caching.
+
+or
+
+    python bench/serve_load.py --response-format json_schema [--clients 16] [--new-tokens 64]
+
+instead starts one continuous-batching server and alternates waves of plain requests with waves whose requests
+carry a response_format (json_schema: ANSWER_SCHEMA below; json_fixed: FIXED_SCHEMA, answers of one length; or
+json_object): structured outputs' tokens/s against
+unconstrained ones (issue 29: >= 0.9x at 16 clients), and how many constrained outputs validate against the schema
+(jsonschema). A constrained answer ends when its JSON closes, so its waves count
+the tokens actually generated (up to 4 x --new-tokens each).
 """
 
 from __future__ import annotations
@@ -50,6 +61,24 @@ QUESTIONS = [
     "Tell me about the Moon.", "How do vaccines work?", "What are the planets of the solar system?",
     "Why do leaves change colour in autumn?",
 ]
+
+
+# Bounded strings and an integer (a number's decimals may run on), so that an answer closes within 4 x --new-tokens
+# tokens and every output can validate.
+ANSWER_SCHEMA = {"type": "object", "properties": {
+    "answer": {"type": "string", "maxLength": 100},
+    "steps": {"type": "array", "items": {"type": "string", "maxLength": 50}, "minItems": 2, "maxItems": 3},
+    "confidence": {"type": "integer", "minimum": 1, "maximum": 10}},
+    "required": ["answer", "steps", "confidence"], "additionalProperties": False}
+# json_fixed: one string of exactly 150 characters (about 40-50 tokens), so that the constrained answers have
+# nearly one length, as the plain ones (ignore_eos) do, and the two kinds of wave end alike.
+FIXED_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "minLength": 150, "maxLength": 150}},
+                "required": ["answer"], "additionalProperties": False}
+RESPONSE_FORMATS = {"json_schema": {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA,
+                                                                           "strict": True}},
+                    "json_fixed": {"type": "json_schema", "json_schema": {"name": "answer", "schema": FIXED_SCHEMA,
+                                                                          "strict": True}},
+                    "json_object": {"type": "json_object"}}
 
 
 def free_port() -> int:
@@ -87,13 +116,15 @@ def wait_ready(proc: subprocess.Popen, url: str, seconds: float = 300) -> None:
     raise SystemExit(f"the server at {url} did not start in {seconds} s")
 
 
-async def one_client(client, model: str, question: str, new_tokens: int, system: str | None = None,
-                     first_token: asyncio.Event | None = None) -> dict:
+async def one_client(client, model: str, question: str, new_tokens: int, response_format: dict | None = None,
+                     system: str | None = None, first_token: asyncio.Event | None = None) -> dict:
     sent = time.perf_counter()
     messages = [{"role": "system", "content": system}] * (system is not None) + [{"role": "user", "content": question}]
-    stream = await client.chat.completions.create(
-        model=model, messages=messages, max_tokens=new_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    constrained = {"response_format": response_format, "max_tokens": 4 * new_tokens} if response_format else {}
+    stream = await client.chat.completions.create(**{
+        "model": model, "messages": messages, "max_tokens": new_tokens,
+        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+        "extra_body": {"ignore_eos": True}, **constrained})
     arrivals, tokens, prompt_tokens, text = [], 0, 0, ""
     async for chunk in stream:
         if chunk.usage is not None:
@@ -107,13 +138,13 @@ async def one_client(client, model: str, question: str, new_tokens: int, system:
             "prompt_tokens": prompt_tokens, "text": text}
 
 
-async def wave(url: str, model: str, clients: int, new_tokens: int) -> dict:
+async def wave(url: str, model: str, clients: int, new_tokens: int, response_format: dict | None = None) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
     start = time.perf_counter()
-    results = await asyncio.gather(*(one_client(client, model, QUESTIONS[i % len(QUESTIONS)], new_tokens)
-                                     for i in range(clients)))
+    results = await asyncio.gather(*(one_client(client, model, QUESTIONS[i % len(QUESTIONS)], new_tokens,
+                                                response_format) for i in range(clients)))
     wall = time.perf_counter() - start
     await client.close()
     ttft = sorted(r["ttft"] for r in results)
@@ -123,7 +154,58 @@ async def wave(url: str, model: str, clients: int, new_tokens: int) -> dict:
             "tokens_per_s": round(tokens / wall, 2),
             "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p95_s": round(percentile(ttft, 95), 3),
             "itl_p50_ms": round(1000 * percentile(itl, 50), 1), "itl_p95_ms": round(1000 * percentile(itl, 95), 1),
-            "texts": [r["text"] for r in results]}
+            "mean_completion_tokens": round(tokens / clients, 1), "texts": [r["text"] for r in results]}
+
+
+def structured_load(args) -> None:
+    """--response-format: plain and constrained waves, alternating on one server (see the module's docstring)."""
+    import jsonschema
+    from lmlab.inference.server import model_id_for
+
+    model_id, response_format = model_id_for(args.model), RESPONSE_FORMATS[args.response_format]
+    schema = {"json_schema": ANSWER_SCHEMA, "json_fixed": FIXED_SCHEMA}.get(args.response_format, {"type": "object"})
+    proc, url = start_server(args.model, args.max_batch, args.threads, args.context)
+    waves = {"unconstrained": [], args.response_format: []}
+    try:
+        wait_ready(proc, url)
+        asyncio.run(wave(url, model_id, 1, 8))  # warm up, the grammar engine's tokenizer too
+        asyncio.run(wave(url, model_id, 1, 8, response_format))
+        clients = max(int(c) for c in args.clients.split(","))
+        for _ in range(args.rounds):
+            for name in waves:  # the two kinds take turns, so that other load on the machine hits both
+                waves[name].append(asyncio.run(wave(url, model_id, clients, args.new_tokens,
+                                                    response_format if name != "unconstrained" else None)))
+                print(f"{name}: {waves[name][-1]['tokens_per_s']} tokens/s", file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    texts = [t for w in waves[args.response_format] for t in w.pop("texts")]
+    report_texts = texts[:4]
+    for w in waves["unconstrained"]:
+        w.pop("texts")
+
+    def validates(text):
+        try:
+            jsonschema.validate(json.loads(text), schema)
+            return True
+        except (json.JSONDecodeError, jsonschema.ValidationError):
+            return False
+
+    rate = {name: sum(w["completion_tokens"] for w in ws) / sum(w["wall_s"] for w in ws) for name, ws in waves.items()}
+    ratio = rate[args.response_format] / rate["unconstrained"]
+    report = {"model": args.model, "threads": args.threads, "clients": clients, "new_tokens": args.new_tokens,
+              "response_format": response_format, "waves": waves,
+              "tokens_per_s": {k: round(v, 2) for k, v in rate.items()},
+              "constrained_vs_unconstrained_tokens_per_s": round(ratio, 3),
+              "valid_outputs": f"{sum(map(validates, texts))}/{len(texts)}", "example_outputs": report_texts,
+              "invalid_outputs": [t for t in texts if not validates(t)],
+              "load_average_at_end": os.getloadavg(), "target": {"ratio": 0.9}, "target_met": ratio >= 0.9}
+    print(f"{'requests':16} {'tokens/s':>9} {'mean tokens':>12}", file=sys.stderr)
+    for name, ws in waves.items():
+        mean = statistics.mean(w["mean_completion_tokens"] for w in ws)
+        print(f"{name:16} {rate[name]:>9.1f} {mean:>12.1f}", file=sys.stderr)
+    print(f"ratio {ratio:.3f}; valid {report['valid_outputs']}", file=sys.stderr)
+    print(json.dumps(report, indent=2))
 
 
 def system_message(tokens: int, round_: int) -> str:
@@ -140,12 +222,13 @@ async def prefix_wave(url: str, model: str, clients: int, new_tokens: int, syste
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
     start = time.perf_counter()
     prefilled = asyncio.Event()
-    first = asyncio.create_task(one_client(client, model, QUESTIONS[0], new_tokens, system, prefilled))
+    first = asyncio.create_task(one_client(client, model, QUESTIONS[0], new_tokens, system=system,
+                                           first_token=prefilled))
     waiting = asyncio.create_task(prefilled.wait())
     await asyncio.wait({first, waiting}, return_when=asyncio.FIRST_COMPLETED)
     if first.done():
         first.result()  # the first client's error, rather than waiting for a token that will not come
-    rest = await asyncio.gather(*(one_client(client, model, QUESTIONS[i % len(QUESTIONS)], new_tokens, system)
+    rest = await asyncio.gather(*(one_client(client, model, QUESTIONS[i % len(QUESTIONS)], new_tokens, system=system)
                                   for i in range(1, clients)))
     results = [await first, *rest]
     wall = time.perf_counter() - start
@@ -255,10 +338,17 @@ def main():
                     help="int4 (the GGUF's Q4_1 blocks, bf16) against fp32 weights, both continuous batching")
     ap.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                     help="prefix caching on and off, clients sharing a system message of about N tokens")
-    ap.add_argument("--rounds", type=int, default=2, help="--shared-prefix: rounds per server (a new prefix each)")
+    ap.add_argument("--response-format", choices=sorted(RESPONSE_FORMATS),
+                    help="structured outputs against plain requests on one server instead")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds per server with --shared-prefix (a new prefix each); waves of each kind with "
+                         "--response-format")
     args = ap.parse_args()
     if args.shared_prefix:
         print(json.dumps(shared_prefix_report(args), indent=2))
+        return
+    if args.response_format:
+        structured_load(args)
         return
     if args.invariance:
         clients = max(int(c) for c in args.clients.split(","))

@@ -6,8 +6,10 @@ threads send, for --minutes (default 10), a mix of:
     plain     non-streamed /v1/completions (echo + logprobs on a third of them, as lm-evaluation-harness scores)
     stream    streamed /v1/chat/completions, read to `data: [DONE]`
     cancel    streamed requests dropped after the first few events (the client goes away mid-stream)
-    bad       deliberately invalid bodies (a lone surrogate, a wrong type, a prompt over the context), which must
-              get an OpenAI-shaped 400
+    schema    non-streamed chat with a json_schema response_format; a finished answer must parse as JSON
+    tool      chat with tools and tool_choice required (streamed or not); a finished answer must hold tool_calls
+    bad       deliberately invalid bodies (a lone surrogate, a wrong type, a prompt over the context, a schema the
+              grammar engine cannot compile, a tool message answering no call), which must get an OpenAI 400
     embed     (with --embedding-model) POST /v1/embeddings of 1-16 texts of 1-120 words, floats or base64
     rag       (with --rag) POST /v1/rag/context: a question of 3-30 words, k 1-8, against an index of lmlab's
               results pages built by `lmlab rag index` with the embedding model
@@ -56,10 +58,14 @@ from lmlab.models.transformer import Transformer, TransformerConfig
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 MODEL_ID = "soak-tiny"
-KINDS = ("plain", "stream", "cancel", "bad")
-WEIGHTS = (0.35, 0.35, 0.2, 0.1)
+KINDS = ("plain", "stream", "cancel", "schema", "tool", "bad")
+WEIGHTS = (0.25, 0.25, 0.15, 0.15, 0.1, 0.1)
+SCHEMA = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 8},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["word", "n"], "additionalProperties": False}
 EMBEDDING_ID = ""  # the served embedding model's id (main sets it)
-EXTRA_WEIGHTS = {"embed": 0.25, "rag": 0.25}  # relative to the four above (whose weights sum to 1)
+EXTRA_WEIGHTS = {"embed": 0.25, "rag": 0.25}  # relative to the six above (whose weights sum to 1)
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": SCHEMA}}
 WORDS = ["love", "king", "night", "sweet", "death", "lord", "fair", "heart", "the", "of", "my", "thou", "and", "is"]
 
 
@@ -104,9 +110,15 @@ def body_for(kind: str, rng: random.Random) -> tuple[str, dict | bytes]:
         if rng.random() < 1 / 3:
             body.update(echo=True, logprobs=1, max_tokens=1, temperature=0)
         return "/v1/completions", body
+    chat = {"model": MODEL_ID, "messages": [{"role": "user", "content": words}], "seed": rng.randint(0, 99)}
     if kind in ("stream", "cancel"):
-        return "/v1/chat/completions", {"model": MODEL_ID, "messages": [{"role": "user", "content": words}],
-                                        "max_tokens": rng.randint(8, 96), "stream": True, "seed": rng.randint(0, 99)}
+        return "/v1/chat/completions", {**chat, "max_tokens": rng.randint(8, 96), "stream": True}
+    if kind == "schema":
+        return "/v1/chat/completions", {**chat, "max_tokens": 96, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}}
+    if kind == "tool":
+        return "/v1/chat/completions", {**chat, "max_tokens": 96, "tools": [TOOL], "tool_choice": "required",
+                                        "parallel_tool_calls": False, "stream": rng.random() < 0.5}
     if kind == "embed":
         texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 120))) for _ in range(rng.randint(1, 16))]
         return "/v1/embeddings", {"model": EMBEDDING_ID, "input": texts if len(texts) > 1 else texts[0],
@@ -116,8 +128,11 @@ def body_for(kind: str, rng: random.Random) -> tuple[str, dict | bytes]:
                                    "k": rng.randint(1, 8)}
     bad = rng.choice([b'{"model": "soak-tiny", "prompt": "\\ud800"}',
                       {"model": MODEL_ID, "prompt": "x", "temperature": "hot"},
-                      {"model": MODEL_ID, "prompt": "night " * 5000}])
-    return "/v1/completions", bad
+                      {"model": MODEL_ID, "prompt": "night " * 5000},
+                      {**chat, "response_format": {"type": "json_schema", "json_schema": {
+                          "name": "s", "schema": {"type": "objekt"}}}},
+                      {**chat, "messages": chat["messages"] + [{"role": "tool", "tool_call_id": "x", "content": "1"}]}])
+    return ("/v1/chat/completions" if isinstance(bad, dict) and "messages" in bad else "/v1/completions"), bad
 
 
 def one_request(port: int, kind: str, rng: random.Random) -> dict:
@@ -129,30 +144,53 @@ def one_request(port: int, kind: str, rng: random.Random) -> dict:
         conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         out = {"kind": kind, "status": resp.status}
-        if resp.status != 200 or kind in ("plain", "embed", "rag"):
+        whole = kind in ("plain", "schema", "embed", "rag") or (kind == "tool" and not body.get("stream"))
+        if resp.status != 200 or whole:
             answer = json.loads(resp.read())
             out["openai_error"] = resp.status == 200 or set(answer.get("error", {})) == {"message", "type", "param",
                                                                                             "code"}
+            if resp.status == 200 and kind in ("schema", "tool"):
+                out["structured_ok"] = structured_ok(kind, answer["choices"][0])
         elif kind == "cancel":
             for _ in range(rng.randint(1, 4)):
                 resp.readline()
             conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
             return out
         else:
-            first, events = None, 0
+            first, events, calls, finish = None, 0, 0, None
             for line in resp:
                 events += line.startswith(b"data: {")
+                if kind == "tool" and line.startswith(b"data: {"):
+                    choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+                    calls += bool((choice.get("delta") or {}).get("tool_calls"))
+                    finish = choice.get("finish_reason") or finish
                 if first is None and events == 2:  # the first event only names the role: the second has text
                     first = time.perf_counter() - sent
                 if line.strip() == b"data: [DONE]":
                     break
-            out["ttft"] = first
+            if kind == "tool":
+                out["structured_ok"] = finish == "length" or calls > 0
+            else:
+                out["ttft"] = first
         out["latency"] = time.perf_counter() - sent
         return out
     except OSError as e:
         return {"kind": kind, "status": f"connection error: {type(e).__name__}"}
     finally:
         conn.close()
+
+
+def structured_ok(kind: str, choice: dict) -> bool:
+    """A finished structured answer is what was asked for (one cut by max_tokens may be incomplete)."""
+    if choice["finish_reason"] == "length":
+        return True
+    if kind == "tool":
+        return choice["finish_reason"] == "tool_calls" and len(choice["message"].get("tool_calls") or []) == 1
+    try:
+        value = json.loads(choice["message"]["content"])
+    except json.JSONDecodeError:
+        return False
+    return isinstance(value, dict) and set(value) == {"word", "n"}
 
 
 def drive(port: int, clients: int, seconds: float, seed: int, kinds=KINDS, weights=WEIGHTS) -> list[dict]:
@@ -190,7 +228,8 @@ def percentile(values: list[float], q: float) -> float | None:
 def summarize(results: list[dict], rss: dict, rows_free: dict, args) -> dict:
     by_kind = Counter(r["kind"] for r in results)
     codes = Counter(str(r["status"]) for r in results)
-    expected = {"plain": 200, "stream": 200, "cancel": 200, "bad": 400, "embed": 200, "rag": 200}
+    expected = {"plain": 200, "stream": 200, "cancel": 200, "schema": 200, "tool": 200, "bad": 400, "embed": 200,
+                "rag": 200}
     unexpected = Counter(f"{r['kind']}:{r['status']}" for r in results if r["status"] != expected[r["kind"]])
     latency = {k: [r["latency"] for r in results if r["kind"] == k and "latency" in r and r["status"] == 200]
                for k in ("plain", "stream")}
@@ -201,6 +240,7 @@ def summarize(results: list[dict], rss: dict, rows_free: dict, args) -> dict:
         "requests": len(results), "requests_per_s": round(len(results) / (args.minutes * 60), 2),
         "by_kind": dict(by_kind), "status_codes": dict(codes), "unexpected": dict(unexpected),
         "non_openai_errors": sum(1 for r in results if r.get("openai_error") is False),
+        "structured_wrong": sum(1 for r in results if r.get("structured_ok") is False),
         "latency_s": {k: {"p50": percentile(v, 50), "p95": percentile(v, 95), "n": len(v)} for k, v in latency.items()},
         "stream_ttft_s": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)},
         "rss_mb": {"start": round(rss["start"] / 2**20, 1), "end": round(rss["end"] / 2**20, 1),
@@ -209,7 +249,8 @@ def summarize(results: list[dict], rss: dict, rows_free: dict, args) -> dict:
         "embedding_model": args.embedding_model, "rag": args.rag,
         "rss_growth_by_class_mb": rss.get("by_class"),
     }
-    report["passed"] = (not unexpected and report["non_openai_errors"] == 0 and growth_mb < args.rss_bound_mb
+    report["passed"] = (not unexpected and report["non_openai_errors"] == 0 and report["structured_wrong"] == 0
+                        and growth_mb < args.rss_bound_mb
                         and rows_free["running_sequences"] == 0 and rows_free["queue_depth"] == 0)
     return report
 
@@ -219,7 +260,8 @@ def table(report: dict) -> str:
     lines = [f"requests {report['requests']} ({report['requests_per_s']}/s): " +
              ", ".join(f"{k} {v}" for k, v in report["by_kind"].items()),
              "status codes: " + ", ".join(f"{k}: {v}" for k, v in sorted(report["status_codes"].items())),
-             f"unexpected: {report['unexpected'] or 'none'}; non-OpenAI error bodies: {report['non_openai_errors']}",
+             f"unexpected: {report['unexpected'] or 'none'}; non-OpenAI error bodies: {report['non_openai_errors']}; "
+             f"wrong structured answers: {report['structured_wrong']}",
              f"latency p50/p95: plain {lat['plain']['p50']}/{lat['plain']['p95']} s, stream "
              f"{lat['stream']['p50']}/{lat['stream']['p95']} s; stream TTFT {report['stream_ttft_s']['p50']}/"
              f"{report['stream_ttft_s']['p95']} s",
@@ -255,7 +297,8 @@ def main() -> None:
     weights = WEIGHTS + tuple(EXTRA_WEIGHTS[k] for k in kinds[len(KINDS):])
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = tiny_model(Path(tmp) / MODEL_ID, context=512)
+        # 1024 tokens: the generic tool prompt is byte-level text to this vocabulary (about 900 tokens with a call)
+        folder = tiny_model(Path(tmp) / MODEL_ID, context=1024)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         extra = ["--embedding-model", args.embedding_model] if args.embedding_model else []
         if args.rag:
@@ -268,7 +311,7 @@ def main() -> None:
                            stdout=subprocess.DEVNULL)
             extra += ["--rag", str(Path(tmp) / "idx")]
         proc = subprocess.Popen([sys.executable, "-m", "lmlab", "serve", "--model", str(folder), "--port", str(port),
-                                 "--max-batch", str(args.max_batch), "--max-queue", "64", "--context", "512",
+                                 "--max-batch", str(args.max_batch), "--max-queue", "64", "--context", "1024",
                                  "--dtype", args.dtype, *extra],
                                 env=env, stdout=subprocess.DEVNULL)
         try:

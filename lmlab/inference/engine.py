@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from lmlab.errors import LmlabError
 from lmlab.inference.generate import CompletionText, SamplingParams, adjust_logits, pick_tokens
 from lmlab.inference.paged import BlockPool, BlockTable, PagedView
+from lmlab.inference.structured import Constraint
 from lmlab.models.quantize import decoding_forward
 
 
@@ -63,6 +64,7 @@ class Request:
     n: int = 1
     logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
     prompt_logprobs: bool = False  # also the log-probability of every prompt token (OpenAI's echo + logprobs)
+    constraint: Constraint | None = None  # a grammar every choice's tokens must follow (structured outputs)
 
 
 @dataclass
@@ -190,13 +192,15 @@ class _Choice:
             seed = self.params.seed + index if self.params.seed is not None else secrets.randbits(62)
             self.generator = torch.Generator(device=device).manual_seed(seed)
         self.text = CompletionText(tokenizer, self.params.stop)
+        self.matcher = request.constraint.matcher() if request.constraint is not None else None
         self.generated = 0
         self.last_token = 0
         self.last_time = 0.0
         self.finish_reason: str | None = None
 
-    def push(self, token: int, info: TokenInfo | None) -> None:
-        """Take the sampled token; emit new text; decide whether this choice is finished."""
+    def push(self, token: int, info: TokenInfo | None, complete: bool = False) -> None:
+        """Take the sampled token; emit new text; decide whether this choice is finished (`complete`: its grammar
+        allows nothing more)."""
         self.generated += 1
         self.last_token = token
         # The token's entry goes out even when it is EOS (no text): OpenAI and vLLM list it, and lm-evaluation-
@@ -205,7 +209,7 @@ class _Choice:
         if token in self.eos_ids:
             self.finish_reason = "stop"
         else:
-            if self.text.push(token):
+            if self.text.push(token) or complete:  # complete: the grammar allows no further token
                 self.finish_reason = "stop"
             elif self.generated >= self.params.max_new_tokens:
                 self.finish_reason = "length"
@@ -529,16 +533,19 @@ class Engine:
     def _sample(self, choice: _Choice, logits: torch.Tensor, greedy_token: int | None = None) -> None:
         """Pick the next token of one row from its (1, V) float logits and push it."""
         params = choice.params
+        allowed = logits
+        if choice.matcher is not None:  # this row alone pays for its grammar; log-probabilities stay the model's
+            allowed, greedy_token = choice.matcher.mask(logits), None
         if params.greedy:
-            token = greedy_token if greedy_token is not None else int(logits.argmax(dim=-1))
+            token = greedy_token if greedy_token is not None else int(allowed.argmax(dim=-1))
         else:
-            token = int(pick_tokens(adjust_logits(logits, params), params, choice.generator))
+            token = int(pick_tokens(adjust_logits(allowed, params), params, choice.generator))
         info = None
         if choice.handle.request.logprobs is not None:
             info = _token_infos(logits, [token], choice.handle.request.logprobs)[0]
             info.eos = token in choice.eos_ids
         self.stats.generation_tokens += 1
-        choice.push(token, info)
+        choice.push(token, info, choice.matcher is not None and choice.matcher.consume(token))
         if choice.finish_reason is not None:
             choice.handle.engine_open -= 1
             if choice.handle.engine_open == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
@@ -19,6 +20,9 @@ from tokenizers import decoders
 from lmlab.errors import LmlabError
 from lmlab.inference.engine import Request
 from lmlab.inference.generate import SamplingParams
+from lmlab.inference.structured import (ConstraintError, Constraint, Grammars, choice_grammar, json_schema_grammar,
+                                        lark_grammar, regex_grammar)
+from lmlab.inference.tools import NO_PARAMETERS, CallReader, Tool, calls_grammar, prompt_messages, template_takes_tools
 
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI: 5 for completions, 20 for chat)
 
@@ -80,9 +84,8 @@ def refuse_unsupported(body: dict) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise ApiError(400, f"'{name}' is not supported by lmlab serve; leave it at 0", name, "unsupported")
-    for name in ("logit_bias", "suffix", "tools", "functions", "response_format"):
-        if body.get(name) not in (None, {}, [], "") and not (name == "response_format"
-                                                                and body[name] == {"type": "text"}):
+    for name in ("logit_bias", "suffix", "functions"):
+        if body.get(name) not in (None, {}, [], ""):
             raise ApiError(400, f"'{name}' is not supported by lmlab serve; remove it", name, "unsupported")
 
 
@@ -122,6 +125,94 @@ def choices_n(body: dict, max_batch: int) -> int:
 
 def include_usage(body: dict) -> bool:
     return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Structured outputs (lmlab.inference.structured): OpenAI's response_format and vLLM's guided_* fields
+
+def _schema(value, param: str) -> dict:
+    if isinstance(value, str):  # vLLM takes guided_json as JSON text too
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ApiError(400, f"'{param}' is not valid JSON ({e}); send a JSON schema", param,
+                           "invalid_value") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"'{param}' must be a JSON schema (an object)", param, "invalid_type")
+    return value
+
+
+def _text(value, param: str, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"'{param}' must be {what} (a non-empty string)", param, "invalid_type")
+    return value
+
+
+def _response_format(value) -> tuple[str | None, str]:
+    """(the grammar, the field it comes from) of OpenAI's response_format: text (no grammar), json_object, or
+    json_schema {name, schema, strict}."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None, "response_format"
+    if kind == "json_object":
+        return json_schema_grammar({"type": "object"}), "response_format"
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise ApiError(400, "'response_format.json_schema' must be an object with a 'name' and a 'schema'",
+                           "response_format.json_schema", "invalid_value")
+        if not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise ApiError(400, "'response_format.json_schema.strict' must be true or false",
+                           "response_format.json_schema.strict", "invalid_type")
+        param = "response_format.json_schema.schema"
+        return json_schema_grammar(_schema(spec.get("schema", {}), param)), param
+    raise ApiError(400, "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                        "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                   "response_format", "invalid_value")
+
+
+# vLLM's names: the guided_* fields, and their newer home, the structured_outputs object
+_GUIDED = {"json": lambda v, p: json_schema_grammar(_schema(v, p)),
+           "regex": lambda v, p: regex_grammar(_text(v, p, "a regular expression")),
+           "grammar": lambda v, p: lark_grammar(_text(v, p, "a Lark or GBNF grammar"), p),
+           "choice": lambda v, p: choice_grammar(_choices(v, p)),
+           "json_object": lambda v, p: json_schema_grammar({"type": "object"}) if v is True else None}
+
+
+def _choices(value, param: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+        raise ApiError(400, f"'{param}' must be a non-empty list of non-empty strings", param, "invalid_type")
+    return value
+
+
+def constraint(body: dict, grammars: Grammars | None, grammar: tuple[str, str] | None = None) -> Constraint | None:
+    """The request's output grammar, compiled (400 naming the field if it cannot be), or None. `grammar` is one
+    given by the caller (tool calls), as (grammar, the field it comes from)."""
+    found = [grammar] if grammar else []
+    if body.get("response_format") is not None:
+        found.append(_response_format(body["response_format"]))
+    for name, make in _GUIDED.items():
+        if body.get(f"guided_{name}") is not None:
+            found.append((make(body[f"guided_{name}"], f"guided_{name}"), f"guided_{name}"))
+    outputs = body.get("structured_outputs")
+    if outputs is not None:
+        if not isinstance(outputs, dict) or set(outputs) - set(_GUIDED):
+            raise ApiError(400, "'structured_outputs' must be an object with one of: " + ", ".join(_GUIDED),
+                           "structured_outputs", "invalid_value")
+        found += [(make(outputs[name], f"structured_outputs.{name}"), f"structured_outputs.{name}")
+                  for name, make in _GUIDED.items() if outputs.get(name) is not None]
+    found = [(g, param) for g, param in found if g is not None]
+    if len(found) > 1:
+        raise ApiError(400, f"'{found[1][1]}' and '{found[0][1]}' both constrain the output; send one of them",
+                       found[1][1], "invalid_value")
+    if not found:
+        return None
+    if grammars is None:
+        raise ApiError(400, "this server cannot constrain outputs", found[0][1], "unsupported")
+    try:
+        return grammars.constraint(*found[0])
+    except ConstraintError as e:
+        raise ApiError(400, str(e), e.param, "invalid_value") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,10 +284,11 @@ def _prompt_ids(body: dict, tokenizer, limits: Limits) -> list[list[int]]:
     return out
 
 
-def parse_completion(body: dict, tokenizer, limits: Limits) -> CompletionRequest:
+def parse_completion(body: dict, tokenizer, limits: Limits, grammars: Grammars | None = None) -> CompletionRequest:
     """The completion request; the fields are checked before the prompts are tokenised (the slow part)."""
     refuse_unsupported(body)
     _prompt_list(body, limits)
+    grammar = constraint(body, grammars)
     max_tokens = number(body, "max_tokens", 16, 0, math.inf, integer=True)
     logprobs = number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
     echo = flag(body, "echo")
@@ -207,7 +299,7 @@ def parse_completion(body: dict, tokenizer, limits: Limits) -> CompletionRequest
                        "invalid_value")
     prompts = _prompt_ids(body, tokenizer, limits)
     requests = [Request(ids, sampling(body, max_tokens, len(ids), "prompt", limits.context), n, logprobs,
-                        prompt_logprobs=echo and logprobs is not None) for ids in prompts]
+                        prompt_logprobs=echo and logprobs is not None, constraint=grammar) for ids in prompts]
     return CompletionRequest(prompts, requests, n, logprobs, echo, stream)
 
 
@@ -217,6 +309,52 @@ class ChatRequest:
     n: int
     logprobs: bool
     stream: bool
+    tools: list[Tool] | None = None  # the functions the answer may call (None: its text is all content)
+    forced: bool = False  # tool_choice required or named: the answer is calls only
+
+    def call_reader(self) -> CallReader | None:
+        return CallReader(self.tools, self.forced) if self.tools else None
+
+
+def _content(m: dict, param: str, optional: bool) -> str:
+    content = m.get("content")
+    if content is None and optional:
+        return ""
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise ApiError(400, f"{param}.content parts must be text parts (lmlab models read text only)",
+                           param, "invalid_value")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"{param}.content must be a string", param, "invalid_type")
+    return content
+
+
+def _calls(m: dict, param: str) -> list[dict]:
+    """An assistant message's tool_calls, their arguments parsed."""
+    calls = m.get("tool_calls")
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{param}.tool_calls must be a list", f"{param}.tool_calls", "invalid_type")
+    out = []
+    for j, c in enumerate(calls):
+        where = f"{param}.tool_calls[{j}]"
+        function = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(function, dict) and isinstance(c.get("id"), str) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), str)):
+            raise ApiError(400, f"{where} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                                "\"arguments\": JSON text}}}}", where, "invalid_value")
+        try:
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise ApiError(400, f"{where}.function.arguments must be a JSON object as text", 
+                           f"{where}.function.arguments", "invalid_value")
+        out.append({"id": c["id"], "name": function["name"], "arguments": arguments})
+    return out
 
 
 def _messages(body: dict) -> list[dict]:
@@ -224,41 +362,108 @@ def _messages(body: dict) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages",
                        "invalid_type")
-    out = []
+    out, call_ids = [], set()
     for k, m in enumerate(messages):
         param = f"messages[{k}]"
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"{param} must be an object whose 'role' is system, user or assistant", param,
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise ApiError(400, f"{param} must be an object whose 'role' is system, user, assistant or tool", param,
                            "invalid_value")
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(400, f"{param}.content parts must be text parts (lmlab models read text only)",
-                               param, "invalid_value")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, f"{param}.content must be a string", param, "invalid_type")
+        role = m["role"]
+        calls = _calls(m, param) if role == "assistant" else []
         # "developer" is OpenAI's newer name for the system role; chat templates know "system".
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        entry = {"role": "system" if role == "developer" else role, "content": _content(m, param, bool(calls))}
+        if calls:
+            entry["tool_calls"] = calls
+            call_ids.update(c["id"] for c in calls)
+        if role == "tool":
+            if m.get("tool_call_id") not in call_ids:
+                raise ApiError(400, f"{param} answers no tool call: its 'tool_call_id' "
+                                    f"{json.dumps(m.get('tool_call_id'))} is not the id of a call in an earlier "
+                                    "assistant message's tool_calls", f"{param}.tool_call_id", "invalid_value")
+            entry["tool_call_id"] = m["tool_call_id"]
+        out.append(entry)
     return out
 
 
-def parse_chat(body: dict, pretrained, model_id: str, limits: Limits) -> ChatRequest:
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _tools(body: dict, grammars: Grammars | None) -> list[Tool]:
+    """The request's functions; each parameters schema is compiled, so that a bad one is a 400 naming it."""
+    tools = body.get("tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise ApiError(400, "'tools' must be a list of {\"type\": \"function\", \"function\": {...}}", "tools",
+                       "invalid_type")
+    out = []
+    for i, t in enumerate(tools):
+        function = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(function, dict):
+            raise ApiError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                                "\"description\", \"parameters\"}}}}", f"tools[{i}]", "invalid_value")
+        name = function.get("name")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ApiError(400, f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -",
+                           f"tools[{i}].function.name", "invalid_value")
+        if name in {t.name for t in out}:
+            raise ApiError(400, f"tools[{i}].function.name {name!r} is used by two tools",
+                           f"tools[{i}].function.name", "invalid_value")
+        param = f"tools[{i}].function.parameters"
+        parameters = function.get("parameters", NO_PARAMETERS)
+        if not isinstance(parameters, dict):
+            raise ApiError(400, f"'{param}' must be a JSON schema (an object)", param, "invalid_type")
+        description = function.get("description")
+        if grammars is not None:
+            try:
+                grammars.constraint(json_schema_grammar(parameters), param)
+            except ConstraintError as e:
+                raise ApiError(400, str(e), e.param, "invalid_value") from None
+        out.append(Tool(name, description if isinstance(description, str) else None, parameters))
+    return out
+
+
+def _tool_choice(body: dict, tools: list[Tool]) -> tuple[list[Tool], bool]:
+    """(the tools the answer may call, whether it must call one) as tool_choice says."""
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise ApiError(400, "'tool_choice' is 'required' but the request has no tools", "tool_choice",
+                           "invalid_value")
+        return (tools if choice != "none" else []), choice == "required"
+    name = ((choice.get("function") or {}).get("name") if isinstance(choice, dict)
+            and choice.get("type") == "function" and isinstance(choice.get("function"), dict) else None)
+    if name is None:
+        raise ApiError(400, "'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}}", "tool_choice", "invalid_value")
+    named = [t for t in tools if t.name == name]
+    if not named:
+        raise ApiError(400, f"'tool_choice' names the function {name!r}, which is not in 'tools'", "tool_choice",
+                       "invalid_value")
+    return named, True
+
+
+def parse_chat(body: dict, pretrained, model_id: str, limits: Limits, grammars: Grammars | None = None) -> ChatRequest:
     """The chat request; the messages become a prompt through the model's own chat template."""
     refuse_unsupported(body)
     messages = _messages(body)
-    chars = sum(len(m["content"]) for m in messages)
+    chars = sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""))) for m in messages)
     if chars > limits.max_chars:  # the template only adds to the contents
         raise _too_long(chars, limits, "messages")
     context, max_batch = limits.context, limits.max_batch
     if pretrained.chat_template is None:
         raise ApiError(400, f"{model_id} has no chat template (a base model); use /v1/completions", "model",
                        "no_chat_template")
+    tools = _tools(body, grammars)
+    callable_, forced = _tool_choice(body, tools)
+    parallel = flag(body, "parallel_tool_calls") if body.get("parallel_tool_calls") is not None else True
+    native = template_takes_tools(pretrained.chat_template)
     try:
-        text = pretrained.chat_prompt(messages, add_generation_prompt=True)
+        text = pretrained.chat_prompt(prompt_messages(messages, callable_, native), add_generation_prompt=True,
+                                      tools=[t.openai() for t in callable_] if native and callable_ else None)
     except LmlabError as e:
         raise ApiError(400, str(e), "messages", "invalid_value") from None
+    grammar = constraint(body, grammars, (calls_grammar(callable_, parallel), "tool_choice") if forced else None)
     ids = pretrained.tokenizer.encode(text, add_special_tokens=False).ids
     max_tokens = number(body, "max_completion_tokens", None, 1, math.inf, integer=True)
     max_tokens = number(body, "max_tokens", max_tokens or max(context - len(ids), 1), 1, math.inf, integer=True)
@@ -269,8 +474,8 @@ def parse_chat(body: dict, pretrained, model_id: str, limits: Limits) -> ChatReq
     stream = flag(body, "stream")
     n = choices_n(body, max_batch)
     request = Request(ids, sampling(body, max_tokens, len(ids), "messages", context), n,
-                      top if want_logprobs else None)
-    return ChatRequest(request, n, want_logprobs, stream)
+                      top if want_logprobs else None, constraint=grammar)
+    return ChatRequest(request, n, want_logprobs, stream, callable_ or None, forced)
 
 
 # ----------------------------------------------------------------------------------------------------------------

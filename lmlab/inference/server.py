@@ -9,6 +9,11 @@ Server-Sent Events ending in `data: [DONE]`), GET /health, GET /metrics (Prometh
 page, lmlab/static). The official `openai` client, lm-evaluation-harness' `local-completions` (echo + logprobs
 scoring) and other OpenAI-speaking tools work unchanged.
 
+Structured outputs (`response_format` json_object / json_schema, vLLM's `guided_json`, `guided_regex`,
+`guided_grammar`, `guided_choice` and `structured_outputs`) are enforced token by token by a grammar
+(lmlab.inference.structured); `tools` / `tool_choice` answer in OpenAI's `tool_calls` (lmlab.inference.tools). A
+sentence encoder given as the model (`lmlab serve --model minilm-l6`) is served alone at POST /v1/embeddings.
+
 As vLLM splits it: lmlab.inference.protocol checks the requests and shapes the answers' pieces (OpenAI's fields
 and error bodies), this file serves them (the FastAPI app, the key, the body, streaming, metrics), and
 lmlab.inference.engine generates (one thread owns the model).
@@ -38,9 +43,12 @@ from lmlab.inference.embeddings_api import EmbeddingService, on_model_thread
 from lmlab.inference.rag_api import RagService
 from lmlab.inference.engine import (DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent,
                                     check_kv_cache_tokens)
+from lmlab.inference.structured import Grammars
+from lmlab.inference.tools import stream_deltas
+from lmlab.inference.metrics import prometheus_text
 from lmlab.inference.protocol import (ApiError, Limits, TokenNames, check_model, include_usage, parse_chat,
                                       parse_completion, usage)
-from lmlab.models.hub import REGISTRY, load_pretrained
+from lmlab.models.hub import REGISTRY, load_pretrained, resolve
 from lmlab.models.quantize import FLOAT32, InferenceSettings, check_device
 from lmlab.util import bound_kernel_caches, option, pick_device
 
@@ -49,22 +57,27 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # a context of 100k tokens is about 400 kB of 
 
 
 class Server:
-    """The API's logic: a loaded model, its engine, and counters for /metrics."""
+    """The API's logic: a loaded model, its engine, and counters for /metrics. Without a language model
+    (`pretrained` and `engine` None) it serves its embedding model alone."""
 
-    def __init__(self, pretrained, engine: Engine, model_id: str, api_key: str | None = None,
+    def __init__(self, pretrained, engine: Engine | None, model_id: str, api_key: str | None = None,
                  max_body: int = MAX_BODY_BYTES, embeddings: EmbeddingService | None = None,
                  rag: RagService | None = None):
         self.pretrained = pretrained
-        self.tokenizer = pretrained.tokenizer
         self.engine = engine
         self.model_id = model_id
         self.api_key = api_key
         self.max_body = max_body
         self.created = int(time.time())
         self.http_requests: dict[tuple[str, int], int] = {}
-        self.names = TokenNames(self.tokenizer)
-        self.limits = Limits(engine.context, engine.context * self.names.longest, max(engine.max_queue, 1),
-                             engine.max_batch)
+        if engine is not None:
+            self.tokenizer = pretrained.tokenizer
+            self.names = TokenNames(self.tokenizer)
+            self.limits = Limits(engine.context, engine.context * self.names.longest, max(engine.max_queue, 1),
+                                 engine.max_batch)
+            eos = pretrained.eos_token_id if pretrained.eos_token_id is not None else min(engine.eos_ids, default=0)
+            # structured outputs and forced tool calls (llguidance reads the tokenizer on the first such request)
+            self.grammars = Grammars(self.tokenizer, pretrained.model.config.vocab_size, eos)
         self.embeddings = embeddings  # the embedding model of /v1/embeddings, if the server has one
         self.rag = rag  # the index of /v1/rag (the chat page's retrieval switch), if the server has one
 
@@ -197,10 +210,18 @@ class Server:
     # ------------------------------------------------------------------------------------------------------------
     # /v1/completions
 
-    async def completions(self, body: dict, http: HttpRequest):
+    def _generating(self, body: dict) -> None:
+        """The body names this server's language model (a server of an embedding model alone has none)."""
+        if self.engine is None:
+            raise ApiError(400, f"{self.model_id} is an embedding model: this server serves POST /v1/embeddings "
+                                "only; serve a language model (lmlab serve --model smollm2-135m-instruct) for "
+                                "completions and chat", "model", "model_not_supported")
         check_model(body, (self.model_id, self.pretrained.name))
+
+    async def completions(self, body: dict, http: HttpRequest):
+        self._generating(body)
         # Tokenising a long prompt takes a while: off the event loop, so that other clients and /health go on.
-        parsed = await asyncio.to_thread(parse_completion, body, self.tokenizer, self.limits)
+        parsed = await asyncio.to_thread(parse_completion, body, self.tokenizer, self.limits, self.grammars)
         prompts, n, logprobs = parsed.prompts, parsed.n, parsed.logprobs
         handles = self._submit(parsed.requests)
         meta = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
@@ -264,13 +285,14 @@ class Server:
     # /v1/chat/completions
 
     async def chat(self, body: dict, http: HttpRequest):
-        check_model(body, (self.model_id, self.pretrained.name))
-        parsed = await asyncio.to_thread(parse_chat, body, self.pretrained, self.model_id, self.limits)
+        self._generating(body)
+        parsed = await asyncio.to_thread(parse_chat, body, self.pretrained, self.model_id, self.limits,
+                                         self.grammars)
         n, want_logprobs = parsed.n, parsed.logprobs
         handles = self._submit([parsed.request])
         meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": self.model_id}
         if parsed.stream:
-            return self._stream(self._chat_chunks(handles, meta, n, want_logprobs, body))
+            return self._stream(self._chat_chunks(handles, meta, parsed, body))
         texts, infos, finish = [""] * n, [[] for _ in range(n)], [None] * n
         completion_tokens = 0
         async for _, event in self._events(handles, http):
@@ -280,28 +302,55 @@ class Server:
             elif isinstance(event, DoneEvent):
                 finish[event.choice] = event.finish_reason
                 completion_tokens += event.completion_tokens
-        choices = [{"index": j, "message": {"role": "assistant", "content": texts[j]},
-                    "logprobs": {"content": self.names.chat_logprobs(infos[j])} if want_logprobs else None,
-                    "finish_reason": finish[j]} for j in range(n)]
+        choices = []
+        for j in range(n):
+            message, reader = {"role": "assistant", "content": texts[j]}, parsed.call_reader()
+            if reader is not None:  # the text's tool calls, read out of it
+                content, calls = reader.feed(texts[j], final=True)
+                if calls:
+                    message = {"role": "assistant", "content": content or None,
+                               "tool_calls": [c.openai() for c in calls]}
+                    finish[j] = "tool_calls" if finish[j] == "stop" else finish[j]
+            choices.append({"index": j, "message": message, "finish_reason": finish[j],
+                            "logprobs": {"content": self.names.chat_logprobs(infos[j])} if want_logprobs else None})
         return JSONResponse({**meta, "object": "chat.completion", "choices": choices,
                              "usage": usage(len(parsed.request.prompt), completion_tokens)})
 
-    async def _chat_chunks(self, handles, meta, n, want_logprobs, body):
-        meta = {**meta, "object": "chat.completion.chunk"}
+    async def _chat_chunks(self, handles, meta, parsed, body):
+        """OpenAI's chunks; with tools, each choice's text goes through its CallReader: content as it is decided,
+        each call when its closing tag arrives (a chunk with its id and name, then one with its arguments)."""
+        meta, n, want_logprobs = {**meta, "object": "chat.completion.chunk"}, parsed.n, parsed.logprobs
+        readers = [parsed.call_reader() for _ in range(n)]
         for j in range(n):
             yield {**meta, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
+
+        def chunk(j, delta, lp=None, finish=None):
+            return {**meta, "choices": [{"index": j, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+
+        def split(j, text, final=False):  # content and call chunks of a piece of choice j's text
+            return [chunk(j, delta) for delta in stream_deltas(readers[j], text, final)]
+
         completion_tokens = 0
         async for _, event in self._events(handles, None):
             if isinstance(event, TokenEvent):
-                if event.text or (want_logprobs and any(not t.eos for t in event.tokens)):
-                    lp = {"content": self.names.chat_logprobs(event.tokens)} if want_logprobs else None
-                    yield {**meta, "choices": [{"index": event.choice, "delta": {"content": event.text},
-                                                "logprobs": lp, "finish_reason": None}]}
+                j = event.choice
+                pieces = split(j, event.text)
+                if want_logprobs and any(not t.eos for t in event.tokens):
+                    lp = {"content": self.names.chat_logprobs(event.tokens)}
+                    pieces = pieces or [chunk(j, {"content": ""})]
+                    pieces[0]["choices"][0]["logprobs"] = lp
+                for piece in pieces:
+                    yield piece
             elif isinstance(event, DoneEvent):
+                j = event.choice
                 completion_tokens += event.completion_tokens
-                yield {**meta, "choices": [{"index": event.choice, "delta": {}, "logprobs": None,
-                                            "finish_reason": event.finish_reason}]}
+                for piece in split(j, "", final=True):
+                    yield piece
+                finish = event.finish_reason
+                if readers[j] is not None and readers[j].calls and finish == "stop":
+                    finish = "tool_calls"
+                yield chunk(j, {}, finish=finish)
         if include_usage(body):
             yield {**meta, "choices": [], "usage": usage(len(handles[0].request.prompt), completion_tokens)}
 
@@ -309,7 +358,7 @@ class Server:
     # /v1/embeddings (lmlab.inference.embeddings_api)
 
     async def embed(self, body: dict, http: HttpRequest):
-        if body.get("model") in (self.model_id, self.pretrained.name):
+        if self.engine is not None and body.get("model") in (self.model_id, self.pretrained.name):
             served = self.embeddings.model_id if self.embeddings else "start the server with --embedding-model"
             raise ApiError(400, f"{self.model_id} is a decoder-only language model: /v1/embeddings needs an "
                                 f"embedding model ({served})", "model", "invalid_value")
@@ -333,8 +382,9 @@ class Server:
     # /v1/models, /metrics
 
     async def models(self, body, http):
-        data = [{"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lmlab",
-                 "max_model_len": self.engine.context, "chat": self.pretrained.chat_template is not None}]
+        data = [] if self.engine is None else [
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lmlab",
+             "max_model_len": self.engine.context, "chat": self.pretrained.chat_template is not None}]
         if self.embeddings is not None:
             data.append({"id": self.embeddings.model_id, "object": "model", "created": self.created,
                          "owned_by": "lmlab", "max_model_len": self.embeddings.embedder.max_length,
@@ -342,49 +392,7 @@ class Server:
         return JSONResponse({"object": "list", "data": data})
 
     def metrics_text(self) -> str:
-        """The Prometheus text exposition format (version 0.0.4)."""
-        stats = self.engine.stats
-        lines = []
-
-        def metric(name, kind, help_, samples):
-            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-
-        metric("lmlab_http_requests_total", "counter", "HTTP requests by endpoint and status code.",
-               [(f'{{endpoint="{e}",status="{s}"}}', c) for (e, s), c in sorted(self.http_requests.items())])
-        metric("lmlab_requests_finished_total", "counter", "Generation requests completed by the engine.",
-               [("", stats.requests_finished)])
-        metric("lmlab_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", stats.prompt_tokens)])
-        metric("lmlab_generation_tokens_total", "counter", "Tokens generated.", [("", stats.generation_tokens)])
-        metric("lmlab_decode_steps_total", "counter", "Batched decode steps run.", [("", stats.decode_steps)])
-        metric("lmlab_queue_depth", "gauge", "Requests waiting for a batch row or being prefilled.",
-               [("", self.engine.queue_depth())])
-        metric("lmlab_running_sequences", "gauge", "Sequences decoding in the running batch.",
-               [("", self.engine.running())])
-        metric("lmlab_batch_size", "gauge", "Rows in the last decode step.", [("", stats.batch_size)])
-        metric("lmlab_max_batch", "gauge", "Rows the engine can batch (--max-batch).", [("", self.engine.max_batch)])
-        pool = self.engine.pool
-        metric("lmlab_prefill_tokens_total", "counter", "Prompt tokens computed (the others came from the prefix "
-               "cache).", [("", stats.prefill_tokens)])
-        metric("lmlab_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
-               [("", pool.query_tokens)])
-        metric("lmlab_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
-               [("", pool.hit_tokens)])
-        metric("lmlab_prefix_cache_hit_rate", "gauge", "Prompt tokens found in the prefix cache / looked up.",
-               [("", pool.hit_tokens / pool.query_tokens if pool.query_tokens else 0.0)])
-        metric("lmlab_kv_cache_blocks_used", "gauge", f"KV cache blocks ({pool.block_size} tokens) held by "
-               "sequences.", [("", pool.used())])
-        metric("lmlab_kv_cache_blocks_free", "gauge", "KV cache blocks free (cached prefixes among them, evicted "
-               "least recently used first).", [("", pool.free())])
-        for name, hist, help_ in (("lmlab_time_to_first_token_seconds", stats.ttft,
-                                   "Time from a request's arrival to its first token."),
-                                  ("lmlab_inter_token_latency_seconds", stats.itl,
-                                   "Time between consecutive tokens of a sequence.")):
-            samples = [(f'_bucket{{le="{b}"}}', c) for b, c in zip(hist.buckets, hist.counts)]
-            samples += [('_bucket{le="+Inf"}', hist.count), ("_sum", hist.sum), ("_count", hist.count)]
-            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} histogram"])
-            lines.extend(f"{name}{suffix} {value}" for suffix, value in samples)
-        return "\n".join(lines) + "\n"
+        return prometheus_text(self.http_requests, self.engine)
 
 
 def internal_error(e: Exception) -> ApiError:
@@ -493,9 +501,14 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
     check_kv_cache_tokens(s.kv_cache_tokens, Engine.BLOCK_SIZE)
     rag = RagService(s.rag) if s.rag else None  # a missing or damaged index is refused before the slow load
     pretrained = load_pretrained(model, inference=inference)
-    if not pretrained.model.config.causal:
-        raise LmlabError(f"{model} is an encoder (bidirectional attention): it cannot generate text; serve a "
-                         "decoder such as smollm2-135m-instruct")
+    if not pretrained.model.config.causal:  # a sentence encoder: /v1/embeddings alone
+        if s.embedding_model:
+            raise LmlabError(f"{model} is an encoder, served at /v1/embeddings by itself: drop --embedding-model "
+                             "(or serve a decoder such as smollm2-135m-instruct beside it)")
+        embedder = Embedder(pretrained, folder=resolve(model))
+        embedder.model.to(pick_device(s.device))
+        return Server(None, None, model_id_for(model), api_key=s.api_key,
+                      embeddings=EmbeddingService(embedder, model_id_for(model)))
     check_device(pretrained.model, pick_device(s.device))
     pretrained.model.to(pick_device(s.device))
     context = s.context or min(pretrained.context_length, 2048)  # tokens per sequence
@@ -546,11 +559,16 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     except BaseException:
         sock.close()
         raise
-    print(f"lmlab serve: {server.model_id} at http://{host}:{port} (OpenAI API under /v1, chat page at /; "
-          f"{server.engine.max_batch} rows, context {server.engine.context}, KV cache "
-          f"{server.engine.pool.num_blocks * server.engine.pool.block_size} tokens)", flush=True)
+    if server.engine is None:
+        print(f"lmlab serve: {server.model_id} at http://{host}:{port} (an embedding model: POST /v1/embeddings)",
+              flush=True)
+    else:
+        print(f"lmlab serve: {server.model_id} at http://{host}:{port} (OpenAI API under /v1, chat page at /; "
+              f"{server.engine.max_batch} rows, context {server.engine.context}, KV cache "
+              f"{server.engine.pool.num_blocks * server.engine.pool.block_size} tokens)", flush=True)
     try:
         uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[sock])
     finally:
-        server.engine.close()
+        if server.engine is not None:
+            server.engine.close()
         sock.close()

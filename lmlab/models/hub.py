@@ -338,13 +338,14 @@ class Pretrained:
     eos_token_id: int | None
     context_length: int
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
         """The conversation as the text the model was fine-tuned on (see lmlab.models.chat_template). The template
         writes any BOS itself: encode the result with `tokenizer.encode(text, add_special_tokens=False)`."""
         if self.chat_template is None:
             raise LmlabError(f"{self.name} has no chat template (it is a base model, not a chat model); give it "
                              "plain text to continue instead")
-        return render_chat(self.chat_template, messages, add_generation_prompt, self.bos_token, self.eos_token)
+        return render_chat(self.chat_template, messages, add_generation_prompt, self.bos_token, self.eos_token,
+                           tools=tools)
 
     @property
     def eos_ids(self) -> list[int]:

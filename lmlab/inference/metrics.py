@@ -1,0 +1,53 @@
+"""/metrics of `lmlab serve`: the Prometheus text the server's counters and its engine's statistics render to."""
+
+from __future__ import annotations
+
+
+def prometheus_text(http_requests: dict, engine) -> str:
+    """The server's /metrics in the Prometheus text exposition format (version 0.0.4): HTTP requests by endpoint
+    and status, and, when the server runs an engine (not an embedding model alone), its counters, gauges, prefix
+    cache and latency histograms."""
+    lines = []
+
+    def metric(name, kind, help_, samples):
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    metric("lmlab_http_requests_total", "counter", "HTTP requests by endpoint and status code.",
+           [(f'{{endpoint="{e}",status="{s}"}}', c) for (e, s), c in sorted(http_requests.items())])
+    if engine is None:  # an embedding model alone: no engine to report on
+        return "\n".join(lines) + "\n"
+    stats = engine.stats
+    metric("lmlab_requests_finished_total", "counter", "Generation requests completed by the engine.",
+           [("", stats.requests_finished)])
+    metric("lmlab_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", stats.prompt_tokens)])
+    metric("lmlab_generation_tokens_total", "counter", "Tokens generated.", [("", stats.generation_tokens)])
+    metric("lmlab_decode_steps_total", "counter", "Batched decode steps run.", [("", stats.decode_steps)])
+    metric("lmlab_queue_depth", "gauge", "Requests waiting for a batch row or being prefilled.",
+           [("", engine.queue_depth())])
+    metric("lmlab_running_sequences", "gauge", "Sequences decoding in the running batch.",
+           [("", engine.running())])
+    metric("lmlab_batch_size", "gauge", "Rows in the last decode step.", [("", stats.batch_size)])
+    metric("lmlab_max_batch", "gauge", "Rows the engine can batch (--max-batch).", [("", engine.max_batch)])
+    pool = engine.pool
+    metric("lmlab_prefill_tokens_total", "counter", "Prompt tokens computed (the others came from the prefix "
+           "cache).", [("", stats.prefill_tokens)])
+    metric("lmlab_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+           [("", pool.query_tokens)])
+    metric("lmlab_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
+           [("", pool.hit_tokens)])
+    metric("lmlab_prefix_cache_hit_rate", "gauge", "Prompt tokens found in the prefix cache / looked up.",
+           [("", pool.hit_tokens / pool.query_tokens if pool.query_tokens else 0.0)])
+    metric("lmlab_kv_cache_blocks_used", "gauge", f"KV cache blocks ({pool.block_size} tokens) held by "
+           "sequences.", [("", pool.used())])
+    metric("lmlab_kv_cache_blocks_free", "gauge", "KV cache blocks free (cached prefixes among them, evicted "
+           "least recently used first).", [("", pool.free())])
+    for name, hist, help_ in (("lmlab_time_to_first_token_seconds", stats.ttft,
+                               "Time from a request's arrival to its first token."),
+                              ("lmlab_inter_token_latency_seconds", stats.itl,
+                               "Time between consecutive tokens of a sequence.")):
+        samples = [(f'_bucket{{le="{b}"}}', c) for b, c in zip(hist.buckets, hist.counts)]
+        samples += [('_bucket{le="+Inf"}', hist.count), ("_sum", hist.sum), ("_count", hist.count)]
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} histogram"])
+        lines.extend(f"{name}{suffix} {value}" for suffix, value in samples)
+    return "\n".join(lines) + "\n"
