@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
 from lmlab.inference.generate import CompletionText, SamplingParams, adjust_logits, left_pad, pick_tokens
-from lmlab.models.quantize import decoding_forward
+from lmlab.models.compiled import decoding_forward
 from lmlab.models.transformer import KVCache
 
 
@@ -261,6 +261,7 @@ class Engine:
         self.device = model.tok_emb.weight.device
         dtype = model.tok_emb.weight.dtype
         self.cache = KVCache(config, max_batch, self.context, self.device, dtype)
+        self._compile_steps()
         # Zeros, not torch.empty: masked slots still enter `probs @ values` (with weight 0), and 0 * NaN is NaN.
         self.cache.k.zero_()
         self.cache.v.zero_()
@@ -274,6 +275,24 @@ class Engine:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="lmlab-engine", daemon=True)
         self._thread.start()
+
+    def _compile_steps(self) -> None:
+        """Compile the decoding step before serving, when compiled decoding is on (a server runs long: auto turns
+        it on): otherwise the first requests would wait for it. One graph per batch shape the engine uses (one
+        row, several rows: torch specializes a size of 1), on views of the engine's own cache (a graph is
+        specialized to its strides) with the engine's kinds of inputs; the cache is zeroed afterwards."""
+        step = decoding_forward(self.model, long_run="a server runs for long", caller="server")
+        if step is self.model:
+            return
+        shapes = [self.max_batch] if self.batch_invariant or self.max_batch == 1 else [1, 2]
+        filled = min(4, self.context - 1)
+        for rows in shapes:
+            cache = self.cache.first_rows(rows)
+            cache.length = filled
+            with torch.inference_mode():
+                step(torch.zeros(rows, 1, dtype=torch.long, device=self.device), cache=cache,
+                     positions=torch.full((rows, 1), filled, device=self.device),
+                     key_mask=torch.ones(rows, filled + 1, dtype=torch.bool, device=self.device))
 
     # ---------------------------------------------------------------------------------------------------------
     # The clients' side (any thread)
@@ -526,7 +545,8 @@ class Engine:
         key_mask = torch.arange(end + 1, device=self.device)[None, :] >= starts[:, None]
         view = cache.first_rows(B)  # a view, so writes land in place
         t0 = time.perf_counter()
-        logits, _ = decoding_forward(self.model)(tokens, cache=view, positions=positions, key_mask=key_mask)
+        step = decoding_forward(self.model, caller="server")
+        logits, _ = step(tokens, cache=view, positions=positions, key_mask=key_mask)
         cache.length = view.length
         logits = logits[:n, -1].float()
         greedy = logits.argmax(dim=-1).tolist()  # one host sync for every greedy row
