@@ -58,12 +58,21 @@ def cache_key(name: str, config, weight_format: str, dtype: torch.dtype) -> str:
     return f"{label}-{arch}-{weight_format}-{dtype_name}-torch{torch.__version__.split('+')[0]}"
 
 
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n > 1 else ''}"
+
+
 def cache_folder(key: str) -> Path:
     return lmlab_home() / "compiled" / key
 
 
+def has_compiler() -> bool:
+    return bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++"))
+
+
 def check_compiler() -> None:
-    if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+    if not has_compiler():
         raise LmlabError("--compile needs a C++ compiler for inductor's CPU kernels (g++ or clang++, or CXX=...); "
                          "install one or use --compile off")
 
@@ -75,10 +84,13 @@ class CompiledDecoding:
     mode: str
     key: str
     backend: str = "inductor"
+    # Freezing folds the weights into the graph as constants (prepacked bf16 weights for oneDNN); AOTAutograd's
+    # cache then stands aside, so a cached start still traces and freezes (bench/compile_start.py measures both).
+    freezing: bool = True
     forward: object = None  # the torch.compile'd model, once compiling is chosen
     on: bool | None = None  # whether steps compile: set by "on", or by auto at the first step
     caller: str = "generate"  # whose steps these are: "generate" (decode_steps) or "server" (the engine)
-    _busy_since: float | None = None
+    _busy: tuple[float, int] | None = None  # (start, rows) of the step in progress
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -92,11 +104,11 @@ class CompiledDecoding:
             return {}
 
     def graph_name(self, rows: int) -> str:
-        return f"{self.caller}, {'one row' if rows == 1 else 'several rows'}, {torch.get_num_threads()} threads"
+        return f"{self.caller}, {'one row' if rows == 1 else 'several rows'}, {_threads()}"
 
     def warm(self) -> bool:
         """This caller's graphs of this model are on disk, compiled for this thread count."""
-        return any(name.startswith(self.caller + ",") and name.endswith(f", {torch.get_num_threads()} threads")
+        return any(name.startswith(self.caller + ",") and name.endswith(f", {_threads()}")
                    for name in self.marker().get("graphs", {}))
 
     def choose(self, decode_tokens: int | None, long_run: str = "") -> bool:
@@ -104,7 +116,9 @@ class CompiledDecoding:
         whatever its tokens (a server)."""
         if self.on is not None:
             return self.on
-        if self.warm():
+        if self.backend == "inductor" and not has_compiler():
+            why, on = "no C++ compiler for inductor's CPU kernels (g++ or clang++, or CXX=...)", False
+        elif self.warm():
             why, on = f"its compiled graphs are cached in {self.folder}", True
         elif long_run:
             why, on = f"{long_run}, which repays compiling (once; then cached in {self.folder})", True
@@ -125,7 +139,7 @@ class CompiledDecoding:
             # symbolic sizes instead of a recompilation per length (a batch of one row is its own graph: torch
             # specializes sizes 0 and 1). Freezing treats the weights as constants (inference only), which lets
             # inductor fold them and prepack bfloat16 weights for oneDNN.
-            options = {"freezing": True} if self.backend == "inductor" else None
+            options = {"freezing": self.freezing} if self.backend == "inductor" else None
             self.forward = torch.compile(model, dynamic=True, backend=self.backend, options=options)
             notice(f"compiled decoding: the first step of each batch shape compiles (minutes cold, seconds "
                    f"from the cache in {self.folder})")
@@ -141,11 +155,11 @@ class CompiledDecoding:
         stats = torch._dynamo.utils.counters["stats"]
         graphs, hits = stats["unique_graphs"], torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
         start = time.perf_counter()
-        self._busy_since = start
+        self._busy = start, (args[0] if args else kwargs["idx"]).shape[0]
         try:
             return self.forward(*args, **kwargs)
         finally:
-            self._busy_since = None
+            self._busy = None
             if stats["unique_graphs"] > graphs and self.backend == "inductor":  # others cache nothing
                 self._record(args, kwargs, time.perf_counter() - start, hits)
 
@@ -164,19 +178,20 @@ class CompiledDecoding:
                 notice(str(e))
 
     def watch(self) -> None:
-        """Progress while a step compiles: a line every PROGRESS_EVERY_S seconds (a daemon thread)."""
+        """Progress while a step compiles: a line every PROGRESS_EVERY_S seconds (a daemon thread). A step that
+        takes that long is one that compiles: a compiled step of a small model takes milliseconds."""
         def loop():
             said = 0.0
             while True:
                 time.sleep(1.0)
-                since = self._busy_since
-                if since is None:
+                busy = self._busy
+                if busy is None:
                     said = 0.0
                     continue
-                waited = time.perf_counter() - since
+                waited = time.perf_counter() - busy[0]
                 if waited - said >= PROGRESS_EVERY_S:
                     said = waited
-                    notice(f"compiling the decoding step... {waited:.0f} s")
+                    notice(f"compiling the decoding step ({self.graph_name(busy[1])})... {waited:.0f} s")
         threading.Thread(target=loop, daemon=True, name="lmlab-compile-progress").start()
 
 
