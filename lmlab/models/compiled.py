@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from lmlab.errors import LmlabError
 from lmlab.util import atomic_write_json, lmlab_home, notice
@@ -45,8 +46,11 @@ MARKER = "lmlab-compiled.json"
 # after about 10,000 steps.
 LONG_RUN_TOKENS = 10_000
 PROGRESS_EVERY_S = 10.0
-# A user's own TORCHINDUCTOR_CACHE_DIR wins over the per-model folders.
+# A user's own TORCHINDUCTOR_CACHE_DIR wins over the per-model folders (torch itself sets the variable to its
+# default folder when it first looks: that one is not the user's).
 _USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+if _USER_CACHE_DIR and os.path.abspath(_USER_CACHE_DIR) == os.path.abspath(default_cache_dir()):
+    _USER_CACHE_DIR = None
 
 
 def cache_key(name: str, config, weight_format: str, dtype: torch.dtype) -> str:
@@ -61,6 +65,12 @@ def cache_key(name: str, config, weight_format: str, dtype: torch.dtype) -> str:
 def _threads() -> str:
     n = torch.get_num_threads()
     return f"{n} thread{'s' if n > 1 else ''}"
+
+
+def _cache_hits() -> int:
+    """Graphs found in inductor's FX graph cache or AOTAutograd's (which holds inductor's output too)."""
+    counters = torch._dynamo.utils.counters
+    return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
 
 
 def cache_folder(key: str) -> Path:
@@ -153,7 +163,7 @@ class CompiledDecoding:
             # Read by inductor whenever it opens its caches; set per call since one process may hold two models.
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.folder)
         stats = torch._dynamo.utils.counters["stats"]
-        graphs, hits = stats["unique_graphs"], torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
+        graphs, hits = stats["unique_graphs"], _cache_hits()
         start = time.perf_counter()
         self._busy = start, (args[0] if args else kwargs["idx"]).shape[0]
         try:
@@ -165,7 +175,7 @@ class CompiledDecoding:
 
     def _record(self, args, kwargs, seconds: float, hits: int) -> None:
         name = self.graph_name(args[0].shape[0] if args else kwargs["idx"].shape[0])
-        cached = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"] > hits
+        cached = _cache_hits() > hits
         notice(f"compiled decoding ready ({name}) in {seconds:.0f} s "
                f"({'from the cache' if cached else 'compiled cold'}; cached in {self.folder})")
         with self._lock:
