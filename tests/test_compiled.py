@@ -4,6 +4,7 @@ that compiled greedy decoding gives eager's tokens."""
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from lmlab.errors import LmlabError
 from lmlab.inference.generate import SamplingParams, decode_steps
-from lmlab.models.compiled import LONG_RUN_TOKENS, MARKER, decoding_forward
+from lmlab.models.compiled import CACHED_COMPILE_S, COLD_COMPILE_S, MARKER, SAVED_PER_TOKEN_S, decoding_forward
 from lmlab.models.quantize import InferenceSettings, prepare_model, weight_format
 from lmlab.models.transformer import Transformer, TransformerConfig
 
@@ -72,36 +73,43 @@ def test_cli_compile_flag_is_auto_by_default_and_bare_means_on(capsys):
     assert e.value.code == 2 and "invalid choice: 'maybe'" in capsys.readouterr().err
 
 
-def test_auto_compiles_when_warm_or_long_and_says_why(tmp_path, monkeypatch, capsys):
+def test_auto_compiles_when_the_run_repays_the_compilation_and_says_why(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
 
-    def plan_of(model):
+    def fresh():
+        model = prepare_model(_tiny(), _settings())
         model.__dict__["decoding"].backend = "aot_eager"  # the choice, not inductor's minutes
-        return model.__dict__["decoding"]
+        return model, model.__dict__["decoding"]
 
-    short = prepare_model(_tiny(), _settings())
-    plan_of(short)
+    repays = lambda seconds: math.ceil(seconds / SAVED_PER_TOKEN_S) + 1  # tokens whose saving exceeds it
+    short, plan = fresh()
     assert decoding_forward(short, 64) is short
-    assert "--compile auto: eager decoding: its graphs are not cached yet" in capsys.readouterr().err
-    assert decoding_forward(short, 10 * LONG_RUN_TOKENS) is short  # decided once per model
+    err = capsys.readouterr().err
+    assert "--compile auto: eager decoding: its graphs are not cached yet" in err
+    assert "--compile on compiles anyway" in err
+    assert decoding_forward(short, 10 * repays(COLD_COMPILE_S)) is short  # decided once per model
+    long, _ = fresh()
+    assert decoding_forward(long, repays(COLD_COMPILE_S)) is not long
+    assert "--compile auto: compiled decoding: its graphs are not cached yet" in capsys.readouterr().err
 
-    long = prepare_model(_tiny(), _settings())
-    plan_of(long)
-    assert decoding_forward(long, LONG_RUN_TOKENS) is not long
-    assert f"compiled decoding: the run decodes up to {LONG_RUN_TOKENS:,} tokens" in capsys.readouterr().err
-
-    warm = prepare_model(_tiny(), _settings())
-    plan = plan_of(warm)
     plan.folder.mkdir(parents=True)
     threads = plan.graph_name(1).rsplit(", ", 1)[1]  # "1 thread"
-    (plan.folder / MARKER).write_text(json.dumps({"graphs": {"generate, one row, 99 threads": {},
-                                                             f"server, one row, {threads}": {}}}))
-    assert decoding_forward(warm, 8) is warm  # cached for another thread count, or another caller's inputs
-    warm = prepare_model(_tiny(), _settings())
-    plan_of(warm)
-    (plan.folder / MARKER).write_text(json.dumps({"graphs": {f"generate, several rows, {threads}": {}}}))
-    assert decoding_forward(warm, 8) is not warm
-    assert f"compiled decoding: its compiled graphs are cached in {plan.folder}" in capsys.readouterr().err
+    record = lambda graphs: (plan.folder / MARKER).write_text(json.dumps({"graphs": graphs}))
+    record({f"generate, one row, {threads}": {"seconds": 0.5, "from_cache": True}})
+    model, _ = fresh()
+    assert decoding_forward(model, repays(0.5)) is not model  # cached, and quick to load as recorded
+    assert f"its graphs are cached in {plan.folder} (loading them took 0.5 s)" in capsys.readouterr().err
+    model, _ = fresh()
+    assert decoding_forward(model, repays(0.5) // 2) is model
+    record({"generate, one row, 99 threads": {"seconds": 0.5, "from_cache": True},
+            f"server, one row, {threads}": {"seconds": 0.5, "from_cache": True}})
+    model, _ = fresh()  # another thread count's graphs and the server's are not this run's: cold
+    assert decoding_forward(model, repays(0.5)) is model
+    record({f"generate, several rows, {threads}": {"seconds": 700.0, "from_cache": False}})
+    model, _ = fresh()  # compiled cold before: cached now, loading them not timed yet
+    assert decoding_forward(model, repays(CACHED_COMPILE_S)) is not model
+    model, _ = fresh()
+    assert decoding_forward(model, None) is not model  # cached, and the run's length unknown
 
 
 _CHILD = """
@@ -137,19 +145,19 @@ def _child(mode: str, home: Path) -> tuple[dict, str]:
 
 def test_second_process_finds_the_compiled_graphs_and_greedy_tokens_equal_eager(tmp_path):
     """Inductor for real, on a tiny fp32 model: the first process compiles (FX graph cache misses) into
-    $LMLAB_HOME/compiled/<key>; a second one with --compile auto sees the graphs cached, compiles, and inductor
-    serves them from the cache (hits, no misses). Both decode eager's greedy tokens."""
+    $LMLAB_HOME/compiled/<key>; in a second one inductor serves the graphs from there (hits, no misses), which
+    the folder records. Both decode eager's greedy tokens."""
     first, err = _child("on", tmp_path)
     folder = Path(first["folder"])
     assert folder.parent == tmp_path / "compiled" and (folder / MARKER).is_file()
     assert first["compiled_steps"] and first["misses"] >= 1 and first["hits"] == 0
     assert "compiled cold" in err and "compiling takes" not in err
-    second, err = _child("auto", tmp_path)
-    assert "--compile auto: compiled decoding: its compiled graphs are cached" in err
+    second, err = _child("on", tmp_path)
     assert second["compiled_steps"] and second["hits"] >= 1 and second["misses"] == 0
     assert "from the cache" in err
     assert first["compiled"] == first["eager"] == second["compiled"]
-    assert list(json.loads((folder / MARKER).read_text())["graphs"]) == ["generate, one row, 1 thread"]
+    graphs = json.loads((folder / MARKER).read_text())["graphs"]
+    assert list(graphs) == ["generate, one row, 1 thread"] and graphs["generate, one row, 1 thread"]["from_cache"]
 
 
 def test_server_compiles_its_batch_shapes_before_serving(tmp_path, monkeypatch):

@@ -15,8 +15,9 @@ kernels are specialized for one).
 
     on     compile (with a notice, and progress while it compiles)
     off    eager steps
-    auto   compile when the folder holds this model's graphs (warm), or when the run decodes enough tokens for
-           the faster steps to repay a cold compile (a server: always); eager otherwise. It says what it chose.
+    auto   compile when the run decodes enough tokens for the faster steps to repay the compilation: a cold one,
+           or a cached one when the folder holds this model's graphs (as long as the folder recorded it taking);
+           a server always. It says what it chose and why.
 
 Prompts (prefill) stay eager: their lengths vary, each would be a new graph.
 """
@@ -41,10 +42,12 @@ from lmlab.util import atomic_write_json, lmlab_home, notice
 
 COMPILE_MODES = ("auto", "on", "off")
 MARKER = "lmlab-compiled.json"
-# auto compiles a cold model when a run decodes at least this many tokens (rows x new tokens). SmolLM2 int4 on one
-# core: a cold compile of ~100 s against ~10 ms saved per step (docs/results/quantized-inference/), so it pays
-# after about 10,000 steps.
-LONG_RUN_TOKENS = 10_000
+# What auto weighs (SmolLM2 int4, one core, docs/results/quantized-inference/): a compiled step saves about 10 ms
+# of eager's; a cold compile takes about 150 CPU seconds, a cached one (graphs on disk) about 60 until the folder
+# records how long it took here.
+SAVED_PER_TOKEN_S = 0.010
+COLD_COMPILE_S = 150.0
+CACHED_COMPILE_S = 60.0
 PROGRESS_EVERY_S = 10.0
 # A user's own TORCHINDUCTOR_CACHE_DIR wins over the per-model folders (torch itself sets the variable to its
 # default folder when it first looks: that one is not the user's).
@@ -116,27 +119,38 @@ class CompiledDecoding:
     def graph_name(self, rows: int) -> str:
         return f"{self.caller}, {'one row' if rows == 1 else 'several rows'}, {_threads()}"
 
-    def warm(self) -> bool:
-        """This caller's graphs of this model are on disk, compiled for this thread count."""
-        return any(name.startswith(self.caller + ",") and name.endswith(f", {_threads()}")
-                   for name in self.marker().get("graphs", {}))
+    def cached_graphs(self) -> list[dict]:
+        """What the folder records of this caller's graphs of this model at this thread count (none: cold)."""
+        return [graph for name, graph in self.marker().get("graphs", {}).items()
+                if name.startswith(self.caller + ",") and name.endswith(f", {_threads()}")]
+
+    def expected_compile_s(self) -> tuple[float, str]:
+        """(seconds, why) the compilation is expected to take: from the cache as recorded, or cold."""
+        graphs = self.cached_graphs()
+        timed = [g["seconds"] for g in graphs if g.get("from_cache")]
+        if timed:
+            return max(timed), f"its graphs are cached in {self.folder} (loading them took {max(timed):.1f} s)"
+        if graphs:
+            return CACHED_COMPILE_S, f"its graphs are cached in {self.folder} (about {CACHED_COMPILE_S:.0f} s to load)"
+        return COLD_COMPILE_S, f"its graphs are not cached yet (about {COLD_COMPILE_S:.0f} s to compile cold)"
 
     def choose(self, decode_tokens: int | None, long_run: str = "") -> bool:
         """Whether to compile, deciding auto once (with a notice that says why). long_run: why the run is long
         whatever its tokens (a server)."""
         if self.on is not None:
             return self.on
+        seconds, state = self.expected_compile_s()
         if self.backend == "inductor" and not has_compiler():
             why, on = "no C++ compiler for inductor's CPU kernels (g++ or clang++, or CXX=...)", False
-        elif self.warm():
-            why, on = f"its compiled graphs are cached in {self.folder}", True
         elif long_run:
-            why, on = f"{long_run}, which repays compiling (once; then cached in {self.folder})", True
-        elif decode_tokens is not None and decode_tokens >= LONG_RUN_TOKENS:
-            why, on = f"the run decodes up to {decode_tokens:,} tokens, enough to repay compiling", True
+            why, on = f"{long_run}; {state}", True
+        elif decode_tokens is None:
+            why, on = f"{state}; the run's length is unknown", bool(self.cached_graphs())
         else:
-            why, on = ("its graphs are not cached yet and this run is short (compiling takes minutes once; "
-                       "--compile on compiles and caches them)"), False
+            saved = decode_tokens * SAVED_PER_TOKEN_S
+            on = saved >= seconds
+            why = (f"{state}; up to {decode_tokens:,} tokens save about {saved:.0f} s"
+                   + ("" if on else "; --compile on compiles anyway, and caches the graphs"))
         notice(f"--compile auto: {'compiled' if on else 'eager'} decoding: {why}")
         self.on = on
         return on
