@@ -7,8 +7,8 @@ seconds from the process's spawn: the model loaded, the first token (from the ea
 compiled step's token (the one that waits for the compilation); the CPU seconds the process and its children
 (the C++ compiler) used; inductor's FX graph cache hits and misses. The warm process then times --steps one-token
 steps compiled and eager, alternating --rounds times (medians, ms per step). Variants: --freezing on (weights
-folded into the graph as constants: lmlab's default) and off (weights as graph inputs, so AOTAutograd's cache
-applies too). Load averages at the start and end.
+folded into the graph as constants: lmlab's default for float weights) and off (weights as graph inputs, so
+AOTAutograd's cache applies too: lmlab's default for int4/int8). Load averages at the start and end.
 
     python bench/compile_start.py [--model smollm2-135m-instruct] [--format int4] [--threads 1]
         [--freezing on,off] [--steps 32] [--rounds 2]

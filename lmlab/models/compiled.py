@@ -43,12 +43,12 @@ from lmlab.util import atomic_write_json, lmlab_home, notice
 COMPILE_MODES = ("auto", "on", "off")
 MARKER = "lmlab-compiled.json"
 # What auto weighs (SmolLM2 int4, one core, docs/results/quantized-inference/): a compiled step saves about 10 ms
-# of eager's; a cold compile takes about 150 CPU seconds, a cached one (graphs on disk) about 60 until the folder
-# records how long it took here.
+# of eager's; a cold compile takes about 150 CPU seconds, a cached one (graphs on disk) about 75 (until the folder
+# records how long it took here).
 SAVED_PER_TOKEN_S = 0.010
 COLD_COMPILE_S = 150.0
-CACHED_COMPILE_S = 60.0
-PROGRESS_EVERY_S = 10.0
+CACHED_COMPILE_S = 75.0
+PROGRESS_FIRST_S, PROGRESS_EVERY_S = 10.0, 30.0
 # A user's own TORCHINDUCTOR_CACHE_DIR wins over the per-model folders (torch itself sets the variable to its
 # default folder when it first looks: that one is not the user's).
 _USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -97,8 +97,10 @@ class CompiledDecoding:
     mode: str
     key: str
     backend: str = "inductor"
-    # Freezing folds the weights into the graph as constants (prepacked bf16 weights for oneDNN); AOTAutograd's
-    # cache then stands aside, so a cached start still traces and freezes (bench/compile_start.py measures both).
+    # Freezing folds the weights into the graph as constants (prepacked bf16 weights for oneDNN), but AOTAutograd's
+    # cache stands aside for frozen graphs, so a cached start traces and freezes again. Quantized layers have nothing
+    # to prepack: without freezing, SmolLM2 int4 compiled in 135 CPU seconds instead of 175 and started from the
+    # cache in 95 instead of 111, with a step as fast (bench/compile_start.py; docs/results/quantized-inference/).
     freezing: bool = True
     forward: object = None  # the torch.compile'd model, once compiling is chosen
     on: bool | None = None  # whether steps compile: set by "on", or by auto at the first step
@@ -165,8 +167,8 @@ class CompiledDecoding:
             # inductor fold them and prepack bfloat16 weights for oneDNN.
             options = {"freezing": self.freezing} if self.backend == "inductor" else None
             self.forward = torch.compile(model, dynamic=True, backend=self.backend, options=options)
-            notice(f"compiled decoding: the first step of each batch shape compiles (minutes cold, seconds "
-                   f"from the cache in {self.folder})")
+            notice(f"compiled decoding: the first step of each batch shape compiles (minutes cold, less from "
+                   f"the graphs cached in {self.folder})")
             self.watch()
         return self.step
 
@@ -202,19 +204,20 @@ class CompiledDecoding:
                 notice(str(e))
 
     def watch(self) -> None:
-        """Progress while a step compiles: a line every PROGRESS_EVERY_S seconds (a daemon thread). A step that
-        takes that long is one that compiles: a compiled step of a small model takes milliseconds."""
+        """Progress while a step compiles: a line after PROGRESS_FIRST_S seconds, then every PROGRESS_EVERY_S (a
+        daemon thread). A step that takes that long is one that compiles: a compiled step of a small model takes
+        milliseconds."""
         def loop():
-            said = 0.0
+            due = PROGRESS_FIRST_S
             while True:
                 time.sleep(1.0)
                 busy = self._busy
                 if busy is None:
-                    said = 0.0
+                    due = PROGRESS_FIRST_S
                     continue
                 waited = time.perf_counter() - busy[0]
-                if waited - said >= PROGRESS_EVERY_S:
-                    said = waited
+                if waited >= due:
+                    due = waited + PROGRESS_EVERY_S
                     notice(f"compiling the decoding step ({self.graph_name(busy[1])})... {waited:.0f} s")
         threading.Thread(target=loop, daemon=True, name="lmlab-compile-progress").start()
 
@@ -229,7 +232,7 @@ def prepare_decoding(model: nn.Module, mode: str, name: str, weight_format: str,
         model.__dict__.pop("decoding", None)
         return
     plan = CompiledDecoding(mode, cache_key(name, model.config, weight_format, next(model.parameters()).dtype),
-                            backend)
+                            backend, freezing=not weight_format.startswith("int"))
     model.__dict__["decoding"] = plan
     if mode == "on":
         plan.on = True
