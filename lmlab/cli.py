@@ -331,18 +331,22 @@ def export(model: str, out: str, format: str = "hf") -> str:
     return f"wrote {folder} (load with transformers.{arch}.from_pretrained({str(folder)!r}))"
 
 
-_SAMPLE_DEFAULTS = {"prompt": "\n", "max_new_tokens": 300, "temperature": 0.8, "seed": 1337}
+# The command line decodes with --compile auto; a library call compiles only when asked to (InferenceSettings).
+_COMPILE_AUTO = {"compile": "auto"}
+
+_SAMPLE_DEFAULTS = {"prompt": "\n", "max_new_tokens": 300, "temperature": 0.8, "seed": 1337, **_COMPILE_AUTO}
 
 _RAG_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.0}
 
 VERBS = [
     Verb("prepare", prepare, positional=("source",), show=True),
     Verb("train", train, positional=("config",), show=True, argparse={"set": {"metavar": "KEY=VALUE"}}),
-    Verb("generate", generate, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",)),
+    Verb("generate", generate, defaults={"max_new_tokens": 256, "temperature": 0.7, **_COMPILE_AUTO},
+         hidden=("stop_at_eos",)),
     Verb("sample", generate, help="generate from a trained run (lmlab generate --model RUN, with sampling "
                                   "defaults for small character models)", defaults=_SAMPLE_DEFAULTS,
          names={"model": ("--run",)}, hidden=("stop_at_eos",)),
-    Verb("chat", chat, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",)),
+    Verb("chat", chat, defaults={"max_new_tokens": 256, "temperature": 0.7, **_COMPILE_AUTO}, hidden=("stop_at_eos",)),
     Verb("export", export, names={"model": ("--run",)}, show=True),
     Verb("models", models),
     Verb("pull", pull, positional=("name",), show=True),
@@ -354,7 +358,7 @@ VERBS = [
     Verb("t5-experiment", "lmlab.experiments.t5:run_t5_experiment"),
     Verb("sft", "lmlab.training.sft:run_sft"),
     Verb("dpo", "lmlab.training.sft:run_dpo"),
-    Verb("serve", "lmlab.inference.server:serve"),
+    Verb("serve", "lmlab.inference.server:serve", defaults=_COMPILE_AUTO),
     Verb("embed", "lmlab.inference.embed:embed", show=True),
     Verb("rag index", "lmlab.apps.rag:rag_index", positional=("docs",), show=True),
     Verb("rag ask", "lmlab.apps.rag:rag_ask", positional=("index", "question"), hidden=("stop_at_eos",),

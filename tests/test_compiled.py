@@ -62,10 +62,13 @@ def test_compile_flag_values():
 
 
 def test_cli_compile_flag_is_auto_by_default_and_bare_means_on(capsys):
+    """generate, chat and serve decode with --compile auto; a library call compiles only when asked to."""
     from lmlab.cli import build_parser
 
     parse = lambda *a: build_parser(["generate", *a]).parse_args(["generate", "--model", "m", "--prompt", "p", *a])
-    assert parse().compile == "auto"
+    assert parse().compile == "auto" and InferenceSettings().compile == "off"
+    for verb in ("chat", "serve"):
+        assert build_parser([verb]).parse_args([verb, "--model", "m"]).compile == "auto"
     assert parse("--compile").compile == "on"
     assert parse("--compile", "off").compile == "off"
     with pytest.raises(SystemExit) as e:

@@ -18,7 +18,7 @@ fast for the few rows of a decode step, slower than float32 for a prompt's many.
 (the crossover measured by bench/quantized_prefill.py); the bf16 copy lives for that one product only.
 
 `--compile auto|on|off` compiles the one-token decoding step with torch.compile and keeps the compiled graphs
-under $LMLAB_HOME/compiled (lmlab.models.compiled; auto compiles when they are cached or the run is long).
+under $LMLAB_HOME/compiled (lmlab.models.compiled; auto compiles where the run repays the compilation).
 
 The vocabulary projection is kept at 8 bits under int4, as llama.cpp keeps its output matrix (it is the one a
 wrong digit moves most).
@@ -53,9 +53,9 @@ class InferenceSettings:
                 "Q4_0/Q4_1 (int4) and Q8_0 (int8) weights, none dequantizes")
     group_size: int = option(32, "int4: weights per scale and zero (32, 64 or 128; a GGUF's Q4 blocks are 32)")
     compile: Literal["auto", "on", "off"] = option(
-        "auto", "torch.compile the one-token decoding step (fewer, fused kernels: SmolLM2 int4 1.5x); its graphs "
-                "are cached under $LMLAB_HOME/compiled (a cold compile takes minutes, a cached one seconds); auto: "
-                "on when they are cached or the run is long (a server), else off", nargs="?", const="on")
+        "off", "torch.compile the one-token decoding step (fewer, fused kernels: SmolLM2 int4 1.5x), its graphs "
+               "cached under $LMLAB_HOME/compiled (minutes cold, less cached); auto: on where the run's tokens repay "
+               "the compilation, and in a server", nargs="?", const="on")
 
     def validate(self) -> None:
         if self.group_size not in GROUP_SIZES:
@@ -70,8 +70,7 @@ class InferenceSettings:
             raise LmlabError(f"--compile {self.compile!r} is not supported (choose auto, on or off)")
 
 
-# What the Python API loads by default: exact, and eager (a library call compiles only when asked to).
-FLOAT32 = InferenceSettings(dtype="float32", quantize="none", compile="off")
+FLOAT32 = InferenceSettings(dtype="float32", quantize="none")  # what the Python API loads by default
 
 
 @lru_cache(maxsize=1)
