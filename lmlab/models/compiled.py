@@ -99,8 +99,8 @@ class CompiledDecoding:
     backend: str = "inductor"
     # Freezing folds the weights into the graph as constants (prepacked bf16 weights for oneDNN), but AOTAutograd's
     # cache stands aside for frozen graphs, so a cached start traces and freezes again. Quantized layers have nothing
-    # to prepack: without freezing, SmolLM2 int4 compiled in 135 CPU seconds instead of 175 and started from the
-    # cache in 95 instead of 111, with a step as fast (bench/compile_start.py; docs/results/quantized-inference/).
+    # to prepack: without freezing, SmolLM2 int4 started from the cache in 89 CPU seconds instead of 104 (a cold
+    # compile took 10 more; bench/compile_start.py, docs/results/quantized-inference/).
     freezing: bool = True
     forward: object = None  # the torch.compile'd model, once compiling is chosen
     on: bool | None = None  # whether steps compile: set by "on", or by auto at the first step
