@@ -21,12 +21,13 @@ import time
 import torch
 
 from lmlab.models.hub import load_pretrained, resolve
-from lmlab.models.quantize import InferenceSettings, compile_decoding, decoding_forward
+from lmlab.models.compiled import decoding_forward
+from lmlab.models.quantize import InferenceSettings, compile_decoding
 from lmlab.models.transformer import KVCache
 
-FORMATS = {"fp32": InferenceSettings(dtype="float32", quantize="none"),
-           "bf16": InferenceSettings(dtype="bfloat16", quantize="none"),
-           "int4": InferenceSettings(dtype="bfloat16", quantize="auto")}
+FORMATS = {"fp32": InferenceSettings(dtype="float32", quantize="none", compile="off"),
+           "bf16": InferenceSettings(dtype="bfloat16", quantize="none", compile="off"),
+           "int4": InferenceSettings(dtype="bfloat16", quantize="auto", compile="off")}
 
 
 def steps(model, step, prompt: torch.Tensor, n: int) -> tuple[float, list[torch.Tensor]]:

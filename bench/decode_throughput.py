@@ -46,10 +46,10 @@ from lmlab.inference.generate import SamplingParams, decode_steps, generate
 from lmlab.models.hub import load_pretrained, resolve
 from lmlab.models.quantize import InferenceSettings, weight_bytes
 
-FORMATS = {"fp32": InferenceSettings(dtype="float32", quantize="none"),
-           "bf16": InferenceSettings(dtype="bfloat16", quantize="none"),
-           "int8": InferenceSettings(dtype="bfloat16", quantize="int8"),
-           "int4": InferenceSettings(dtype="bfloat16", quantize="auto")}
+FORMATS = {"fp32": InferenceSettings(dtype="float32", quantize="none", compile="off"),
+           "bf16": InferenceSettings(dtype="bfloat16", quantize="none", compile="off"),
+           "int8": InferenceSettings(dtype="bfloat16", quantize="int8", compile="off"),
+           "int4": InferenceSettings(dtype="bfloat16", quantize="auto", compile="off")}
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
         "movable metal type, oil-based inks and a wooden press adapted from wine making. ") * 20
@@ -221,7 +221,7 @@ def main():
 
     formats = dict(FORMATS)
     if args.compile:
-        formats.update({f"{name}+compile": replace(FORMATS[name], compile=True) for name in ("bf16", "int4")})
+        formats.update({f"{name}+compile": replace(FORMATS[name], compile="on") for name in ("bf16", "int4")})
     models = {name: load_pretrained(path, inference=s) for name, s in formats.items()}
     prompt = models["fp32"].tokenizer.encode(TEXT).ids[:args.prompt_tokens]
     engines = {name: lmlab_engine(pre, prompt) for name, pre in models.items()}

@@ -73,10 +73,10 @@ def model_prefill(model: str, prompt_tokens: int, rounds: int) -> dict:
     from lmlab.models.hub import load_pretrained, resolve
 
     path = str(resolve(model))
-    formats = {"int4, kernel only": InferenceSettings(dtype="bfloat16", quantize="auto"),
-               "int4, bf16 prefill": InferenceSettings(dtype="bfloat16", quantize="auto"),
-               "bf16": InferenceSettings(dtype="bfloat16", quantize="none"),
-               "fp32": InferenceSettings(dtype="float32", quantize="none")}
+    formats = {"int4, kernel only": InferenceSettings(dtype="bfloat16", quantize="auto", compile="off"),
+               "int4, bf16 prefill": InferenceSettings(dtype="bfloat16", quantize="auto", compile="off"),
+               "bf16": InferenceSettings(dtype="bfloat16", quantize="none", compile="off"),
+               "fp32": InferenceSettings(dtype="float32", quantize="none", compile="off")}
     models = {name: load_pretrained(path, inference=s).model for name, s in formats.items()}
     prompt = torch.randint(0, 49152, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     rates: dict = {}

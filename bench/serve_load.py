@@ -98,7 +98,7 @@ def start_server(model: str, max_batch: int, threads: int, context: int,
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "lmlab", "serve", "--model", model, "--port", str(port),
                              "--max-batch", str(max_batch), "--max-queue", "64", "--context", str(context),
-                             *flags], env=env, stdout=subprocess.DEVNULL)
+                             "--compile", "off", *flags], env=env, stdout=subprocess.DEVNULL)  # as measured: eager
     return proc, f"http://127.0.0.1:{port}"
 
 

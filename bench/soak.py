@@ -312,7 +312,7 @@ def main() -> None:
             extra += ["--rag", str(Path(tmp) / "idx")]
         proc = subprocess.Popen([sys.executable, "-m", "lmlab", "serve", "--model", str(folder), "--port", str(port),
                                  "--max-batch", str(args.max_batch), "--max-queue", "64", "--context", "1024",
-                                 "--dtype", args.dtype, *extra],
+                                 "--dtype", args.dtype, "--compile", "off", *extra],  # eager, as measured before
                                 env=env, stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 120

@@ -355,7 +355,10 @@ def export(model: str, out: str, format: str = "hf") -> str:
     return f"wrote {folder} (load with transformers.{arch}.from_pretrained({str(folder)!r}))"
 
 
-_SAMPLE_DEFAULTS = {"prompt": "\n", "max_new_tokens": 300, "temperature": 0.8, "seed": 1337}
+# The command line decodes with --compile auto; a library call compiles only when asked to (InferenceSettings).
+_COMPILE_AUTO = {"compile": "auto"}
+
+_SAMPLE_DEFAULTS = {"prompt": "\n", "max_new_tokens": 300, "temperature": 0.8, "seed": 1337, **_COMPILE_AUTO}
 
 _RAG_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.0}
 
@@ -367,14 +370,15 @@ VERBS = [
          help="turn a text corpus into token files for training (character or BPE tokens)"),
     Verb("train", train, threads=True, positional=("config",), show=True, argparse={"set": {"metavar": "KEY=VALUE"}},
          help="pretrain a model from a YAML config (a GPT, a BERT-style encoder or a T5); works under torchrun"),
-    Verb("generate", generate, threads=True, defaults={"max_new_tokens": 256, "temperature": 0.7},
+    Verb("generate", generate, threads=True, defaults={"max_new_tokens": 256, "temperature": 0.7, **_COMPILE_AUTO},
          hidden=("stop_at_eos",),
          help="continue a prompt with a model, streaming the text (sampling or beam search)"),
     Verb("sample", generate, threads=True, defaults=_SAMPLE_DEFAULTS,
          help="generate from a trained run (lmlab generate --model RUN, with sampling defaults for small character "
               "models)",
          names={"model": ("--run",)}, hidden=("stop_at_eos",)),
-    Verb("chat", chat, threads=True, defaults={"max_new_tokens": 256, "temperature": 0.7}, hidden=("stop_at_eos",),
+    Verb("chat", chat, threads=True, defaults={"max_new_tokens": 256, "temperature": 0.7, **_COMPILE_AUTO},
+         hidden=("stop_at_eos",),
          help="talk with a chat model in the terminal (/reset starts over, /exit quits)"),
     Verb("export", export, names={"model": ("--run",)}, show=True,
          help="export a model (a trained run, a .gguf file, a registry model) to a Hugging Face folder"),

@@ -27,6 +27,11 @@ def lmlab_home() -> Path:
     return Path(os.environ.get("LMLAB_HOME") or "~/.cache/lmlab").expanduser()
 
 
+def notice(text: str) -> None:
+    """A one-line notice on stderr (the work goes on)."""
+    print(f"lmlab: {text}", file=sys.stderr, flush=True)
+
+
 def command_line() -> str:
     """The command line of this process as one would type it (`lmlab ...`), for the records runs keep."""
     return " ".join(["lmlab", *map(shlex.quote, sys.argv[1:])])

@@ -132,7 +132,7 @@ def test_compiled_decoding_step_against_eager():
     checks inductor's greedy tokens on SmolLM2."""
     from lmlab.models.quantize import compile_decoding
     from lmlab.inference.generate import SamplingParams, decode_steps, left_pad
-    from lmlab.models.quantize import decoding_forward
+    from lmlab.models.compiled import decoding_forward
     from lmlab.models.transformer import KVCache
 
     eager = prepare_model(_tiny(), InferenceSettings(dtype="bfloat16", quantize="int4"))
@@ -157,8 +157,9 @@ def test_compiled_decoding_step_against_eager():
     assert caches[1].length == caches[0].length == 13
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # not one per cache length
     params = SamplingParams(max_new_tokens=5, temperature=0, stop_at_eos=False)
-    real, steps = compiled.__dict__["compiled_forward"], []
-    compiled.__dict__["compiled_forward"] = lambda *args, **kwargs: steps.append(1) or real(*args, **kwargs)
+    plan, steps = compiled.__dict__["decoding"], []
+    real = plan.forward
+    plan.forward = lambda *args, **kwargs: steps.append(1) or real(*args, **kwargs)
     assert len(list(decode_steps(compiled, prompts, params))) == 5
     assert len(steps) == 4  # every step after the (eager) prefill
 

@@ -52,7 +52,7 @@ from lmlab.errors import LmlabError
 from lmlab.inference.generate import CompletionText, SamplingParams, adjust_logits, pick_tokens
 from lmlab.inference.paged import BlockPool, BlockTable, PagedView
 from lmlab.inference.structured import Constraint
-from lmlab.models.quantize import decoding_forward
+from lmlab.models.compiled import decoding_forward
 
 
 @dataclass
@@ -563,7 +563,8 @@ class Engine:
         tables = self.tables + [None] * (B - n)  # padding rows: only themselves
         tokens = [[c.last_token] for c in self.rows] + [[]] * (B - n)
         t0 = time.perf_counter()
-        logits = self._forward(tables, tokens, 1, forward=decoding_forward(self.model))[:n].float()
+        step = decoding_forward(self.model, long_run="a server runs for long", caller="server")
+        logits = self._forward(tables, tokens, 1, forward=step)[:n].float()
         greedy = logits.argmax(dim=-1).tolist()  # one host sync for every greedy row
         now = time.perf_counter()
         finished = []

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
 from lmlab.util import option
-from lmlab.models.quantize import decoding_forward
+from lmlab.models.compiled import decoding_forward
 from lmlab.models.t5 import is_encoder_decoder
 from lmlab.models.transformer import KVCache, Transformer
 
@@ -175,7 +175,7 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: SamplingP
             raise LmlabError(f"speculative decoding takes one prompt at a time (got {B}); drop --speculate")
         yield from _speculative_steps(model, list(prompts[0]), params, eos, cache, logits, generator)
         return
-    step = decoding_forward(model)
+    step = decoding_forward(model, B * params.max_new_tokens)
     for n in range(params.max_new_tokens):
         nxt = pick_tokens(adjust_logits(logits[:, -1].float(), params, seen), params, generator)
         if seen is not None:

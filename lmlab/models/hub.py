@@ -423,7 +423,8 @@ def load_pretrained(spec: str | Path, dtype: torch.dtype = torch.float32,
         return load_tuned(path, inference=inference)
     settings = inference or replace(FLOAT32, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
     model, tok, template, specials = _LOADERS[_kind(path)](path, settings)
-    model = prepare_model(model.eval(), settings) if inference is not None else model.to(dtype).eval()
+    label = path.stem if path.is_file() else path.name  # names the folder of its compiled graphs
+    model = prepare_model(model.eval(), settings, name=label) if inference is not None else model.to(dtype).eval()
     (bos, bos_id), (eos, eos_id) = specials["bos"], specials["eos"]
     return Pretrained(name=str(spec), model=model, tokenizer=tok, chat_template=template, bos_token=bos,
                       bos_token_id=bos_id, eos_token=eos, eos_token_id=eos_id,
@@ -452,5 +453,6 @@ def load_tuned(path: str | Path, merge: bool = True, inference: InferenceSetting
     then as `inference` asks (quantized after the merge: the tuned weights are float)."""
     base = load_pretrained(checkpoint.tuned_info(path)["base"])
     checkpoint.load_tuned_weights(base.model, path, merge)
-    model = base.model.eval() if inference is None else prepare_model(base.model.eval(), inference)
+    model = base.model.eval() if inference is None else prepare_model(base.model.eval(), inference,
+                                                                       name=Path(path).name)
     return replace(base, name=str(path), model=model)

@@ -18,10 +18,8 @@ fast for the few rows of a decode step, slower than float32 for a prompt's many.
 (a prefill) a layer dequantizes its weight to bfloat16 on the fly and multiplies with the bf16 GEMM instead
 (the crossover measured by bench/quantized_prefill.py); the bf16 copy lives for that one product only.
 
-`--compile` compiles the decoding step (one new token per row) with torch.compile: a step of a small model is
-hundreds of small ops (norms, rotary, residual adds) whose dispatch costs as much as the matrix products, and
-inductor fuses them; with the weights frozen in it also hands bfloat16 linear layers prepacked oneDNN weights.
-Prompts (prefill) stay eager: their lengths vary, each would be a new graph.
+`--compile auto|on|off` compiles the one-token decoding step with torch.compile and keeps the compiled graphs
+under $LMLAB_HOME/compiled (lmlab.models.compiled; auto compiles where the run repays the compilation).
 
 The vocabulary projection is kept at 8 bits under int4, as llama.cpp keeps its output matrix (it is the one a
 wrong digit moves most).
@@ -29,9 +27,6 @@ wrong digit moves most).
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -42,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.util import option
+from lmlab.models.compiled import COMPILE_MODES, prepare_decoding
+from lmlab.util import notice, option
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GROUP_SIZES = (32, 64, 128)
@@ -58,9 +54,10 @@ class InferenceSettings:
                 "Q4_0/Q4_1 (int4) and Q8_0 (int8) weights (lmlab eval: bf16 weights instead when it only scores "
                 "log-likelihoods and the CPU has native bf16), none dequantizes")
     group_size: int = option(32, "int4: weights per scale and zero (32, 64 or 128; a GGUF's Q4 blocks are 32)")
-    compile: bool = option(False, "torch.compile the one-token decoding step (inductor, weights frozen in): "
-                                  "fewer, fused kernels per step; the first step compiles (minutes for "
-                                  "SmolLM2, less from inductor's disk cache)")
+    compile: Literal["auto", "on", "off"] = option(
+        "off", "torch.compile the one-token decoding step (fewer, fused kernels: SmolLM2 int4 1.5x), its graphs "
+               "cached under $LMLAB_HOME/compiled (minutes cold, less cached); auto: on where the run's tokens repay "
+               "the compilation, and in a server", nargs="?", const="on")
 
     def validate(self) -> None:
         if self.group_size not in GROUP_SIZES:
@@ -69,6 +66,10 @@ class InferenceSettings:
             raise LmlabError(f"--dtype {self.dtype!r} is not supported (choose auto, float32 or bfloat16)")
         if self.quantize not in ("auto", "none", "int8", "int4"):
             raise LmlabError(f"--quantize {self.quantize!r} is not supported (choose auto, none, int8 or int4)")
+        if isinstance(self.compile, bool):  # the Python API's compile=True/False of before
+            self.compile = "on" if self.compile else "off"
+        if self.compile not in COMPILE_MODES:
+            raise LmlabError(f"--compile {self.compile!r} is not supported (choose auto, on or off)")
 
 
 FLOAT32 = InferenceSettings(dtype="float32", quantize="none")  # what the Python API loads by default
@@ -98,11 +99,6 @@ def weights_for(settings: InferenceSettings, workload: Workload, bf16_bytes: int
                           f"{available / 2**20:.0f} MiB of free memory)")
     return replace(settings, quantize="none"), ("--quantize auto: bf16 weights, for scoring (prefill-bound: faster "
                                                 "than int4 blocks dequantized at every forward pass)")
-
-
-def notice(text: str) -> None:
-    """A one-line notice on stderr (the load goes on)."""
-    print(f"lmlab: {text}", file=sys.stderr, flush=True)
 
 
 @lru_cache(maxsize=1)
@@ -348,9 +344,11 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def prepare_model(model: nn.Module, settings: InferenceSettings, device: str | torch.device = "cpu") -> nn.Module:
+def prepare_model(model: nn.Module, settings: InferenceSettings, device: str | torch.device = "cpu",
+                  name: str = "model") -> nn.Module:
     """A float model (eval mode) as the settings ask: quantized on load (quantize int8/int4; auto and none
-    leave a float model float), the rest cast to the compute dtype, on `device`."""
+    leave a float model float), the rest cast to the compute dtype, on `device`, with compiled decoding as
+    settings.compile says (`name` names its cache folder)."""
     settings.validate()
     device = torch.device(device)
     dtype = compute_dtype(settings.dtype, device)
@@ -358,28 +356,14 @@ def prepare_model(model: nn.Module, settings: InferenceSettings, device: str | t
         quantize_model(model, settings.quantize, settings.group_size)
     check_device(model, device)
     model = model.to(device=device, dtype=dtype)
-    if settings.compile:
-        compile_decoding(model)
+    prepare_decoding(model, settings.compile, name, weight_format(model))
     return model
 
 
-def compile_decoding(model: nn.Module, backend: str = "inductor") -> None:
-    """Give the model a torch.compile'd forward for one-token decoding steps (`decoding_forward` uses it).
-    dynamic=True: the cache length grows every step and the server's batch changes, so one graph with symbolic
-    sizes instead of a recompilation per length. Freezing treats the weights as constants (inference only:
-    weights that change later are not seen), which lets inductor fold and prepack them. (The tests trace with
-    backend="aot_eager": the same graph capture, without minutes of C++ compilation.)"""
-    if backend == "inductor" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
-        raise LmlabError("--compile needs a C++ compiler for inductor's CPU kernels (g++ or clang++, or CXX=...); "
-                         "install one or drop --compile")
-    options = {"freezing": True} if backend == "inductor" else None
-    # Stored in __dict__, not as a submodule: the compiled wrapper holds the model itself.
-    model.__dict__["compiled_forward"] = torch.compile(model, dynamic=True, backend=backend, options=options)
-
-
-def decoding_forward(model: nn.Module):
-    """The callable for one-token decoding steps: the compiled forward when the settings asked for --compile."""
-    return model.__dict__.get("compiled_forward", model)
+def compile_decoding(model: nn.Module, backend: str = "inductor", name: str = "model") -> None:
+    """Compiled decoding on (`decoding_forward` uses it), whatever the settings said: for benches and tests (which
+    trace with backend="aot_eager": the same graph capture, without minutes of C++ compilation)."""
+    prepare_decoding(model, "on", name, weight_format(model), backend)
 
 
 def check_device(model: nn.Module, device: torch.device) -> None:
