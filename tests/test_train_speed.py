@@ -123,7 +123,7 @@ def test_auto_compiles_a_run_long_enough_to_repay_the_estimated_compile(tmp_path
     assert _probe(long_run) is True and "compiling now" in said[0] and "not yet measured" in said[0]
     short_run, said = _compiler(tmp_path / "b", monkeypatch, max_steps=4 + 200)
     assert _probe(short_run) is False and "staying eager" in said[0]
-    assert str(short_run.folder).startswith(str(tmp_path / "b" / "compiled" / "train-"))
+    assert str(short_run.folder).startswith(str(tmp_path / "b" / "compiled" / "train-Linear-"))
 
 
 def test_auto_uses_what_the_last_compile_measured_and_the_time_limit(tmp_path, monkeypatch):

@@ -80,6 +80,16 @@ def cache_folder(key: str) -> Path:
     return lmlab_home() / "compiled" / key
 
 
+def use_cache_folder(folder: Path) -> Path:
+    """Point inductor's caches at `folder`, unless the user chose TORCHINDUCTOR_CACHE_DIR (then that one); returns
+    the folder in use. Inductor reads the variable whenever it opens its caches, so it is set before each compile
+    or compiled call (one process may hold two models, or train one and decode with another)."""
+    if _USER_CACHE_DIR is not None:
+        return Path(_USER_CACHE_DIR)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
+
+
 def has_compiler() -> bool:
     return bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++"))
 
@@ -175,9 +185,7 @@ class CompiledDecoding:
     def step(self, *args, **kwargs):
         """One compiled decoding step; while a step compiles, progress on stderr, and afterwards the graph is
         recorded as cached."""
-        if _USER_CACHE_DIR is None:
-            # Read by inductor whenever it opens its caches; set per call since one process may hold two models.
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.folder)
+        use_cache_folder(self.folder)
         stats = torch._dynamo.utils.counters["stats"]
         graphs, hits = stats["unique_graphs"], _cache_hits()
         start = time.perf_counter()

@@ -18,9 +18,7 @@ Under torchrun every process must compile at the same step: they agree through `
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -28,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from lmlab.errors import LmlabError
-from lmlab.util import atomic_write_json, lmlab_home
+from lmlab.models import compiled
+from lmlab.util import atomic_write_json
 
 COMPILE_MODES = ("auto", "on", "off")
 PROBE_STEPS = 3  # eager steps timed before auto decides (the first, which warms allocators, is not counted)
@@ -53,14 +52,12 @@ def normalize_mode(value) -> str:
 
 
 def cache_folder(model: torch.nn.Module, device: torch.device, bf16: bool) -> Path:
-    """Where this model shape's compiled training graphs are kept: its architecture (a hash of its config and
-    which parameters train), precision, device type and torch version."""
-    config = getattr(model, "config", None)
+    """Where this model shape's compiled training graphs are kept (lmlab.models.compiled's folders, "train-"
+    ones): its class, architecture and which parameters train (hashed), device type, precision, torch version."""
     trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
-    arch = hashlib.sha256(repr((type(model).__name__, config, trainable)).encode()).hexdigest()[:12]
-    precision = "bf16" if bf16 else "fp32"
-    return (lmlab_home() / "compiled" /
-            f"train-{type(model).__name__}-{arch}-{precision}-{device.type}-torch{torch.__version__.split('+')[0]}")
+    key = compiled.cache_key(f"train-{type(model).__name__}", (getattr(model, "config", None), trainable),
+                             device.type, torch.bfloat16 if bf16 else torch.float32)
+    return compiled.cache_folder(key)
 
 
 class StepCompiler:
@@ -80,8 +77,7 @@ class StepCompiler:
             self._use_cache_folder()
 
     def _use_cache_folder(self) -> None:
-        if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.folder)
+        self.folder = compiled.use_cache_folder(self.folder)
 
     def record(self) -> dict:
         try:
