@@ -154,12 +154,8 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         split = splits[t.name]
         docs = _limited(split, limit)
         info = task_info[t.name] = _task_info(t, split, len(docs), echo)
-        if not t.few_shot:
-            run(t, split, docs, 0, "loglikelihood", info)
-            continue
-        for k in shot_list:
-            for m in t.modes(mode):
-                run(t, split, docs, k, m, info)
+        for k, m in _runs_of(t, shot_list, mode):
+            run(t, split, docs, k, m, info)
 
     summary = summarize(complete=True)
     if echo:
@@ -185,9 +181,17 @@ def _weights_for_workload(model, inference: InferenceSettings, work: Workload, e
     return inference, {"asked": asked, "chose": inference.quantize, "why": why}
 
 
+def _runs_of(t: Task, shots: list[int], mode: str) -> list[tuple[int, str]]:
+    """(shots, scoring mode) of each run of task t: one zero-shot log-likelihood run for a task without few-shot
+    prompts, else every number of shots in every mode the task has."""
+    if not t.few_shot:
+        return [(0, "loglikelihood")]
+    return [(k, m) for k in shots for m in t.modes(mode)]
+
+
 def workload(task_list: list[Task], mode: str) -> Workload:
     """"scoring" when every run scores given texts by their log-likelihood (prefill-bound), else "generation"."""
-    modes = {m for t in task_list for m in (t.modes(mode) if t.few_shot else ["loglikelihood"])}
+    modes = {m for t in task_list for _, m in _runs_of(t, [0], mode)}
     return "scoring" if modes == {"loglikelihood"} else "generation"
 
 
