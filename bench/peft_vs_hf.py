@@ -30,7 +30,6 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -40,14 +39,12 @@ import time
 
 import torch
 
-from peft_throughput import MODEL, batch_for, make_step
+from peft_throughput import MODEL, batch_for, make_step, training_step
 from train_throughput import cpu_facts
 
 from lmlab.models.hf import export_hf, llama_block
 from lmlab.models.hub import load_pretrained
 from lmlab.models.peft import LoRALinear, LoraConfig, _matches, cast_frozen_matmuls
-from lmlab.training.config import TrainConfig
-from lmlab.training.schedule import make_optimizer
 from lmlab.training.tuning import trainable_parameters
 
 GOAL = 1.5  # issue 24: lmlab's LoRA SFT step >= 1.5x transformers + peft
@@ -90,26 +87,12 @@ def peft_model(lmlab_model, folder, lora: LoraConfig):
 
 
 def peft_step(model, batch: dict, bf16: bool):
-    """One training step of the peft model on `batch`, as a Trainer would run it with fused AdamW, returning the
-    loss: transformers' own loss (fp32 cross-entropy of the full logits) on the same shifted targets."""
+    """One training step of the peft model on `batch` (the step of make_step), returning the loss: transformers'
+    own loss (fp32 cross-entropy of the full logits, as a Trainer computes it) on the same shifted targets."""
     if bf16:
         cast_frozen_matmuls(model, torch.bfloat16)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    optimizer = make_optimizer(model, TrainConfig(lr=1e-5, weight_decay=0.0), torch.device("cpu"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-
-    def step():
-        with autocast():
-            loss = model(input_ids=batch["inputs"], labels=batch["targets"], shift_labels=batch["targets"],
-                         use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
+    return training_step(model, lambda: model(input_ids=batch["inputs"], labels=batch["targets"],
+                                              shift_labels=batch["targets"], use_cache=False).loss, bf16)
 
 
 def contenders(base, batch: dict, precision: str, compiled: bool, load=None) -> tuple[dict, dict]:
