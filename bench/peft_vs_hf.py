@@ -20,9 +20,11 @@ Both sides, per precision:
 - the step: forward and loss, backward, gradient clipping at 1.0, fused AdamW (lmlab's make_optimizer for both).
 
 Contenders are timed in alternation in one process; the median step counts. --compile adds lmlab's step through
-torch.compile of the model (what train.compile runs), its compile time reported apart.
+torch.compile of the model (what train.compile runs), its compile time reported apart; --profile adds
+torch.profiler's top ops of one step of each contender (after the timing).
 
     python bench/peft_vs_hf.py [--threads 1] [--steps 5] [--batch 8] [--precisions bf16,fp32] [--compile]
+                             [--profile]
 
 Prints one JSON object.
 """
@@ -40,7 +42,7 @@ import time
 import torch
 
 from peft_throughput import MODEL, batch_for, make_step, training_step
-from train_throughput import cpu_facts
+from train_throughput import cpu_facts, profile_step
 
 from lmlab.models.hf import export_hf, llama_block
 from lmlab.models.hub import load_pretrained
@@ -116,7 +118,8 @@ def contenders(base, batch: dict, precision: str, compiled: bool, load=None) -> 
     return steps, facts
 
 
-def measure(base, batch: dict, precision: str, n: int, warmup: int, compiled: bool, load=None) -> dict:
+def measure(base, batch: dict, precision: str, n: int, warmup: int, compiled: bool, profiled: bool = False,
+            load=None) -> dict:
     steps, facts = contenders(base, batch, precision, compiled, load)
     first, losses = {}, {}
     for name, step in steps.items():  # the first step apart: it compiles, and its loss is the start's
@@ -138,6 +141,8 @@ def measure(base, batch: dict, precision: str, n: int, warmup: int, compiled: bo
                                       "step_times": [round(t, 3) for t in ts]}
     if compiled:
         result["contenders"]["lmlab compiled"]["first_step_s (compile)"] = round(first["lmlab compiled"], 1)
+    if profiled:  # after the timing, so that profiling costs it nothing
+        result["profile"] = {name: profile_step(step) for name, step in steps.items()}
     peft_tps = result["contenders"]["transformers+peft"]["tokens_per_s"]
     for name in steps:
         if name != "transformers+peft":
@@ -156,12 +161,13 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--compile", action="store_true", help="also time lmlab's step under torch.compile")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler's top ops of one step of each")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     pretrained = load_pretrained(MODEL)
     batch, what = batch_for(pretrained, args.batch, args.seq_len)
-    results = {p: measure(pretrained.model, batch, p, args.steps, args.warmup, args.compile)
+    results = {p: measure(pretrained.model, batch, p, args.steps, args.warmup, args.compile, args.profile)
                for p in args.precisions.split(",")}
     print(json.dumps({
         "benchmark": "peft_vs_hf", "model": MODEL, "batch": what, "tokens_per_step": int(batch["inputs"].numel()),
