@@ -39,6 +39,7 @@ import torch
 
 from lmlab.models.hub import load_pretrained
 from lmlab.models.peft import method_settings
+from lmlab.training.compile import cache_folder
 from lmlab.training.config import TrainConfig
 from lmlab.training.examples import collate, encode_all, load_examples
 from lmlab.training.schedule import make_optimizer
@@ -61,14 +62,26 @@ def batch_for(pretrained, n: int, seq_len: int) -> tuple[dict, str]:
     return {"inputs": ids[:, :-1], "targets": ids[:, 1:]}, f"{n} rows of {seq_len} random tokens"
 
 
-def make_step(config: str, batch: dict):
+def make_step(config: str, batch: dict, model=None, compiled: bool = False):
     """A model with config's method ("method/precision") applied and a function doing one training step on
-    `batch`, as fit does with InstructionTuning (its loss is the model's cross-entropy over the response-token
-    targets) and lmlab sft sets up the model (lmlab.training.tuning.prepare_model)."""
+    `batch` (and returning its loss), as fit does with InstructionTuning (its loss is the model's cross-entropy
+    over the response-token targets) and lmlab sft sets up the model (lmlab.training.tuning.prepare_model).
+    `model`: the base model to use (default: SmolLM2 loaded afresh). compiled: the step runs through
+    torch.compile(model), as train.compile does, with inductor's cache in train.compile's folder for this shape."""
     method, precision = config.split("/")
     bf16 = precision == "bf16"
-    model = load_pretrained(MODEL).model
+    model = load_pretrained(MODEL).model if model is None else model
     prepare_model(model, method, method_settings(method), bf16=bf16, device=torch.device("cpu"))
+    if compiled:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_folder(model, torch.device("cpu"), bf16)))
+    forward = torch.compile(model) if compiled else model
+    return model, training_step(model, lambda: forward(batch["inputs"], batch["targets"], loss_only=True)[1], bf16)
+
+
+def training_step(model, loss_of, bf16: bool):
+    """A function doing one step of what fit does per optimizer step, returning the loss: loss_of() (under bf16
+    autocast when bf16), backward, gradient clipping at 1.0 and a fused AdamW step over the trainable parameters
+    (lmlab's make_optimizer, here with a constant LR and no weight decay)."""
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     optimizer = make_optimizer(model, TrainConfig(lr=1e-5, weight_decay=0.0), torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -76,13 +89,14 @@ def make_step(config: str, batch: dict):
 
     def step():
         with autocast():
-            loss = model(batch["inputs"], batch["targets"], loss_only=True)[1]
+            loss = loss_of()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    return model, step
+    return step
 
 
 def measure_memory(method: str, n: int, seq_len: int) -> dict:
