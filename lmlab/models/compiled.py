@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from lmlab.errors import LmlabError
 from lmlab.util import atomic_write_json, lmlab_home, notice
@@ -51,9 +50,13 @@ CACHED_COMPILE_S = 75.0
 PROGRESS_FIRST_S, PROGRESS_EVERY_S = 10.0, 30.0
 # A user's own TORCHINDUCTOR_CACHE_DIR wins over the per-model folders (torch itself sets the variable to its
 # default folder when it first looks: that one is not the user's).
+# Imported only when the variable is set: torch._inductor costs seconds to import, and every lmlab command
+# imports this module.
 _USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-if _USER_CACHE_DIR and os.path.abspath(_USER_CACHE_DIR) == os.path.abspath(default_cache_dir()):
-    _USER_CACHE_DIR = None
+if _USER_CACHE_DIR:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    if os.path.abspath(_USER_CACHE_DIR) == os.path.abspath(default_cache_dir()):
+        _USER_CACHE_DIR = None
 
 
 def cache_key(name: str, config, weight_format: str, dtype: torch.dtype) -> str:

@@ -15,10 +15,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 from lmlab.models.quantize import compute_dtype
 from lmlab.models.transformer import Block
@@ -55,6 +51,9 @@ class Dist:
         if self.fsdp:
             if self.main:  # its structure, for checkpoints of the full weights (no memory: the meta device)
                 self._replica = copy.deepcopy(model).to("meta")
+            # FSDP's modules are imported where FSDP is used: they cost seconds at every lmlab command's start.
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
             mesh = init_device_mesh(self.device.type, (self.world,))
             for block in [m for m in model.modules() if isinstance(m, Block)]:
                 fully_shard(block, mesh=mesh)
@@ -86,6 +85,7 @@ class Dist:
         under FSDP it all-gathers); None on the other ranks. Without FSDP, the model itself."""
         if not self.fsdp:
             return model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.main:
             return None
@@ -97,12 +97,14 @@ class Dist:
         name, on rank 0)."""
         if not self.fsdp:
             return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                     cpu_offload=True))
 
     def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict) -> None:
         """Restore what optimizer_state saved; each process reads the whole checkpoint and keeps its shard."""
         if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(state)

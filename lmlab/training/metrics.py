@@ -8,7 +8,6 @@ import os
 import time
 from pathlib import Path
 
-from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend, nothing global
 from tqdm import tqdm
 
 from lmlab.util import atomic_write_text
@@ -31,6 +30,9 @@ def plot_losses(run_dir: Path) -> None:
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     other = sorted({k for r in records if "loss" not in r for k, v in r.items()
                     if k not in ("step", "elapsed", "val_loss") and isinstance(v, (int, float))})
+    # Imported here, not at the top: matplotlib costs a second at every lmlab command's start. The object API: no
+    # pyplot, no GUI backend, nothing global.
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(7, 4.2), dpi=110)
     ax = fig.subplots()
     if train:
