@@ -14,7 +14,7 @@ from lmlab.cli import main
 from lmlab.errors import LmlabError
 from lmlab.experiments.lab.common import RowsObjective, Size, gpt_config, seed_list, seed_summary
 from lmlab.experiments.lab.emergence import (VOCAB, addition_pairs, addition_rows, addition_text, answer_scores,
-                                             emergence_verdict, monotonic_exceptions, sharpness)
+                                             digit_accuracy, emergence_verdict, monotonic_exceptions, sharpness)
 from lmlab.models.transformer import Transformer
 from lmlab.training.metrics import read_metrics
 
@@ -64,6 +64,9 @@ def test_quick_run_over_two_seeds_writes_the_means_the_spread_and_the_verdict(tm
         for x in r["seeds"]:
             assert 0 <= x["exact_match"] <= x["token_accuracy"] <= 1 and x["answer_logprob"] < 0
             assert x["curve"][-1]["exact_match"] == x["exact_match"]
+            # The final weights' digits, read back from the checkpoint: their mean is the token accuracy.
+            assert len(x["digit_accuracy"]) == 3 and np.mean(x["digit_accuracy"]) == pytest.approx(
+                x["token_accuracy"], abs=1e-3)
             folder = tmp_path / "work" / f"seed{x['seed']}" / "quick-2d-reversed" / r["name"]
             assert json.loads((folder / "summary.json").read_text())["exact_match"] == x["exact_match"]
     assert any(r["seeds"][0]["answer_logprob"] != r["seeds"][1]["answer_logprob"] for r in runs)  # two real seeds
@@ -131,6 +134,9 @@ def test_answer_scores_match_their_definitions():
     assert scores["token_accuracy"] == sum(map(sum, right)) / 16
     assert scores["answer_logprob"] == pytest.approx(sum(logprob) / 4, rel=1e-5)
     assert scores["exact_match"] >= 0.25
+    by_place = digit_accuracy(FixedLogits(logits), rows, chunk=3)
+    assert by_place == [sum(r[i] for r in right) / 4 for i in range(4)]
+    assert by_place[2] >= 0.5  # rows 0 and 1 have their third digit right for sure
 
 
 def test_teacher_forced_exact_match_is_greedy_decoding():
@@ -226,3 +232,14 @@ def test_seed_list_reads_distinct_whole_numbers():
     for bad in ("", "a", "0,0", "-1", "1.5"):
         with pytest.raises(LmlabError, match="--seeds"):
             seed_list(bad)
+
+
+def test_other_steps_train_every_size_that_long_in_folders_of_their_own(tmp_path):
+    assert main(["lab", "emergence", "--quick", "--seeds", "3", "--steps", "40", "--out", str(tmp_path / "out"),
+                 "--work", str(tmp_path / "work"), "--threads", "1", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "emergence.json").read_text())
+    assert summary["settings"]["steps"] == 40 and summary["settings"]["seeds"] == [3]
+    for r in summary["runs"]:
+        assert r["seeds"][0]["curve"][-1]["step"] == 40
+        folder = tmp_path / "work" / "seed3" / "quick-2d-reversed-40steps" / r["name"]
+        assert json.loads((folder / "summary.json").read_text())["steps"] == 40

@@ -106,9 +106,9 @@ def seed_list(text: str, flag: str = "--seeds") -> list[int]:
 def seed_summary(records: list[dict], seeds: list[int], figures: tuple[str, ...]) -> dict:
     """One size's row over several seeds, from run_record's rows of it (one a seed, in the order of `seeds`): its
     shape and N, each figure's mean across the seeds, its spread ("spread": min, max and the sample standard
-    deviation, 0 for one seed), and the seeds' own rows ("seeds": seed, figures, curve)."""
-    first = records[0]
-    row = {k: first[k] for k in ("name", "n_layer", "n_embd", "params")}
+    deviation, 0 for one seed), and the seeds' own rows ("seeds": seed, and all but the shape of each record)."""
+    shape = ("name", "n_layer", "n_embd", "params")
+    row = {k: records[0][k] for k in shape}
     spread = {}
     for k in figures:
         values = [float(r[k]) for r in records]
@@ -117,7 +117,7 @@ def seed_summary(records: list[dict], seeds: list[int], figures: tuple[str, ...]
         row[k] = mean
         spread[k] = {"min": min(values), "max": max(values), "std": std}
     return {**row, "spread": spread,
-            "seeds": [{"seed": s, **{k: r[k] for k in figures}, "curve": r["curve"]} for s, r in zip(seeds, records)]}
+            "seeds": [{"seed": s, **{k: v for k, v in r.items() if k not in shape}} for s, r in zip(seeds, records)]}
 
 
 def settings_record(t: TrainConfig, threads: int | None, seed: int) -> dict:

@@ -30,6 +30,7 @@ below.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -43,9 +44,10 @@ from matplotlib.ticker import NullFormatter
 from lmlab.errors import LmlabError
 from lmlab.experiments.lab.common import (LADDERS, RowsObjective, crossing, gpt_config, run_record, run_settings,
                                           seed_list, seed_summary, settings_record, train_once, verdict)
+from lmlab.models.checkpoint import load_model
 from lmlab.models.transformer import Transformer
 from lmlab.training.config import TrainConfig
-from lmlab.util import check_flags, write_report
+from lmlab.util import check_flags, pick_device, write_report
 
 VOCAB = "0123456789+="
 MAX_DIGITS = 9  # the pairs are drawn as int64 codes below 10^(2 digits), which must stay under 2^63
@@ -113,6 +115,25 @@ def answer_scores(model, rows: dict[str, torch.Tensor], chunk: int = 512) -> dic
     return {"exact_match": exact / rows_n, "token_accuracy": correct / digits, "answer_logprob": logprob / rows_n}
 
 
+def digit_accuracy(model, rows: dict[str, torch.Tensor], chunk: int = 512) -> list[float]:
+    """The share of the rows whose answer digit at each place (in the order the answer is written) is the argmax,
+    in one teacher-forced pass: which of the digits a model has learnt, where token accuracy gives their mean."""
+    answer = rows["targets"][0] != -100  # the answer's columns, the same in every row
+    hits = [(model(rows["inputs"][s:s + chunk])[0].argmax(-1) == rows["targets"][s:s + chunk])[:, answer]
+            for s in range(0, len(rows["inputs"]), chunk)]
+    return torch.cat(hits).float().mean(0).tolist()
+
+
+def final_digit_accuracy(t: TrainConfig, rows: dict[str, torch.Tensor]) -> list[float]:
+    """digit_accuracy of a finished run's final weights (its latest checkpoint), in the run's precision: read at
+    report time, so that runs trained before it was measured have it too."""
+    device = pick_device(t.device)
+    model = load_model(t.run_dir, device)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if t.dtype == "bfloat16" else contextlib.nullcontext()
+    with torch.no_grad(), bf16:
+        return digit_accuracy(model, {k: v.to(device) for k, v in rows.items()})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The verdict: a pure function of the measured curves
 
@@ -169,7 +190,7 @@ def monotonic_exceptions(runs: list[dict], metric: str, slack: float = MONOTONE_
 
 def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Literal["cpu", "gpu"] = "cpu",
                   quick: bool = False, out: str = "runs/lab/emergence", work: str = "runs/lab/emergence-work",
-                  threads: int | None = None, seeds: str = "0,1,2",
+                  threads: int | None = None, seeds: str = "0,1,2", steps: int | None = None,
                   dtype: Literal["auto", "float32", "bfloat16"] = "auto", device: str = "auto",
                   progress: bool = True, command: str | None = None) -> dict:
     """Emergence and its mirage: six GPT sizes on multi-digit addition, exact match against per-token metrics,
@@ -185,17 +206,26 @@ def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Litera
         threads: CPU threads for torch (1 is fastest on a busy machine)
         seeds: comma-separated seeds, one run of the ladder each; a seed draws the examples, the initialisation
             and the batches
+        steps: training steps of every size instead of the scale's (800; quick: 80; gpu: 10,000), with the
+            learning-rate schedule stretched to them
         dtype: auto (bf16 autocast where the hardware has bf16, else fp32) | float32 | bfloat16
         device: auto | cpu | cuda | mps
         progress: show each run's progress bar
     """
     check_flags(("--digits", digits, digits is None or 1 <= digits <= MAX_DIGITS,
                  f"between 1 and {MAX_DIGITS} (or leave it out for the scale's)"),
-                ("--threads", threads, threads is None or threads >= 1, "at least 1"))
+                ("--threads", threads, threads is None or threads >= 1, "at least 1"),
+                ("--steps", steps, steps is None or steps >= 1, "at least 1 (or leave it out for the scale's)"))
     seed_values = seed_list(seeds)
     level = "quick" if quick else scale
     default_digits, n_train, n_held_out, base = SCALES[level]
     digits = default_digits if digits is None else digits
+    # Other steps are other runs: their folders are named apart, since a finished run is read back as it is.
+    ladder = f"{level}-{digits}d{'-reversed' if reverse else ''}"
+    if steps is not None and steps != base.max_steps:
+        base = replace(base, max_steps=steps, warmup_steps=min(base.warmup_steps, steps),
+                       ckpt_interval=min(base.ckpt_interval, steps))
+        ladder = f"{ladder}-{steps}steps"
     figures = ("exact_match", "token_accuracy", "answer_logprob", "val_loss", "elapsed_s")
     by_size: dict[str, list[dict]] = {size.name: [] for size in LADDERS[level]}
     for seed in seed_values:  # seed by seed, so that an interrupted run has whole ladders done first
@@ -204,7 +234,7 @@ def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Litera
         held_out = addition_rows(held_out_pairs, digits, reverse)
         block_size = train_rows["inputs"].shape[1]
         for size in LADDERS[level]:
-            folder = Path(work) / f"seed{seed}" / f"{level}-{digits}d{'-reversed' if reverse else ''}" / size.name
+            folder = Path(work) / f"seed{seed}" / ladder / size.name
             t = run_settings(replace(base, device=device, eval_batches=1), folder, threads, seed, dtype)
 
             def build(world, size=size, t=t, train_rows=train_rows, held_out=held_out, block_size=block_size):
@@ -212,7 +242,8 @@ def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Litera
                 return RowsObjective(model, train_rows, held_out, t.seed, score=answer_scores)
 
             summary = train_once(t, build, progress)
-            by_size[size.name].append(run_record(size, summary, figures, ("step", "exact_match", "token_accuracy")))
+            record = run_record(size, summary, figures, ("step", "exact_match", "token_accuracy"))
+            by_size[size.name].append({**record, "digit_accuracy": final_digit_accuracy(t, held_out)})
     runs = [seed_summary(records, seed_values, figures) for records in by_size.values()]
     sizes = [r["params"] for r in runs]
     # The verdict reads the means over the seeds; each seed's own verdict and the monotonicity of the means in N
@@ -257,10 +288,12 @@ def emergence_markdown(summary: dict) -> str:
                      f"{spread(r, 'exact_match', '.3f')} | {spread(r, 'token_accuracy', '.3f')} | "
                      f"{r['token_accuracy'] ** s['answer_digits']:.3f} | {spread(r, 'answer_logprob', '.3f')} | "
                      f"{minutes:.1f} |")
-    lines += ["", "Exact match of each seed:", "", "| size | " + " | ".join(f"seed {x}" for x in seeds) + " |",
+    lines += ["", "Each seed's exact match, and in brackets the accuracy of each answer digit (in the order written) "
+              "of its final weights:", "", "| size | " + " | ".join(f"seed {x}" for x in seeds) + " |",
               "|---|" + "---|" * len(seeds)]
-    lines += [f"| {r['name']} | " + " | ".join(f"{x['exact_match']:.3f}" for x in r["seeds"]) + " |"
-              for r in summary["runs"]]
+    lines += [f"| {r['name']} | " + " | ".join(f"{x['exact_match']:.3f} ("
+                                               + " ".join(f"{d:.2f}" for d in x["digit_accuracy"]) + ")"
+                                               for x in r["seeds"]) + " |" for r in summary["runs"]]
     n50 = f"N = {v['value']:,.0f}" if v["value"] is not None else "none"
     lines += ["", f"token acc.^k: exact match if the k = {s['answer_digits']} answer digits were right independently "
               "(from the mean token accuracy).",
@@ -289,16 +322,17 @@ def plot_emergence(summary: dict, path: Path) -> None:
     left, right = fig.subplots(1, 2)
     sizes = [r["params"] for r in runs]
 
-    def with_range(ax, metric, fmt, **style):  # the mean, and the seeds' min to max as an error bar
+    def with_range(ax, metric, fmt, shift, **style):  # the mean, and the seeds' min to max as an error bar
         means = np.array([r[metric] for r in runs])
         lo = means - np.array([r["spread"][metric]["min"] for r in runs])
         hi = np.array([r["spread"][metric]["max"] for r in runs]) - means
-        return ax.errorbar(sizes, means, yerr=np.stack([lo, hi]), fmt=fmt, capsize=3, **style)
+        # the three metrics' bars set a little apart in N, so that they do not hide one another
+        return ax.errorbar(np.array(sizes) * shift, means, yerr=np.stack([lo, hi]), fmt=fmt, capsize=3, **style)
 
     seeds = len(s["seeds"])
     over = f" (mean of {seeds} seeds, bars: min-max)" if seeds > 1 else ""
-    with_range(left, "exact_match", "o-", color="C3", linewidth=2, label="exact match" + over)
-    with_range(left, "token_accuracy", "s-", color="C0", label="token accuracy")
+    with_range(left, "exact_match", "o-", 1.0, color="C3", linewidth=2, label="exact match" + over)
+    with_range(left, "token_accuracy", "s-", 0.93, color="C0", label="token accuracy")
     left.plot(sizes, [r["token_accuracy"] ** s["answer_digits"] for r in runs], ":", color="C0",
               label=f"token accuracy^{s['answer_digits']} (independent digits)")
     if v["value"] is not None:
@@ -307,7 +341,7 @@ def plot_emergence(summary: dict, path: Path) -> None:
     left.set(xlabel="non-embedding parameters N", ylabel="accuracy on held-out sums", ylim=(-0.02, 1.02),
              title=f"{s['digits']}-digit addition: three metrics of the same models")
     loglik = left.twinx()
-    with_range(loglik, "answer_logprob", "^--", color="C2", label="answer log-prob (right)")
+    with_range(loglik, "answer_logprob", "^--", 1.07, color="C2", label="answer log-prob (right)")
     loglik.set_xscale("log")
     loglik.set_ylabel("log-likelihood of the answer (nats)")
     handles = [h for ax in (left, loglik) for h in ax.get_legend_handles_labels()[0]]
