@@ -1,6 +1,6 @@
 """Experiment 2, emergence and its mirage: `lmlab lab emergence`.
 
-    lmlab lab emergence                    # six GPT sizes x 3 seeds on 3-digit addition, ~10 minutes a seed idle
+    lmlab lab emergence                    # six GPT sizes x 3 seeds on 3-digit addition, ~3 minutes a seed
     lmlab lab emergence --quick --seeds 0  # tiny sizes, 2-digit operands, one seed, under 30 seconds (the tests)
     lmlab lab emergence --scale gpu        # the GPU ladder, 4-digit operands, more steps
 
@@ -170,9 +170,6 @@ def emergence_verdict(sizes: list[float], exact_match: list[float], token_accura
             "sharper": sharper}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The experiment
-
 def monotonic_exceptions(runs: list[dict], metric: str, slack: float = MONOTONE_SLACK) -> list[dict]:
     """The sizes at which a metric's mean over the seeds falls below the best mean of a smaller size by more than
     `slack` (higher is better for all three metrics): each with the size it falls below, the fall, and whether
@@ -188,6 +185,9 @@ def monotonic_exceptions(runs: list[dict], metric: str, slack: float = MONOTONE_
     return exceptions
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The experiment
+
 def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Literal["cpu", "gpu"] = "cpu",
                   quick: bool = False, out: str = "runs/lab/emergence", work: str = "runs/lab/emergence-work",
                   threads: int | None = None, seeds: str = "0,1,2", steps: int | None = None,
@@ -199,7 +199,7 @@ def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Litera
     Args:
         digits: operand digits (default: 3 on the CPU, 4 on a GPU, 2 with --quick)
         reverse: write the sum least significant digit first (--no-reverse: the usual order)
-        scale: cpu (about 10 minutes a seed on an idle core) or gpu (the GPU ladder, more steps)
+        scale: cpu (about 3 minutes a seed on one core) or gpu (the GPU ladder, more steps)
         quick: tiny sizes, 2-digit operands and 80 steps, under 30 seconds a seed (the tests)
         out: folder for emergence.json, emergence.md and emergence.png
         work: folder for the runs, one a seed and size (a finished run is read back, an interrupted one resumed)
@@ -242,8 +242,8 @@ def lab_emergence(digits: int | None = None, reverse: bool = True, scale: Litera
                 return RowsObjective(model, train_rows, held_out, t.seed, score=answer_scores)
 
             summary = train_once(t, build, progress)
-            record = run_record(size, summary, figures, ("step", "exact_match", "token_accuracy"))
-            by_size[size.name].append({**record, "digit_accuracy": final_digit_accuracy(t, held_out)})
+            row = run_record(size, summary, figures, ("step", "exact_match", "token_accuracy"))
+            by_size[size.name].append({**row, "digit_accuracy": final_digit_accuracy(t, held_out)})
     runs = [seed_summary(records, seed_values, figures) for records in by_size.values()]
     sizes = [r["params"] for r in runs]
     # The verdict reads the means over the seeds; each seed's own verdict and the monotonicity of the means in N
