@@ -3,39 +3,92 @@ definitions, and the verdict on closed-form and phenomenon-free curves."""
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
 from lmlab.cli import main
-from lmlab.experiments.lab.common import Size, gpt_config
+from lmlab.errors import LmlabError
+from lmlab.experiments.lab.common import RowsObjective, Size, gpt_config, seed_list, seed_summary
 from lmlab.experiments.lab.emergence import (VOCAB, addition_pairs, addition_rows, addition_text, answer_scores,
-                                             emergence_verdict, sharpness)
+                                             digit_accuracy, emergence_verdict, monotonic_exceptions, sharpness)
 from lmlab.models.transformer import Transformer
+from lmlab.training.metrics import read_metrics
 
 SIZES = [12_768, 28_368, 56_640, 155_840, 233_680, 456_176]  # the CPU ladder's N
 
 
-def test_quick_run_writes_the_report_and_the_verdict(tmp_path, capsys):
+def _quick(tmp_path, seeds):
+    return main(["lab", "emergence", "--quick", "--seeds", seeds, "--out", str(tmp_path / "out"), "--work",
+                 str(tmp_path / "work"), "--threads", "1", "--no-progress"])
+
+
+def test_quick_run_over_two_seeds_writes_the_means_the_spread_and_the_verdict(tmp_path, monkeypatch):
+    """Two seeds, the first interrupted by SIGTERM part-way through its first run and resumed by the next call:
+    each size's row is the mean and range of its two seeds' runs (each its own folder), the verdict is the pure
+    function of the means, and a third call reads every finished run back without training."""
+    draw, calls = RowsObjective.draw, []
+
+    def draw_then_stop(self, n):  # SIGTERM at step 30 of the first run (seed 0, the smallest size)
+        calls.append(n)
+        if len(calls) == 30:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return draw(self, n)
+
+    monkeypatch.setattr(RowsObjective, "draw", draw_then_stop)
+    assert _quick(tmp_path, "0,1") == 143
+    first = tmp_path / "work" / "seed0" / "quick-2d-reversed" / "xs"
+    assert (first / "ckpt" / "step_0000030").is_dir() and not (first / "summary.json").exists()
+    monkeypatch.setattr(RowsObjective, "draw", draw)
+    assert _quick(tmp_path, "0,1") == 0
+    trained = [r for r in read_metrics(first) if "loss" in r]
+    assert [r["step"] for r in trained] == [20, 40, 60, 80]  # resumed at step 30, not trained again from step 1
+
     out = tmp_path / "out"
-    rc = main(["lab", "emergence", "--quick", "--out", str(out), "--work", str(tmp_path / "work"), "--threads", "1",
-               "--no-progress"])
-    assert rc == 0
     summary = json.loads((out / "emergence.json").read_text())
     assert {"emergence.md", "emergence.png"} <= {p.name for p in out.iterdir()}
     assert (out / "emergence.png").stat().st_size > 10_000
-    record = summary["verdict"]
-    assert {"appeared", "criterion", "value", "reading"} <= set(record)
-    assert "50 %" in record["criterion"]
+    assert summary["settings"]["seeds"] == [0, 1]
     runs = summary["runs"]
     assert len(runs) == 6 and runs[-1]["params"] / runs[0]["params"] >= 30
     for r in runs:
-        assert 0 <= r["exact_match"] <= r["token_accuracy"] <= 1 and r["answer_logprob"] < 0
-        assert r["curve"][-1]["exact_match"] == r["exact_match"]
+        assert [x["seed"] for x in r["seeds"]] == [0, 1]
+        for metric in ("exact_match", "token_accuracy", "answer_logprob"):
+            values = [x[metric] for x in r["seeds"]]
+            assert r[metric] == pytest.approx(np.mean(values))
+            assert r["spread"][metric]["min"] == min(values) and r["spread"][metric]["max"] == max(values)
+            assert r["spread"][metric]["std"] == pytest.approx(np.std(values, ddof=1))
+        for x in r["seeds"]:
+            assert 0 <= x["exact_match"] <= x["token_accuracy"] <= 1 and x["answer_logprob"] < 0
+            assert x["curve"][-1]["exact_match"] == x["exact_match"]
+            # The final weights' digits, read back from the checkpoint: their mean is the token accuracy.
+            assert len(x["digit_accuracy"]) == 3 and np.mean(x["digit_accuracy"]) == pytest.approx(
+                x["token_accuracy"], abs=1e-3)
+            folder = tmp_path / "work" / f"seed{x['seed']}" / "quick-2d-reversed" / r["name"]
+            assert json.loads((folder / "summary.json").read_text())["exact_match"] == x["exact_match"]
+    assert any(r["seeds"][0]["answer_logprob"] != r["seeds"][1]["answer_logprob"] for r in runs)  # two real seeds
+    record = summary["verdict"]
+    assert {"appeared", "criterion", "value", "reading"} <= set(record)
+    assert "50 %" in record["criterion"]
     again = emergence_verdict([r["params"] for r in runs], [r["exact_match"] for r in runs],
                               [r["token_accuracy"] for r in runs])
-    assert again == record  # the verdict is the pure function of the recorded curves
+    assert again == record  # the verdict is the pure function of the means
+    for i, own in enumerate(summary["verdict_per_seed"]):
+        alone = emergence_verdict([r["params"] for r in runs], [r["seeds"][i]["exact_match"] for r in runs],
+                                  [r["seeds"][i]["token_accuracy"] for r in runs])
+        assert own == {"seed": i, "appeared": alone["appeared"], "value": alone["value"]}
+    for metric, found in summary["monotonic_exceptions"].items():
+        assert found == monotonic_exceptions(runs, metric)
+    table = (out / "emergence.md").read_text()
+    xs = runs[0]
+    assert f"| {xs['exact_match']:.3f} [{xs['spread']['exact_match']['min']:.3f}, " in table
+
+    monkeypatch.setattr(RowsObjective, "draw", lambda self, n: pytest.fail("a finished run was trained again"))
+    assert _quick(tmp_path, "0,1") == 0
+    assert json.loads((out / "emergence.json").read_text())["runs"] == runs
 
 
 def test_the_task_text_and_rows():
@@ -81,6 +134,9 @@ def test_answer_scores_match_their_definitions():
     assert scores["token_accuracy"] == sum(map(sum, right)) / 16
     assert scores["answer_logprob"] == pytest.approx(sum(logprob) / 4, rel=1e-5)
     assert scores["exact_match"] >= 0.25
+    by_place = digit_accuracy(FixedLogits(logits), rows, chunk=3)
+    assert by_place == [sum(r[i] for r in right) / 4 for i in range(4)]
+    assert by_place[2] >= 0.5  # rows 0 and 1 have their third digit right for sure
 
 
 def test_teacher_forced_exact_match_is_greedy_decoding():
@@ -133,3 +189,57 @@ def test_sharpness_of_a_step_a_line_and_a_flat_curve():
     assert sharpness(SIZES, [0, 0, 0, 1, 1, 1]) == 1.0
     assert sharpness(SIZES, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]) == pytest.approx(0.2)
     assert sharpness(SIZES, [0.3] * 6) == 0.0
+
+
+def _row(name, params, exact_match, lo=None, hi=None):
+    """A size's row as seed_summary writes it, with exact match only (its seeds' range lo..hi)."""
+    lo, hi = exact_match if lo is None else lo, exact_match if hi is None else hi
+    return {"name": name, "params": params, "exact_match": exact_match,
+            "spread": {"exact_match": {"min": lo, "max": hi, "std": 0.0}}}
+
+
+def test_monotonic_exceptions_name_the_size_that_falls():
+    # The committed one-seed ladder: 3x80 fell to 0.101 below 2x80's 0.999; 1x48's 0.007 under 1x32's 0.011 is a tie.
+    one_seed = [_row(n, p, v) for n, p, v in zip(["1x32", "1x48", "2x48", "2x80", "3x80", "3x112"], SIZES,
+                                                  [0.011, 0.007, 0.132, 0.999, 0.101, 1.0])]
+    assert monotonic_exceptions(one_seed, "exact_match") == [
+        {"size": "3x80", "mean": 0.101, "below": "2x80", "best": 0.999, "fall": pytest.approx(0.898), "apart": True}]
+    rising = [_row(f"s{i}", n, v) for i, (n, v) in enumerate(zip(SIZES, [0.0, 0.0, 0.2, 0.5, 0.5, 0.9]))]
+    assert monotonic_exceptions(rising, "exact_match") == []
+    # A fall below the best smaller size, not only the neighbour; the seeds' ranges overlapping.
+    wobbly = [_row("a", 1, 0.2, 0.1, 0.3), _row("b", 2, 0.6, 0.3, 0.9), _row("c", 3, 0.5, 0.2, 0.8),
+              _row("d", 4, 0.4, 0.0, 0.8), _row("e", 5, 0.95)]
+    found = monotonic_exceptions(wobbly, "exact_match")
+    assert [(e["size"], e["below"], e["apart"]) for e in found] == [("c", "b", False), ("d", "b", False)]
+
+
+def test_seed_summary_is_the_mean_and_the_spread_of_the_seeds():
+    records = [{"name": "m", "n_layer": 2, "n_embd": 32, "params": 100, "exact_match": v, "elapsed_s": 10.0 * k,
+                "curve": [{"step": 1, "exact_match": v}]} for k, v in enumerate([0.2, 0.5, 0.9], 1)]
+    row = seed_summary(records, [3, 4, 5], ("exact_match", "elapsed_s"))
+    assert row["exact_match"] == pytest.approx(1.6 / 3) and row["elapsed_s"] == pytest.approx(20.0)
+    # The sample standard deviation by hand: deviations -1/3, -1/30, 11/30 from 1.6/3.
+    assert row["spread"]["exact_match"] == {"min": 0.2, "max": 0.9, "std": pytest.approx(math.sqrt((1 / 9 + 1 / 900 + 121 / 900) / 2))}
+    assert [(x["seed"], x["exact_match"], x["curve"]) for x in row["seeds"]] == [
+        (3, 0.2, [{"step": 1, "exact_match": 0.2}]), (4, 0.5, [{"step": 1, "exact_match": 0.5}]),
+        (5, 0.9, [{"step": 1, "exact_match": 0.9}])]
+    one = seed_summary(records[:1], [0], ("exact_match",))
+    assert one["exact_match"] == 0.2 and one["spread"]["exact_match"] == {"min": 0.2, "max": 0.2, "std": 0.0}
+
+
+def test_seed_list_reads_distinct_whole_numbers():
+    assert seed_list("0,1,2") == [0, 1, 2] and seed_list(" 7, 3,") == [7, 3]
+    for bad in ("", "a", "0,0", "-1", "1.5"):
+        with pytest.raises(LmlabError, match="--seeds"):
+            seed_list(bad)
+
+
+def test_other_steps_train_every_size_that_long_in_folders_of_their_own(tmp_path):
+    assert main(["lab", "emergence", "--quick", "--seeds", "3", "--steps", "40", "--out", str(tmp_path / "out"),
+                 "--work", str(tmp_path / "work"), "--threads", "1", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "emergence.json").read_text())
+    assert summary["settings"]["steps"] == 40 and summary["settings"]["seeds"] == [3]
+    for r in summary["runs"]:
+        assert r["seeds"][0]["curve"][-1]["step"] == 40
+        folder = tmp_path / "work" / "seed3" / "quick-2d-reversed-40steps" / r["name"]
+        assert json.loads((folder / "summary.json").read_text())["steps"] == 40

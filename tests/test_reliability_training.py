@@ -186,6 +186,9 @@ def test_t5_finetune_refuses_flags_in_their_own_words(tmp_path, capsys, flags, n
 @pytest.mark.parametrize("flags, named", [
     (["emergence", "--digits", "50"], "--digits 50: must be between 1 and 9"),  # 12: OverflowError
     (["emergence", "--digits", "0"], "--digits 0: must be between 1 and 9"),  # 17: ran 2-digit addition
+    (["emergence", "--seeds", "0,0"], "--seeds 0,0: give distinct whole numbers"),  # would train seed 0 twice
+    (["emergence", "--seeds=-1"], "--seeds -1: give distinct whole numbers"),
+    (["emergence", "--steps", "0"], "--steps 0: must be at least 1"),
     (["grokking", "--steps", "0"], "--steps 0: must be at least 1"),  # 25: suggested --set train.max_steps
     (["induction", "--threads", "0"], "--threads 0: must be at least 1"),  # 25: suggested --set train.threads
     (["shots", "--models", "m", "--shots=0,-1"], "--shots 0,-1: give 0 and at least one other number"),  # 18

@@ -21,7 +21,7 @@ from lmlab.training.distributed import Dist, training_precision
 from lmlab.training.loop import Objective, fit
 from lmlab.training.metrics import read_metrics
 from lmlab.training.run import TrainingRun
-from lmlab.util import atomic_write_json, pick_device
+from lmlab.util import atomic_write_json, comma_list, pick_device
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,35 @@ def run_record(size: Size, summary: dict, figures: tuple[str, ...], curve: tuple
     (the named figures at each evaluation)."""
     return {"name": size.name, "n_layer": size.n_layer, "n_embd": size.n_embd, "params": summary["params"],
             **{k: summary[k] for k in figures}, "curve": [{k: p[k] for k in curve} for p in summary["curve"]]}
+
+
+def seed_list(text: str, flag: str = "--seeds") -> list[int]:
+    """A comma-separated flag of seeds ("0,1,2") as distinct whole numbers in the order given, checked before any
+    work starts."""
+    try:
+        seeds = [int(item) for item in comma_list(text)]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise LmlabError(f"{flag} {text}: give distinct whole numbers 0 or more, comma-separated, e.g. {flag} 0,1,2")
+    return seeds
+
+
+def seed_summary(records: list[dict], seeds: list[int], figures: tuple[str, ...]) -> dict:
+    """One size's row over several seeds, from run_record's rows of it (one a seed, in the order of `seeds`): its
+    shape and N, each figure's mean across the seeds, its spread ("spread": min, max and the sample standard
+    deviation, 0 for one seed), and the seeds' own rows ("seeds": seed, and all but the shape of each record)."""
+    shape = ("name", "n_layer", "n_embd", "params")
+    row = {k: records[0][k] for k in shape}
+    spread = {}
+    for k in figures:
+        values = [float(r[k]) for r in records]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        row[k] = mean
+        spread[k] = {"min": min(values), "max": max(values), "std": std}
+    return {**row, "spread": spread,
+            "seeds": [{"seed": s, **{k: v for k, v in r.items() if k not in shape}} for s, r in zip(seeds, records)]}
 
 
 def settings_record(t: TrainConfig, threads: int | None, seed: int) -> dict:
