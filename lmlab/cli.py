@@ -496,6 +496,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 TRAINING_VERBS = ("train", "finetune", "sft", "dpo", "demo")
 
 
+def resume_hint(parser: argparse.ArgumentParser) -> str:
+    """How an interrupted command continues: with --resume where the verb has it (train, finetune, ...), else by
+    running it again (the lab's experiments and t5-experiment read finished runs back and resume the rest)."""
+    if any("--resume" in action.option_strings for action in parser._actions):
+        return "; continue with the same command and --resume"
+    return "; run the same command again to continue from it"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TRAINING_VERBS and any(a.split("=")[0] == "--quantize" for a in argv):
@@ -513,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmlab {args._verb.name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or lmlab.errors.Interrupted: SIGINT/SIGTERM after a checkpoint
-        print(f"lmlab {args._verb.name}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        text = str(e) + (resume_hint(getattr(args, "_parser", parser)) if getattr(e, "resumable", False) else "")
+        print(f"lmlab {args._verb.name}: interrupted{': ' + text if text else ''}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
     if args._verb.show and result is not None:
         print(_json.dumps(result, indent=2, default=str) if isinstance(result, (dict, list)) else result)

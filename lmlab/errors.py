@@ -18,6 +18,8 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped a command after it saved its state; the CLI exits with 128 + the signal number
     (130, 143), as a shell reports a process killed by it."""
 
-    def __init__(self, signum: int, message: str):
+    def __init__(self, signum: int, message: str, resumable: bool = True):
         super().__init__(message)
-        self.signum, self.exit_code = signum, 128 + signum
+        # resumable: the saved state continues the run; how (a --resume flag, or the same command again, as the lab's
+        # experiments do) is the command's to say: the CLI adds it.
+        self.signum, self.exit_code, self.resumable = signum, 128 + signum, resumable

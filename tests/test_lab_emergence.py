@@ -26,7 +26,7 @@ def _quick(tmp_path, seeds):
                  str(tmp_path / "work"), "--threads", "1", "--no-progress"])
 
 
-def test_quick_run_over_two_seeds_writes_the_means_the_spread_and_the_verdict(tmp_path, monkeypatch):
+def test_quick_run_over_two_seeds_writes_the_means_the_spread_and_the_verdict(tmp_path, monkeypatch, capsys):
     """Two seeds, the first interrupted by SIGTERM part-way through its first run and resumed by the next call:
     each size's row is the mean and range of its two seeds' runs (each its own folder), the verdict is the pure
     function of the means, and a third call reads every finished run back without training."""
@@ -40,6 +40,9 @@ def test_quick_run_over_two_seeds_writes_the_means_the_spread_and_the_verdict(tm
 
     monkeypatch.setattr(RowsObjective, "draw", draw_then_stop)
     assert _quick(tmp_path, "0,1") == 143
+    # The lab has no --resume flag: the message says to run the same command again (it once said "and --resume").
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "SIGTERM at step 30" in said and "run the same command again" in said and "--resume" not in said
     first = tmp_path / "work" / "seed0" / "quick-2d-reversed" / "xs"
     assert (first / "ckpt" / "step_0000030").is_dir() and not (first / "summary.json").exists()
     monkeypatch.setattr(RowsObjective, "draw", draw)

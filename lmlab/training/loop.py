@@ -400,9 +400,8 @@ def _save_and_stop(checkpointer: Checkpointer, done: Progress, best: BestTracker
 
 def interrupted(signum: int, at: str, folder: Path) -> Interrupted:
     """What a command stopped by a signal raises once its checkpoint is saved: where it was, the checkpoint, and
-    how to continue (the CLI prints it and exits 130 or 143)."""
-    return Interrupted(signum, f"{signal.Signals(signum).name} at {at}: the checkpoint is saved in {folder}; "
-                               "continue with the same command and --resume")
+    that it can be continued (the CLI adds how, and exits 130 or 143)."""
+    return Interrupted(signum, f"{signal.Signals(signum).name} at {at}: the checkpoint is saved in {folder}")
 
 
 def _print_setup(objective: Objective, t: TrainConfig, world: Dist, accum_steps: int,
