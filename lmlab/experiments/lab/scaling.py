@@ -288,17 +288,20 @@ def lab_scaling(source: str = "shakespeare", tokenizer: str = "bpe", vocab_size:
                "verdict": {k: result[k] for k in ("appeared", "criterion", "value", "reading")},
                "goal": {"r2": R2_GOAL, "met": result["fit"]["r2"] >= R2_GOAL}, "fit": result["fit"],
                "isoflop": [], "isoflop_exponent": None, "isoflop_runs": [], "runs": runs, "settings": settings,
-               "command": command}
-    # The ladder alone carries the verdict: its report is written before the IsoFLOP runs start.
-    write_report(out, "scaling", summary, scaling_markdown(summary), plot_scaling)
-    budgets = [{"flops": b["flops"], "points": [train(name, steps) for name, steps in b["steps"].items()]}
-               for b in plan["isoflop"]]
-    summary["isoflop"] = isoflop_profiles(budgets)
-    summary["isoflop_exponent"] = optimum_exponent(summary["isoflop"])
+               "plan": plan, "command": command}
+    # The ladder alone carries the verdict: the report is written once it is done, and again after each IsoFLOP
+    # budget, so that a run stopped part-way leaves what it measured.
+    report = write_report(out, "scaling", summary, scaling_markdown(summary), plot_scaling)
     ladder = {(r["name"], r["tokens"]) for r in runs}
-    summary["isoflop_runs"] = [{k: v for k, v in r.items() if k != "curve"} for r in trained.values()
-                               if (r["name"], r["tokens"]) not in ladder]
-    print(write_report(out, "scaling", summary, scaling_markdown(summary), plot_scaling))
+    budgets = []
+    for b in plan["isoflop"]:
+        budgets.append({"flops": b["flops"], "points": [train(name, steps) for name, steps in b["steps"].items()]})
+        summary["isoflop"] = isoflop_profiles(budgets)
+        summary["isoflop_exponent"] = optimum_exponent(summary["isoflop"])
+        summary["isoflop_runs"] = [{k: v for k, v in r.items() if k != "curve"} for r in trained.values()
+                                   if (r["name"], r["tokens"]) not in ladder]
+        report = write_report(out, "scaling", summary, scaling_markdown(summary), plot_scaling)
+    print(report)
     return summary
 
 
@@ -316,6 +319,9 @@ def scaling_markdown(summary: dict) -> str:
                      f"{r['tokens'] / r['params']:.1f} | {r['val_loss']:.4f} | {r['elapsed_s'] / 60:.1f} |")
     lines += ["", f"Fit: L(N) = {fit['E']:.3f} + {fit['A']:.4g} / N^{fit['alpha']:.3f}, R^2 = {fit['r2']:.4f} "
               f"(goal {goal['r2']}: {'met' if goal['met'] else 'not met'}).", ""]
+    planned, done = len(summary["plan"]["isoflop"]), len(summary["isoflop"])
+    if done < planned:
+        lines += [f"IsoFLOP: {done} of {planned} budgets measured (the report is written again after each)."]
     if summary["isoflop"]:
         names = [r["name"] for r in summary["runs"] if any(r["name"] in b["losses"] for b in summary["isoflop"])]
         lines += ["IsoFLOP (C = 6 N D; every size trained to D = C / 6N, its learning rate annealed at that end):", "",
@@ -330,8 +336,6 @@ def scaling_markdown(summary: dict) -> str:
         exponent = summary["isoflop_exponent"]
         lines += ["", "N_opt ~ C^a over the budgets: " + (f"a = {exponent:.2f} (Chinchilla: 0.50)." if exponent
                                                            is not None else "fewer than two parabola vertices.")]
-    else:
-        lines += ["IsoFLOP: not run yet (the report is written again when its runs finish)."]
     lines += ["", f"Verdict ({v['criterion']}): {'appeared' if v['appeared'] else 'did not appear'}, R^2 = "
               f"{v['value']}. {v['reading']}"]
     return "\n".join(lines) + "\n"
