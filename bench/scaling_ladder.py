@@ -1,18 +1,19 @@
 """Tokens per second of each size of `lmlab lab scaling`'s CPU ladder, to size its token budgets to a time budget.
 
 One training step of each size (the ladder's GPT at the experiment's shape: vocab 2,048, 16 x 128 tokens, bf16
-autocast as `--dtype auto` picks on a CPU with native bf16), the sizes timed in alternation in one process so
-that a change of the machine's load hits all alike (bench/train_throughput.py's step and timing). With
---compile each size is also compiled (torch.compile, what train.compile runs) and its compile time reported.
+autocast as `--dtype auto` picks on a CPU with native bf16), eager, the sizes timed in alternation in one
+process so that a change of the machine's load hits all alike (bench/train_throughput.py's step and timing).
+train.compile auto compiles a run where the saving repays the compile, so the eager figures are the plan's
+upper bound on time.
 
-    python bench/scaling_ladder.py [--threads 1] [--steps 6] [--warmup 2] [--compile]
+    python bench/scaling_ladder.py [--threads 1] [--steps 6] [--warmup 2]
 
 The tokens/s are those of a core of one's own: the wall-clock figures divided by the share of the core the
 process had while timing (its CPU time over the wall time; core_share in the output).
 
-Prints one JSON object: per size its N (non-embedding) and eager (and compiled) tokens/s; the planned runs
+Prints one JSON object: per size its N (non-embedding) and eager tokens/s; the planned runs
 (lmlab.experiments.lab.scaling.plan_runs: the ladder's token budgets, the IsoFLOP budgets' steps) with the
-minutes each takes at the faster speed, and their total (evaluations and compiles not counted).
+minutes each takes at that speed, and their total (evaluations not counted).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="timed steps per size (the median is kept)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--vocab-size", type=int, default=2048)
-    ap.add_argument("--compile", action="store_true", help="also time each size compiled, and its compile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -46,17 +46,11 @@ def main():
     x = torch.randint(args.vocab_size, (base.batch_size, block_size))
     y = torch.randint(args.vocab_size, (base.batch_size, block_size))
     loss = lambda m, a, b: m(a, b, loss_only=True)[1]  # noqa: E731
-    steps, params, compile_s = {}, {}, {}
+    steps, params = {}, {}
     for size in ladder:
         model = Transformer(gpt_config(size, args.vocab_size, block_size))
         params[size.name] = non_embedding_params(model)
         steps[size.name] = make_step(model, loss, (x, y), "bfloat16")
-        if args.compile:
-            compiled = f"{size.name} compiled"
-            steps[compiled] = make_step(torch.compile(model), loss, (x, y), "bfloat16")
-            start = time.perf_counter()
-            steps[compiled]()
-            compile_s[size.name] = round(time.perf_counter() - start, 1)
     load_before = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
     seconds = median_step_times(steps, args.steps, args.warmup)
@@ -66,14 +60,8 @@ def main():
     tokens = base.batch_size * block_size
     speed = {name: round(tokens / s / share) for name, s in seconds.items()}
     plan = plan_runs(scale, list(params.items()), tokens)
-    best = {n: max(speed[n], speed.get(f"{n} compiled", 0)) for n in params}
-    minutes = lambda name, steps: steps * tokens / best[name] / 60  # noqa: E731
-    sizes = []
-    for size in ladder:
-        row = {"name": size.name, "params": params[size.name], "eager_tokens_per_s": speed[size.name]}
-        if args.compile:
-            row.update(compiled_tokens_per_s=speed[f"{size.name} compiled"], compile_s=compile_s[size.name])
-        sizes.append(row)
+    minutes = lambda name, steps: steps * tokens / speed[name] / 60  # noqa: E731
+    sizes = [{"name": n, "params": params[n], "eager_tokens_per_s": speed[n]} for n in params]
     ladder_runs = [{**r, "tokens": r["steps"] * tokens, "minutes": round(minutes(r["name"], r["steps"]), 2)}
                    for r in plan["ladder"]]
     done = {(r["name"], r["steps"]) for r in plan["ladder"]}
