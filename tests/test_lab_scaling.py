@@ -58,6 +58,22 @@ def test_quick_run_writes_the_report_and_the_verdict(tmp_path, capsys):
     assert main(["lab", "scaling", "--quick", "--source", str(corpus), "--vocab-size", "512", "--out", str(out),
                  "--work", str(tmp_path / "work"), "--no-progress"]) == 0
     assert first.stat().st_mtime == before
+    # The ladder alone, read back: no IsoFLOP runs planned or reported.
+    assert main(["lab", "scaling", "--quick", "--no-isoflop", "--source", str(corpus), "--vocab-size", "512", "--out",
+                 str(tmp_path / "ladder"), "--work", str(tmp_path / "work"), "--no-progress"]) == 0
+    ladder_only = json.loads((tmp_path / "ladder" / "scaling.json").read_text())
+    assert ladder_only["isoflop"] == [] and ladder_only["plan"]["isoflop"] == []
+    assert ladder_only["fit"] == summary["fit"] and first.stat().st_mtime == before
+    assert "IsoFLOP: not run (--no-isoflop)." in (tmp_path / "ladder" / "scaling.md").read_text()
+
+
+def test_a_floor_of_no_steps_is_refused_before_any_work(tmp_path, capsys):
+    rc = main(["lab", "scaling", "--quick", "--min-steps", "0", "--work", str(tmp_path / "work"),
+               "--out", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "lmlab lab scaling: error: --min-steps 0: must be at least 1"
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
 
 def test_another_corpus_in_the_same_work_folder_is_refused(tmp_path, capsys):

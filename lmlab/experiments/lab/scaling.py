@@ -229,8 +229,8 @@ def run_config(scale: Scale, steps: int) -> TrainConfig:
 def lab_scaling(source: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int = 2048,
                 scale: Literal["cpu", "gpu"] = "cpu", quick: bool = False, out: str = "runs/lab/scaling",
                 work: str = "runs/lab/scaling-work", threads: int | None = None, seed: int = 0,
-                dtype: Literal["auto", "float32", "bfloat16"] = "auto",
-                device: str = "auto", progress: bool = True, command: str | None = None) -> dict:
+                dtype: Literal["auto", "float32", "bfloat16"] = "auto", min_steps: int | None = None,
+                isoflop: bool = True, device: str = "auto", progress: bool = True, command: str | None = None) -> dict:
     """The scaling law: a ladder of GPT sizes on token budgets that grow with size, L(N) = E + A / N^alpha with
     R^2, and IsoFLOP profiles from runs annealed at each budget.
 
@@ -245,12 +245,20 @@ def lab_scaling(source: str = "shakespeare", tokenizer: str = "bpe", vocab_size:
         threads: CPU threads for torch (1 is fastest on a busy machine)
         seed: the seed of the initialisation and of the batches (every run draws the same stream of batches)
         dtype: auto (bf16 autocast where the hardware has bf16, else fp32) | float32 | bfloat16
+        min_steps: the fewest optimizer steps a ladder run gets (default: the scale's token rule, 150 on the CPU);
+            the IsoFLOP budgets, centred on ladder runs, move with it
+        isoflop: run the IsoFLOP section after the ladder
         device: auto | cpu | cuda | mps
         progress: show each run's progress bar
     """
-    check_flags(("--threads", threads, threads is None or threads >= 1, "at least 1"))
+    check_flags(("--threads", threads, threads is None or threads >= 1, "at least 1"),
+                ("--min-steps", min_steps, min_steps is None or min_steps >= 1, "at least 1"))
     level = "quick" if quick else scale
     sc = SCALES[level]
+    if min_steps is not None:
+        sc = replace(sc, rule=replace(sc.rule, min_steps=min_steps))
+    if not isoflop:
+        sc = replace(sc, isoflop_centres=())
     tokens_per_step = sc.train.batch_size * sc.block_size
     work_dir = Path(work)
     data = _data(source, tokenizer, vocab_size, work_dir)
@@ -320,8 +328,10 @@ def scaling_markdown(summary: dict) -> str:
     lines += ["", f"Fit: L(N) = {fit['E']:.3f} + {fit['A']:.4g} / N^{fit['alpha']:.3f}, R^2 = {fit['r2']:.4f} "
               f"(goal {goal['r2']}: {'met' if goal['met'] else 'not met'}).", ""]
     planned, done = len(summary["plan"]["isoflop"]), len(summary["isoflop"])
-    if done < planned:
-        lines += [f"IsoFLOP: {done} of {planned} budgets measured (the report is written again after each)."]
+    if not planned:
+        lines += ["IsoFLOP: not run (--no-isoflop)."]
+    elif done < planned:
+        lines += [f"IsoFLOP: {done} of {planned} budgets measured (the report is written again after each).", ""]
     if summary["isoflop"]:
         names = [r["name"] for r in summary["runs"] if any(r["name"] in b["losses"] for b in summary["isoflop"])]
         lines += ["IsoFLOP (C = 6 N D; every size trained to D = C / 6N, its learning rate annealed at that end):", "",
