@@ -1,6 +1,6 @@
 """Experiment 1, the scaling law: `lmlab lab scaling`.
 
-    lmlab lab scaling                      # eight GPTs on Shakespeare (BPE 2048), about 55 minutes of one core
+    lmlab lab scaling                      # eight GPTs on Shakespeare (BPE 2048), about 35 minutes of one core
     lmlab lab scaling --quick              # six tiny GPTs, under 2 minutes (the tests)
     lmlab lab scaling --scale gpu          # a ladder 100k to 38M non-embedding parameters, for a GPU
 
@@ -238,7 +238,7 @@ def lab_scaling(source: str = "shakespeare", tokenizer: str = "bpe", vocab_size:
         source: the corpus, anything lmlab prepare reads ('shakespeare', a .txt file or folder, .jsonl, .parquet)
         tokenizer: bpe | char | path to a tokenizer.json
         vocab_size: the BPE vocabulary size
-        scale: cpu (eight sizes, about 55 minutes of one core) or gpu (a ladder up to 38M non-embedding parameters)
+        scale: cpu (eight sizes, about 35 minutes of one core) or gpu (a ladder up to 38M non-embedding parameters)
         quick: six tiny sizes, under 2 minutes (the tests)
         out: folder for scaling.json, scaling.md and scaling.png (written after the ladder and again at the end)
         work: folder for the prepared data and the runs (a finished run is read back, not trained again)
