@@ -421,7 +421,7 @@ VERBS = [
     Verb("word2vec", "lmlab.training.word2vec:word2vec",
          help="train word vectors (skip-gram or CBOW, as word2vec.c) and score them on analogies and similarity"),
     Verb("lab scaling", "lmlab.experiments.lab.scaling:lab_scaling",
-         help="fit a scaling law to six GPT sizes trained on the same tokens, with the IsoFLOP view"),
+         help="fit a scaling law to GPT sizes on token budgets that grow with size, with IsoFLOP profiles"),
     Verb("lab emergence", "lmlab.experiments.lab.emergence:lab_emergence",
          help="train six GPT sizes on addition: does exact match jump where per-token accuracy rises smoothly?"),
     Verb("lab induction", "lmlab.experiments.lab.induction:induction", show=True,
