@@ -230,15 +230,21 @@ def tuned_info(path: str | Path) -> dict:
     return json.loads((Path(path) / TUNED_FILE).read_text(encoding="utf-8"))
 
 
+def tuned_weights_folder(path: str | Path, info: dict) -> Path:
+    """The folder a tuned run is served from: best/, else the newest checkpoint."""
+    folder = best(path) or latest(path)
+    if folder is None:
+        raise LmlabError(f"{path} has no checkpoint yet; train it first (lmlab {info.get('command', 'sft')})")
+    return folder
+
+
 def load_tuned_weights(model, path: str | Path, merge: bool = True) -> dict:
     """Put a tuned run's weights on its base model (loaded by the caller from tuned_info()["base"]): the method
     re-applied and its weights taken from best/ (else the newest checkpoint). A LoRA is merged into the weights
     (merge=True); bottleneck adapters stay modules on top of the base. Returns the run's info."""
     path = Path(path)
     info = tuned_info(path)
-    folder = best(path) or latest(path)
-    if folder is None:
-        raise LmlabError(f"{path} has no checkpoint yet; train it first (lmlab {info.get('command', 'sft')})")
+    folder = tuned_weights_folder(path, info)
     if info["method"] == FULL:
         load_full(model, folder, check_config=False)
     else:
