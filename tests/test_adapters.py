@@ -42,11 +42,7 @@ def write_lora_run(run_dir, base_spec, model, r, alpha, targets, seed, scale=0.3
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.copy_(torch.randn(p.shape, generator=generator) * scale)
-    (run_dir / "best").mkdir(parents=True)
-    checkpoint.write_tuned_info(run_dir, {"command": "sft", "base": str(base_spec), "method": "lora",
-                                          "settings": settings})
-    checkpoint.save_weights(model, run_dir / "best", "lora", settings)
-    return run_dir
+    return checkpoint.save_tuned_run(run_dir, model, base_spec, "lora", settings)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +87,7 @@ def _spy_on_rows(rows: AdapterRows) -> list[list[int]]:
     return seen
 
 
-@pytest.mark.parametrize("mode", ["gather", "group"])
+@pytest.mark.parametrize("mode", ["stacked", "gather", "group"])
 def test_mixed_batch_rows_equal_each_adapter_merged_alone(runs, served, mode):
     """3 adapters and the base model, two prompts each, sent at once through the openai client (model=NAME): every
     greedy text equals that adapter merged into the base and decoded alone, and decode steps held rows of all
@@ -239,10 +235,8 @@ def test_bad_adapters_are_refused_at_start_in_one_line(runs, tmp_path, capsys):
     # a bottleneck-adapter run cannot be added per row
     model = load_pretrained(base).model
     add_adapterh(model, size=8)
-    (tmp_path / "houlsby" / "best").mkdir(parents=True)
     settings = {"size": 8, "places": ["attn", "mlp"], "activation": "tanh", "dropout": 0.0}
-    checkpoint.write_tuned_info(tmp_path / "houlsby", {"base": str(base), "method": "adapterh", "settings": settings})
-    checkpoint.save_weights(model, tmp_path / "houlsby" / "best", "adapterh", settings)
+    checkpoint.save_tuned_run(tmp_path / "houlsby", model, base, "adapterh", settings)
     assert "only LoRA runs are served as adapters" in _serve_error(capsys, base, f"h={tmp_path / 'houlsby'}")
 
 

@@ -1,0 +1,92 @@
+"""Rows of different LoRA adapters in one batch: the two ways lmlab.models.multi_lora adds their updates, timed on
+one forward pass of the served model against the base model alone.
+
+    python bench/lora_batch.py [--model smollm2-135m-instruct] [--format int4] [--threads 1] [--batch 16]
+                               [--adapters 4] [--rank 8] [--length 256] [--prefill 32] [--repeats 7]
+
+N rank-r LoRA runs on every attention and MLP layer (made in code: bench/serve_load.py's make_adapter_runs) are
+attached to the model as `lmlab serve --adapter` attaches them. Then, on a batch of --batch rows (row i uses
+adapter i % N + 1), the fastest of --repeats passes of each, taking turns:
+    base     no row uses an adapter (the wrapped layers add nothing)
+    stacked  the N adapters as one LoRA of rank N x r, each row masked to its own r columns: two GEMMs a layer
+    gather   each row's A and B gathered, two bmm per layer (punica's BGMV in PyTorch ops)
+    group    rows grouped by adapter: per adapter, its rows' two matmuls and an index_add
+for a decode step (one token a row over --length cached tokens: KVCache) and a prefill pass (--prefill tokens a
+row, as the engine prefills prompts that arrive together). --format int4: SmolLM2's GGUF Q4 weights kept, bf16
+compute (what `lmlab serve` runs by default here); fp32: float32 weights. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benches this one reuses
+from paged_decode import fastest_seconds  # noqa: E402
+from serve_load import make_adapter_runs  # noqa: E402
+
+FORMATS = {"int4": dict(dtype="bfloat16", quantize="auto"), "fp32": dict(dtype="float32", quantize="none")}
+
+
+def main():
+    from lmlab.models.hub import load_pretrained
+    from lmlab.models.multi_lora import attach_adapters
+    from lmlab.models.quantize import InferenceSettings, weight_format
+    from lmlab.models.transformer import KVCache
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--format", choices=sorted(FORMATS), default="int4")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--length", type=int, default=256, help="cached tokens per row in the decode step")
+    ap.add_argument("--prefill", type=int, default=32, help="tokens per row in the prefill pass")
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    runs = make_adapter_runs(args.model, args.adapters, tempfile.mkdtemp(prefix="lmlab-lora-batch-"), args.rank)
+    model = load_pretrained(args.model, inference=InferenceSettings(**FORMATS[args.format], compile="off")).model
+    rows = attach_adapters(model, runs)
+    config, dtype = model.config, model.tok_emb.weight.dtype
+    mixed = [i % args.adapters + 1 for i in range(args.batch)]
+
+    def runner(ids, mode, width, length):
+        cache = KVCache(config, args.batch, length + width, dtype=dtype)
+        cache.k.normal_(), cache.v.normal_()  # torch.empty may hold NaNs or denormals, slow paths of their own
+        tokens = torch.randint(0, config.vocab_size, (args.batch, width))
+
+        def step():
+            rows.mode = mode
+            rows.select(ids)
+            cache.length = length
+            model(tokens, cache=cache, last_only=True)
+        return step
+
+    results = {}
+    with torch.inference_mode():
+        for name, width, length in (("decode", 1, args.length), ("prefill", args.prefill, 0)):
+            seconds = fastest_seconds({"base": runner([0] * args.batch, "stacked", width, length),
+                                       "stacked": runner(mixed, "stacked", width, length),
+                                       "gather": runner(mixed, "gather", width, length),
+                                       "group": runner(mixed, "group", width, length)}, args.repeats)
+            results[name] = {"ms": {k: round(1000 * v, 2) for k, v in seconds.items()},
+                             "vs_base": {k: round(seconds["base"] / v, 3) for k, v in seconds.items() if k != "base"},
+                             "tokens_per_row": width, "cached_tokens": length}
+    print(json.dumps({"model": args.model, "weights": weight_format(model), "compute_dtype": str(dtype),
+                      "threads": args.threads, "batch": args.batch, "adapters": args.adapters, "rank": args.rank,
+                      "results": results, "fastest_decode": min(("stacked", "gather", "group"),
+                                                               key=lambda k: results["decode"]["ms"][k]),
+                      "load_average_before": load_before, "load_average_after": os.getloadavg()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
