@@ -190,6 +190,32 @@ def test_layers_without_adapter_rows_compute_the_base_model(runs):
         assert torch.equal(wrapped(ids)[0], plain(ids)[0])
 
 
+def test_structured_outputs_apply_to_adapter_rows(served):
+    """A grammar-constrained request to an adapter, sent with unconstrained ones to others: each answer is one of
+    the choices, whatever its adapter."""
+    async def together():
+        client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+        return await asyncio.gather(*(client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "alice or bob?"}], max_tokens=8, temperature=0.0,
+            extra_body={"guided_choice": ["alice", "bob sees carol"]} if i % 2 == 0 else {})
+            for i, model in enumerate(["poet", "coder", "judge", "tiny-chat"] * 2)))
+    answers = asyncio.run(together())
+    assert all(a.choices[0].message.content in ("alice", "bob sees carol") for a in answers[::2])
+
+
+def test_compiled_decoding_falls_back_to_eager_with_a_notice(runs, capsys):
+    from lmlab.models.quantize import InferenceSettings
+
+    base, folders = runs
+    server = build(str(base), inference=InferenceSettings(dtype="float32", quantize="none", compile="on"),
+                   max_batch=2, context=64, adapter=[f"poet={folders['poet']}"])
+    try:
+        assert "decoding" not in server.pretrained.model.__dict__  # no compiled step: eager
+        assert "--compile on: with --adapter the decoding steps run eager" in capsys.readouterr().err
+    finally:
+        server.engine.close()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Refused at start: one line, exit 2
 
