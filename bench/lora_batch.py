@@ -70,9 +70,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    runs = make_adapter_runs(args.model, args.adapters, tempfile.mkdtemp(prefix="lmlab-lora-batch-"), args.rank)
     model = load_pretrained(args.model, inference=InferenceSettings(**FORMATS[args.format], compile="off")).model
-    rows = attach_adapters(model, runs)
+    with tempfile.TemporaryDirectory(prefix="lmlab-lora-batch-") as folder:  # the runs, read once by attach
+        rows = attach_adapters(model, make_adapter_runs(args.model, args.adapters, folder, args.rank))
     config, dtype = model.config, model.tok_emb.weight.dtype
     mixed = [i % args.adapters + 1 for i in range(args.batch)]
 

@@ -252,17 +252,21 @@ def adapters_report(args) -> dict:
     """--adapters N: base server, base rows on the adapter server, mixed adapters; the waves take turns."""
     import tempfile
 
-    import psutil
     from lmlab.inference.server import model_id_for
+
+    model_id = model_id_for(args.model)
+    clients = max(int(c) for c in args.clients.split(","))
+    with tempfile.TemporaryDirectory(prefix="lmlab-adapters-") as folder:  # the runs, read by the server at start
+        return _adapters_report(args, model_id, clients, make_adapter_runs(args.model, args.adapters, folder))
+
+
+def _adapters_report(args, model_id: str, clients: int, runs: dict[str, str]) -> dict:
+    import psutil
 
     def server_cpu_s(proc) -> float:
         times = psutil.Process(proc.pid).cpu_times()
         return times.user + times.system
 
-    model_id = model_id_for(args.model)
-    clients = max(int(c) for c in args.clients.split(","))
-    folder = tempfile.mkdtemp(prefix="lmlab-adapters-")
-    runs = make_adapter_runs(args.model, args.adapters, folder)
     flags = tuple(f for name, run in runs.items() for f in ("--adapter", f"{name}={run}"))
     servers = {"base": start_server(args.model, args.max_batch, args.threads, args.context),
                "adapters": start_server(args.model, args.max_batch, args.threads, args.context, flags)}

@@ -80,9 +80,9 @@ def _spy_on_rows(rows: AdapterRows) -> list[list[int]]:
     """Record every batch's choice of adapters."""
     seen, select = [], rows.select
 
-    def spy(ids):
+    def spy(ids, shortcut=True):
         seen.append(list(ids))
-        select(ids)
+        select(ids, shortcut)
     rows.select = spy
     return seen
 
@@ -264,6 +264,30 @@ def test_bad_adapters_are_refused_at_start_in_one_line(runs, tmp_path, capsys):
     settings = {"size": 8, "places": ["attn", "mlp"], "activation": "tanh", "dropout": 0.0}
     checkpoint.save_tuned_run(tmp_path / "houlsby", model, base, "adapterh", settings)
     assert "only LoRA runs are served as adapters" in _serve_error(capsys, base, f"h={tmp_path / 'houlsby'}")
+
+
+def test_batch_invariant_rows_take_the_same_path_whatever_the_others(runs):
+    """With --batch-invariant a batch whose rows all use one adapter goes through the mixed path too: the shortcut
+    (plain matmuls with that adapter) would round the row otherwise than a batch where other adapters run."""
+    base, folders = runs
+    running = RunningServer(build(str(base), max_batch=4, context=128, batch_invariant=True,
+                                  adapter=[f"poet={folders['poet']}"]))
+    try:
+        rows = running.server.adapters
+        shortcuts, select = [], rows.select
+        rows.select = lambda ids, shortcut=True: (shortcuts.append(shortcut), select(ids, shortcut))
+        out = running.client().completions.create(model="poet", prompt=PROMPTS[1], max_tokens=6, temperature=0.0,
+                                                  extra_body={"ignore_eos": True})
+        assert out.choices[0].text == merged_text(folders["poet"], PROMPTS[1], 6)
+        assert shortcuts and not any(shortcuts)
+    finally:
+        running.close()
+    rows = AdapterRows({"a": "ra", "b": "rb"}, "cpu", rank=2)
+    rows.select([1, 1])
+    assert rows.single == 1
+    rows.select([1, 1], shortcut=False)
+    assert rows.single is None and rows.mask.shape == (2, 1, 4)
+    assert rows.mask[:, 0].tolist() == [[1, 1, 0, 0]] * 2
 
 
 def test_a_bad_mode_is_refused():

@@ -494,7 +494,7 @@ class Engine:
         model). Their keys/values go into the rows' blocks. Returns the logits at each row's last new token (B, V),
         or at every position (B, width, V)."""
         if self.adapters is not None:
-            self.adapters.select(adapters)
+            self.adapters.select(adapters, shortcut=not self.batch_invariant)
         for table, tokens in zip(tables, new):
             if table is not None:
                 table.grow(table.length + len(tokens))

@@ -58,12 +58,14 @@ class AdapterRows:
         """The slot of an adapter by name (0 for None: the base model)."""
         return 0 if name is None else self.names.index(name) + 1
 
-    def select(self, ids: list[int]) -> None:
-        """Set the rows' adapters for the next pass; what the layers need is worked out once here, not per layer."""
+    def select(self, ids: list[int], shortcut: bool = True) -> None:
+        """Set the rows' adapters for the next pass; what the layers need is worked out once here, not per layer.
+        shortcut=False: no plain matmuls for a batch of one adapter, so that a row's arithmetic never depends on
+        the other rows' adapters (batch invariance: a row's own columns of the mode's products are the same)."""
         present = sorted(set(ids) - {0})
         self.active = bool(present)
         # One adapter for every row: plain matmuls with its A and B
-        self.single = present[0] if len(present) == 1 and 0 not in ids else None
+        self.single = present[0] if shortcut and len(present) == 1 and 0 not in ids else None
         self.index = self.groups = self.mask = None
         if self.active and self.single is None:
             if self.mode == "stacked":  # (B, 1, N x r): ones over each row's own adapter's r columns
