@@ -21,7 +21,8 @@ Three ways to add the updates of a mixed batch (bench/lora_batch.py measures the
              PyTorch ops; base rows gather the zero slot)
     group    rows grouped by adapter: per adapter present, its rows selected, two matmuls, an index_add
 A pass whose rows all use one adapter (a prompt's prefill) takes two plain matmuls; one with none, nothing.
-stacked is the default: the fastest on the CPU, whose small bmm and gathers cost more than the flops they save.
+stacked is the default: the fastest decode step on the CPU, whose small bmm and gathers cost more than the flops
+they save (docs/results/serve-adapters/).
 
 Runs may have different ranks and targets: each is padded with zeros to the largest rank (zero rows of A and
 columns of B add nothing) and a layer a run did not train gets zeros in its slot; alpha / r is folded into B.
@@ -30,7 +31,6 @@ columns of B add nothing) and a layer a run did not train gets zeros in its slot
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -55,8 +55,8 @@ class AdapterRows:
         self.select([])
 
     def index_of(self, name: str) -> int:
-        """The slot of an adapter by name (0 for None: the base model)."""
-        return 0 if name is None else self.names.index(name) + 1
+        """The slot of an adapter, by name."""
+        return self.names.index(name) + 1
 
     def select(self, ids: list[int], shortcut: bool = True) -> None:
         """Set the rows' adapters for the next pass; what the layers need is worked out once here, not per layer.
