@@ -275,7 +275,7 @@ def _adapters_report(args, model_id: str, clients: int, runs: dict[str, str]) ->
     waves = {kind: [] for kind in kinds}
     try:
         for proc, url in servers.values():
-            wait_ready(proc, url)
+            wait_ready(proc, url, args.start_timeout)
             asyncio.run(wave(url, model_id, 1, 8))  # warm up
         asyncio.run(wave(servers["adapters"][1], list(runs), len(runs), 8))
         for _ in range(args.rounds):
@@ -447,6 +447,8 @@ def main():
                     help="structured outputs against plain requests on one server instead")
     ap.add_argument("--adapters", type=int, default=0, metavar="N",
                     help="N rank-8 LoRA adapters mixed in the batch against the base model alone instead")
+    ap.add_argument("--start-timeout", type=float, default=300,
+                    help="seconds a server may take to start (--adapters; a core shared with other jobs needs more)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="rounds per server with --shared-prefix (a new prefix each); waves of each kind with "
                          "--response-format and --adapters")
