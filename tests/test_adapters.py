@@ -99,7 +99,8 @@ def test_mixed_batch_rows_equal_each_adapter_merged_alone(runs, served, mode):
     jobs = [(names[i % 4], PROMPTS[(i + i // 4) % 4], 10 + i) for i in range(8)]
 
     async def together():
-        client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+        # a generous timeout: 8 connections at once to a server on a busy core (the default connect timeout is 5 s)
+        client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
         async def one(model, prompt, max_tokens):
             out = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
@@ -194,7 +195,7 @@ def test_structured_outputs_apply_to_adapter_rows(served):
     """A grammar-constrained request to an adapter, sent with unconstrained ones to others: each answer is one of
     the choices, whatever its adapter."""
     async def together():
-        client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
         return await asyncio.gather(*(client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "alice or bob?"}], max_tokens=8, temperature=0.0,
             extra_body={"guided_choice": ["alice", "bob sees carol"]} if i % 2 == 0 else {})
