@@ -38,6 +38,15 @@ json_object): structured outputs' tokens/s against
 unconstrained ones (issue 29: >= 0.9x at 16 clients), and how many constrained outputs validate against the schema
 (jsonschema). A constrained answer ends when its JSON closes, so its waves count
 the tokens actually generated (up to 4 x --new-tokens each).
+
+    python bench/serve_load.py --adapters 4 [--clients 16] [--new-tokens 64] [--rounds 2]
+
+instead serves N rank-8 LoRA adapters made in code (random A, small random B, every attention and MLP layer;
+written as lmlab sft writes its runs) on one server (--adapter NAME=RUN each) and alternates three waves: the
+same base model on a server without adapters, base requests on the adapter server, and requests spread over the
+N adapters (client i asks adapter i % N: with 16 clients and 4 adapters, 4 rows of each in every batch). Beside
+tokens/s it counts the tokens per CPU second of the serving process (psutil), which other processes on a shared
+core do not dilute. Target (issue 29): mixed adapters >= 0.8x the base server's tokens/s.
 """
 
 from __future__ import annotations
@@ -138,13 +147,16 @@ async def one_client(client, model: str, question: str, new_tokens: int, respons
             "prompt_tokens": prompt_tokens, "text": text}
 
 
-async def wave(url: str, model: str, clients: int, new_tokens: int, response_format: dict | None = None) -> dict:
+async def wave(url: str, model: str | list[str], clients: int, new_tokens: int,
+               response_format: dict | None = None) -> dict:
+    """`clients` chats at once; a list of models: client i asks model[i % len(model)] (adapters mixed)."""
     import openai
 
+    models = [model] if isinstance(model, str) else model
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
     start = time.perf_counter()
-    results = await asyncio.gather(*(one_client(client, model, QUESTIONS[i % len(QUESTIONS)], new_tokens,
-                                                response_format) for i in range(clients)))
+    results = await asyncio.gather(*(one_client(client, models[i % len(models)], QUESTIONS[i % len(QUESTIONS)],
+                                                new_tokens, response_format) for i in range(clients)))
     wall = time.perf_counter() - start
     await client.close()
     ttft = sorted(r["ttft"] for r in results)
@@ -206,6 +218,99 @@ def structured_load(args) -> None:
         print(f"{name:16} {rate[name]:>9.1f} {mean:>12.1f}", file=sys.stderr)
     print(f"ratio {ratio:.3f}; valid {report['valid_outputs']}", file=sys.stderr)
     print(json.dumps(report, indent=2))
+
+
+def make_adapter_runs(model: str, n: int, folder, rank: int = 8, seed: int = 0) -> dict[str, str]:
+    """n LoRA runs of rank `rank` (alpha 2 x rank) on every attention and MLP layer of `model`, made in code: A as
+    LoRA initialises it, B small and random (so that each adapter changes the text a little), written as lmlab sft
+    writes a run. {adapter name: run folder}."""
+    from pathlib import Path
+
+    import torch
+    from lmlab.models import checkpoint
+    from lmlab.models.hub import load_pretrained
+    from lmlab.models.peft import add_lora, method_settings
+
+    settings = method_settings("lora", r=rank, alpha=2 * rank)
+    base = load_pretrained(model).model
+    add_lora(base, **settings)
+    runs = {}
+    for i in range(n):
+        torch.manual_seed(seed + i)
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if name.endswith("lora_A"):
+                    torch.nn.init.kaiming_uniform_(p, a=5 ** 0.5)
+                elif name.endswith("lora_B"):
+                    p.normal_(0.0, 0.002)
+        runs[f"lora{i + 1}"] = str(checkpoint.save_tuned_run(Path(folder) / f"lora{i + 1}", base, model, "lora",
+                                                             settings))
+    return runs
+
+
+def adapters_report(args) -> dict:
+    """--adapters N: base server, base rows on the adapter server, mixed adapters; the waves take turns."""
+    import tempfile
+
+    from lmlab.inference.server import model_id_for
+
+    model_id = model_id_for(args.model)
+    clients = max(int(c) for c in args.clients.split(","))
+    with tempfile.TemporaryDirectory(prefix="lmlab-adapters-") as folder:  # the runs, read by the server at start
+        return _adapters_report(args, model_id, clients, make_adapter_runs(args.model, args.adapters, folder))
+
+
+def _adapters_report(args, model_id: str, clients: int, runs: dict[str, str]) -> dict:
+    import psutil
+
+    def server_cpu_s(proc) -> float:
+        times = psutil.Process(proc.pid).cpu_times()
+        return times.user + times.system
+
+    flags = tuple(f for name, run in runs.items() for f in ("--adapter", f"{name}={run}"))
+    servers = {"base": start_server(args.model, args.max_batch, args.threads, args.context),
+               "adapters": start_server(args.model, args.max_batch, args.threads, args.context, flags)}
+    kinds = {"base_server": ("base", model_id), "adapter_server_base_rows": ("adapters", model_id),
+             "adapter_server_mixed_adapters": ("adapters", list(runs))}
+    waves = {kind: [] for kind in kinds}
+    try:
+        for proc, url in servers.values():
+            wait_ready(proc, url, args.start_timeout)
+            asyncio.run(wave(url, model_id, 1, 8))  # warm up
+        asyncio.run(wave(servers["adapters"][1], list(runs), len(runs), 8))
+        for _ in range(args.rounds):
+            for kind, (server, model) in kinds.items():  # the kinds take turns, so that other load hits all
+                proc, url = servers[server]
+                cpu = server_cpu_s(proc)
+                waves[kind].append(asyncio.run(wave(url, model, clients, args.new_tokens)))
+                waves[kind][-1]["server_cpu_s"] = round(server_cpu_s(proc) - cpu, 2)
+                print(f"{kind}: {waves[kind][-1]['tokens_per_s']} tokens/s, {waves[kind][-1]['server_cpu_s']} "
+                      "server CPU s", file=sys.stderr)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    texts = {kind: [t for w in ws for t in w.pop("texts")] for kind, ws in waves.items()}
+    rate = {kind: sum(w["completion_tokens"] for w in ws) / sum(w["wall_s"] for w in ws) for kind, ws in waves.items()}
+    per_cpu = {kind: sum(w["completion_tokens"] for w in ws) / sum(w["server_cpu_s"] for w in ws)
+               for kind, ws in waves.items()}
+    ratio = rate["adapter_server_mixed_adapters"] / rate["base_server"]
+    cpu_ratio = per_cpu["adapter_server_mixed_adapters"] / per_cpu["base_server"]
+    base_texts = texts["base_server"]
+    same = sum(a == b for a, b in zip(base_texts, texts["adapter_server_base_rows"]))
+    changed = sum(a != b for a, b in zip(base_texts, texts["adapter_server_mixed_adapters"]))
+    return {"model": args.model, "threads": args.threads, "clients": clients, "new_tokens": args.new_tokens,
+            "adapters": args.adapters, "rank": 8, "max_batch": args.max_batch, "waves": waves,
+            "tokens_per_s": {k: round(v, 2) for k, v in rate.items()},
+            "tokens_per_server_cpu_s": {k: round(v, 2) for k, v in per_cpu.items()},
+            "mixed_adapters_vs_base_server_tokens_per_s": round(ratio, 3),
+            "mixed_adapters_vs_base_server_tokens_per_cpu_s": round(cpu_ratio, 3),
+            "base_rows_vs_base_server_tokens_per_s": round(rate["adapter_server_base_rows"] / rate["base_server"], 3),
+            # greedy: the adapter server's base rows say what the base server says; the adapters' rows differ
+            "same_text_base_rows_and_base_server": f"{same}/{len(base_texts)}",
+            "mixed_texts_differing_from_base": f"{changed}/{len(base_texts)}",
+            "load_average_at_end": os.getloadavg(), "target": {"ratio": 0.8},
+            "target_met": {"tokens_per_s": ratio >= 0.8, "tokens_per_cpu_s": cpu_ratio >= 0.8}}
 
 
 def system_message(tokens: int, round_: int) -> str:
@@ -340,10 +445,17 @@ def main():
                     help="prefix caching on and off, clients sharing a system message of about N tokens")
     ap.add_argument("--response-format", choices=sorted(RESPONSE_FORMATS),
                     help="structured outputs against plain requests on one server instead")
+    ap.add_argument("--adapters", type=int, default=0, metavar="N",
+                    help="N rank-8 LoRA adapters mixed in the batch against the base model alone instead")
+    ap.add_argument("--start-timeout", type=float, default=300,
+                    help="seconds a server may take to start (--adapters; a core shared with other jobs needs more)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="rounds per server with --shared-prefix (a new prefix each); waves of each kind with "
-                         "--response-format")
+                         "--response-format and --adapters")
     args = ap.parse_args()
+    if args.adapters:
+        print(json.dumps(adapters_report(args), indent=2))
+        return
     if args.shared_prefix:
         print(json.dumps(shared_prefix_report(args), indent=2))
         return

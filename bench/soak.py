@@ -8,6 +8,9 @@ threads send, for --minutes (default 10), a mix of:
     cancel    streamed requests dropped after the first few events (the client goes away mid-stream)
     schema    non-streamed chat with a json_schema response_format; a finished answer must parse as JSON
     tool      chat with tools and tool_choice required (streamed or not); a finished answer must hold tool_calls
+    adapter   a plain or streamed request to one of two LoRA adapters served on the model (--adapter NAME=RUN,
+              rank 8, made in code), their rows mixed with the others' in the batch
+    unknown   a request naming an adapter the server does not have, which must get OpenAI's 404 model_not_found
     bad       deliberately invalid bodies (a lone surrogate, a wrong type, a prompt over the context, a schema the
               grammar engine cannot compile, a tool message answering no call), which must get an OpenAI 400
     embed     (with --embedding-model) POST /v1/embeddings of 1-16 texts of 1-120 words, floats or base64
@@ -55,16 +58,20 @@ from tqdm import tqdm
 from lmlab.models.hf import export_hf_llama
 from lmlab.models.transformer import Transformer, TransformerConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benches this one reuses
+from serve_load import make_adapter_runs  # noqa: E402
+
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 MODEL_ID = "soak-tiny"
-KINDS = ("plain", "stream", "cancel", "schema", "tool", "bad")
-WEIGHTS = (0.25, 0.25, 0.15, 0.15, 0.1, 0.1)
+KINDS = ("plain", "stream", "cancel", "schema", "tool", "bad", "adapter", "unknown")
+WEIGHTS = (0.2, 0.2, 0.12, 0.12, 0.1, 0.1, 0.14, 0.02)
+ADAPTER_IDS = ("lora1", "lora2")  # the adapters the server loads (serve_load.make_adapter_runs names them)
 SCHEMA = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 8},
                                            "n": {"type": "integer", "minimum": 0, "maximum": 99}},
           "required": ["word", "n"], "additionalProperties": False}
 EMBEDDING_ID = ""  # the served embedding model's id (main sets it)
-EXTRA_WEIGHTS = {"embed": 0.25, "rag": 0.25}  # relative to the six above (whose weights sum to 1)
+EXTRA_WEIGHTS = {"embed": 0.25, "rag": 0.25}  # relative to the kinds above (whose weights sum to 1)
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": SCHEMA}}
 WORDS = ["love", "king", "night", "sweet", "death", "lord", "fair", "heart", "the", "of", "my", "thou", "and", "is"]
 
@@ -104,6 +111,9 @@ def gauges(port: int) -> dict[str, float]:
 
 
 def body_for(kind: str, rng: random.Random) -> tuple[str, dict | bytes]:
+    if kind in ("adapter", "unknown"):
+        path, body = body_for(rng.choice(["plain", "stream"]), rng)
+        return path, {**body, "model": rng.choice(ADAPTER_IDS) if kind == "adapter" else "no-such-adapter"}
     words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40)))
     if kind == "plain":
         body = {"model": MODEL_ID, "prompt": words, "max_tokens": rng.randint(1, 48), "temperature": rng.random()}
@@ -144,7 +154,7 @@ def one_request(port: int, kind: str, rng: random.Random) -> dict:
         conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         out = {"kind": kind, "status": resp.status}
-        whole = kind in ("plain", "schema", "embed", "rag") or (kind == "tool" and not body.get("stream"))
+        whole = kind in ("plain", "schema", "embed", "rag") or (kind in ("tool", "adapter") and not body.get("stream"))
         if resp.status != 200 or whole:
             answer = json.loads(resp.read())
             out["openai_error"] = resp.status == 200 or set(answer.get("error", {})) == {"message", "type", "param",
@@ -229,10 +239,10 @@ def summarize(results: list[dict], rss: dict, rows_free: dict, args) -> dict:
     by_kind = Counter(r["kind"] for r in results)
     codes = Counter(str(r["status"]) for r in results)
     expected = {"plain": 200, "stream": 200, "cancel": 200, "schema": 200, "tool": 200, "bad": 400, "embed": 200,
-                "rag": 200}
+                "rag": 200, "adapter": 200, "unknown": 404}
     unexpected = Counter(f"{r['kind']}:{r['status']}" for r in results if r["status"] != expected[r["kind"]])
     latency = {k: [r["latency"] for r in results if r["kind"] == k and "latency" in r and r["status"] == 200]
-               for k in ("plain", "stream")}
+               for k in ("plain", "stream", "adapter")}
     ttft = [r["ttft"] for r in results if r.get("ttft") is not None]
     growth_mb = (rss["end"] - rss["start"]) / 2**20
     report = {
@@ -263,7 +273,8 @@ def table(report: dict) -> str:
              f"unexpected: {report['unexpected'] or 'none'}; non-OpenAI error bodies: {report['non_openai_errors']}; "
              f"wrong structured answers: {report['structured_wrong']}",
              f"latency p50/p95: plain {lat['plain']['p50']}/{lat['plain']['p95']} s, stream "
-             f"{lat['stream']['p50']}/{lat['stream']['p95']} s; stream TTFT {report['stream_ttft_s']['p50']}/"
+             f"{lat['stream']['p50']}/{lat['stream']['p95']} s, adapter {lat['adapter']['p50']}/"
+             f"{lat['adapter']['p95']} s; stream TTFT {report['stream_ttft_s']['p50']}/"
              f"{report['stream_ttft_s']['p95']} s",
              f"RSS {report['rss_mb']['start']} -> {report['rss_mb']['end']} MiB (growth {report['rss_mb']['growth']},"
              f" bound {report['rss_mb']['bound']})",
@@ -299,8 +310,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # 1024 tokens: the generic tool prompt is byte-level text to this vocabulary (about 900 tokens with a call)
         folder = tiny_model(Path(tmp) / MODEL_ID, context=1024)
+        runs = make_adapter_runs(str(folder), len(ADAPTER_IDS), Path(tmp) / "adapters")
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        extra = ["--embedding-model", args.embedding_model] if args.embedding_model else []
+        extra = [f for name, run in runs.items() for f in ("--adapter", f"{name}={run}")]
+        extra += ["--embedding-model", args.embedding_model] if args.embedding_model else []
         if args.rag:
             docs = Path(tmp) / "pages"  # the results pages (their README.md files; not the JSON lines beside them)
             for page in (Path(__file__).resolve().parent.parent / "docs" / "results").glob("*/README.md"):

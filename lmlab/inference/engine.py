@@ -31,6 +31,11 @@ rows and 16+ rows round differently; for a fixed row count the other rows never 
 full `max_batch` shape (idle rows are padding). Attention over the shared timeline still sees a number of keys
 that depends on the longest row (`python bench/serve_load.py --invariance` measures what remains), and prefix
 caching is off (a cached prefix was computed in other chunks than the prompt alone would be).
+
+LoRA adapters (lmlab.models.multi_lora, `lmlab serve --adapter NAME=RUN`): a request names its adapter
+(`Request.adapter`, 0 for the base model); before each forward pass the engine tells the model's AdapterRows which
+adapter each row uses, so rows of different adapters share the base matmuls of one pass. The prefix cache keys a
+sequence's blocks from its adapter on (the same prompt has other keys/values under another adapter).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from lmlab.inference.generate import CompletionText, SamplingParams, adjust_logi
 from lmlab.inference.paged import BlockPool, BlockTable, PagedView
 from lmlab.inference.structured import Constraint
 from lmlab.models.compiled import decoding_forward
+from lmlab.models.multi_lora import AdapterRows
 
 
 @dataclass
@@ -65,6 +71,7 @@ class Request:
     logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
     prompt_logprobs: bool = False  # also the log-probability of every prompt token (OpenAI's echo + logprobs)
     constraint: Constraint | None = None  # a grammar every choice's tokens must follow (structured outputs)
+    adapter: int = 0  # the LoRA adapter it runs with: a slot of the engine's AdapterRows (0: the base model)
 
 
 @dataclass
@@ -254,7 +261,7 @@ class Engine:
     def __init__(self, model, tokenizer, eos_ids=(), *, max_batch: int = 16, max_queue: int = 64,
                  context: int | None = None, batch_invariant: bool = False, prefill_chunk: int = 256,
                  prefill_budget: int = 1024, kv_cache_tokens: int | None = None, block_size: int = BLOCK_SIZE,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, adapters: AdapterRows | None = None):
         config = model.config
         if max_batch < 1:
             raise LmlabError(f"--max-batch must be >= 1 (got {max_batch})")
@@ -271,6 +278,7 @@ class Engine:
         self.batch_invariant = batch_invariant
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget
+        self.adapters = adapters  # the LoRA runs the model's wrapped layers hold (None: the base model alone)
         self.device = model.tok_emb.weight.device
         dtype = model.tok_emb.weight.dtype
         tokens = max_batch * self.context if kv_cache_tokens is None else kv_cache_tokens
@@ -300,6 +308,8 @@ class Engine:
             raise LmlabError(f"the prompt ({len(request.prompt)} tokens) plus max_tokens "
                              f"({request.params.max_new_tokens}) exceed the context of {self.context} tokens; "
                              "shorten the prompt or lower max_tokens")
+        if not 0 <= request.adapter <= len(self.adapters.names if self.adapters else ()):
+            raise LmlabError(f"adapter {request.adapter} is not loaded on this server")
         if not 1 <= request.n <= self.max_batch:
             raise LmlabError(f"n={request.n} must be between 1 and the server's --max-batch ({self.max_batch})")
         pool = self.pool
@@ -397,16 +407,22 @@ class Engine:
                 # The last prompt token is always computed (its logits give the first new token), and every one
                 # when the prompt's log-probabilities are asked for.
                 limit = 0 if request.prompt_logprobs else (len(request.prompt) - 1) // pool.block_size
-                blocks, keys = pool.lookup(request.prompt, limit)
+                salt = self._salt(request)
+                blocks, keys = pool.lookup(request.prompt, limit, salt)
                 idle = sum(pool.refs[b] == 0 for b in blocks)  # cached but free: sharing takes them off the free lists
                 need = self._blocks_needed(request) - len(blocks)
                 if need + idle > pool.available():
                     break
-                table = BlockTable(pool, need)
+                table = BlockTable(pool, need, salt)
                 table.share(blocks, keys, request.prompt[:len(blocks) * pool.block_size])
                 pool.query_tokens += len(request.prompt)
                 pool.hit_tokens += table.length
                 self.prefilling.append(_Prefill(self.waiting.popleft(), table, done=table.length))
+
+    @staticmethod
+    def _salt(request: Request) -> bytes:
+        """Where the request's prefix keys start: its adapter's keys/values differ from the base model's."""
+        return f"lora{request.adapter}".encode() if request.adapter else b""
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -436,7 +452,8 @@ class Engine:
             return 0
         width = self._padded(longest)
         new = [job.handle.request.prompt[job.done:] for job in jobs]
-        last = self._forward([job.table for job in jobs], new, width)
+        adapters = [job.handle.request.adapter for job in jobs]
+        last = self._forward([job.table for job in jobs], new, width, adapters)
         self.stats.prefill_tokens += sum(map(len, new))
         for row, job in enumerate(jobs):
             self.prefilling.remove(job)
@@ -455,14 +472,14 @@ class Engine:
         width = max(n, min(self._padded(n), self.prefill_chunk, self.model.config.block_size - job.done))
         tokens = prompt[job.done:end]
         if request.prompt_logprobs:
-            logits = self._forward([job.table], [tokens], width, every_position=True)
+            logits = self._forward([job.table], [tokens], width, [request.adapter], every_position=True)
             if job.done == 0:
                 job.prompt_infos.append(TokenInfo(prompt[0], None))
             targets = prompt[job.done + 1:end + 1]  # the next token of each position, inside the prompt
             job.prompt_infos += _token_infos(logits[0, :len(targets)], targets, request.logprobs or 0)
             last = logits[:, n - 1]
         else:  # the vocabulary-sized head only at the last prompt token
-            last = self._forward([job.table], [tokens], width)
+            last = self._forward([job.table], [tokens], width, [request.adapter])
         self.stats.prefill_tokens += n
         job.done = end
         if end == len(prompt):
@@ -470,11 +487,14 @@ class Engine:
             self._start(job, last.float())
         return width
 
-    def _forward(self, tables: list[BlockTable | None], new: list[list[int]], width: int, *,
+    def _forward(self, tables: list[BlockTable | None], new: list[list[int]], width: int, adapters: list[int], *,
                  every_position: bool = False, forward=None) -> torch.Tensor:
         """One pass of the model over rows of the pool: row i's `new[i]` tokens follow the tokens its table holds
-        (right-padded to `width`; a None table is a padding row). Their keys/values go into the rows' blocks.
-        Returns the logits at each row's last new token (B, V), or at every position (B, width, V)."""
+        (right-padded to `width`; a None table is a padding row), through adapter `adapters[i]` (0: the base
+        model). Their keys/values go into the rows' blocks. Returns the logits at each row's last new token (B, V),
+        or at every position (B, width, V)."""
+        if self.adapters is not None:
+            self.adapters.select(adapters, shortcut=not self.batch_invariant)
         for table, tokens in zip(tables, new):
             if table is not None:
                 table.grow(table.length + len(tokens))
@@ -562,9 +582,10 @@ class Engine:
         B = self.max_batch if self.batch_invariant else n
         tables = self.tables + [None] * (B - n)  # padding rows: only themselves
         tokens = [[c.last_token] for c in self.rows] + [[]] * (B - n)
+        adapters = [c.handle.request.adapter for c in self.rows] + [0] * (B - n)
         t0 = time.perf_counter()
         step = decoding_forward(self.model, long_run="a server runs for long", caller="server")
-        logits = self._forward(tables, tokens, 1, forward=step)[:n].float()
+        logits = self._forward(tables, tokens, 1, adapters, forward=step)[:n].float()
         greedy = logits.argmax(dim=-1).tolist()  # one host sync for every greedy row
         now = time.perf_counter()
         finished = []

@@ -7,7 +7,9 @@ vLLM's PagedAttention and automatic prefix caching (Kwon et al. 2023), in the en
   blocks[t // block_size]. Memory is taken a block at a time as a sequence grows, so short requests leave the rest
   to long ones, and the pool is sized in tokens (`--kv-cache-tokens`), not as max_batch x context.
 - A full block is keyed by a hash of its tokens and of everything before them (a chain: the key of block i hashes
-  block i-1's key with block i's tokens), so equal keys mean equal prefixes and so equal keys/values. A new request
+  block i-1's key with block i's tokens; block 0's chain starts from the sequence's `salt`, which names what else
+  shapes its keys/values: the LoRA adapter it runs with, b"" for the base model), so equal keys mean equal
+  prefixes and so equal keys/values. A new request
   looks its prompt's full blocks up, shares the ones already computed (reference counts) and computes only the
   rest.
 - A block whose last sequence ends keeps its contents and its key, and goes to a least-recently-used list: it can
@@ -78,10 +80,10 @@ class BlockPool:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def lookup(self, tokens: list[int], limit: int) -> tuple[list[int], list[bytes]]:
+    def lookup(self, tokens: list[int], limit: int, salt: bytes = b"") -> tuple[list[int], list[bytes]]:
         """The cached blocks (and their keys) of the longest run of full blocks at the start of `tokens` that are
-        in the cache, at most `limit` blocks."""
-        blocks, keys, key = [], [], b""
+        in the cache, at most `limit` blocks (`salt`: as the BlockTable that will hold them)."""
+        blocks, keys, key = [], [], salt
         if not self.prefix_caching:
             return blocks, keys
         for i in range(limit):
@@ -139,8 +141,9 @@ class BlockPool:
 class BlockTable:
     """One sequence's blocks, the tokens whose keys/values they hold, and the blocks still reserved for it."""
 
-    def __init__(self, pool: BlockPool, reserve: int = 0):
+    def __init__(self, pool: BlockPool, reserve: int = 0, salt: bytes = b""):
         self.pool = pool
+        self.salt = salt  # where the chain of prefix keys starts (the adapter; b"": the base model)
         self.blocks: list[int] = []
         self.keys: list[bytes] = []  # prefix keys of the leading full blocks registered so far
         self.tokens: list[int] = []  # tokens whose keys/values are in the blocks
@@ -169,12 +172,13 @@ class BlockTable:
         size = self.pool.block_size
         while self.pool.prefix_caching and len(self.keys) < len(self.tokens) // size:
             i = len(self.keys)
-            self.keys.append(_chain_key(self.keys[-1] if self.keys else b"", self.tokens[i * size:(i + 1) * size]))
+            self.keys.append(_chain_key(self.keys[-1] if self.keys else self.salt,
+                                        self.tokens[i * size:(i + 1) * size]))
             self.pool.register(self.blocks[i], self.keys[-1])
 
     def fork(self, reserve: int) -> "BlockTable":
         """A copy for another choice of the same prompt: the full blocks shared, the partly filled one copied."""
-        child = BlockTable(self.pool)
+        child = BlockTable(self.pool, salt=self.salt)
         self.reserve -= reserve  # the parent's reservation covered its choices; hand this one's over
         child.reserve = reserve
         full = self.length // self.pool.block_size

@@ -89,14 +89,16 @@ def refuse_unsupported(body: dict) -> None:
             raise ApiError(400, f"'{name}' is not supported by lmlab serve; remove it", name, "unsupported")
 
 
-def check_model(body: dict, names: tuple[str, ...]) -> None:
-    """The body names one of the served model's names (the first is the one clients see)."""
+def check_model(body: dict, names: tuple[str, ...], aliases: tuple[str, ...] = ()) -> None:
+    """The body names one of the served models (`names`, as /v1/models lists them; `aliases`: other names that
+    are taken for them)."""
     model = body.get("model")
+    served = ", ".join(map(repr, names))
     if not isinstance(model, str) or not model:
-        raise ApiError(400, f"you must provide a model parameter (this server serves {names[0]!r})",
+        raise ApiError(400, f"you must provide a model parameter (this server serves {served})",
                        "model", "missing_required_parameter")
-    if model not in names:
-        raise ApiError(404, f"the model {model!r} does not exist on this server; it serves {names[0]!r} "
+    if model not in names and model not in aliases:
+        raise ApiError(404, f"the model {model!r} does not exist on this server; it serves {served} "
                             "(GET /v1/models)", "model", "model_not_found")
 
 

@@ -13,6 +13,8 @@ Structured outputs (`response_format` json_object / json_schema, vLLM's `guided_
 `guided_grammar`, `guided_choice` and `structured_outputs`) are enforced token by token by a grammar
 (lmlab.inference.structured); `tools` / `tool_choice` answer in OpenAI's `tool_calls` (lmlab.inference.tools). A
 sentence encoder given as the model (`lmlab serve --model minilm-l6`) is served alone at POST /v1/embeddings.
+LoRA runs of `lmlab sft` given as `--adapter NAME=RUN` are served unmerged beside the base model, each request
+choosing one by its `model` field (lmlab.models.multi_lora); /v1/models lists them with the base as `parent`.
 
 As vLLM splits it: lmlab.inference.protocol checks the requests and shapes the answers' pieces (OpenAI's fields
 and error bodies), this file serves them (the FastAPI app, the key, the body, streaming, metrics), and
@@ -49,8 +51,9 @@ from lmlab.inference.metrics import prometheus_text
 from lmlab.inference.protocol import (ApiError, Limits, TokenNames, check_model, include_usage, parse_chat,
                                       parse_completion, usage)
 from lmlab.models.hub import REGISTRY, load_pretrained, resolve
+from lmlab.models.multi_lora import AdapterRows, attach_adapters, parse_adapter_flags
 from lmlab.models.quantize import FLOAT32, InferenceSettings, check_device
-from lmlab.util import bound_kernel_caches, option, pick_device
+from lmlab.util import bound_kernel_caches, notice, option, pick_device
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a context of 100k tokens is about 400 kB of text: 4 MiB leaves room
@@ -62,7 +65,7 @@ class Server:
 
     def __init__(self, pretrained, engine: Engine | None, model_id: str, api_key: str | None = None,
                  max_body: int = MAX_BODY_BYTES, embeddings: EmbeddingService | None = None,
-                 rag: RagService | None = None):
+                 rag: RagService | None = None, adapters: AdapterRows | None = None):
         self.pretrained = pretrained
         self.engine = engine
         self.model_id = model_id
@@ -80,6 +83,7 @@ class Server:
             self.grammars = Grammars(self.tokenizer, pretrained.model.config.vocab_size, eos)
         self.embeddings = embeddings  # the embedding model of /v1/embeddings, if the server has one
         self.rag = rag  # the index of /v1/rag (the chat page's retrieval switch), if the server has one
+        self.adapters = adapters  # LoRA runs served beside the base model, by name (--adapter NAME=RUN)
 
     # ------------------------------------------------------------------------------------------------------------
     # Shared request handling: key, body; running requests on the engine
@@ -210,22 +214,27 @@ class Server:
     # ------------------------------------------------------------------------------------------------------------
     # /v1/completions
 
-    def _generating(self, body: dict) -> None:
-        """The body names this server's language model (a server of an embedding model alone has none)."""
+    def _generating(self, body: dict) -> tuple[str, int]:
+        """The body names this server's language model or one of its adapters (a server of an embedding model
+        alone has none): (the name answers carry, the adapter's slot: 0 for the base model)."""
         if self.engine is None:
             raise ApiError(400, f"{self.model_id} is an embedding model: this server serves POST /v1/embeddings "
                                 "only; serve a language model (lmlab serve --model smollm2-135m-instruct) for "
                                 "completions and chat", "model", "model_not_supported")
-        check_model(body, (self.model_id, self.pretrained.name))
+        adapters = self.adapters.names if self.adapters else []
+        check_model(body, (self.model_id, *adapters), (self.pretrained.name,))
+        if body["model"] in adapters:
+            return body["model"], self.adapters.index_of(body["model"])
+        return self.model_id, 0
 
     async def completions(self, body: dict, http: HttpRequest):
-        self._generating(body)
+        model, adapter = self._generating(body)
         # Tokenising a long prompt takes a while: off the event loop, so that other clients and /health go on.
         parsed = await asyncio.to_thread(parse_completion, body, self.tokenizer, self.limits, self.grammars)
         prompts, n, logprobs = parsed.prompts, parsed.n, parsed.logprobs
-        handles = self._submit(parsed.requests)
+        handles = self._submit([replace(r, adapter=adapter) for r in parsed.requests])
         meta = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_id}
+                "model": model}
         echoes = [self.tokenizer.decode(ids, skip_special_tokens=False) if parsed.echo else "" for ids in prompts]
         if parsed.stream:
             return self._stream(self._completion_chunks(handles, meta, n, echoes, logprobs, body, http))
@@ -285,12 +294,12 @@ class Server:
     # /v1/chat/completions
 
     async def chat(self, body: dict, http: HttpRequest):
-        self._generating(body)
+        model, adapter = self._generating(body)
         parsed = await asyncio.to_thread(parse_chat, body, self.pretrained, self.model_id, self.limits,
                                          self.grammars)
         n, want_logprobs = parsed.n, parsed.logprobs
-        handles = self._submit([parsed.request])
-        meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": self.model_id}
+        handles = self._submit([replace(parsed.request, adapter=adapter)])
+        meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model}
         if parsed.stream:
             return self._stream(self._chat_chunks(handles, meta, parsed, body))
         texts, infos, finish = [""] * n, [[] for _ in range(n)], [None] * n
@@ -365,7 +374,7 @@ class Server:
         if self.embeddings is None:
             raise ApiError(404, "this server has no embedding model; start it with --embedding-model minilm-l6",
                            "model", "model_not_found")
-        check_model(body, (self.embeddings.model_id, self.embeddings.embedder.name))
+        check_model(body, (self.embeddings.model_id,), (self.embeddings.embedder.name,))
         return JSONResponse(await self.embeddings.respond(body))
 
     async def rag_info(self, body, http):
@@ -385,6 +394,10 @@ class Server:
         data = [] if self.engine is None else [
             {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lmlab",
              "max_model_len": self.engine.context, "chat": self.pretrained.chat_template is not None}]
+        for name, run in (self.adapters.runs.items() if self.adapters else ()):  # vLLM's LoRA cards: root, parent
+            data.append({"id": name, "object": "model", "created": self.created, "owned_by": "lmlab", "root": run,
+                         "parent": self.model_id, "max_model_len": self.engine.context,
+                         "chat": self.pretrained.chat_template is not None})
         if self.embeddings is not None:
             data.append({"id": self.embeddings.model_id, "object": "model", "created": self.created,
                          "owned_by": "lmlab", "max_model_len": self.embeddings.embedder.max_length,
@@ -488,6 +501,9 @@ class ServerSettings:
                                                "max-batch x context); a request waits until its blocks fit")
     prefix_cache: bool = option(True, "share the KV blocks of prompt prefixes computed before (automatic prefix "
                                       "caching)")
+    adapter: list[str] = option(lambda: [], "also serve a LoRA run of lmlab sft on this base model, unmerged, as "
+                                            "NAME=RUN (repeatable); a request chooses it with \"model\": NAME",
+                                action="append", metavar="NAME=RUN")
 
 
 def build(model: str, settings: ServerSettings | None = None, inference: InferenceSettings = FLOAT32,
@@ -500,11 +516,13 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
                          f"{s.max_queue}, {s.context})")
     check_kv_cache_tokens(s.kv_cache_tokens, Engine.BLOCK_SIZE)
     rag = RagService(s.rag) if s.rag else None  # a missing or damaged index is refused before the slow load
+    runs = parse_adapter_flags(s.adapter, (model_id_for(model), model))  # the runs' own files after the load
     pretrained = load_pretrained(model, inference=inference)
     if not pretrained.model.config.causal:  # a sentence encoder: /v1/embeddings alone
-        if s.embedding_model:
-            raise LmlabError(f"{model} is an encoder, served at /v1/embeddings by itself: drop --embedding-model "
-                             "(or serve a decoder such as smollm2-135m-instruct beside it)")
+        if s.embedding_model or runs:
+            raise LmlabError(f"{model} is an encoder, served at /v1/embeddings by itself: drop "
+                             f"{'--embedding-model' if s.embedding_model else '--adapter'} (or serve a decoder "
+                             "such as smollm2-135m-instruct)")
         embedder = Embedder(pretrained, folder=resolve(model))
         embedder.model.to(pick_device(s.device))
         return Server(None, None, model_id_for(model), api_key=s.api_key,
@@ -512,15 +530,21 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
     check_device(pretrained.model, pick_device(s.device))
     pretrained.model.to(pick_device(s.device))
     context = s.context or min(pretrained.context_length, 2048)  # tokens per sequence
+    adapters = attach_adapters(pretrained.model, runs) if runs else None
+    if adapters is not None and pretrained.model.__dict__.pop("decoding", None) is not None:
+        # The adapters' rows are Python state the wrapped layers branch on, and change every step: a compiled step
+        # would be traced for one batch's choice and guarded on it (recompiling as the choice changes)
+        notice(f"--compile {inference.compile}: with --adapter the decoding steps run eager")
     engine = Engine(pretrained.model, pretrained.tokenizer, pretrained.eos_ids, max_batch=s.max_batch,
                     max_queue=s.max_queue, context=context, batch_invariant=s.batch_invariant,
-                    kv_cache_tokens=s.kv_cache_tokens, prefix_caching=s.prefix_cache)
+                    kv_cache_tokens=s.kv_cache_tokens, prefix_caching=s.prefix_cache, adapters=adapters)
     embeddings = None
     if s.embedding_model:
         embedder = Embedder.load(s.embedding_model, flag="--embedding-model")
         embedder.model.to(pick_device(s.device))
         embeddings = EmbeddingService(embedder, model_id_for(s.embedding_model))
-    return Server(pretrained, engine, model_id_for(model), api_key=s.api_key, embeddings=embeddings, rag=rag)
+    return Server(pretrained, engine, model_id_for(model), api_key=s.api_key, embeddings=embeddings, rag=rag,
+                  adapters=adapters)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -565,7 +589,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     else:
         print(f"lmlab serve: {server.model_id} at http://{host}:{port} (OpenAI API under /v1, chat page at /; "
               f"{server.engine.max_batch} rows, context {server.engine.context}, KV cache "
-              f"{server.engine.pool.num_blocks * server.engine.pool.block_size} tokens)", flush=True)
+              f"{server.engine.pool.num_blocks * server.engine.pool.block_size} tokens"
+              + (f"; adapters {', '.join(server.adapters.names)}" if server.adapters else "") + ")", flush=True)
     try:
         uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[sock])
     finally:

@@ -225,9 +225,27 @@ def write_tuned_info(run_dir: Path, info: dict) -> None:
     atomic_write_json(Path(run_dir) / TUNED_FILE, info)
 
 
+def save_tuned_run(run_dir: str | Path, model, base: str, method: str, settings: dict) -> Path:
+    """A tuned run folder as lmlab sft leaves it (sft.json and best/), of a model given its method in code (tests
+    and benches make LoRA runs this way without training)."""
+    run_dir = Path(run_dir)
+    (run_dir / BEST).mkdir(parents=True, exist_ok=True)
+    write_tuned_info(run_dir, {"command": "sft", "base": str(base), "method": method, "settings": settings})
+    save_weights(model, run_dir / BEST, method, settings)
+    return run_dir
+
+
 def tuned_info(path: str | Path) -> dict:
     """sft.json of a tuned run: {"base": model spec, "method", "settings", ...}."""
     return json.loads((Path(path) / TUNED_FILE).read_text(encoding="utf-8"))
+
+
+def tuned_weights_folder(path: str | Path, info: dict) -> Path:
+    """The folder a tuned run is served from: best/, else the newest checkpoint."""
+    folder = best(path) or latest(path)
+    if folder is None:
+        raise LmlabError(f"{path} has no checkpoint yet; train it first (lmlab {info.get('command', 'sft')})")
+    return folder
 
 
 def load_tuned_weights(model, path: str | Path, merge: bool = True) -> dict:
@@ -236,9 +254,7 @@ def load_tuned_weights(model, path: str | Path, merge: bool = True) -> dict:
     (merge=True); bottleneck adapters stay modules on top of the base. Returns the run's info."""
     path = Path(path)
     info = tuned_info(path)
-    folder = best(path) or latest(path)
-    if folder is None:
-        raise LmlabError(f"{path} has no checkpoint yet; train it first (lmlab {info.get('command', 'sft')})")
+    folder = tuned_weights_folder(path, info)
     if info["method"] == FULL:
         load_full(model, folder, check_config=False)
     else:
