@@ -42,7 +42,7 @@ from lmlab.inference.embed import Embedder
 from lmlab.inference.embeddings_api import EmbeddingService, on_model_thread
 from lmlab.inference.rag_api import RagService
 from lmlab.inference.engine import (DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent,
-                                    check_kv_cache_tokens)
+                                    check_kv_cache_tokens, check_speculate)
 from lmlab.inference.structured import Grammars
 from lmlab.inference.tools import stream_deltas
 from lmlab.inference.metrics import prometheus_text
@@ -488,6 +488,9 @@ class ServerSettings:
                                                "max-batch x context); a request waits until its blocks fit")
     prefix_cache: bool = option(True, "share the KV blocks of prompt prefixes computed before (automatic prefix "
                                       "caching)")
+    speculate: int = option(0, "prompt-lookup speculative decoding in the engine: each row drafts up to N tokens "
+                               "that followed its latest words earlier in its prompt or text, checked in one "
+                               "forward pass of the batch (greedy: the same tokens; 0 is off)")
 
 
 def build(model: str, settings: ServerSettings | None = None, inference: InferenceSettings = FLOAT32,
@@ -499,6 +502,7 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
         raise LmlabError(f"need --max-batch >= 1, --max-queue >= 0 and --context >= 2 (got {s.max_batch}, "
                          f"{s.max_queue}, {s.context})")
     check_kv_cache_tokens(s.kv_cache_tokens, Engine.BLOCK_SIZE)
+    check_speculate(s.speculate, s.batch_invariant)
     rag = RagService(s.rag) if s.rag else None  # a missing or damaged index is refused before the slow load
     pretrained = load_pretrained(model, inference=inference)
     if not pretrained.model.config.causal:  # a sentence encoder: /v1/embeddings alone
@@ -514,7 +518,7 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
     context = s.context or min(pretrained.context_length, 2048)  # tokens per sequence
     engine = Engine(pretrained.model, pretrained.tokenizer, pretrained.eos_ids, max_batch=s.max_batch,
                     max_queue=s.max_queue, context=context, batch_invariant=s.batch_invariant,
-                    kv_cache_tokens=s.kv_cache_tokens, prefix_caching=s.prefix_cache)
+                    kv_cache_tokens=s.kv_cache_tokens, prefix_caching=s.prefix_cache, speculate=s.speculate)
     embeddings = None
     if s.embedding_model:
         embedder = Embedder.load(s.embedding_model, flag="--embedding-model")
