@@ -320,6 +320,7 @@ def speculation_report(args) -> dict:
                f"speculate_{args.speculate}": start_server(args.model, args.max_batch, args.threads, args.context,
                                                            ("--speculate", str(args.speculate)))}
     runs = {name: {kind: [] for kind in SPECULATION_PROMPTS} for name in servers}
+    cpu = {name: {kind: [] for kind in SPECULATION_PROMPTS} for name in servers}  # server CPU s per token
     texts = {name: {} for name in servers}
     load_before = os.getloadavg()
 
@@ -335,8 +336,10 @@ def speculation_report(args) -> dict:
             asyncio.run(wave(url, model_id, 1, 8))  # warm up
         for _ in range(args.rounds):
             for kind, question in SPECULATION_PROMPTS.items():
-                for name, (_, url) in servers.items():  # the two servers take turns
+                for name, (proc, url) in servers.items():  # the two servers take turns
+                    before = cpu_seconds(proc.pid)[0]
                     r = asyncio.run(one(url, question))
+                    cpu[name][kind].append((cpu_seconds(proc.pid)[0] - before) / r["tokens"])
                     runs[name][kind].append(r["tokens"] / r["wall"])
                     texts[name][kind] = r["text"]
                     print(f"{kind} {name}: {r['tokens']} tokens, {r['tokens'] / r['wall']:.1f} tokens/s",
@@ -352,8 +355,12 @@ def speculation_report(args) -> dict:
     prompts = {}
     for kind in SPECULATION_PROMPTS:
         a, b = statistics.median(runs[plain][kind]), statistics.median(runs[fast][kind])
+        ca, cb = statistics.median(cpu[plain][kind]), statistics.median(cpu[fast][kind])
         prompts[kind] = {"plain_tokens_per_s": round(a, 1), "speculative_tokens_per_s": round(b, 1),
                          "speedup": round(b / a, 2), "rounds": {k: [round(x, 1) for x in runs[k][kind]] for k in runs},
+                         # what a token costs the server's CPU: the speed-up on an idle core, whatever else runs
+                         "server_cpu_ms_per_token": {plain: round(1000 * ca, 2), fast: round(1000 * cb, 2)},
+                         "speedup_in_server_cpu": round(ca / cb, 2),
                          "identical_text": texts[plain][kind] == texts[fast][kind]}
     copy = [v["speedup"] for k, v in prompts.items() if "copy-heavy" in k]
     return {"model": args.model, "threads": args.threads, "clients": 1, "new_tokens": args.new_tokens,
