@@ -292,6 +292,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget
         self.speculate = speculate  # drafted tokens per row and step, for requests that do not set their own
+        self.windowed = any(config.is_local(i) for i in range(config.n_layer))  # sliding-window layers (Gemma 3)
         self.device = model.tok_emb.weight.device
         dtype = model.tok_emb.weight.dtype
         tokens = max_batch * self.context if kv_cache_tokens is None else kv_cache_tokens
@@ -501,7 +502,7 @@ class Engine:
             if table is not None:
                 table.grow(table.length + len(tokens))
         view = PagedView(self.pool, tables, [len(t) for t in new], width, self.model.config.block_size - 1,
-                         self.device)
+                         self.device, windowed=self.windowed)
         ids = torch.tensor([t + [0] * (width - len(t)) for t in new], device=self.device)
         inputs = {"cache": view, "positions": view.positions, "key_mask": view.key_mask}
         if width == 1 or every_position:

@@ -158,6 +158,17 @@ class Server:
 
     async def _events(self, handles: list, http: HttpRequest | None = None):
         """(request index, event) from all handles as they come; a disconnected client cancels them all."""
+        if len(handles) == 1 and http is None:
+            # One streamed request (the usual case): its events as they are, without the merging queue, its pump
+            # task and a timeout per event (a new Task per token); Starlette cancels the stream on disconnect.
+            try:
+                async for event in handles[0]:
+                    if isinstance(event, ErrorEvent):
+                        raise ApiError(500, event.message, None, "internal_error", type_="server_error")
+                    yield 0, event
+            finally:
+                handles[0].cancel()
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, handle):
