@@ -517,7 +517,8 @@ def main():
                     help="rounds per server with --shared-prefix (a new prefix each); waves of each kind with "
                          "--response-format")
     ap.add_argument("--speculate", type=int, default=0, metavar="N",
-                    help="servers with and without engine speculation (--speculate N), one client, copy-heavy chats")
+                    help="servers with and without engine speculation (--speculate N), one client, "
+                         "copy-heavy chats")
     ap.add_argument("--versus-generate", action="store_true",
                     help="one client of a server against generate's decoding loop in this process")
     args = ap.parse_args()
