@@ -63,7 +63,7 @@ def test_greedy_rows_give_plain_decodings_tokens_with_and_without_drafts(model):
     try:
         got = run(engine, [Request(p, q, logprobs=0) for p, q in zip(PROMPTS, params)])
         stats = engine.stats
-        assert stats.accepted_tokens > 20 and stats.draft_tokens > stats.accepted_tokens  # both paths taken
+        assert stats.accepted_tokens > 10 and stats.draft_tokens > stats.accepted_tokens  # both paths taken
     finally:
         engine.close()
     assert expected[2].finish_reason == "stop" and len(expected[2].token_ids) < 40

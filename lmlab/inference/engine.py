@@ -202,6 +202,7 @@ class _Choice:
         if self.matcher is None and self.params.repetition_penalty == 1.0:
             self.speculate = self.params.speculate or speculate
         self.history = list(request.prompt) if self.speculate else []
+        self.draft_limit = self.speculate  # the most tokens the next draft may have (see Engine._speculative_step)
         self.generated = 0
         self.last_token = 0
         self.last_time = 0.0
@@ -632,7 +633,7 @@ class Engine:
         the pass)."""
         drafts = []
         for c in self.rows:
-            room = min(c.speculate, c.params.max_new_tokens - c.generated - 1)
+            room = min(c.draft_limit, c.params.max_new_tokens - c.generated - 1)
             drafts.append(lookup_draft(c.history, room) if room > 0 and not c.handle.cancelled else [])
         return drafts
 
@@ -666,6 +667,10 @@ class Engine:
             self.tables[i].commit(tokens[i][:1 + accepted])
             self.stats.draft_tokens += len(draft)
             self.stats.accepted_tokens += accepted
+            if draft:  # transformers' "heuristic" schedule: 2 more after a wholly accepted draft, else 1 fewer
+                full = accepted == len(draft)
+                choice.draft_limit = min(choice.speculate, choice.draft_limit + 2) if full else \
+                    max(1, choice.draft_limit - 1)
             for j in range(accepted):  # the accepted drafts: the tokens plain decoding would have given
                 self._push(choice, draft[j], logits[i, j:j + 1])
                 if choice.finish_reason is not None:
