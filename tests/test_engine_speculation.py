@@ -175,3 +175,27 @@ def test_bad_speculate_settings_are_refused(model):
         Engine(model, tokenizer(), speculate=-1)
     with pytest.raises(LmlabError, match="--batch-invariant"):
         Engine(model, tokenizer(), speculate=4, batch_invariant=True)
+
+
+def test_draft_length_follows_the_heuristic_schedule(model):
+    """A row's next draft may be 2 tokens longer after a draft accepted whole and is 1 shorter otherwise (at least 1,
+    at most K): transformers' "heuristic" schedule, so an answer that stops copying drafts little."""
+    K = 6
+    engine = Engine(model, tokenizer(), max_batch=2, context=128, speculate=K)
+    passes = []  # (draft length, accepted)
+    step = engine._speculative_step
+
+    def spy(drafts):
+        before = engine.stats.accepted_tokens
+        step(drafts)
+        passes.append((len(drafts[0]), engine.stats.accepted_tokens - before))
+    engine._speculative_step = spy
+    try:
+        run(engine, [Request(PROMPTS[1], greedy(60))])
+    finally:
+        engine.close()
+    limit = K
+    for length, accepted in passes:
+        assert 1 <= length <= limit
+        limit = min(K, limit + 2) if accepted == length else max(1, limit - 1)
+    assert any(accepted < length for length, accepted in passes)  # some drafts were rejected: the limit fell
