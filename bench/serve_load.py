@@ -47,6 +47,23 @@ same base model on a server without adapters, base requests on the adapter serve
 N adapters (client i asks adapter i % N: with 16 clients and 4 adapters, 4 rows of each in every batch). Beside
 tokens/s it counts the tokens per CPU second of the serving process (psutil), which other processes on a shared
 core do not dilute. Target (issue 29): mixed adapters >= 0.8x the base server's tokens/s.
+
+    python bench/serve_load.py --speculate 8 [--clients 1] [--new-tokens 128] [--rounds 2]
+
+instead starts two continuous-batching servers that differ only in --speculate (0 and N: prompt-lookup drafts in
+the engine) and sends them, in turn, one client at a time with copy-heavy chats (a code edit, a quoted answer: the
+prompts of bench/decode_throughput.py) and free text, each ending at EOS or --new-tokens. Reports tokens/s of each
+(completion tokens / wall time of the request, TTFT included), the ratio, the drafts accepted (/metrics) and whether
+the greedy texts are identical. Target (issue 29): >= 1.5x at batch 1 on the copy-heavy prompts.
+
+    python bench/serve_load.py --versus-generate [--new-tokens 64] [--rounds 3]
+
+instead compares one client of a server with `lmlab generate`'s decoding loop (decode_steps) in this process: the
+same model, weights, threads and compile setting (off), the same chat prompt, one after the other, --rounds times.
+Reports the decode tokens/s of each (generated tokens after the first / the time from the first to the last: the
+rate `lmlab generate` prints; for the server, from the arrival of the first streamed text to the last), their
+ratio, and CPU seconds per token: the server's process (and its busiest threads: the engine's, the HTTP loop's),
+this client's, and generate's. Target (issue 29): one client >= 0.9x generate's decode tokens/s.
 """
 
 from __future__ import annotations
@@ -126,14 +143,15 @@ def wait_ready(proc: subprocess.Popen, url: str, seconds: float = 300) -> None:
 
 
 async def one_client(client, model: str, question: str, new_tokens: int, response_format: dict | None = None,
-                     system: str | None = None, first_token: asyncio.Event | None = None) -> dict:
+                     system: str | None = None, first_token: asyncio.Event | None = None,
+                     ignore_eos: bool = True) -> dict:
     sent = time.perf_counter()
     messages = [{"role": "system", "content": system}] * (system is not None) + [{"role": "user", "content": question}]
     constrained = {"response_format": response_format, "max_tokens": 4 * new_tokens} if response_format else {}
     stream = await client.chat.completions.create(**{
         "model": model, "messages": messages, "max_tokens": new_tokens,
         "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-        "extra_body": {"ignore_eos": True}, **constrained})
+        "extra_body": {"ignore_eos": ignore_eos}, **constrained})
     arrivals, tokens, prompt_tokens, text = [], 0, 0, ""
     async for chunk in stream:
         if chunk.usage is not None:
@@ -144,7 +162,8 @@ async def one_client(client, model: str, question: str, new_tokens: int, respons
             if first_token is not None:
                 first_token.set()
     return {"ttft": arrivals[0] - sent, "itl": [b - a for a, b in zip(arrivals, arrivals[1:])], "tokens": tokens,
-            "prompt_tokens": prompt_tokens, "text": text}
+            "prompt_tokens": prompt_tokens, "text": text, "wall": time.perf_counter() - sent,
+            "decode_s": arrivals[-1] - arrivals[0]}
 
 
 async def wave(url: str, model: str | list[str], clients: int, new_tokens: int,
@@ -386,6 +405,160 @@ def shared_prefix_report(args) -> dict:
             "target_met": ttft <= 0.25 and speed >= 1.5}
 
 
+def metric_value(url: str, name: str) -> float:
+    """One sample of the server's /metrics (a counter without labels)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise SystemExit(f"{name} is missing from {url}/metrics")
+
+
+def speculation_report(args) -> dict:
+    """--speculate N: servers with and without engine speculation, one client at a time (see the docstring)."""
+    import openai
+    from decode_throughput import SPECULATION_PROMPTS
+    from lmlab.inference.server import model_id_for
+
+    model_id = model_id_for(args.model)
+    servers = {"plain": start_server(args.model, args.max_batch, args.threads, args.context),
+               f"speculate_{args.speculate}": start_server(args.model, args.max_batch, args.threads, args.context,
+                                                           ("--speculate", str(args.speculate)))}
+    runs = {name: {kind: [] for kind in SPECULATION_PROMPTS} for name in servers}
+    cpu = {name: {kind: [] for kind in SPECULATION_PROMPTS} for name in servers}  # server CPU s per token
+    texts = {name: {} for name in servers}
+    load_before = os.getloadavg()
+
+    async def one(url, question):
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
+        try:
+            return await one_client(client, model_id, question, args.new_tokens, ignore_eos=False)
+        finally:
+            await client.close()
+    try:
+        for proc, url in servers.values():
+            wait_ready(proc, url)
+            asyncio.run(wave(url, model_id, 1, 8))  # warm up
+        for _ in range(args.rounds):
+            for kind, question in SPECULATION_PROMPTS.items():
+                for name, (proc, url) in servers.items():  # the two servers take turns
+                    before = cpu_seconds(proc.pid)[0]
+                    r = asyncio.run(one(url, question))
+                    cpu[name][kind].append((cpu_seconds(proc.pid)[0] - before) / r["tokens"])
+                    runs[name][kind].append(r["tokens"] / r["wall"])
+                    texts[name][kind] = r["text"]
+                    print(f"{kind} {name}: {r['tokens']} tokens, {r['tokens'] / r['wall']:.1f} tokens/s",
+                          file=sys.stderr)
+        _, fast_url = servers[f"speculate_{args.speculate}"]
+        drafted = metric_value(fast_url, "lmlab_spec_draft_tokens_total")
+        accepted = metric_value(fast_url, "lmlab_spec_accepted_tokens_total")
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    plain, fast = servers
+    prompts = {}
+    for kind in SPECULATION_PROMPTS:
+        a, b = statistics.median(runs[plain][kind]), statistics.median(runs[fast][kind])
+        ca, cb = statistics.median(cpu[plain][kind]), statistics.median(cpu[fast][kind])
+        prompts[kind] = {"plain_tokens_per_s": round(a, 1), "speculative_tokens_per_s": round(b, 1),
+                         "speedup": round(b / a, 2), "rounds": {k: [round(x, 1) for x in runs[k][kind]] for k in runs},
+                         # what a token costs the server's CPU: the speed-up on an idle core, whatever else runs
+                         "server_cpu_ms_per_token": {plain: round(1000 * ca, 2), fast: round(1000 * cb, 2)},
+                         "speedup_in_server_cpu": round(ca / cb, 2),
+                         "identical_text": texts[plain][kind] == texts[fast][kind]}
+    copy = [v["speedup"] for k, v in prompts.items() if "copy-heavy" in k]
+    return {"model": args.model, "threads": args.threads, "clients": 1, "new_tokens": args.new_tokens,
+            "speculate": args.speculate, "format": "lmlab serve's default (int4 weights of the GGUF, bf16)",
+            "compile": "off", "prompts": prompts,
+            "drafted_tokens": int(drafted), "accepted_tokens": int(accepted),
+            "load_average_before": load_before, "load_average_at_end": os.getloadavg(),
+            "target": {"copy_heavy_speedup_at_least": 1.5}, "target_met": min(copy) >= 1.5}
+
+
+def cpu_seconds(pid: int) -> tuple[float, dict[str, float]]:
+    """A process's CPU seconds (user + system) and each of its threads' (by thread id), from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read(path):
+        fields = open(path).read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            threads[tid] = read(f"/proc/{pid}/task/{tid}/stat")
+        except OSError:  # the thread ended meanwhile
+            pass
+    return read(f"/proc/{pid}/stat"), threads
+
+
+def versus_generate(args) -> dict:
+    """--versus-generate: one client of a server against generate's decoding loop (see the docstring)."""
+    import torch
+    from lmlab.inference.generate import SamplingParams, decode_steps
+    from lmlab.inference.server import model_id_for
+    from lmlab.models.hub import load_pretrained
+    from lmlab.models.quantize import InferenceSettings
+
+    torch.set_num_threads(args.threads)
+    model_id = model_id_for(args.model)
+    proc, url = start_server(args.model, args.max_batch, args.threads, args.context)
+    pre = load_pretrained(args.model, inference=InferenceSettings(compile="off"))  # serve's defaults, as started
+    question = QUESTIONS[0]
+    prompt = pre.tokenizer.encode(pre.chat_prompt([{"role": "user", "content": question}]),
+                                  add_special_tokens=False).ids
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, stop_at_eos=False)
+
+    def generate_once():
+        cpu, arrivals = time.process_time(), []
+        for _ in decode_steps(pre.model, [prompt], params, pre.eos_ids):
+            arrivals.append(time.perf_counter())
+        n = len(arrivals)
+        return {"decode_tokens_per_s": (n - 1) / (arrivals[-1] - arrivals[0]),
+                "cpu_s_per_token": (time.process_time() - cpu) / n}
+
+    async def serve_once():
+        import openai
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
+        server_before, threads_before = cpu_seconds(proc.pid)
+        cpu = time.process_time()
+        try:
+            r = await one_client(client, model_id, question, args.new_tokens)
+        finally:
+            await client.close()
+        client_cpu = time.process_time() - cpu
+        server_after, threads_after = cpu_seconds(proc.pid)
+        busiest = sorted((t - threads_before.get(tid, 0.0) for tid, t in threads_after.items()), reverse=True)[:3]
+        n = r["tokens"]
+        return {"decode_tokens_per_s": (n - 1) / r["decode_s"], "tokens_per_s": n / r["wall"], "ttft_s": r["ttft"],
+                "server_cpu_s_per_token": (server_after - server_before) / n,
+                "server_busiest_threads_cpu_s_per_token": [round(t / n, 4) for t in busiest],
+                "client_cpu_s_per_token": client_cpu / n}
+
+    runs = {"serve_1_client": [], "generate": []}
+    load_before = os.getloadavg()
+    try:
+        wait_ready(proc, url)
+        asyncio.run(wave(url, model_id, 1, 8))  # warm up both
+        generate_once()
+        for _ in range(args.rounds):  # alternating, so that other load on the machine hits both
+            runs["serve_1_client"].append(asyncio.run(serve_once()))
+            runs["generate"].append(generate_once())
+            print(f"serve {runs['serve_1_client'][-1]['decode_tokens_per_s']:.1f}, generate "
+                  f"{runs['generate'][-1]['decode_tokens_per_s']:.1f} decode tokens/s", file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    median = {name: {key: round(statistics.median(r[key] for r in rs), 4) for key in rs[0]
+                     if not isinstance(rs[0][key], list)} for name, rs in runs.items()}
+    ratio = median["serve_1_client"]["decode_tokens_per_s"] / median["generate"]["decode_tokens_per_s"]
+    return {"model": args.model, "threads": args.threads, "new_tokens": args.new_tokens,
+            "format": "lmlab serve's default (int4 weights of the GGUF, bf16), both", "compile": "off, both",
+            "runs": runs, "median": median, "serve_vs_generate_decode_tokens_per_s": round(ratio, 3),
+            "load_average_before": load_before, "load_average_at_end": os.getloadavg(),
+            "target": {"ratio_at_least": 0.9}, "target_met": ratio >= 0.9}
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Linear interpolation between the closest ranks (numpy's default method)."""
     pos = (len(sorted_values) - 1) * q / 100
@@ -452,9 +625,20 @@ def main():
     ap.add_argument("--rounds", type=int, default=2,
                     help="rounds per server with --shared-prefix (a new prefix each); waves of each kind with "
                          "--response-format and --adapters")
+    ap.add_argument("--speculate", type=int, default=0, metavar="N",
+                    help="servers with and without engine speculation (--speculate N), one client, "
+                         "copy-heavy chats")
+    ap.add_argument("--versus-generate", action="store_true",
+                    help="one client of a server against generate's decoding loop in this process")
     args = ap.parse_args()
     if args.adapters:
         print(json.dumps(adapters_report(args), indent=2))
+        return
+    if args.speculate:
+        print(json.dumps(speculation_report(args), indent=2))
+        return
+    if args.versus_generate:
+        print(json.dumps(versus_generate(args), indent=2))
         return
     if args.shared_prefix:
         print(json.dumps(shared_prefix_report(args), indent=2))

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.inference.generate import CompletionText, SamplingParams, adjust_logits, pick_tokens
+from lmlab.inference.generate import CompletionText, SamplingParams, _verify, adjust_logits, lookup_draft, pick_tokens
 from lmlab.inference.paged import BlockPool, BlockTable, PagedView
 from lmlab.inference.structured import Constraint
 from lmlab.models.compiled import decoding_forward
@@ -147,6 +147,8 @@ class Stats:
         self.generation_tokens = 0
         self.decode_steps = 0
         self.batch_size = 0  # rows in the last decode step
+        self.draft_tokens = 0  # tokens drafted by prompt lookup (--speculate)...
+        self.accepted_tokens = 0  # ...and accepted by the model
         self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
         self.itl = Histogram((0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
 
@@ -188,7 +190,7 @@ class Handle:
 class _Choice:
     """One output row: sampling state, incremental text with stop strings, and bookkeeping."""
 
-    def __init__(self, handle: Handle, index: int, tokenizer, eos_ids: set[int], device):
+    def __init__(self, handle: Handle, index: int, tokenizer, eos_ids: set[int], device, speculate: int = 0):
         self.handle = handle
         self.index = index
         request = handle.request
@@ -200,6 +202,14 @@ class _Choice:
             self.generator = torch.Generator(device=device).manual_seed(seed)
         self.text = CompletionText(tokenizer, self.params.stop)
         self.matcher = request.constraint.matcher() if request.constraint is not None else None
+        # Prompt lookup drafts from the prompt and the tokens so far (see Engine._drafts). Not under a grammar (its
+        # matcher would have to roll back rejected drafts) nor with a repetition penalty (a drafted token's penalty
+        # depends on the drafts before it; SamplingParams.validate says the same for generate).
+        self.speculate = 0
+        if self.matcher is None and self.params.repetition_penalty == 1.0:
+            self.speculate = self.params.speculate or speculate
+        self.history = list(request.prompt) if self.speculate else []
+        self.draft_limit = self.speculate  # the most tokens the next draft may have (see Engine._speculative_step)
         self.generated = 0
         self.last_token = 0
         self.last_time = 0.0
@@ -210,6 +220,8 @@ class _Choice:
         allows nothing more)."""
         self.generated += 1
         self.last_token = token
+        if self.speculate:
+            self.history.append(token)
         # The token's entry goes out even when it is EOS (no text): OpenAI and vLLM list it, and lm-evaluation-
         # harness' local-completions assumes one generated entry at the end (it sums token_logprobs[ctxlen:-1]).
         tokens = [info] if info is not None else []
@@ -248,6 +260,14 @@ def _token_infos(logits: torch.Tensor, chosen: list[int], top: int) -> list[Toke
     return [TokenInfo(t, lp, list(zip(i, v))) for t, lp, i, v in zip(chosen, picked, ids.tolist(), values.tolist())]
 
 
+def check_speculate(speculate: int, batch_invariant: bool = False) -> None:
+    if speculate < 0:
+        raise LmlabError(f"--speculate must be >= 0 (got {speculate}; 0 is off)")
+    if speculate and batch_invariant:
+        raise LmlabError("--speculate with --batch-invariant: a drafted pass has another shape than a decode step, "
+                         "so a request's tokens would depend on its drafts; drop one of them")
+
+
 def check_kv_cache_tokens(tokens: int | None, block_size: int) -> None:
     if tokens is not None and tokens < block_size:
         raise LmlabError(f"--kv-cache-tokens must hold at least one block of {block_size} tokens (got {tokens})")
@@ -261,10 +281,11 @@ class Engine:
     def __init__(self, model, tokenizer, eos_ids=(), *, max_batch: int = 16, max_queue: int = 64,
                  context: int | None = None, batch_invariant: bool = False, prefill_chunk: int = 256,
                  prefill_budget: int = 1024, kv_cache_tokens: int | None = None, block_size: int = BLOCK_SIZE,
-                 prefix_caching: bool = True, adapters: AdapterRows | None = None):
+                 prefix_caching: bool = True, adapters: AdapterRows | None = None, speculate: int = 0):
         config = model.config
         if max_batch < 1:
             raise LmlabError(f"--max-batch must be >= 1 (got {max_batch})")
+        check_speculate(speculate, batch_invariant)
         if max_queue < 0:
             raise LmlabError(f"--max-queue must be >= 0 (got {max_queue})")
         self.context = min(context or config.block_size, config.block_size)
@@ -279,6 +300,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget
         self.adapters = adapters  # the LoRA runs the model's wrapped layers hold (None: the base model alone)
+        self.speculate = speculate  # drafted tokens per row and step, for requests that do not set their own
+        self.windowed = any(config.is_local(i) for i in range(config.n_layer))  # sliding-window layers (Gemma 3)
         self.device = model.tok_emb.weight.device
         dtype = model.tok_emb.weight.dtype
         tokens = max_batch * self.context if kv_cache_tokens is None else kv_cache_tokens
@@ -488,18 +511,19 @@ class Engine:
         return width
 
     def _forward(self, tables: list[BlockTable | None], new: list[list[int]], width: int, adapters: list[int], *,
-                 every_position: bool = False, forward=None) -> torch.Tensor:
+                 every_position: bool = False, forward=None, commit: bool = True) -> torch.Tensor:
         """One pass of the model over rows of the pool: row i's `new[i]` tokens follow the tokens its table holds
         (right-padded to `width`; a None table is a padding row), through adapter `adapters[i]` (0: the base
         model). Their keys/values go into the rows' blocks. Returns the logits at each row's last new token (B, V),
-        or at every position (B, width, V)."""
+        or at every position (B, width, V). commit=False: the slots are written but the tables do not count the
+        tokens yet (the caller commits what it keeps)."""
         if self.adapters is not None:
             self.adapters.select(adapters, shortcut=not self.batch_invariant)
         for table, tokens in zip(tables, new):
             if table is not None:
                 table.grow(table.length + len(tokens))
         view = PagedView(self.pool, tables, [len(t) for t in new], width, self.model.config.block_size - 1,
-                         self.device)
+                         self.device, windowed=self.windowed)
         ids = torch.tensor([t + [0] * (width - len(t)) for t in new], device=self.device)
         inputs = {"cache": view, "positions": view.positions, "key_mask": view.key_mask}
         if width == 1 or every_position:
@@ -510,7 +534,7 @@ class Engine:
             last = torch.tensor([max(len(t), 1) - 1 for t in new], device=self.device)
             out = self.model.lm_head(hidden[torch.arange(len(new), device=self.device), last])
         for table, tokens in zip(tables, new):
-            if table is not None:
+            if table is not None and commit:
                 table.commit(tokens)
         return out
 
@@ -536,7 +560,8 @@ class Engine:
             self.stats.requests_finished += 1
             job.table.close()
             return
-        choices = [_Choice(handle, i, self.tokenizer, self.eos_ids, self.device) for i in range(request.n)]
+        choices = [_Choice(handle, i, self.tokenizer, self.eos_ids, self.device, self.speculate)
+                   for i in range(request.n)]
         for c in choices:
             self._sample(c, last)
             c.last_time = now
@@ -550,8 +575,10 @@ class Engine:
         self.rows += joining
         self.tables += tables
 
-    def _sample(self, choice: _Choice, logits: torch.Tensor, greedy_token: int | None = None) -> None:
-        """Pick the next token of one row from its (1, V) float logits and push it."""
+    def _sample(self, choice: _Choice, logits: torch.Tensor, greedy_token: int | None = None,
+                banned: int | None = None) -> None:
+        """Pick the next token of one row from its (1, V) float logits and push it (`banned`: a drafted token
+        that rejection sampling turned down, excluded from this pick)."""
         params = choice.params
         allowed = logits
         if choice.matcher is not None:  # this row alone pays for its grammar; log-probabilities stay the model's
@@ -559,7 +586,14 @@ class Engine:
         if params.greedy:
             token = greedy_token if greedy_token is not None else int(allowed.argmax(dim=-1))
         else:
-            token = int(pick_tokens(adjust_logits(allowed, params), params, choice.generator))
+            scores = adjust_logits(allowed, params)
+            if banned is not None:
+                scores[:, banned] = float("-inf")
+            token = int(pick_tokens(scores, params, choice.generator))
+        self._push(choice, token, logits)
+
+    def _push(self, choice: _Choice, token: int, logits: torch.Tensor) -> None:
+        """Give a row its next token, picked from (or, drafted, accepted under) its (1, V) logits."""
         info = None
         if choice.handle.request.logprobs is not None:
             info = _token_infos(logits, [token], choice.handle.request.logprobs)[0]
@@ -579,6 +613,10 @@ class Engine:
 
     def _decode_step(self) -> None:
         n = len(self.rows)
+        drafts = self._drafts()
+        if any(drafts):
+            self._speculative_step(drafts)
+            return
         B = self.max_batch if self.batch_invariant else n
         tables = self.tables + [None] * (B - n)  # padding rows: only themselves
         tokens = [[c.last_token] for c in self.rows] + [[]] * (B - n)
@@ -594,11 +632,74 @@ class Engine:
                 finished.append(i)
                 continue
             self._sample(choice, logits[i:i + 1], greedy[i])
-            self.stats.itl.observe(now - choice.last_time)
-            choice.last_time = now
+            self._stepped(choice, now)
             if choice.finish_reason is not None:
                 finished.append(i)
+        self._finish_step(finished, n, t0)
+
+    def _stepped(self, choice: _Choice, now: float) -> None:
+        self.stats.itl.observe(now - choice.last_time)
+        choice.last_time = now
+
+    def _finish_step(self, finished: list[int], n: int, t0: float) -> None:
         self._remove(finished)
         self.stats.decode_steps += 1
         self.stats.batch_size = n
         self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.perf_counter() - t0)
+
+    def _drafts(self) -> list[list[int]]:
+        """Each row's prompt-lookup draft (lmlab.inference.generate.lookup_draft over its prompt and tokens so
+        far): up to its `speculate` tokens, fewer where max_tokens leaves room for less (the token picked after
+        the accepted drafts must still fit, so the row's blocks, reserved for prompt + max_tokens, always hold
+        the pass)."""
+        drafts = []
+        for c in self.rows:
+            room = min(c.draft_limit, c.params.max_new_tokens - c.generated - 1)
+            drafts.append(lookup_draft(c.history, room) if room > 0 and not c.handle.cancelled else [])
+        return drafts
+
+    def _speculative_step(self, drafts: list[list[int]]) -> None:
+        """One pass over every row's last token and its draft (right-padded to the longest), as the speculation
+        of lmlab.inference.generate does for one prompt: row i's logits at position j are the model's prediction
+        after its draft's first j tokens. Greedy rows accept draft tokens while each is the argmax, sampling rows
+        by rejection sampling (_verify); then the token at the first rejected position (or after the whole
+        draft) is picked from the model's own logits there. All 1 + d slots were written; only the last token and
+        the accepted drafts are committed to the row's table, so the rejected ones' slots are free again and the
+        next pass overwrites them (a block is registered in the prefix cache only once it is full of committed
+        tokens). Each row gains 1 to d + 1 tokens a pass."""
+        n = len(self.rows)
+        tokens = [[c.last_token] + d for c, d in zip(self.rows, drafts)]
+        width = max(map(len, tokens))
+        t0 = time.perf_counter()
+        adapters = [c.handle.request.adapter for c in self.rows]
+        logits = self._forward(self.tables, tokens, width, adapters, every_position=True, commit=False).float()
+        greedy = logits.argmax(dim=-1).tolist()  # (n, width): one host sync for every greedy row
+        now = time.perf_counter()
+        finished = []
+        for i, (choice, draft) in enumerate(zip(self.rows, drafts)):
+            if choice.handle.cancelled:
+                finished.append(i)
+                continue
+            if choice.params.greedy:
+                accepted, banned = 0, None
+                while accepted < len(draft) and draft[accepted] == greedy[i][accepted]:
+                    accepted += 1
+            else:
+                accepted, banned = _verify(logits[i], draft, choice.params, choice.generator)
+            self.tables[i].commit(tokens[i][:1 + accepted])
+            self.stats.draft_tokens += len(draft)
+            self.stats.accepted_tokens += accepted
+            if draft:  # transformers' "heuristic" schedule: 2 more after a wholly accepted draft, else 1 fewer
+                full = accepted == len(draft)
+                choice.draft_limit = min(choice.speculate, choice.draft_limit + 2) if full else \
+                    max(1, choice.draft_limit - 1)
+            for j in range(accepted):  # the accepted drafts: the tokens plain decoding would have given
+                self._push(choice, draft[j], logits[i, j:j + 1])
+                if choice.finish_reason is not None:
+                    break
+            else:
+                self._sample(choice, logits[i, accepted:accepted + 1], greedy[i][accepted], banned)
+            self._stepped(choice, now)
+            if choice.finish_reason is not None:
+                finished.append(i)
+        self._finish_step(finished, n, t0)

@@ -23,6 +23,10 @@ def prometheus_text(http_requests: dict, engine) -> str:
     metric("lmlab_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", stats.prompt_tokens)])
     metric("lmlab_generation_tokens_total", "counter", "Tokens generated.", [("", stats.generation_tokens)])
     metric("lmlab_decode_steps_total", "counter", "Batched decode steps run.", [("", stats.decode_steps)])
+    metric("lmlab_spec_draft_tokens_total", "counter", "Tokens drafted by prompt lookup (--speculate).",
+           [("", stats.draft_tokens)])
+    metric("lmlab_spec_accepted_tokens_total", "counter", "Drafted tokens the model accepted.",
+           [("", stats.accepted_tokens)])
     metric("lmlab_queue_depth", "gauge", "Requests waiting for a batch row or being prefilled.",
            [("", engine.queue_depth())])
     metric("lmlab_running_sequences", "gauge", "Sequences decoding in the running batch.",

@@ -204,9 +204,16 @@ class PagedView:
     write into the pool's spare block and are never read by a real token (causal attention; `key_mask`)."""
 
     def __init__(self, pool: BlockPool, tables: list[BlockTable | None], new: list[int], width: int,
-                 max_position: int, device, decode_in_place: bool | None = None):
+                 max_position: int, device, decode_in_place: bool | None = None, windowed: bool = False):
         self.pool = pool
         size = pool.block_size
+        runs = self._in_place_runs(tables, width, decode_in_place)
+        self.decodes_in_place = runs is not None
+        if runs is not None:
+            self.runs = runs
+            if not windowed:  # sliding-window layers still read the last keys through `append`: the full view
+                self._decode_view(tables, new, max_position, device)
+                return
         cached = torch.tensor([t.length if t else 0 for t in tables], device=device)
         n_new = torch.tensor(new, device=device)
         most = max([len(t.blocks) for t in tables if t] + [1])
@@ -223,14 +230,30 @@ class PagedView:
         self.write = self.read[:, self.length:].reshape(-1)  # (B * T): the new tokens' slots
         # Padding tokens may run past the model's positions: they take the last one (their outputs are dropped).
         self.positions = (cached[:, None] + torch.arange(width, device=device)[None, :]).clamp(max=max_position)
-        # Decoding on the CPU: attention over each row's runs of consecutive blocks where they lie (`attend`),
-        # when that is cheaper than the gather (decode_in_place None; True or False forces the one or the other).
-        self.decodes_in_place = False
-        if decode_in_place is not False and width == 1 and pool.k.device.type == "cpu":
-            spare = pool.null_block * size
-            self.runs = [_runs(t.blocks, t.length + 1, size) if t else [(spare, spare + 1)] for t in tables]
-            cheaper = sum(map(len, self.runs)) * self.SLOTS_PER_RUN < len(tables) * self.max_len
-            self.decodes_in_place = decode_in_place or cheaper
+
+    def _in_place_runs(self, tables, width: int, decode_in_place: bool | None) -> list | None:
+        """Decoding on the CPU: attention over each row's runs of consecutive blocks where they lie (`attend`),
+        when that is cheaper than the gather (decode_in_place None; True or False forces the one or the other).
+        Returns the rows' runs of pool slots, or None for the gather."""
+        pool, size = self.pool, self.pool.block_size
+        if decode_in_place is False or width != 1 or pool.k.device.type != "cpu":
+            return None
+        spare = pool.null_block * size
+        runs = [_runs(t.blocks, t.length + 1, size) if t else [(spare, spare + 1)] for t in tables]
+        slots = len(tables) * (max([t.length for t in tables if t] + [0]) + 1)
+        return runs if decode_in_place or sum(map(len, runs)) * self.SLOTS_PER_RUN < slots else None
+
+    def _decode_view(self, tables, new, max_position: int, device) -> None:
+        """A decoding step in place needs only each new token's slot and position: no slot map and no key mask
+        (attend knows each row's keys), built in Python. That saves a dozen small tensor operations a step, which
+        for a lone row cost as much as the rest of the engine's bookkeeping."""
+        size, spare = self.pool.block_size, self.pool.null_block * self.pool.block_size
+        self.length = max([t.length for t in tables if t] + [0])
+        self.max_len = self.length + 1
+        self.key_mask = self.read = None
+        self.write = torch.tensor([t.blocks[t.length // size] * size + t.length % size if t and n else spare
+                                   for t, n in zip(tables, new)], device=device)
+        self.positions = torch.tensor([[min(t.length if t else 0, max_position)] for t in tables], device=device)
 
     # A run of blocks attended in place costs about as much as gathering this many slots (SmolLM2, one thread: 0.12
     # ms a run and layer, 2 us a slot; bench/paged_decode.py). The choice it makes was the faster in all 8 measured

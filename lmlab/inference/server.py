@@ -44,7 +44,7 @@ from lmlab.inference.embed import Embedder
 from lmlab.inference.embeddings_api import EmbeddingService, on_model_thread
 from lmlab.inference.rag_api import RagService
 from lmlab.inference.engine import (DoneEvent, Engine, ErrorEvent, PromptEvent, QueueFull, Request, TokenEvent,
-                                    check_kv_cache_tokens)
+                                    check_kv_cache_tokens, check_speculate)
 from lmlab.inference.structured import Grammars
 from lmlab.inference.tools import stream_deltas
 from lmlab.inference.metrics import prometheus_text
@@ -162,6 +162,17 @@ class Server:
 
     async def _events(self, handles: list, http: HttpRequest | None = None):
         """(request index, event) from all handles as they come; a disconnected client cancels them all."""
+        if len(handles) == 1 and http is None:
+            # One streamed request (the usual case): its events as they are, without the merging queue, its pump
+            # task and a timeout per event (a new Task per token); Starlette cancels the stream on disconnect.
+            try:
+                async for event in handles[0]:
+                    if isinstance(event, ErrorEvent):
+                        raise ApiError(500, event.message, None, "internal_error", type_="server_error")
+                    yield 0, event
+            finally:
+                handles[0].cancel()
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, handle):
@@ -504,6 +515,9 @@ class ServerSettings:
     adapter: list[str] = option(lambda: [], "also serve a LoRA run of lmlab sft on this base model, unmerged, as "
                                             "NAME=RUN (repeatable); a request chooses it with \"model\": NAME",
                                 action="append", metavar="NAME=RUN")
+    speculate: int = option(0, "prompt-lookup speculative decoding in the engine: each row drafts up to N tokens "
+                               "that followed its latest words earlier in its prompt or text, checked in one "
+                               "forward pass of the batch (greedy: the same tokens; 0 is off)")
 
 
 def build(model: str, settings: ServerSettings | None = None, inference: InferenceSettings = FLOAT32,
@@ -515,6 +529,7 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
         raise LmlabError(f"need --max-batch >= 1, --max-queue >= 0 and --context >= 2 (got {s.max_batch}, "
                          f"{s.max_queue}, {s.context})")
     check_kv_cache_tokens(s.kv_cache_tokens, Engine.BLOCK_SIZE)
+    check_speculate(s.speculate, s.batch_invariant)
     rag = RagService(s.rag) if s.rag else None  # a missing or damaged index is refused before the slow load
     runs = parse_adapter_flags(s.adapter, (model_id_for(model), model))  # the runs' own files after the load
     pretrained = load_pretrained(model, inference=inference)
@@ -537,7 +552,8 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
         notice(f"--compile {inference.compile}: with --adapter the decoding steps run eager")
     engine = Engine(pretrained.model, pretrained.tokenizer, pretrained.eos_ids, max_batch=s.max_batch,
                     max_queue=s.max_queue, context=context, batch_invariant=s.batch_invariant,
-                    kv_cache_tokens=s.kv_cache_tokens, prefix_caching=s.prefix_cache, adapters=adapters)
+                    kv_cache_tokens=s.kv_cache_tokens, prefix_caching=s.prefix_cache, adapters=adapters,
+                    speculate=s.speculate)
     embeddings = None
     if s.embedding_model:
         embedder = Embedder.load(s.embedding_model, flag="--embedding-model")
