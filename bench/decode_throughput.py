@@ -23,6 +23,10 @@ Finally, in fresh processes, the peak resident memory of loading each format aga
 and the runtime's own (torch and lmlab imported, nothing loaded).
 
     python bench/decode_throughput.py [--threads 2] [--new-tokens 128] [--rounds 2] [--speculate 8] [--compile]
+        [--model gemma3-270m] [--formats fp32,int4]
+
+With --model gemma3-270m, llama.cpp runs on Gemma's own Q4_K_M file and "int4" is lmlab's --quantize auto of it
+(Q4_K layers as int4, the Q8_0 head as int8, Q5_0 and Q6_K dequantized to bf16).
 
 Targets (issue 14): int4 decode at batch 1 at least llama.cpp's, prefill at least 2x; bf16 at least 1.5x fp32 at
 batch 1 and 8, int4 at least 4x; peak RSS at most 1.5x weights + runtime. Prints one JSON object; a table on
@@ -214,14 +218,20 @@ def main():
     ap.add_argument("--speculate", type=int, default=8)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     ap.add_argument("--compile", action="store_true", help="also bf16 and int4 with the decoding step compiled")
+    ap.add_argument("--formats", default=",".join(FORMATS),
+                    help="lmlab formats to time, comma-separated (fp32 is always loaded: the greedy reference)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()
     path = str(resolve(args.model))
 
-    formats = dict(FORMATS)
+    chosen = {"fp32", *args.formats.split(",")}
+    if chosen - set(FORMATS):
+        sys.exit(f"--formats: unknown {', '.join(sorted(chosen - set(FORMATS)))} (choose from {', '.join(FORMATS)})")
+    formats = {name: s for name, s in FORMATS.items() if name in chosen}
     if args.compile:
-        formats.update({f"{name}+compile": replace(FORMATS[name], compile="on") for name in ("bf16", "int4")})
+        formats.update({f"{name}+compile": replace(FORMATS[name], compile="on") for name in ("bf16", "int4")
+                        if name in chosen})
     models = {name: load_pretrained(path, inference=s) for name, s in formats.items()}
     prompt = models["fp32"].tokenizer.encode(TEXT).ids[:args.prompt_tokens]
     engines = {name: lmlab_engine(pre, prompt) for name, pre in models.items()}
@@ -240,7 +250,7 @@ def main():
     medians = {name: {k: round(statistics.median(v), 1) for k, v in rates.items()} for name, rates in results.items()}
     ratios = {name: {k: round(v / medians["fp32"][k], 2) for k, v in rates.items() if k in medians["fp32"]}
               for name, rates in medians.items() if name != "fp32"}
-    if "llama.cpp" in medians:
+    if "llama.cpp" in medians and "int4" in medians:
         ratios["int4_vs_llama.cpp"] = {k: round(medians["int4"][k] / v, 2) for k, v in medians["llama.cpp"].items()}
     report = {
         "benchmark": "decode_throughput", "model": args.model, "file": os.path.basename(path),
@@ -251,7 +261,7 @@ def main():
         "medians": medians, "ratios": ratios,
         "greedy_tokens_equal_fp32": {n: t == tokens["fp32"] for n, t in tokens.items() if n != "fp32"},
         "speculative": (speculation(models["int4"], args.speculate, args.new_tokens, args.rounds)
-                        if args.speculate else "not run (--speculate 0)"),
+                        if args.speculate and "int4" in models else "not run (--speculate 0, or no int4)"),
     }
     del models, engines
     if not args.no_memory:

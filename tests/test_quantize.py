@@ -297,6 +297,52 @@ def test_gguf_type_that_cannot_stay_quantized(tmp_path, byte_bpe, capsys):  # no
     assert isinstance(int8.blocks[0].attn.qkv, Int8Linear)
 
 
+@pytest.mark.parametrize("mode,head", [("int4", False), ("int8", False), ("int4", True)])
+def test_quantized_linear_from_slices_is_the_whole_weights(mode, head):
+    """A big matrix quantized slice by slice into place (the GGUF loader's path) holds the same numbers as the
+    whole matrix quantized at once; slices that do not add up to out_features are refused."""
+    from lmlab.models.quantize import quantized_linear
+
+    torch.manual_seed(0)
+    w = torch.randn(100, 64)
+    whole = quantized_linear(w, mode, head=head)
+    sliced = quantized_linear(iter(w.split(32)), mode, head=head, out_features=100)
+    assert type(sliced) is type(whole) and sliced.out_features == 100
+    assert all(torch.equal(a, b) for a, b in zip(whole.buffers(), sliced.buffers()))
+    with pytest.raises(ValueError, match="out_features=101"):
+        quantized_linear(iter(w.split(32)), mode, head=head, out_features=101)
+    with pytest.raises(TypeError, match="out_features"):
+        quantized_linear(iter(w.split(32)), mode, head=head)
+
+
+PEAK_PROBE = """
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from lmlab.models.hub import load_pretrained
+from lmlab.models.quantize import InferenceSettings, weight_bytes
+runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+pre = load_pretrained(sys.argv[1], inference=InferenceSettings(dtype="bfloat16", quantize="auto", compile="off"))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"runtime_mb": runtime, "peak_mb": peak, "weights_mb": weight_bytes(pre.model) / 2**20}))
+"""
+
+
+def test_smollm2_int4_load_peak_memory_within_goal(smollm_path):
+    """Issue 28: a fresh process's peak resident memory while it loads SmolLM2's Q4_1 file as int4 is at most 1.5x
+    the loaded weights plus the runtime's own (torch and lmlab imported). 657 MB against a 549 MB limit before the
+    loader dropped the GGUF reader whole, quantized the head into place next to the embedding and dropped the
+    mapped file's pages as it went (docs/results/quantized-inference/README.md)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(smollm_path)], capture_output=True, text=True,
+                          check=True)
+    r = json.loads(done.stdout.splitlines()[-1])
+    assert 140 < r["weights_mb"] < 150  # int4 blocks and the int8 head, as loaded
+    assert r["peak_mb"] <= 1.5 * r["weights_mb"] + r["runtime_mb"], r
+
+
 def test_smollm2_q4_1_kept_as_int4_against_float32(smollm, smollm_path):
     """The registry's Q4_1 file as shipped (int4 blocks, Q8_0 head as int8, bf16 compute) against its float32
     dequantized load: next-token logits over a real prompt within 3 % of their range, the same greedy tokens."""

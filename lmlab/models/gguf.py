@@ -4,7 +4,8 @@ GGUF is llama.cpp's single-file format: key/value metadata (architecture, sizes,
 template) followed by tensors, usually quantized to a few bits per weight in blocks of 32 or 256 values with a
 scale per block. Loading one into lmlab takes four steps:
 
-1. read the file with the `gguf` package (llama.cpp's own Python reader; the tensors stay memory-mapped);
+1. read the file with the `gguf` package (llama.cpp's own Python reader), keep its metadata and tensor table as
+   plain values and drop the reader (MappedTensors: the tensors stay memory-mapped);
 2. build the model on the meta device (no memory) and fill it one tensor at a time (`_stream_into`), renamed to
    Hugging Face Llama names and stacked as `lmlab.models.hf.llama_block` says (the fusing of q/k/v and gate/up
    lives there), so the peak memory is the loaded model plus one tensor, never a float32 copy of the whole file;
@@ -39,6 +40,7 @@ import gguf
 import numpy as np
 import torch
 import torch.nn as nn
+from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
@@ -208,7 +210,7 @@ def _gemma3_hf_config(get, vocab_size: int) -> dict:
     }
 
 
-SLICE_ROWS = 4096
+SLICE_ROWS = 1024  # rows dequantized at a time: ~2.4 MB of float32 for SmolLM2, its temporaries a few times that
 
 
 def _dequantized(t, where: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -283,21 +285,43 @@ def int4_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q4_k_blocks(t) if t.tensor_type == Q4_K else q4_blocks(t)
 
 
+def tensor_table(reader) -> list[tuple]:
+    """The reader's tensor records as plain Python values (MappedTensors maps them again without the reader)."""
+    return [(t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.n_elements), int(t.n_bytes),
+             int(t.data_offset), t.data.dtype, tuple(t.data.shape)) for t in reader.tensors]
+
+
+class MappedTensors:
+    """A GGUF file's tensors (gguf's ReaderTensor records, their data memory-mapped) without the GGUFReader that
+    parsed the file. The reader parses every metadata value into small numpy objects (a few per vocabulary entry
+    and merge: ~160 MB for SmolLM2's 49k), and its tensor records are parsed last, among them: while those records
+    live, the heap pages around them stay resident (~50 MB of SmolLM2's int4 load). So the load copies the table
+    out (tensor_table), drops the reader whole, and maps the tensors again here."""
+
+    def __init__(self, path: str | Path, table: list[tuple]):
+        self.data = np.memmap(path, mode="r")
+        self.tensors = [ReaderTensor(name=name, tensor_type=kind, shape=shape, n_elements=n_elements,
+                                     n_bytes=n_bytes, data_offset=offset,
+                                     data=self.data[offset:offset + n_bytes].view(dtype).reshape(data_shape),
+                                     field=None)
+                        for name, kind, shape, n_elements, n_bytes, offset, dtype, data_shape in table]
+
+
 class TensorSource:
     """The file's tensors under Hugging Face Llama or Gemma 3 names, each read when asked for (the file stays
     memory-mapped), in Hugging Face's layout (_hf_layout: Llama's query and key rows in rotary order, Gemma's
-    norms without llama.cpp's added 1)."""
+    norms without llama.cpp's added 1). `mapped` is a GGUFReader or MappedTensors: its tensors and its map."""
 
-    def __init__(self, reader, hf: dict, where: str):
+    def __init__(self, mapped, hf: dict, where: str):
         self.arch = "gemma3" if hf["model_type"] == "gemma3_text" else "llama"
-        names = {t.name: _hf_name(t.name, self.arch) for t in reader.tensors}
+        names = {t.name: _hf_name(t.name, self.arch) for t in mapped.tensors}
         unknown = [n for n, hf_name in names.items() if hf_name is None]
         if unknown:  # rope_freqs (Llama 3.1 rope scaling), biases, ...: things lmlab's block does not have
             raise LmlabError(f"{where}: tensors {', '.join(unknown[:4])} have no place in lmlab's {self.arch} "
                              "block; this model variant is not supported")
-        self.tensors = {names[t.name]: t for t in reader.tensors}
+        self.tensors = {names[t.name]: t for t in mapped.tensors}
         self.heads = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
-        self.hf, self.where, self.reader = hf, where, reader
+        self.hf, self.where, self.mapped = hf, where, mapped
 
     def raw(self, name: str):
         try:
@@ -312,13 +336,14 @@ class TensorSource:
     def slices(self, name: str) -> Iterator[torch.Tensor]:
         """The tensor dequantized to float32 in slices of SLICE_ROWS rows (a rotary projection whole: its rows
         move within heads), so that the float32 copy of a big matrix (the 49152 x 576 embedding: 113 MB) never
-        exists at once."""
+        exists at once; each slice's pages of the file are dropped once it is read (the embedding's 30 MB of
+        Q8_0 are read twice when the head is quantized from it)."""
         t = self.raw(name)
         rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
         step = rows if any(name.endswith(proj) for proj in self.heads) else SLICE_ROWS
         for start in range(0, rows, step):
             yield self._rows(name, _dequantized(t, self.where, start, start + step))
-            return_freed_memory()  # the slice and what was computed from it are freed by now
+            self.release()  # the slice and what was computed from it are freed by now
 
     def float(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = tuple(int(d) for d in reversed(self.raw(name).shape))
@@ -328,19 +353,18 @@ class TensorSource:
             start += part.shape[0]
         return out
 
-    def release(self, names: list[str]) -> None:
-        """Drop these tensors' pages of the memory-mapped file from memory (they are read again from the file if
-        needed): touched pages count in the resident set until the map is closed, i.e. a whole file's worth
-        next to the model at the end of a load."""
-        data = self.reader.data
-        for name in names:
-            t = self.raw(name)
-            start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
-            try:
-                data._mmap.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
-            except (AttributeError, OSError, ValueError):  # not a plain numpy memmap, or no madvise here
-                break
-        return_freed_memory()  # this tensor's temporaries (float32 slices, quantization) too
+    def release(self) -> None:
+        """Drop the file's pages from memory, and hand freed heap back (this tensor's float32 slices and
+        quantization temporaries): touched pages of the map count in the resident set until it is closed, i.e. a
+        whole file's worth next to the model at the end of a load. The whole map, not just the tensor just read:
+        a page fault on a file map also maps cached pages around it (Linux's fault-around; whole large folios), so
+        reading a tensor maps parts of its neighbours again, and tensors dropped exactly still left 14-18 MB of
+        SmolLM2's file resident at the end of the load. A page that is read again costs a page fault."""
+        try:
+            self.mapped.data._mmap.madvise(mmap.MADV_DONTNEED)
+        except (AttributeError, OSError, ValueError):  # not a plain numpy memmap, or no madvise here
+            pass
+        return_freed_memory()
 
     def int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(self._rows(name, part) for part in int4_blocks(self.raw(name)))
@@ -380,7 +404,9 @@ def _linear(source: TensorSource, parts: list[str], settings: InferenceSettings,
     if kept == "float":
         return None
     rows = (piece for n in parts for piece in source.slices(n))
-    return quantized_linear(rows, "int8" if kept == "int8" else settings.quantize, settings.group_size, head)
+    out_features = sum(int(source.raw(n).shape[-1]) for n in parts)
+    return quantized_linear(rows, "int8" if kept == "int8" else settings.quantize, settings.group_size, head,
+                            out_features)
 
 
 # Why a type has no kernel layout (said in the notice).
@@ -412,20 +438,21 @@ def _stream_into(model: Transformer, source: TensorSource, settings: InferenceSe
         tensors += [(f"blocks.{i}.{name}", [f"model.layers.{i}.{n}" for n, _ in parts])
                     for name, parts in block.items()]
     if c.tie_embeddings:  # the head is the embedding matrix; quantized, it gets its own copy
-        tensors.append(("lm_head.weight", top["tok_emb.weight"]))
+        # Next to the embedding, while little else is loaded: its quantization is the load's biggest temporary.
+        tensors.insert(1, ("lm_head.weight", top["tok_emb.weight"]))
     for name, parts in tensors:
         module_name = name.removesuffix(".weight")
         if isinstance(model.get_submodule(module_name), nn.Linear):
             layer = _linear(source, parts, settings, head=module_name == "lm_head")
             if layer is not None:
                 replace_module(model, module_name, layer)
-                source.release(parts)
+                source.release()
                 continue
             if name == "lm_head.weight" and c.tie_embeddings:
                 model.lm_head.weight = model.tok_emb.weight
                 continue
         _set_tensor(model, name, torch.cat([source.float(n, dtype) for n in parts]))
-        source.release(parts)
+        source.release()
 
 
 def gguf_tokenizer(meta: dict, where: str = "GGUF file") -> Tokenizer:
@@ -503,25 +530,28 @@ def load_gguf(path: str | Path, settings: InferenceSettings = FLOAT32
     where = str(path)
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
-    # The reader's parsed fields (a numpy view per vocabulary entry and merge: ~160 MB for SmolLM2's 49k) are in
-    # `meta` now as plain Python values; only the tensor table is needed from here on.
-    reader.fields.clear()
+    table = tensor_table(reader)
+    # The reader's parse is in `meta` and `table` now as plain Python values: dropped whole (MappedTensors says why).
+    del reader
     gc.collect()
     return_freed_memory()
-    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    mapped = MappedTensors(path, table)
+    shapes = {t.name: [int(d) for d in t.shape] for t in mapped.tensors}
     if "token_embd.weight" not in shapes:
         raise LmlabError(f"{where}: no token_embd.weight tensor; this is not a language model GGUF")
     hf = gguf_hf_config(meta, vocab_size=shapes["token_embd.weight"][1], tied="output.weight" not in shapes,
                         where=where)
     config = gemma3_config(hf, where) if hf["model_type"] == "gemma3_text" else llama_config(hf, where)
+    # Before the weights: building it from the vocabulary and merges takes more memory than it keeps.
+    tokenizer = gguf_tokenizer(meta, where)
     with torch.device("meta"):
         model = Transformer(config)
     dtype = compute_dtype(settings.dtype)
     try:
-        _stream_into(model, TensorSource(reader, hf, where), settings, dtype)
+        _stream_into(model, TensorSource(mapped, hf, where), settings, dtype)
     except RuntimeError as e:  # shape mismatches: the metadata and the tensors disagree
         raise LmlabError(f"{where}: tensors do not match the metadata ({str(e).splitlines()[-1].strip()})") from None
     model.fill_rotary_tables()
     for name in ("rope_cos", "rope_sin", "rope_local_cos", "rope_local_sin"):
         setattr(model, name, getattr(model, name).to(dtype))
-    return model.eval(), gguf_tokenizer(meta, where), meta
+    return model.eval(), tokenizer, meta

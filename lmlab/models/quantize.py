@@ -193,7 +193,8 @@ class Int4Linear(_QuantizedLinear):
         # Rounded to bfloat16 first, as the kernel will hold them, so that q is the nearest level of those.
         scale = _bf16_values(((high - low) / 15).clamp(min=1e-12))
         zero = _bf16_values(low + 8 * scale)
-        q = ((w - (zero - 8 * scale)[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+        # In place after the first op: each temporary is a float32 copy of the slice (the load's peak memory).
+        q = (w - (zero - 8 * scale)[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
         return q.reshape(n, k), scale, zero
 
     def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
@@ -261,7 +262,7 @@ class Int8Linear(_QuantizedLinear):
         """(q, scale) of a float weight; rows are independent, so a big matrix can go in slices."""
         w = weight.detach().float()
         scale = _bf16_values((w.abs().amax(dim=1) / 127).clamp(min=1e-12))
-        return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+        return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
     def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale)
@@ -281,15 +282,28 @@ QUANTIZED = (Int4Linear, Int8Linear)
 
 
 def quantized_linear(rows: torch.Tensor | Iterable[torch.Tensor], mode: str, group_size: int = 32,
-                     head: bool = False) -> nn.Module:
+                     head: bool = False, out_features: int | None = None) -> nn.Module:
     """An Int4Linear or Int8Linear of a float weight (out, in), or of its slices of rows one after the other (so
-    that a float copy of a big matrix never exists whole); the vocabulary projection (head) is int8 under int4
-    too."""
-    slices = [rows] if isinstance(rows, torch.Tensor) else rows
-    if mode == "int4" and not head:
-        return Int4Linear(*(torch.cat(parts) for parts in zip(*(Int4Linear.quantize(w, group_size)
-                                                                  for w in slices))))
-    return Int8Linear(*(torch.cat(parts) for parts in zip(*(Int8Linear.quantize(w) for w in slices))))
+    that a float copy of a big matrix never exists whole; then `out_features` says how many rows they add up to);
+    the vocabulary projection (head) is int8 under int4 too. Each slice's integers are written into place: a list
+    of them beside their concatenation would hold the quantized matrix twice (SmolLM2's int8 head: +28 MB at the
+    peak of its load)."""
+    if isinstance(rows, torch.Tensor):
+        rows, out_features = [rows], rows.shape[0]
+    elif out_features is None:
+        raise TypeError("quantized_linear needs out_features with slices of rows")
+    int4 = mode == "int4" and not head
+    whole, start = None, 0
+    for w in rows:
+        parts = Int4Linear.quantize(w, group_size) if int4 else Int8Linear.quantize(w)
+        if whole is None:
+            whole = [torch.empty(out_features, *p.shape[1:], dtype=p.dtype) for p in parts]
+        for into, part in zip(whole, parts):
+            into[start:start + part.shape[0]] = part
+        start += w.shape[0]
+    if start != out_features:
+        raise ValueError(f"the slices hold {start} rows, not out_features={out_features}")
+    return Int4Linear(*whole) if int4 else Int8Linear(*whole)
 
 
 def linear_names(model: nn.Module) -> list[str]:
