@@ -390,6 +390,50 @@ def test_a_stopped_run_keeps_the_tasks_it_finished(small_lm, tmp_path, monkeypat
 
 
 @needs_data
+def test_resume_scores_only_the_unfinished_runs(small_lm, tmp_path, monkeypatch):
+    """resume=True keeps the (task, shots) runs an interrupted run finished and scores the rest: the result equals
+    an uninterrupted run's; other settings, or records that lack a finished run, start over."""
+    import lmlab.evaluate.evaluator as evaluate
+
+    args = dict(tasks="sst2,rte", shots=[0, 1], limit=3, data_dir=SHARED_DATA, echo=None, progress=False,
+                bootstrap_iters=20)
+    whole = run_eval(small_lm, out=tmp_path / "whole.json", **args)
+    out = tmp_path / "eval.json"
+    real_run, calls, stop_at = evaluate._run, [], [3]
+
+    def counted(t, split, docs, k, *rest):
+        calls.append((t.name, k))
+        if len(calls) in stop_at:  # stopped in rte at 0 shots: sst2 0 and 1 are finished
+            raise KeyboardInterrupt
+        return real_run(t, split, docs, k, *rest)
+
+    monkeypatch.setattr(evaluate, "_run", counted)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(small_lm, out=out, **args)
+    stop_at.clear()
+    stopped = (out.read_text(), out.with_suffix(".jsonl").read_text())
+    calls.clear()
+    resumed = run_eval(small_lm, out=out, resume=True, **args)
+    assert calls == [("rte", 0), ("rte", 1)]
+    assert resumed["results"] == whole["results"] and resumed["complete"]
+    assert out.with_suffix(".jsonl").read_text() == (tmp_path / "whole.jsonl").read_text()
+    assert [r["shots"] for r in json.loads(out.read_text())["tasks"]["sst2"]["runs"]] == [0, 1]
+
+    # Records without the last finished run (a stop between the two writes): everything is scored again.
+    out.write_text(stopped[0])
+    out.with_suffix(".jsonl").write_text("".join(line + "\n" for line in stopped[1].splitlines()[:3]))
+    calls.clear()
+    run_eval(small_lm, out=out, resume=True, **args)
+    assert len(calls) == 4
+    # Other settings (a different limit): everything is scored again.
+    out.write_text(stopped[0])
+    out.with_suffix(".jsonl").write_text(stopped[1])
+    calls.clear()
+    run_eval(small_lm, out=out, resume=True, **{**args, "limit": 2})
+    assert len(calls) == 4
+
+
+@needs_data
 def test_calibration_averages_the_content_free_inputs(small_lm):
     summary = run_eval(small_lm, "rte", shots=[1], limit=2, calibrate=True, data_dir=SHARED_DATA, echo=None,
                        bootstrap_iters=10)

@@ -2,6 +2,7 @@
 tables, bad flags, and a --quick run on SmolLM2 against the harness's own output."""
 
 import json
+import math
 
 import pytest
 
@@ -58,9 +59,29 @@ def test_quick_run_reports_the_harness_figures(tmp_path, smollm_path):
                  str(induction)]) == 0
     assert {p.name for p in out.iterdir()} == {"shots.json", "shots.md", "shots.png"}
     summary = json.loads((out / "shots.json").read_text())
-    harness = json.loads((work / f"{SMOLLM}.json").read_text())
+    harness = json.loads((work / SMOLLM / "sst2.json").read_text())
     assert summary["tables"][SMOLLM] == lab_shots.table(harness["results"])
     assert set(summary["tables"][SMOLLM]["sst2"]) == {"0", "1"} and summary["limit"] == 8
     assert summary["verdict"] == lab_shots.judge(summary["tables"])
+    # The paired gain is the difference of the table's accuracies, on the same 8 examples.
+    same, sst2 = summary["paired"][SMOLLM]["per_task"]["sst2"], summary["tables"][SMOLLM]["sst2"]
+    assert same["n"] == 8 and same["gain"] == pytest.approx(sst2["1"]["accuracy"] - sst2["0"]["accuracy"], abs=1e-3)
     assert summary["synthetic"]["2-layer"]["4"]["accuracy"] == 0.9
     assert "2-layer attention-only" in (out / "shots.md").read_text()
+
+
+def test_paired_gain_joins_the_same_examples():
+    def rec(task, k, i, right):
+        return {"task": task, "shots": k, "mode": "loglikelihood", "id": i, "gold": 1, "pred": 1 if right else 0}
+
+    # sst2: 0 shots right on a, b; 5 shots right on a, b, c, d (d = [0, 0, 1, 1]); the 1-shot run is not compared.
+    records = [rec("sst2", 0, i, i in "ab") for i in "abcd"] + [rec("sst2", 5, i, True) for i in "dcba"]
+    records += [rec("sst2", 1, i, False) for i in "abcd"] + [{**rec("sst2", 0, "a", False), "mode": "generate"}]
+    # arc: 5 shots lose one of four (d = [0, 0, 0, -1]).
+    records += [rec("arc", 0, i, True) for i in "wxyz"] + [rec("arc", 5, i, i != "z") for i in "wxyz"]
+    same = lab_shots.paired(lab_shots.correct_by_example(records))
+    sst2, arc = same["per_task"]["sst2"], same["per_task"]["arc"]
+    assert sst2 == {"shots": 5, "gain": 0.5, "se": pytest.approx(math.sqrt(1 / 3) / 2, abs=1e-4), "n": 4}
+    assert arc["gain"] == -0.25 and arc["se"] == pytest.approx(0.25, abs=1e-4)
+    assert same["gain"] == pytest.approx(0.125)
+    assert same["se"] == pytest.approx(math.sqrt(sst2["se"] ** 2 + arc["se"] ** 2) / 2, abs=1e-4)

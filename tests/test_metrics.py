@@ -86,3 +86,18 @@ def test_bootstrap_stderr_of_a_mean_is_the_binomial_one():
     assert generic == pytest.approx(expected, rel=0.1)
     assert math.isnan(M.bootstrap_stderr(M.accuracy, [1], [1]))
     assert M.bootstrap_stderr(M.accuracy, [1, 1, 1], [1, 1, 1]) == 0.0
+
+
+def test_paired_difference_closed_form_and_scipy():
+    # d = b - a = [1, 0, 0, 0]: mean 0.25, sd (n - 1) 0.5, se 0.5 / 2
+    assert M.paired_difference([0, 0, 1, 1], [1, 0, 1, 1]) == pytest.approx((0.25, 0.25))
+    rng = np.random.default_rng(0)
+    a = rng.random(200) < 0.5
+    b = a ^ (rng.random(200) < 0.2)  # mostly the same answers: the paired error is far below the unpaired one
+    gain, se = M.paired_difference(a, b)
+    t = scipy_stats.ttest_rel(b.astype(float), a.astype(float)).statistic  # t = mean / se of the differences
+    assert gain == pytest.approx(b.mean() - a.mean()) and se == pytest.approx(gain / t)
+    unpaired = math.sqrt(a.var(ddof=1) / 200 + b.var(ddof=1) / 200)
+    assert se < 0.7 * unpaired
+    with pytest.raises(ValueError):
+        M.paired_difference([1, 0, 1], [1, 0])

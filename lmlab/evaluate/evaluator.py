@@ -3,6 +3,7 @@ the table rows, the per-example records and the JSON summary (written as it goes
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
              chat: bool = False, calibrate: bool = False, balanced: bool = False, data_dir: str | Path | None = None,
              out: str | Path | None = None, stride: int | None = None, max_length: int | None = None,
              bootstrap_iters: int = 1000, progress: bool = True, echo: Callable[[str], None] | None = print,
-             command: str | None = None, inference: InferenceSettings = FLOAT32) -> dict:
+             command: str | None = None, inference: InferenceSettings = FLOAT32, resume: bool = False) -> dict:
     """Evaluate a model: perplexity, zero/few-shot multiple choice, GLUE-style classification.
 
     Prints the table (echo), writes OUT.json/.jsonl/.png when `out` is given, and returns the summary dict (its
@@ -121,6 +122,8 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         progress: show the progress bar
         echo: where the table is printed (None: nowhere)
         inference: how a model given by name is loaded (dtype, quantized weights; from Python float32)
+        resume: keep the finished (task, shots) runs of an interrupted run's OUT.json/OUT.jsonl with the same
+            settings, and score only the rest
     """
     task_list = _parse_tasks(tasks)
     shot_list = _parse_shots(shots)
@@ -133,13 +136,14 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     if chat and lm.chat_prompt is None:
         raise LmlabError(f"{lm.name} has no chat template; drop --chat (or use a chat model)")
     settings = Settings(seed, balanced, calibrate, chat, stride, bootstrap_iters, limit)
-    rows, records = [], []  # the table's rows, one record per example
-    task_info: dict[str, dict] = {}
-    started = time.time()
     shown = {"tasks": [t.name for t in task_list], "shots": shot_list, "limit": limit, "seed": seed,
              "batch_size": batch_size, "mode": mode, "chat": chat, "calibrate": calibrate, "balanced": balanced,
              "stride": stride, "data_dir": str(root), "bootstrap_iters": bootstrap_iters, **_lm_settings(lm),
              **({"quantize": weights} if weights else {})}
+    # the table's rows, one record per example, each task's details, and the seconds spent before a resume
+    rows, records, task_info, spent = (_resumable(out, shown, echo) if resume and out is not None else None) or (
+        [], [], {}, 0.0)
+    started = time.time() - spent
 
     def summarize(complete: bool) -> dict:
         return {"model": lm.name, "command": command, "settings": shown, "complete": complete,
@@ -153,9 +157,12 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
     for t in task_list:
         split = splits[t.name]
         docs = _limited(split, limit)
-        info = task_info[t.name] = _task_info(t, split, len(docs), echo)
+        info = task_info.get(t.name) or _task_info(t, split, len(docs), echo)
+        task_info[t.name] = info
+        done = {(r["shots"], r["mode"]) for r in info["runs"]}
         for k, m in _runs_of(t, shot_list, mode):
-            run(t, split, docs, k, m, info)
+            if (k, m) not in done:
+                run(t, split, docs, k, m, info)
 
     summary = summarize(complete=True)
     if echo:
@@ -165,6 +172,29 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
         if echo:
             echo("wrote " + ", ".join(str(p) for p in written))
     return summary
+
+
+def _resumable(out, shown: dict, echo) -> tuple[list, list, dict, float] | None:
+    """(rows, records, task details, seconds) of an unfinished run at `out` with the same settings, or None (no
+    such run, other settings, or a summary and records that disagree: scored again from the start)."""
+    json_path, jsonl_path, _ = output_paths(out)
+    try:
+        summary = json.loads(json_path.read_text(encoding="utf-8"))
+        records = [json.loads(line) for line in jsonl_path.read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, ValueError):
+        return None
+    # Compared as the file holds them (JSON has lists, not tuples).
+    if summary.get("complete") is not False or summary.get("settings") != json.loads(json.dumps(shown)):
+        return None
+    task_info = summary.get("tasks", {})
+    finished = {(t, r["shots"], r["mode"]) for t, info in task_info.items() for r in info["runs"]}
+    # Each file is replaced whole after every run, the summary first: a stop between the two leaves records that
+    # lack the last run.
+    if {(r["task"], r["shots"], r["mode"]) for r in records} != finished:
+        return None
+    if echo:
+        echo(f"resuming {json_path}: {len(finished)} finished run(s) kept")
+    return summary["results"], records, task_info, float(summary.get("seconds", 0.0))
 
 
 def _weights_for_workload(model, inference: InferenceSettings, work: Workload, echo):

@@ -14,6 +14,8 @@ ones that are not a mean over examples: F1, Matthews correlation, Pearson/Spearm
                                LAMBADA (each target counts 1), tokens or characters otherwise
     bits_per_byte              -sum(log-likelihood) / sum(bytes) / ln 2
     retrieval_metrics          Recall@k, MRR@k and nDCG@k (binary relevance) of ranked results, as BEIR/MTEB
+    paired_difference          mean of b - a over the same examples, with its standard error from the
+                               per-example differences (two settings scored on one set: their errors cancel)
 
 `Scored` holds one evaluation run's per-example columns and computes any metric above, by name, over any subset
 of the examples (a task, a source dataset), with its bootstrap standard error.
@@ -120,6 +122,16 @@ def bits_per_byte(logliks: Sequence[float], n_bytes: Sequence[int]) -> float:
 def per_unit(logliks: Sequence[float], units: Sequence[float]) -> float:
     """Negative log-likelihood per unit in nats (e.g. nats per character)."""
     return -float(np.sum(logliks)) / float(np.sum(units))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """(mean of b - a, its standard error sd(b - a) / sqrt(n), sd with n - 1) for two scores of the same examples
+    (e.g. correct or not at 0 and at 5 shots). Correlated settings give a far smaller error than the unpaired
+    sqrt(se_a^2 + se_b^2)."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    if len(d) != len(a) or len(a) != len(b) or len(d) < 2:
+        raise ValueError(f"paired_difference needs two equally long sequences of at least 2 (got {len(a)}, {len(b)})")
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
 def bootstrap_stderr(metric: Callable[..., float], *columns: Sequence, iters: int = 1000, seed: int = 0) -> float:

@@ -25,6 +25,8 @@ from matplotlib.figure import Figure
 
 from lmlab.errors import LmlabError
 from lmlab.evaluate import run_eval
+from lmlab.evaluate.metrics import paired_difference
+from lmlab.evaluate.report import output_paths
 from lmlab.experiments.lab.common import verdict
 from lmlab.models.hub import list_models
 from lmlab.models.quantize import InferenceSettings
@@ -49,6 +51,32 @@ def table(results: list[dict]) -> dict[str, dict[str, dict]]:
             out.setdefault(row["task"], {})[str(row["shots"])] = {
                 "accuracy": round(row["value"], 4), "se": round(row["stderr"], 4), "n": row["n"]}
     return out
+
+
+def correct_by_example(records: list[dict]) -> dict[str, dict[int, dict[str, bool]]]:
+    """run_eval's per-example records (its jsonl) as {task: {shots: {example id: answered right}}} (log-likelihood
+    scoring, the argmax answer: what `acc` counts)."""
+    out: dict[str, dict[int, dict[str, bool]]] = {}
+    for r in records:
+        if r["mode"] == "loglikelihood":
+            out.setdefault(r["task"], {}).setdefault(r["shots"], {})[r["id"]] = r["pred"] == r["gold"]
+    return out
+
+
+def paired(correct: dict[str, dict[int, dict[str, bool]]]) -> dict:
+    """acc(most shots) - acc(0 shots) per task on the same examples, with the standard error of the per-example
+    differences, and their mean over the tasks (tasks independent: errors add in quadrature)."""
+    per_task = {}
+    for task, by_shots in correct.items():
+        most = max(by_shots)
+        ids = [i for i in by_shots[0] if i in by_shots[most]]
+        gain, se = paired_difference([by_shots[0][i] for i in ids], [by_shots[most][i] for i in ids])
+        per_task[task] = {"shots": most, "gain": round(gain, 4), "se": round(se, 4), "n": len(ids)}
+    if not per_task:
+        return {"per_task": {}, "gain": None, "se": None}
+    gains = [r["gain"] for r in per_task.values()]
+    se = math.sqrt(sum(r["se"] ** 2 for r in per_task.values())) / len(gains)
+    return {"per_task": per_task, "gain": round(sum(gains) / len(gains), 4), "se": round(se, 4)}
 
 
 def rises(by_task: dict[str, dict[str, dict]]) -> dict:
@@ -76,8 +104,8 @@ def judge(tables: dict[str, dict]) -> dict:
 
 
 def finished(path: Path, tasks: str, shot_list: list[int], limit: int, seed: int) -> dict | None:
-    """A model's complete harness summary from an earlier run with the same tasks, shots, limit and seed (so that
-    running the experiment again scores only what is missing), or None."""
+    """A complete harness summary (one model, one task) from an earlier run with the same tasks, shots, limit and
+    seed (so that running the experiment again scores only what is missing), or None."""
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
@@ -126,7 +154,7 @@ def zero_vs_few_shot(models: str | None = None, tasks: str = "sst2,arc_easy", sh
         limit: the first N examples of each task (for a GPU: several hundred)
         quick: the smallest pulled model, SST-2 only, 8 examples, 0 and 1 shot (for tests)
         out: the folder for shots.json, shots.md and shots.png
-        work: the folder of the harness's own files per model (JSON with every prompt, jsonl per example)
+        work: the folder of the harness's own files, WORK/MODEL/TASK.json (every prompt) and .jsonl (every example)
         induction: the induction.json of lmlab lab induction, whose synthetic few-shot curve the plot shows alongside
         data_dir: folder with the evaluation data (default: $LMLAB_DATA, else $LMLAB_HOME/data)
         threads: CPU threads for torch (1 on a loaded machine)
@@ -154,32 +182,46 @@ def zero_vs_few_shot(models: str | None = None, tasks: str = "sst2,arc_easy", sh
     names = names[:1] if quick else names
     if threads:
         torch.set_num_threads(threads)
-    tables, seconds = {}, {}
+    tables, seconds, same_examples = {}, {}, {}
     for name in names:
-        done = Path(work) / f"{name}.json"
-        result = finished(done, tasks, shot_list, limit, seed)
-        if result is None:
-            result = run_eval(name, tasks, shot_list, limit=limit, seed=seed, batch_size=batch_size,
-                              data_dir=data_dir, out=done, progress=progress, echo=None, inference=inference)
-        tables[name], seconds[name] = table(result["results"]), result["seconds"]
+        rows, records, seconds[name] = [], [], 0.0
+        for task in comma_list(tasks):
+            # One harness file per model and task: a finished task is reused by any later run with the same shots,
+            # limit and seed (also one over fewer tasks), and an interrupted one keeps its finished shot counts.
+            done = Path(work) / name / f"{task}.json"
+            result = finished(done, task, shot_list, limit, seed)
+            if result is None:
+                result = run_eval(name, task, shot_list, limit=limit, seed=seed, batch_size=batch_size,
+                                  data_dir=data_dir, out=done, progress=progress, echo=None, inference=inference,
+                                  resume=True)
+            rows += result["results"]
+            seconds[name] += result["seconds"]
+            records += [json.loads(line) for line in output_paths(done)[1].read_text(encoding="utf-8").splitlines()
+                        if line]
+        tables[name] = table(rows)
+        same_examples[name] = paired(correct_by_example(records))
     summary = {"experiment": NAME, "command": command, "quick": quick, "models": names,
                "tasks": list(comma_list(tasks)), "shots": shot_list, "limit": limit, "seed": seed, "metric": METRIC,
                "dtype": inference.dtype,
-               "seconds": seconds, "tables": tables, "synthetic": comparison, "verdict": judge(tables)}
+               "seconds": seconds, "tables": tables, "paired": same_examples, "synthetic": comparison,
+               "verdict": judge(tables)}
     return write_report(out, NAME, summary, markdown(summary), plot)
 
 
 def markdown(summary: dict) -> str:
     shot_list = summary["shots"]
+    most = max(shot_list)
     lines = ["# Real models: zero- against few-shot", "",
              f"Accuracy (log-likelihood of each answer, lm-evaluation-harness `acc`) on the first {summary['limit']} "
              f"examples of each task, ± bootstrap standard error; few-shot seed {summary['seed']}.", "",
-             "| model | task | " + " | ".join(f"{k}-shot" for k in shot_list) + " |",
-             "| --- | --- | " + " | ".join("---:" for _ in shot_list) + " |"]
+             "| model | task | n | " + " | ".join(f"{k}-shot" for k in shot_list) + f" | {most}-shot - 0-shot, paired |",
+             "| --- | --- | ---: | " + " | ".join("---:" for _ in shot_list) + " | ---: |"]
     for model, by_task in summary["tables"].items():
+        same = summary.get("paired", {}).get(model, {}).get("per_task", {})
         for task, rows in by_task.items():
-            lines.append(f"| {model} | {task} | " + " | ".join(
-                f"{rows[str(k)]['accuracy']:.3f} ± {rows[str(k)]['se']:.3f}" for k in shot_list) + " |")
+            gain = f"{same[task]['gain']:+.3f} ± {same[task]['se']:.3f}" if task in same else "-"
+            lines.append(f"| {model} | {task} | {rows['0']['n']} | " + " | ".join(
+                f"{rows[str(k)]['accuracy']:.3f} ± {rows[str(k)]['se']:.3f}" for k in shot_list) + f" | {gain} |")
     if summary["synthetic"]:
         lines += ["", "Beside them, experiment 3's synthetic task (a random key->value mapping given only in the "
                   "prompt; the tiny attention-only models there were trained on repeated random runs, never on "
@@ -192,6 +234,11 @@ def markdown(summary: dict) -> str:
     v = summary["verdict"]
     lines += ["", f"**Verdict: {'rose for every model' if v['appeared'] else 'did not rise for every model'}.** "
               f"{v['reading']}", "", f"Rule: {v['criterion']}.", ""]
+    same = {m: p for m, p in summary.get("paired", {}).items() if p["gain"] is not None}
+    if same:
+        lines += ["Beside the rule (not part of it): the same difference with the standard error of the per-example "
+                  "differences on the same examples: " + "; ".join(
+                      f"{m}: {p['gain']:+.3f} ± {p['se']:.3f}" for m, p in same.items()) + ".", ""]
     return "\n".join(lines)
 
 
