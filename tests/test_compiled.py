@@ -188,10 +188,11 @@ eager = prepare_model(_varied(), InferenceSettings(**settings, compile="off"))
 packaged = prepare_model(_varied(), InferenceSettings(**settings, compile="on"), name="tiny")
 plan = packaged.__dict__["decoding"]
 params = SamplingParams(max_new_tokens=8, temperature=0, stop_at_eos=False)
-out = {"folder": str(plan.folder), "packages": [str(plan.package_path(1)), str(plan.package_path(2))]}
+out = {"folder": str(plan.folder)}
 for rows, prompts in (("one", [[3, 9, 27, 4, 50, 11, 7]]), ("several", [[3, 9, 27], [4, 50, 11, 7, 8, 2]])):
     out[rows] = {"eager": list(decode_steps(eager, prompts, params)),
                  "packaged": list(decode_steps(packaged, prompts, params))}
+out["packages"] = [str(plan.package_path(1)), str(plan.package_path(2))]
 out["loaded"] = sorted(plan._runners)
 out["traced"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # torch.compile's graphs: none
 print(json.dumps(out))
