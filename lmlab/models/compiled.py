@@ -42,6 +42,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,6 +232,7 @@ class CompiledDecoding:
     forward: object = None  # the torch.compile'd model, once compiling is chosen
     model: nn.Module | None = None
     _runners: dict = field(default_factory=dict)  # loaded packages, by rows == 1
+    _clean: weakref.ref | None = None  # the KVCache whose unwritten slots were zeroed for the packages
     on: bool | None = None  # whether steps compile: set by "on", or by auto at the first step
     caller: str = "generate"  # whose steps these are: "generate" (decode_steps) or "server" (the engine)
     _busy: tuple[float, int] | None = None  # (start, rows) of the step in progress
@@ -363,12 +365,18 @@ class CompiledDecoding:
         self._record(self.graph_name(rows), time.perf_counter() - start, cached)
         return runner
 
-    @staticmethod
-    def _packaged(runner, idx: torch.Tensor, cache: KVCache, positions, key_mask):
+    def _packaged(self, runner, idx: torch.Tensor, cache: KVCache, positions, key_mask):
         """One step through a package: the model's call (logits, None) with its checks and the cache advanced."""
         at = cache.length
         if at >= cache.max_len:
             raise LmlabError(f"the KV cache holds {cache.max_len} positions; {at + 1} are needed")
+        if self._clean is None or self._clean() is not cache:
+            # The package attends over the cache's whole capacity under a mask, and a masked score is still
+            # q.k + (-inf): the never-written slots of a fresh cache (torch.empty) may hold NaN, and NaN - inf
+            # is NaN (a left-padded row decoded token 0). Zeros there, once per cache.
+            cache.k[:, :, :, at:].zero_()
+            cache.v[:, :, :, at:].zero_()
+            self._clean = weakref.ref(cache)
         B = idx.shape[0]
         filled = torch.arange(cache.max_len) <= at
         mask = (filled.expand(B, -1) if key_mask is None
