@@ -208,7 +208,9 @@ def _package_child(fmt: str, home: Path) -> tuple[dict, str]:
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "int4"])
+@pytest.mark.parametrize("fmt", ["fp32", pytest.param("int4", marks=pytest.mark.xfail(
+    strict=True, reason="int4 models take torch.compile's route: inductor's int4 kernel adds a constant that a "
+                        "package without the weights leaves out (lmlab.models.compiled.packable)"))])
 def test_the_package_decodes_eager_greedy_tokens_and_a_second_process_loads_it(tmp_path, fmt):
     """generate's compiled steps as AOTInductor packages, on a tiny model in fp32 and int4 (the int4 kernel inside
     the package), one row and several (left-padded): the first process exports and compiles one package per
@@ -250,6 +252,8 @@ def test_a_package_is_named_by_rows_threads_and_the_models_code(tmp_path, monkey
     gemma = TransformerConfig(vocab_size=80, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                               sliding_window=8, global_every=2, position="rope", norm="rmsnorm")
     assert "sliding-window" in compiled.packable(Transformer(gemma))
+    int4 = prepare_model(_tiny(), _settings(dtype="bfloat16", quantize="int4"))
+    assert "int4 kernel" in compiled.packable(int4, weight_format(int4)) and not int4.__dict__["decoding"].package
 
 
 def test_the_servers_compiled_decoding_gives_eager_text(tmp_path, monkeypatch):
