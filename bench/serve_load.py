@@ -631,18 +631,12 @@ def main():
     ap.add_argument("--versus-generate", action="store_true",
                     help="one client of a server against generate's decoding loop in this process")
     args = ap.parse_args()
-    if args.adapters:
-        print(json.dumps(adapters_report(args), indent=2))
-        return
-    if args.speculate:
-        print(json.dumps(speculation_report(args), indent=2))
-        return
-    if args.versus_generate:
-        print(json.dumps(versus_generate(args), indent=2))
-        return
-    if args.shared_prefix:
-        print(json.dumps(shared_prefix_report(args), indent=2))
-        return
+    # The comparisons other than the client sweep: the first flag given picks one, which prints its JSON report.
+    for flag, report in (("adapters", adapters_report), ("speculate", speculation_report),
+                         ("versus_generate", versus_generate), ("shared_prefix", shared_prefix_report)):
+        if getattr(args, flag):
+            print(json.dumps(report(args), indent=2))
+            return
     if args.response_format:
         structured_load(args)
         return
