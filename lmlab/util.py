@@ -1,5 +1,5 @@
 """Small helpers shared across lmlab: atomic file writes, safe torch files, devices, the lmlab home folder, settings
-dataclasses that are command-line flags, and a peak-memory sampler."""
+dataclasses that are command-line flags, a peak-memory sampler, and a listening socket checked before a server loads."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import shlex
+import socket
 import sys
 import tempfile
 import threading
@@ -342,3 +343,23 @@ def write_report(folder: str | Path, stem: str, summary: dict, markdown: str, pl
     if plot is not None:
         plot(summary, folder / f"{stem}.png")
     return markdown
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, opened before the model loads so that a bad address fails at once."""
+    if not 1 <= port <= 65535:
+        raise LmlabError(f"--port must be between 1 and 65535 (got {port})")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError):
+        raise LmlabError(f"--host {host!r} is not an address or a known host name; use e.g. 127.0.0.1 (this "
+                         "machine) or 0.0.0.0 (every interface)") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise LmlabError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (or --host)") from None
+    return sock

@@ -1,6 +1,6 @@
 """The shape of the code, checked: imports run one way (import-linter's contract in pyproject.toml), no module
-over 600 lines, no function over 80, no import inside a function except of optional heavy packages, and every
-command-line flag has its help text."""
+over 600 lines, no function over 80, no import inside a function except of optional heavy packages (and the
+modules the CLI must not import at its start), and every command-line flag has its help text."""
 
 import argparse
 import ast
@@ -16,9 +16,12 @@ from lmlab.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted((REPO / "lmlab").rglob("*.py"))
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 600, 80
-# Imported where they are used: extras a user may not have installed, and nothing else.
+# Imported where they are used: extras a user may not have installed, and nothing else...
 OPTIONAL = {"transformers", "datasets", "huggingface_hub", "peft", "gensim", "sentence_transformers", "faiss",
             "bm25s", "llama_cpp", "litgpt", "torchao", "playwright", "resource"}
+# ...but these too: modules that cost seconds to import and that no command needs before it runs. The CLI must not
+# pull them in at its start (each was once imported at the top of a module every command loads).
+HEAVY_AT_START = ("matplotlib", "torch._inductor", "torch.distributed.fsdp", "torch.distributed.checkpoint")
 
 
 def _functions(tree):
@@ -53,8 +56,17 @@ def test_imports_at_the_top(path):
                 names = ["." * node.level + (node.module or "")]
             else:
                 continue
-            lazy += [f"{f.name}: {n} (line {node.lineno})" for n in names if n.split(".")[0] not in OPTIONAL]
+            lazy += [f"{f.name}: {n} (line {node.lineno})" for n in names if n.split(".")[0] not in OPTIONAL
+                     and not any(n == h or n.startswith(h + ".") for h in HEAVY_AT_START)]
     assert not lazy, f"imports inside functions of {path.name}: {lazy}"
+
+
+def test_the_cli_starts_without_the_heavy_modules():
+    code = ("import sys, lmlab.cli; heavy = %r; "
+            "print(sorted({h for h in heavy for m in sys.modules if m == h or m.startswith(h + '.')}))" % (HEAVY_AT_START,))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]", f"imported at the CLI's start: {out.stdout.strip()}"
 
 
 def _commands(parser, prefix="lmlab"):

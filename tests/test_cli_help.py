@@ -95,18 +95,3 @@ def test_help_groups_the_verbs_by_stage(capsys):
         section = out[positions[number - 1]:positions[number] if number < len(STAGES) else None]
         for name in names:
             assert re.search(rf"^   {re.escape(name)} ", section, re.MULTILINE), (name, section)
-
-
-# Modules that cost seconds to import and that no command needs before it runs: the CLI must not pull them in
-# at its start (each was once imported at the top of a module every command loads).
-HEAVY_AT_START = ("matplotlib", "torch._inductor", "torch.distributed.fsdp", "torch.distributed.checkpoint")
-
-
-def test_the_cli_starts_without_the_heavy_modules():
-    import subprocess
-    import sys
-    code = ("import sys, lmlab.cli; heavy = %r; "
-            "print(sorted({h for h in heavy for m in sys.modules if m == h or m.startswith(h + '.')}))" % (HEAVY_AT_START,))
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    assert out.stdout.strip() == "[]", f"imported at the CLI's start: {out.stdout.strip()}"

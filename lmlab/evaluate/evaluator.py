@@ -164,9 +164,13 @@ def run_eval(model, tasks: str | Sequence[str], shots: str | Sequence[int] = (0,
             if (k, m) not in done:
                 run(t, split, docs, k, m, info)
 
-    summary = summarize(complete=True)
+    return _report(summarize(complete=True), records, out, echo)
+
+
+def _report(summary: dict, records: list[dict], out: str | Path | None, echo: Callable[[str], None] | None) -> dict:
+    """The finished evaluation: its table printed, OUT.json/.jsonl/.png written (when out is given)."""
     if echo:
-        echo(format_table(rows))
+        echo(format_table(summary["results"]))
     if out is not None:
         written = write_results(out, summary, records)
         if echo:

@@ -2,6 +2,43 @@
 
 from __future__ import annotations
 
+import threading
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count (thread-safe observe)."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            for i, bound in enumerate(self.buckets):
+                if value <= bound:
+                    self.counts[i] += 1
+            self.sum += value
+            self.count += 1
+
+
+class Stats:
+    """What /metrics reports about the engine (written by the engine thread, read by the server)."""
+
+    def __init__(self):
+        self.requests_finished = 0
+        self.prompt_tokens = 0
+        self.prefill_tokens = 0  # prompt tokens computed (the rest came from the prefix cache)
+        self.generation_tokens = 0
+        self.decode_steps = 0
+        self.batch_size = 0  # rows in the last decode step
+        self.draft_tokens = 0  # tokens drafted by prompt lookup (--speculate)...
+        self.accepted_tokens = 0  # ...and accepted by the model
+        self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.itl = Histogram((0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+
 
 def prometheus_text(http_requests: dict, engine) -> str:
     """The server's /metrics in the Prometheus text exposition format (version 0.0.4): HTTP requests by endpoint

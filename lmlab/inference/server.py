@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import socket
 import sys
 import time
 import traceback
@@ -53,7 +52,7 @@ from lmlab.inference.protocol import (ApiError, Limits, TokenNames, check_model,
 from lmlab.models.hub import REGISTRY, load_pretrained, resolve
 from lmlab.models.multi_lora import AdapterRows, attach_adapters, parse_adapter_flags
 from lmlab.models.quantize import FLOAT32, InferenceSettings, check_device
-from lmlab.util import bound_kernel_caches, notice, option, pick_device
+from lmlab.util import bound_kernel_caches, listen, notice, option, pick_device
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a context of 100k tokens is about 400 kB of text: 4 MiB leaves room
@@ -561,26 +560,6 @@ def build(model: str, settings: ServerSettings | None = None, inference: Inferen
         embeddings = EmbeddingService(embedder, model_id_for(s.embedding_model))
     return Server(pretrained, engine, model_id_for(model), api_key=s.api_key, embeddings=embeddings, rag=rag,
                   adapters=adapters)
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A socket listening on host:port, opened before the model loads so that a bad address fails at once."""
-    if not 1 <= port <= 65535:
-        raise LmlabError(f"--port must be between 1 and 65535 (got {port})")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError):
-        raise LmlabError(f"--host {host!r} is not an address or a known host name; use e.g. 127.0.0.1 (this "
-                         "machine) or 0.0.0.0 (every interface)") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        raise LmlabError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (or --host)") from None
-    return sock
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000,

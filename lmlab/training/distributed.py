@@ -15,6 +15,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from lmlab.models.quantize import compute_dtype
 from lmlab.models.transformer import Block
@@ -52,7 +53,6 @@ class Dist:
             if self.main:  # its structure, for checkpoints of the full weights (no memory: the meta device)
                 self._replica = copy.deepcopy(model).to("meta")
             # FSDP's modules are imported where FSDP is used: they cost seconds at every lmlab command's start.
-            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
             mesh = init_device_mesh(self.device.type, (self.world,))
             for block in [m for m in model.modules() if isinstance(m, Block)]:

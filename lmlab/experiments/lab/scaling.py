@@ -226,6 +226,22 @@ def run_config(scale: Scale, steps: int) -> TrainConfig:
                    eval_interval=every, ckpt_interval=max(1, math.ceil(steps / 4)))
 
 
+def _scale(level: str, min_steps: int | None, isoflop: bool) -> Scale:
+    """The scale's settings with the command's --min-steps (the token rule's floor) and --no-isoflop applied."""
+    sc = SCALES[level]
+    if min_steps is not None:
+        sc = replace(sc, rule=replace(sc.rule, min_steps=min_steps))
+    return sc if isoflop else replace(sc, isoflop_centres=())
+
+
+def _settings_record(sc: Scale, level: str, source: str, meta: dict, shared: dict) -> dict:
+    """What every run of the ladder shares, for scaling.json (steps are per run, from the token rule)."""
+    shared = {k: v for k, v in shared.items() if k != "steps"}
+    return {"scale": level, "source": source, "tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
+            "block_size": sc.block_size, "tokens_per_step": sc.train.batch_size * sc.block_size, **shared,
+            "token_rule": {"per_param": sc.rule.per_param, "knee": sc.rule.knee, "min_steps": sc.rule.min_steps}}
+
+
 def lab_scaling(source: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int = 2048,
                 scale: Literal["cpu", "gpu"] = "cpu", quick: bool = False, out: str = "runs/lab/scaling",
                 work: str = "runs/lab/scaling-work", threads: int | None = None, seed: int = 0,
@@ -254,11 +270,7 @@ def lab_scaling(source: str = "shakespeare", tokenizer: str = "bpe", vocab_size:
     check_flags(("--threads", threads, threads is None or threads >= 1, "at least 1"),
                 ("--min-steps", min_steps, min_steps is None or min_steps >= 1, "at least 1"))
     level = "quick" if quick else scale
-    sc = SCALES[level]
-    if min_steps is not None:
-        sc = replace(sc, rule=replace(sc.rule, min_steps=min_steps))
-    if not isoflop:
-        sc = replace(sc, isoflop_centres=())
+    sc = _scale(level, min_steps, isoflop)
     tokens_per_step = sc.train.batch_size * sc.block_size
     work_dir = Path(work)
     data = _data(source, tokenizer, vocab_size, work_dir)
@@ -286,12 +298,9 @@ def lab_scaling(source: str = "shakespeare", tokenizer: str = "bpe", vocab_size:
 
     runs = [train(r["name"], r["steps"]) for r in plan["ladder"]]
     result = scaling_verdict([r["params"] for r in runs], [r["val_loss"] for r in runs])
-    shared = settings_record(run_settings(replace(sc.train, device=device), work_dir, threads, seed, dtype), threads,
-                             seed)
-    shared.pop("steps")  # per run, from the token rule
-    settings = {"scale": level, "source": source, "tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
-                "block_size": sc.block_size, "tokens_per_step": tokens_per_step, **shared,
-                "token_rule": {"per_param": sc.rule.per_param, "knee": sc.rule.knee, "min_steps": sc.rule.min_steps}}
+    settings = _settings_record(sc, level, source, meta,
+                                settings_record(run_settings(replace(sc.train, device=device), work_dir, threads,
+                                                             seed, dtype), threads, seed))
     summary = {"experiment": "scaling",
                "verdict": {k: result[k] for k in ("appeared", "criterion", "value", "reading")},
                "goal": {"r2": R2_GOAL, "met": result["fit"]["r2"] >= R2_GOAL}, "fit": result["fit"],
