@@ -48,9 +48,10 @@ import torch
 from lmlab.models.quantize import Int4Linear, Int8Linear
 from lmlab.util import atomic_write_json, comma_list
 
-# SmolLM2-135M's linear shapes as (in_features, out_features): attention output, MLP up (one of gate/up), MLP
-# down, and the vocabulary projection (held int8 under int4 today).
-SHAPES = {"576x576": (576, 576), "576x1536": (576, 1536), "1536x576": (1536, 576), "576x49152 head": (576, 49152)}
+# SmolLM2-135M's linear layers as lmlab runs them, (in_features, out_features): q, k and v fused, attention
+# output, gate and up fused, down, and the vocabulary projection (held int8 under int4 today).
+SHAPES = {"qkv 576x960": (576, 960), "attn_out 576x576": (576, 576), "gate_up 576x3072": (576, 3072),
+          "down 1536x576": (1536, 576), "head 576x49152": (576, 49152)}
 SMOKE_SHAPES = {"64x96": (64, 96), "96x64": (96, 64)}
 BF16 = torch.bfloat16
 WARNINGS: dict[str, str] = {}  # path -> the first warning its setup gave
