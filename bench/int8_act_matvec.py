@@ -27,7 +27,13 @@ product with the path's own dequantized weight (`own`: the activations' rounding
 to max |ref|. Times are CPU seconds (time.process_time) and wall seconds per call, medians over rounds; on a
 shared machine the CPU time is the figure to read. torchao's da8w4 op is probed for, not timed (see the docs).
 
-    python bench/int8_act_matvec.py [--threads 1] [--rounds 7] [--rows 1,8] [--out int8-act-matvec.json]
+Then, with --model (SmolLM2-135M-Instruct by default), whole-model greedy decoding at batch 1 from a 64-token
+prompt: the int4 model as loaded today (`--quantize auto`: the GGUF's Q4_1 blocks, head int8) against the same
+model after lmlab.models.quantize.int8_activations (every int4/int8 layer on fbgemm's int8-activation kernel),
+alternating, CPU ms per step, and each one's greedy tokens against the float32 model's.
+
+    python bench/int8_act_matvec.py [--threads 1] [--rounds 7] [--rows 1,8] [--model smollm2-135m-instruct]
+        [--new-tokens 32] [--out int8-act-matvec.json]
 
 Prints one JSON object (and writes it to --out); a table on stderr.
 """
@@ -246,6 +252,70 @@ def run(shapes: dict, rows_list: tuple[int, ...], rounds: int, target_s: float, 
     return {"cases": out}
 
 
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+          "movable metal type, oil-based ink and a wooden screw press. Within fifty years, printing shops had spread "
+          "to more than two hundred cities across Europe, and the price of books fell sharply. Scholars argue about ")
+
+
+def greedy_steps(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float, float, torch.Tensor]:
+    """Greedy tokens after the prompt, CPU and wall seconds per decoding step, and the prompt's last logits."""
+    from lmlab.models.transformer import KVCache
+
+    cache = KVCache(model.config, 1, prompt.shape[1] + new_tokens, "cpu", model.tok_emb.weight.dtype)
+    logits, _ = model(prompt, cache=cache, last_only=True)
+    first = logits[0, -1].float()
+    token, tokens = logits[:, -1].argmax(-1, keepdim=True), []
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(new_tokens):
+        tokens.append(token.item())
+        logits, _ = model(token, cache=cache, last_only=True)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    return tokens, (time.process_time() - cpu) / new_tokens, (time.perf_counter() - wall) / new_tokens, first
+
+
+def model_decode(name: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
+    """Whole-model greedy decoding at batch 1: today's int4 model (the file's blocks, head int8) against the same
+    model with int8_activations, alternating, and both against the float32 model's greedy tokens."""
+    from lmlab.models.hub import load_pretrained, resolve
+    from lmlab.models.quantize import InferenceSettings, int8_activations
+
+    path = str(resolve(name))
+    int4 = InferenceSettings(dtype="bfloat16", quantize="auto", compile="off")
+    loaded = load_pretrained(path, inference=int4)
+    models = {"int4 (today)": loaded.model, "int8 activations": load_pretrained(path, inference=int4).model}
+    swapped = int8_activations(models["int8 activations"])
+    fp32 = load_pretrained(path, inference=InferenceSettings(dtype="float32", quantize="none", compile="off")).model
+    ids = loaded.tokenizer.encode(PROMPT, add_special_tokens=False).ids[:prompt_tokens]
+    prompt = torch.tensor([ids])
+    with torch.inference_mode():
+        ref_tokens, _, _, ref_logits = greedy_steps(fp32, prompt, new_tokens)
+        del fp32
+        runs: dict = {n: {"cpu_s": [], "wall_s": []} for n in models}
+        for r in range(rounds + 1):  # the first round warms up
+            for n in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                tokens, cpu, wall, logits = greedy_steps(models[n], prompt, new_tokens)
+                if r:
+                    runs[n]["cpu_s"].append(cpu)
+                    runs[n]["wall_s"].append(wall)
+                runs[n]["tokens"], runs[n]["logits"] = tokens, logits
+    base = statistics.median(runs["int4 (today)"]["cpu_s"])
+    out = {"model": name, "prompt_tokens": len(ids), "new_tokens": new_tokens, "rounds": rounds,
+           "layers_swapped": swapped, "fp32_logit_spread": round((ref_logits.max() - ref_logits.min()).item(), 2),
+           "paths": {}}
+    for n, run_ in runs.items():
+        cpu = statistics.median(run_["cpu_s"])
+        same = next((i for i, (a, b) in enumerate(zip(run_["tokens"], ref_tokens)) if a != b), len(ref_tokens))
+        out["paths"][n] = {"cpu_ms_per_step": round(cpu * 1e3, 2),
+                           "wall_ms_per_step": round(statistics.median(run_["wall_s"]) * 1e3, 2),
+                           "cpu_ms_per_step_all": [round(c * 1e3, 2) for c in run_["cpu_s"]],
+                           "speedup_vs_int4_cpu": round(base / cpu, 3),
+                           "greedy_tokens_equal_to_fp32": same == len(ref_tokens),
+                           "first_token_differing_from_fp32": None if same == len(ref_tokens) else same,
+                           "prompt_last_logits_max_abs_diff_to_fp32": round(
+                               (run_["logits"] - ref_logits).abs().max().item(), 3)}
+    return out
+
+
 def table(report: dict) -> str:
     lines = ["| shape | rows | path | CPU us/call | wall us/call | vs int4 (CPU) | rel err vs int4 | rel err own w |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -258,6 +328,15 @@ def table(report: dict) -> str:
             lines.append(f"| {case['shape']} | {case['rows']} | {name} | {p['cpu_us_per_call']} | "
                          f"{p['wall_us_per_call']} | {p['speedup_vs_int4_cpu']}x | {p['rel_err_vs_int4']} | "
                          f"{p['rel_err_own_weight']} |")
+    if "model" in report:
+        m = report["model"]
+        lines += ["", f"{m['model']}, {m['prompt_tokens']}-token prompt, {m['new_tokens']} greedy steps:",
+                  "| path | CPU ms/step | wall ms/step | vs int4 (CPU) | greedy = fp32 | max abs logit diff |",
+                  "| --- | ---: | ---: | ---: | --- | ---: |"]
+        for name, p in m["paths"].items():
+            lines.append(f"| {name} | {p['cpu_ms_per_step']} | {p['wall_ms_per_step']} | {p['speedup_vs_int4_cpu']}x "
+                         f"| {p['greedy_tokens_equal_to_fp32']} ({p['first_token_differing_from_fp32']}) | "
+                         f"{p['prompt_last_logits_max_abs_diff_to_fp32']} |")
     return "\n".join(lines)
 
 
@@ -267,7 +346,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--rows", default="1,8", help="row counts (tokens x batch) per product, comma-separated")
     ap.add_argument("--target-ms", type=float, default=40.0, help="CPU milliseconds per measurement")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds: checks that it runs")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="then whole-model greedy decoding, int4 against int8 activations ('' to skip)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds, no model: checks that it runs")
     ap.add_argument("--out", default="", help="also write the JSON here (atomically)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -280,6 +362,8 @@ def main():
               "load_average_at_start": os.getloadavg()}
     start_cpu, start_wall = time.process_time(), time.perf_counter()
     report |= run(shapes, rows, rounds, args.target_ms / 1000 / (10 if args.smoke else 1), 2000)
+    if args.model and not args.smoke:
+        report["model"] = model_decode(args.model, 64, args.new_tokens, max(2, rounds // 2))
     report["warnings"] = WARNINGS
     report["load_average_at_end"] = os.getloadavg()
     report["cpu_s_total"], report["wall_s_total"] = (round(time.process_time() - start_cpu, 1),
