@@ -41,6 +41,7 @@ Prints one JSON object (and writes it to --out); a table on stderr.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -195,7 +196,8 @@ def run(shapes: dict, rows_list: tuple[int, ...], rounds: int, target_s: float, 
     for shape_name, (k, n) in shapes.items():
         w = torch.randn(n, k) * 0.02
         layer4 = Int4Linear.from_float(w, 32)
-        w = layer4.dequantized().contiguous()  # the reference weight: the int4 layer's, which every other path requantizes
+        # The reference weight: the int4 layer's, which every other path requantizes.
+        w = layer4.dequantized().contiguous()
         for rows in rows_list:
             x = torch.randn(rows, k)
             outliers = torch.randperm(k)[:max(1, k // 100)]
@@ -254,7 +256,8 @@ def run(shapes: dict, rows_list: tuple[int, ...], rounds: int, target_s: float, 
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
           "movable metal type, oil-based ink and a wooden screw press. Within fifty years, printing shops had spread "
-          "to more than two hundred cities across Europe, and the price of books fell sharply. Scholars argue about ")
+          "to more than two hundred cities across Europe, and the price of books fell sharply. Pamphlets, maps and "
+          "calendars followed the bibles and grammars of the first presses. Scholars still argue about ")
 
 
 def greedy_steps(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float, float, torch.Tensor]:
@@ -274,16 +277,21 @@ def greedy_steps(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int
 
 
 def model_decode(name: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
-    """Whole-model greedy decoding at batch 1: today's int4 model (the file's blocks, head int8) against the same
-    model with int8_activations, alternating, and both against the float32 model's greedy tokens."""
+    """Whole-model greedy decoding at batch 1, alternating: today's int4 model (the file's blocks, head int8), the
+    same model after int8_activations (every layer), with int8 activations on the head alone, and with the head
+    requantized to int4 (group 32: the separate "int4 head" lever); each against the float32 model's tokens."""
     from lmlab.models.hub import load_pretrained, resolve
-    from lmlab.models.quantize import InferenceSettings, int8_activations
+    from lmlab.models.quantize import InferenceSettings, Int8ActivationLinear, int8_activations, replace_module
 
     path = str(resolve(name))
-    int4 = InferenceSettings(dtype="bfloat16", quantize="auto", compile="off")
-    loaded = load_pretrained(path, inference=int4)
-    models = {"int4 (today)": loaded.model, "int8 activations": load_pretrained(path, inference=int4).model}
+    loaded = load_pretrained(path, inference=InferenceSettings(dtype="bfloat16", quantize="auto", compile="off"))
+    models = {"int4 (today)": loaded.model}
+    models["int8 activations"] = copy.deepcopy(loaded.model)
     swapped = int8_activations(models["int8 activations"])
+    for variant, head in (("int8 activations, head only", lambda w: Int8ActivationLinear(w)),
+                          ("int4 head", lambda w: Int4Linear.from_float(w, 32))):
+        models[variant] = copy.deepcopy(loaded.model)
+        replace_module(models[variant], "lm_head", head(loaded.model.lm_head.dequantized()))
     fp32 = load_pretrained(path, inference=InferenceSettings(dtype="float32", quantize="none", compile="off")).model
     ids = loaded.tokenizer.encode(PROMPT, add_special_tokens=False).ids[:prompt_tokens]
     prompt = torch.tensor([ids])
@@ -292,7 +300,7 @@ def model_decode(name: str, prompt_tokens: int, new_tokens: int, rounds: int) ->
         del fp32
         runs: dict = {n: {"cpu_s": [], "wall_s": []} for n in models}
         for r in range(rounds + 1):  # the first round warms up
-            for n in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            for n in (list(models) if r % 2 == 0 else list(models)[::-1]):  # who goes first alternates
                 tokens, cpu, wall, logits = greedy_steps(models[n], prompt, new_tokens)
                 if r:
                     runs[n]["cpu_s"].append(cpu)
