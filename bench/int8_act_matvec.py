@@ -281,17 +281,17 @@ def model_decode(name: str, prompt_tokens: int, new_tokens: int, rounds: int) ->
     same model after int8_activations (every layer), with int8 activations on the head alone, and with the head
     requantized to int4 (group 32: the separate "int4 head" lever); each against the float32 model's tokens."""
     from lmlab.models.hub import load_pretrained, resolve
-    from lmlab.models.quantize import InferenceSettings, Int8ActivationLinear, int8_activations, replace_module
+    from lmlab.models.quantize import InferenceSettings, int8_activations, replace_module
 
     path = str(resolve(name))
     loaded = load_pretrained(path, inference=InferenceSettings(dtype="bfloat16", quantize="auto", compile="off"))
     models = {"int4 (today)": loaded.model}
     models["int8 activations"] = copy.deepcopy(loaded.model)
     swapped = int8_activations(models["int8 activations"])
-    for variant, head in (("int8 activations, head only", lambda w: Int8ActivationLinear(w)),
-                          ("int4 head", lambda w: Int4Linear.from_float(w, 32))):
-        models[variant] = copy.deepcopy(loaded.model)
-        replace_module(models[variant], "lm_head", head(loaded.model.lm_head.dequantized()))
+    models["int8 activations, head only"] = copy.deepcopy(loaded.model)
+    int8_activations(models["int8 activations, head only"], head_only=True)
+    models["int4 head"] = copy.deepcopy(loaded.model)
+    replace_module(models["int4 head"], "lm_head", Int4Linear.from_float(loaded.model.lm_head.dequantized(), 32))
     fp32 = load_pretrained(path, inference=InferenceSettings(dtype="float32", quantize="none", compile="off")).model
     ids = loaded.tokenizer.encode(PROMPT, add_special_tokens=False).ids[:prompt_tokens]
     prompt = torch.tensor([ids])

@@ -163,6 +163,20 @@ def test_int8_activations_switch_keeps_the_quantized_models_function():
     assert _relative(torch.cat([first, *steps], dim=1), after) < 3e-2
 
 
+@needs_fbgemm
+def test_int8_activations_on_the_head_alone():
+    """head_only swaps the LM head and nothing else; the logits stay within the 8-bit rounding of its input."""
+    model = prepare_model(_tiny(), InferenceSettings(dtype="bfloat16", quantize="int4"))
+    idx = torch.randint(0, 80, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        before, _ = model(idx)
+        assert int8_activations(model, head_only=True) == 1
+        assert isinstance(model.lm_head, Int8ActivationLinear)
+        assert isinstance(model.blocks[0].mlp.proj, Int4Linear)
+        after, _ = model(idx)
+    assert _relative(after, before) < 5e-2
+
+
 def test_int8_activations_without_fbgemm_is_one_line(monkeypatch):
     import lmlab.models.quantize as quantize
 

@@ -324,14 +324,17 @@ def quantized_engines() -> list[str]:
     return list(torch.backends.quantized.supported_engines)
 
 
-def int8_activations(model: nn.Module) -> int:
-    """Replace the model's int4/int8 layers by Int8ActivationLinear ones, in place; returns how many. For the
-    experiment of issue 28 (bench/int8_act_matvec.py --model): nothing in the CLI turns it on."""
+def int8_activations(model: nn.Module, head_only: bool = False) -> int:
+    """Replace the model's int4/int8 layers (with head_only, the quantized LM head alone) by Int8ActivationLinear
+    ones, in place; returns how many. For the experiment of issue 28 (bench/int8_act_matvec.py --model): nothing in
+    the CLI turns it on. The head alone is the variant that kept SmolLM2's greedy tokens (its input, the final
+    norm's output, has no outlier channels to spoil one scale per call); every layer did not."""
     engines = quantized_engines()
     if "fbgemm" not in engines:
         raise LmlabError("int8 activations need PyTorch's fbgemm engine (x86 CPU builds); this build has "
                          f"{', '.join(engines) or 'none'}: keep the int4/int8 kernels")
-    names = [name for name, m in model.named_modules() if isinstance(m, QUANTIZED)]
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, QUANTIZED) and (name == "lm_head" or not head_only)]
     for name in names:
         layer = model.get_submodule(name)
         replace_module(model, name, Int8ActivationLinear(layer.dequantized(), layer.bias))
