@@ -28,9 +28,10 @@ to max |ref|. Times are CPU seconds (time.process_time) and wall seconds per cal
 shared machine the CPU time is the figure to read. torchao's da8w4 op is probed for, not timed (see the docs).
 
 Then, with --model (SmolLM2-135M-Instruct by default), whole-model greedy decoding at batch 1 from a 64-token
-prompt: the int4 model as loaded today (`--quantize auto`: the GGUF's Q4_1 blocks, head int8) against the same
-model after lmlab.models.quantize.int8_activations (every int4/int8 layer on fbgemm's int8-activation kernel),
-alternating, CPU ms per step, and each one's greedy tokens against the float32 model's.
+prompt: the int4 model as loaded today (`--quantize auto`: the GGUF's Q4_1 blocks, head int8), the same model
+after lmlab.models.quantize.int8_activations (every int4/int8 layer on fbgemm's int8-activation kernel), with
+int8 activations on the head alone, and with the head requantized to int4; alternating, CPU ms per step
+(max(2, rounds // 2) rounds), and each one's greedy tokens against the float32 model's.
 
     python bench/int8_act_matvec.py [--threads 1] [--rounds 7] [--rows 1,8] [--model smollm2-135m-instruct]
         [--new-tokens 32] [--out int8-act-matvec.json]
