@@ -15,8 +15,8 @@ import torch
 
 from lmlab.errors import LmlabError
 from lmlab.models.gguf import load_gguf, q4_blocks, q4_k_blocks, read_gguf
-from lmlab.models.quantize import (InferenceSettings, Int4Linear, Int8Linear, compute_dtype, is_quantized,
-                                   prepare_model, quantize_model)
+from lmlab.models.quantize import (InferenceSettings, Int4Linear, Int8ActivationLinear, Int8Linear, compute_dtype,
+                                   int8_activations, is_quantized, prepare_model, quantize_model)
 from lmlab.models.transformer import Transformer, TransformerConfig
 from tests.test_pretrained import _tiny_llama, byte_bpe, write_gguf  # noqa: F401 - byte_bpe is a fixture
 
@@ -122,6 +122,67 @@ def test_quantize_on_load_keeps_greedy_decoding_consistent():
         steps = [model(idx[:, i:i + 1], cache=cache)[0] for i in range(12, 20)]
     stepped = torch.cat([first, *steps], dim=1)
     assert _relative(stepped, full) < 3e-2
+
+
+needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                                  reason="int8 activations run on PyTorch's fbgemm engine (x86 builds)")
+
+
+@needs_fbgemm
+def test_int8_activation_linear_against_float32():
+    """Activations rounded to 8 bits per call (one scale over the call's rows): within a few percent of the float32
+    product of the layer's own int8 weight; bias and leading dimensions as nn.Linear."""
+    torch.manual_seed(0)
+    w, b, x = torch.randn(70, 96) * 0.02, torch.randn(70), torch.randn(2, 3, 96)
+    layer = Int8ActivationLinear(w, b)
+    ref = x @ Int8Linear.from_float(w).dequantized().t() + b
+    y = layer(x)
+    assert y.shape == (2, 3, 70) and y.dtype == torch.float32
+    assert _relative(y, ref) < 3e-2
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+@needs_fbgemm
+def test_int8_activations_switch_keeps_the_quantized_models_function():
+    """int8_activations swaps every int4/int8 layer (the head included) and the model computes what it did, up to
+    the activations' 8-bit rounding; cached decoding through the swapped layers equals one full pass."""
+    from lmlab.models.transformer import KVCache
+
+    model = prepare_model(_tiny(), InferenceSettings(dtype="bfloat16", quantize="int4"))
+    idx = torch.randint(0, 80, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        before, _ = model(idx)
+        layers = sum(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules())
+        assert int8_activations(model) == layers == 2 * 4 + 1  # qkv, out, gate+up, down per block; the head
+        assert not is_quantized(model) and isinstance(model.lm_head, Int8ActivationLinear)
+        after, _ = model(idx)
+        cache = KVCache(model.config, 1, 24, dtype=torch.bfloat16)
+        first, _ = model(idx[:, :16], cache=cache)
+        steps = [model(idx[:, i:i + 1], cache=cache)[0] for i in range(16, 24)]
+    assert _relative(after, before) < 5e-2
+    assert _relative(torch.cat([first, *steps], dim=1), after) < 3e-2
+
+
+@needs_fbgemm
+def test_int8_activations_on_the_head_alone():
+    """head_only swaps the LM head and nothing else; the logits stay within the 8-bit rounding of its input."""
+    model = prepare_model(_tiny(), InferenceSettings(dtype="bfloat16", quantize="int4"))
+    idx = torch.randint(0, 80, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        before, _ = model(idx)
+        assert int8_activations(model, head_only=True) == 1
+        assert isinstance(model.lm_head, Int8ActivationLinear)
+        assert isinstance(model.blocks[0].mlp.proj, Int4Linear)
+        after, _ = model(idx)
+    assert _relative(after, before) < 5e-2
+
+
+def test_int8_activations_without_fbgemm_is_one_line(monkeypatch):
+    import lmlab.models.quantize as quantize
+
+    monkeypatch.setattr(quantize, "quantized_engines", lambda: ["qnnpack"])
+    with pytest.raises(LmlabError, match="fbgemm engine"):
+        int8_activations(quantize_model(_tiny(), "int4"))
 
 
 def test_compiled_decoding_step_against_eager():

@@ -27,6 +27,7 @@ wrong digit moves most).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -279,6 +280,65 @@ class Int8Linear(_QuantizedLinear):
 
 
 QUANTIZED = (Int4Linear, Int8Linear)
+
+
+class Int8ActivationLinear(nn.Module):
+    """y = x W^T + b with the activations quantized to 8 bits at every call and W held as int8, one scale per row:
+    torch's fbgemm dynamic-quantization kernel (quantized::linear_dynamic: uint8 activations with one scale and
+    zero per call, computed inside the op; uint8 x int8 dot products, AVX512-VNNI where the CPU has it). llama.cpp's
+    route is int8 activations too, against its 4-bit weights; no maintained int8 x int4 kernel runs on an x86 CPU
+    without AMX from this torch (bench/int8_act_matvec.py, docs/results/quantized-inference/), so the weight is
+    the layer's dequantized weight requantized to 8 bits: twice an int4 layer's bytes.
+
+    An experiment of issue 28, off by default and reached only from Python (`int8_activations`): eager decoding
+    only (the packed weight is a torchbind object, not a buffer: no state_dict, no .to(), no compiled step)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scale = Int8Linear.quantize(weight)
+        saved = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "fbgemm"
+        try:
+            with warnings.catch_warnings():
+                # torch.ao's quantized tensors are deprecated in torch 2.13; this op takes its weight as one.
+                warnings.simplefilter("ignore")
+                qw = torch.quantize_per_channel(q.contiguous().float() * scale[:, None], scale.double(),
+                                                torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
+                self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        finally:
+            torch.backends.quantized.engine = saved
+        self.bias = nn.Parameter(bias.detach().float(), requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self.packed, False)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, activations=int8 (fbgemm)"
+
+
+def quantized_engines() -> list[str]:
+    """PyTorch's quantized engines in this build (fbgemm on x86, qnnpack on Arm...)."""
+    return list(torch.backends.quantized.supported_engines)
+
+
+def int8_activations(model: nn.Module, head_only: bool = False) -> int:
+    """Replace the model's int4/int8 layers (with head_only, the quantized LM head alone) by Int8ActivationLinear
+    ones, in place; returns how many. For the experiment of issue 28 (bench/int8_act_matvec.py --model): nothing in
+    the CLI turns it on. The head alone is the variant that kept SmolLM2's greedy tokens (its input, the final
+    norm's output, has no outlier channels to spoil one scale per call); every layer did not."""
+    engines = quantized_engines()
+    if "fbgemm" not in engines:
+        raise LmlabError("int8 activations need PyTorch's fbgemm engine (x86 CPU builds); this build has "
+                         f"{', '.join(engines) or 'none'}: keep the int4/int8 kernels")
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, QUANTIZED) and (name == "lm_head" or not head_only)]
+    for name in names:
+        layer = model.get_submodule(name)
+        replace_module(model, name, Int8ActivationLinear(layer.dequantized(), layer.bias))
+    return len(names)
 
 
 def quantized_linear(rows: torch.Tensor | Iterable[torch.Tensor], mode: str, group_size: int = 32,
