@@ -168,11 +168,14 @@ async def drive(url: str, model: str, prompts: list[list[list[int]]], new_tokens
 
     async def watch():
         while not done.is_set():
-            m = await asyncio.to_thread(metrics, url)
-            samples.append({"t_s": round(time.perf_counter() - start, 1), "rss_mb": round(rss_mb(pid), 1),
-                            **{k: int(m[f"lmlab_{k}"]) for k in ("kv_cache_blocks_used", "kv_cache_blocks_free",
-                                                                 "queue_depth", "running_sequences",
-                                                                 "kv_cache_waits_total")}})
+            t = round(time.perf_counter() - start, 1)
+            try:
+                m = await asyncio.to_thread(metrics, url)
+                samples.append({"t_s": t, "rss_mb": round(rss_mb(pid), 1), **{k: int(m[f"lmlab_{k}"]) for k in (
+                    "kv_cache_blocks_used", "kv_cache_blocks_free", "queue_depth", "running_sequences",
+                    "kv_cache_waits_total")}})
+            except OSError as e:  # a lost sample is no reason to lose the run's report
+                samples.append({"t_s": t, "error": str(e)})
             try:
                 await asyncio.wait_for(done.wait(), every)
             except asyncio.TimeoutError:
@@ -249,8 +252,8 @@ def summarize(args, results: list[dict], samples: list[dict], wall: float, memor
             "prompt_tokens": distribution(lengths), "statuses": dict(statuses),
             "served": f"{len(served)}/{len(results)}", "five_xx": five_xx,
             "requests_that_waited_for_blocks": int(waits),
-            "max_blocks_used": max((s["kv_cache_blocks_used"] for s in samples), default=None),
-            "max_queue_depth": max((s["queue_depth"] for s in samples), default=None),
+            "max_blocks_used": max((s["kv_cache_blocks_used"] for s in samples if "error" not in s), default=None),
+            "max_queue_depth": max((s["queue_depth"] for s in samples if "error" not in s), default=None),
             "wall_s": round(wall, 1), "completion_tokens_per_s": round(sum(r["completion_tokens"] for r in results)
                                                                        / wall, 2),
             "prompt_tokens_per_s": round(sum(lengths) / wall, 1),
@@ -279,7 +282,7 @@ def memory_bounds(memory: dict, pool_server_mb: float, samples: list[dict]) -> d
                engine_start_beyond_pool_mb=round(rss - bounds["bound_model_loaded_plus_pool_mb"], 1),
                loading_beyond_weights_mb=round(memory["after_model_load_mb"] - memory["python_torch_server_modules_mb"]
                                                - memory["weights_mb"], 1),
-               server_rss_max_during_run_mb=max((s["rss_mb"] for s in samples), default=None))
+               server_rss_max_during_run_mb=max((s["rss_mb"] for s in samples if "error" not in s), default=None))
     return out
 
 
