@@ -64,6 +64,10 @@ Reports the decode tokens/s of each (generated tokens after the first / the time
 rate `lmlab generate` prints; for the server, from the arrival of the first streamed text to the last), their
 ratio, and CPU seconds per token: the server's process (and its busiest threads: the engine's, the HTTP loop's),
 this client's, and generate's. Target (issue 29): one client >= 0.9x generate's decode tokens/s.
+
+    python bench/serve_load.py --mixed-contexts 100,2000 --kv-cache-tokens 12288 --context 2048 [--rounds 3]
+
+instead: clients of mixed context lengths in a small KV pool, and the server's memory at start (bench/serve_pool.py).
 """
 
 from __future__ import annotations
@@ -405,19 +409,11 @@ def shared_prefix_report(args) -> dict:
             "target_met": ttft <= 0.25 and speed >= 1.5}
 
 
-def metric_value(url: str, name: str) -> float:
-    """One sample of the server's /metrics (a counter without labels)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise SystemExit(f"{name} is missing from {url}/metrics")
-
-
 def speculation_report(args) -> dict:
     """--speculate N: servers with and without engine speculation, one client at a time (see the docstring)."""
     import openai
     from decode_throughput import SPECULATION_PROMPTS
+    from serve_pool import metric_value
     from lmlab.inference.server import model_id_for
 
     model_id = model_id_for(args.model)
@@ -624,16 +620,20 @@ def main():
                     help="seconds a server may take to start (--adapters; a core shared with other jobs needs more)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="rounds per server with --shared-prefix (a new prefix each); waves of each kind with "
-                         "--response-format and --adapters")
+                         "--response-format and --adapters; requests per client with --mixed-contexts")
     ap.add_argument("--speculate", type=int, default=0, metavar="N",
                     help="servers with and without engine speculation (--speculate N), one client, "
                          "copy-heavy chats")
     ap.add_argument("--versus-generate", action="store_true",
                     help="one client of a server against generate's decoding loop in this process")
+    ap.add_argument("--mixed-contexts", metavar="LO,HI", help="prompts of LO to HI tokens in a small pool instead")
+    ap.add_argument("--kv-cache-tokens", type=int, default=12288, help="the server's pool with --mixed-contexts")
     args = ap.parse_args()
+    import serve_pool  # --mixed-contexts, in a module of its own (this one is long enough)
     # The comparisons other than the client sweep: the first flag given picks one, which prints its JSON report.
     for flag, report in (("adapters", adapters_report), ("speculate", speculation_report),
-                         ("versus_generate", versus_generate), ("shared_prefix", shared_prefix_report)):
+                         ("versus_generate", versus_generate), ("shared_prefix", shared_prefix_report),
+                         ("mixed_contexts", serve_pool.mixed_contexts_report)):
         if getattr(args, flag):
             print(json.dumps(report(args), indent=2))
             return

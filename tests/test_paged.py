@@ -166,6 +166,7 @@ def test_a_request_waits_until_its_blocks_fit(model):
     assert got == [[expected(model, p)] for p in prompts]
     assert max(running) == 1
     assert engine.pool.used() == 0 and engine.pool.reserved == 0
+    assert engine.stats.kv_cache_waits == 1  # the second, counted once however many steps it waited (/metrics)
 
 
 def test_the_pool_is_the_kv_memory_taken_at_start():
@@ -223,6 +224,9 @@ def test_server_refuses_what_the_pool_cannot_hold_and_shows_the_cache(tmp_path):
     assert values["lmlab_prefix_cache_hit_rate"] == pytest.approx(hits / (2 * sizes[0]))
     assert values["lmlab_prefill_tokens_total"] == 2 * sizes[0] - hits
     assert values["lmlab_kv_cache_blocks_used"] == 0 and values["lmlab_kv_cache_blocks_free"] == 128 // 16
+    # layers x keys and values x (128 tokens + the spare block of 16) x kv heads x head dim x fp32
+    assert values["lmlab_kv_cache_bytes"] == 2 * 2 * (128 + 16) * 2 * 16 * 4
+    assert values["lmlab_kv_cache_waits_total"] == 0  # one request at a time: none waited for blocks
 
 
 def test_decoding_in_place_equals_the_gather(model):

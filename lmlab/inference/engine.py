@@ -188,6 +188,7 @@ class Engine:
         self.tables: list[BlockTable] = []  # ...and their blocks
         self.waiting: deque[Handle] = deque()
         self.prefilling: list[_Prefill] = []
+        self._short_of_blocks: Handle | None = None  # the first waiting request, when it waits for blocks
         self.stats = Stats()
         self.step_seconds = 0.1  # running average of a decode step, for Retry-After
         self._wake = threading.Condition()
@@ -311,6 +312,9 @@ class Engine:
                 idle = sum(pool.refs[b] == 0 for b in blocks)  # cached but free: sharing takes them off the free lists
                 need = self._blocks_needed(request) - len(blocks)
                 if need + idle > pool.available():
+                    if self.waiting[0] is not self._short_of_blocks:  # count each waiting request once
+                        self._short_of_blocks = self.waiting[0]
+                        self.stats.kv_cache_waits += 1
                     break
                 table = BlockTable(pool, need, salt)
                 table.share(blocks, keys, request.prompt[:len(blocks) * pool.block_size])

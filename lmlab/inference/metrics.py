@@ -36,6 +36,7 @@ class Stats:
         self.batch_size = 0  # rows in the last decode step
         self.draft_tokens = 0  # tokens drafted by prompt lookup (--speculate)...
         self.accepted_tokens = 0  # ...and accepted by the model
+        self.kv_cache_waits = 0  # requests that had a row free but had to wait for KV cache blocks
         self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
         self.itl = Histogram((0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
 
@@ -83,6 +84,10 @@ def prometheus_text(http_requests: dict, engine) -> str:
            "sequences.", [("", pool.used())])
     metric("lmlab_kv_cache_blocks_free", "gauge", "KV cache blocks free (cached prefixes among them, evicted "
            "least recently used first).", [("", pool.free())])
+    metric("lmlab_kv_cache_bytes", "gauge", "Memory of the KV cache pool (keys and values of every layer, the spare "
+           "block that padding uses included), all taken at start.", [("", pool.bytes)])
+    metric("lmlab_kv_cache_waits_total", "counter", "Requests that found a batch row free but too few free KV "
+           "cache blocks, and waited for blocks to free.", [("", stats.kv_cache_waits)])
     for name, hist, help_ in (("lmlab_time_to_first_token_seconds", stats.ttft,
                                "Time from a request's arrival to its first token."),
                               ("lmlab_inter_token_latency_seconds", stats.itl,
