@@ -187,17 +187,17 @@ def main():
 
     split = load_split(get_task("piqa"), Path(args.data_dir))
     if not 0 < args.limit <= len(split.docs):
-        raise SystemExit(f"--limit must be 1..{len(split.docs)} (PIQA's evaluated questions here)")
+        ap.error(f"--limit must be 1..{len(split.docs)} (PIQA's evaluated questions here)")
     fp32_limit = args.limit if args.fp32_limit is None else args.fp32_limit
     if not 0 < fp32_limit <= args.limit:
-        raise SystemExit(f"--fp32-limit must be 1..{args.limit} (--limit)")
+        ap.error(f"--fp32-limit must be 1..{args.limit} (--limit)")
     lmlab_env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     lm_eval_env = dict(lmlab_env, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                        PYTHONPATH=os.pathsep.join(p for p in (args.lm_eval_deps, os.environ.get("PYTHONPATH")) if p))
     check = subprocess.run([sys.executable, "-c", "import datasets, evaluate, lm_eval.evaluator"], env=lm_eval_env,
                            capture_output=True, text=True)
     if check.returncode:
-        raise SystemExit("lm-eval cannot start (" + (check.stderr.strip().splitlines() or ["?"])[-1] + "): pass "
+        ap.error("lm-eval cannot start (" + (check.stderr.strip().splitlines() or ["?"])[-1] + "): pass "
                          "--lm-eval-deps DIR with its dependencies installed there (see this script's docstring)")
 
     load_before = [round(x, 2) for x in os.getloadavg()]
