@@ -88,6 +88,13 @@ def test_bootstrap_stderr_of_a_mean_is_the_binomial_one():
     assert M.bootstrap_stderr(M.accuracy, [1, 1, 1], [1, 1, 1]) == 0.0
 
 
+@pytest.mark.parametrize("iters", [0, 1])
+def test_bootstrap_stderr_without_resamples_is_nan(iters):
+    """--bootstrap-iters 0 turns the standard errors off; it once ended `lmlab eval` in a traceback."""
+    for metric in (M.accuracy, lambda a, b: float((a == b).mean())):
+        assert math.isnan(M.bootstrap_stderr(metric, [0, 1, 1], [0, 1, 0], iters=iters))
+
+
 def test_paired_difference_closed_form_and_scipy():
     # d = b - a = [1, 0, 0, 0]: mean 0.25, sd (n - 1) 0.5, se 0.5 / 2
     assert M.paired_difference([0, 0, 1, 1], [1, 0, 1, 1]) == pytest.approx((0.25, 0.25))

@@ -136,10 +136,11 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
 
 def bootstrap_stderr(metric: Callable[..., float], *columns: Sequence, iters: int = 1000, seed: int = 0) -> float:
     """Standard deviation of metric(*columns) over `iters` resamples of the examples (rows) with replacement.
-    Accuracy-like means are vectorised; other metrics are recomputed per resample. NaN for fewer than 2 rows."""
+    Accuracy-like means are vectorised; other metrics are recomputed per resample. NaN for fewer than 2 rows or
+    resamples (`lmlab eval --bootstrap-iters 0`: no standard errors)."""
     arrays = [np.asarray(c) for c in columns]
     n = len(arrays[0])
-    if n < 2:
+    if n < 2 or iters < 2:
         return float("nan")
     rng = np.random.default_rng(seed)
     if metric is accuracy:
