@@ -41,7 +41,7 @@ from lmlab.models.hub import list_models, load_pretrained, pull
 from lmlab.models.quantize import InferenceSettings, check_device
 from lmlab.training.config import load_config
 from lmlab.training.pretrain import train as pretrain
-from lmlab.util import check_writable, command_line, pick_device, settings_from
+from lmlab.util import check_writable, command_line, pick_device, record_command, settings_from
 
 
 @dataclass
@@ -506,6 +506,7 @@ def resume_hint(parser: argparse.ArgumentParser) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    record_command(argv)
     if argv and argv[0] in TRAINING_VERBS and any(a.split("=")[0] == "--quantize" for a in argv):
         print(f"lmlab {argv[0]}: error: --quantize is a flag of inference (generate, chat, serve, eval): training "
               "updates float weights; train first, then load the result with --quantize", file=sys.stderr)

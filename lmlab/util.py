@@ -33,9 +33,20 @@ def notice(text: str) -> None:
     print(f"lmlab: {text}", file=sys.stderr, flush=True)
 
 
+_COMMAND_ARGV: list[str] | None = None  # set by the CLI's main(argv), which may be called with its own argv
+
+
+def record_command(argv: list[str]) -> None:
+    """Name `argv` as the command that runs (lmlab.cli.main calls it), for command_line()."""
+    global _COMMAND_ARGV
+    _COMMAND_ARGV = list(argv)
+
+
 def command_line() -> str:
-    """The command line of this process as one would type it (`lmlab ...`), for the records runs keep."""
-    return " ".join(["lmlab", *map(shlex.quote, sys.argv[1:])])
+    """The command line of this run as one would type it (`lmlab ...`), for the records runs keep: the arguments
+    main() was given (a script or a test calls it with its own), else this process's."""
+    args = sys.argv[1:] if _COMMAND_ARGV is None else _COMMAND_ARGV
+    return " ".join(["lmlab", *map(shlex.quote, args)])
 
 
 def option(default=dataclasses.MISSING, help: str = "", **argparse_kwargs):

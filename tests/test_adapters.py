@@ -96,7 +96,8 @@ def test_mixed_batch_rows_equal_each_adapter_merged_alone(runs, served, mode):
     served.server.adapters.mode = mode
     seen = _spy_on_rows(served.server.adapters)
     names = ["tiny-chat", *folders]
-    jobs = [(names[i % 4], PROMPTS[(i + i // 4) % 4], 10 + i) for i in range(8)]
+    # long enough answers that rows of all four overlap however the 8 requests' arrivals spread on a busy machine
+    jobs = [(names[i % 4], PROMPTS[(i + i // 4) % 4], 40 + i) for i in range(8)]
 
     async def together():
         # a generous timeout: 8 connections at once to a server on a busy core (the default connect timeout is 5 s)
@@ -115,7 +116,7 @@ def test_mixed_batch_rows_equal_each_adapter_merged_alone(runs, served, mode):
     expected = [merged_text(folders.get(model, base), prompt, max_tokens) for model, prompt, max_tokens in jobs]
     assert [text for _, text in answers] == expected
     assert len(set(expected[:4])) == 4  # the adapters change the text: the check has teeth
-    assert any(set(ids) == {0, 1, 2, 3} for ids in seen if len(ids) == 8)  # one batch, rows of all four
+    assert any(set(ids) == {0, 1, 2, 3} for ids in seen)  # a decode step held rows of all four
 
 
 def test_chat_through_the_openai_client_selects_the_adapter(runs, served):

@@ -111,7 +111,8 @@ def test_quick_run_writes_the_report_through_the_cli(tmp_path, capsys):
                  "--threads", "1", "--no-progress"]) == 0
     assert {p.name for p in out.iterdir()} == {"induction.json", "induction.md", "induction.png"}
     summary = json.loads((out / "induction.json").read_text())
-    assert summary["command"].startswith("lmlab ")  # the command line that ran it (here pytest's)
+    # the command that ran it: main's arguments, not the process's (pytest's, or a pytest-xdist worker's)
+    assert summary["command"].startswith("lmlab lab induction --quick --out ")
     v = summary["verdict"]
     assert set(v) == {"appeared", "criterion", "value", "reading"} and isinstance(v["appeared"], bool)
     assert v == ind.judge(summary["curves"], summary["shots"], summary["size"]["steps"])
