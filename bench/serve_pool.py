@@ -58,13 +58,14 @@ def rss_mb(part="VmRSS"):  # resident now (VmRSS), not the peak; RssAnon: the he
 import torch
 torch_mb = rss_mb()
 import lmlab.inference.server  # everything `lmlab serve` imports
+from lmlab.inference.engine import Engine
 from lmlab.models.hub import load_pretrained
 from lmlab.models.quantize import InferenceSettings, weight_bytes
 server_modules_mb = rss_mb()
 model, tokens = sys.argv[1], int(sys.argv[2])
 pre = load_pretrained(model, inference=InferenceSettings(compile="off"))  # serve's defaults, as the bench starts it
 loaded_mb, loaded_parts = rss_mb(), {part: rss_mb(part) for part in ("RssAnon", "RssFile")}
-c, block = pre.model.config, 16  # Engine.BLOCK_SIZE
+c, block = pre.model.config, Engine.BLOCK_SIZE
 pool = c.n_layer * 2 * (tokens // block + 1) * block * (c.n_kv_head or c.n_head) * c.head_dim \\
     * pre.model.tok_emb.weight.element_size()
 print(json.dumps({"python_torch_mb": torch_mb, "python_torch_server_modules_mb": server_modules_mb,
